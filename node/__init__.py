@@ -1,0 +1,1 @@
+"""The idlefleet application: node lifecycle, vehicle state, model shards, CLI."""

@@ -1,0 +1,1 @@
+"""Numpy inference for llama-architecture GGUF models, sliceable into block-range stages."""

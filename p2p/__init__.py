@@ -1,0 +1,1 @@
+"""Networking layer: the only package that imports libp2p."""
