@@ -18,8 +18,8 @@ JSON file format (see ``examples/vehicle_state.json``): one object with exactly 
 
     battery_soc         number, 0..1         state of charge
     plugged_in          true/false           connected to a charger (even if full)
-    charging_kw         number, >= 0         power flowing into the battery now
-    thermal_headroom_c  number               degrees C below the throttle point (negative = over)
+    charging_kw         number, 0..350       power flowing into the battery now
+    thermal_headroom_c  number, -100..200    degrees C below the throttle point (negative = over)
     parked              true/false
     parked_since        number or null       unix seconds; must be null when parked is false
     expected_departure  number or null       unix seconds, if known
@@ -54,8 +54,10 @@ __all__ = [
 
 DAY_S = 86_400.0
 HOUR_S = 3_600.0
-MAX_CHARGING_KW = 1_000.0  # well above any real charger: a larger value is a unit error
-MAX_ABS_HEADROOM_C = 300.0
+# The bounds a capacity record accepts (protocols/records.py): a state outside them is a unit error.
+MAX_CHARGING_KW = 350.0
+MIN_HEADROOM_C, MAX_HEADROOM_C = -100.0, 200.0
+MAX_TIMESTAMP = 1e10
 
 
 class VehicleStateError(IdlefleetError):
@@ -80,13 +82,11 @@ class VehicleState:
                 raise ValueError(f"{name} must be a boolean")
         _check_number("battery_soc", self.battery_soc, 0.0, 1.0)
         _check_number("charging_kw", self.charging_kw, 0.0, MAX_CHARGING_KW)
-        _check_number(
-            "thermal_headroom_c", self.thermal_headroom_c, -MAX_ABS_HEADROOM_C, MAX_ABS_HEADROOM_C
-        )
+        _check_number("thermal_headroom_c", self.thermal_headroom_c, MIN_HEADROOM_C, MAX_HEADROOM_C)
         for name in ("parked_since", "expected_departure"):
             value = getattr(self, name)
             if value is not None:
-                _check_number(name, value, 0.0, math.inf)
+                _check_number(name, value, 0.0, MAX_TIMESTAMP)
         if not self.parked and self.parked_since is not None:
             raise ValueError("parked_since must be null while not parked")
 
@@ -649,7 +649,7 @@ class SysfsVehicle:
             battery_soc=soc,
             plugged_in=plugged,
             charging_kw=charging_kw,
-            thermal_headroom_c=max(-MAX_ABS_HEADROOM_C, min(MAX_ABS_HEADROOM_C, headroom)),
+            thermal_headroom_c=max(MIN_HEADROOM_C, min(MAX_HEADROOM_C, headroom)),
             parked=True,
             parked_since=self.start,
             expected_departure=None,
