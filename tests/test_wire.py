@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import struct
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -13,6 +14,17 @@ import pytest
 
 from protocols import wire
 from protocols.errors import LocalProtocolError, RemoteProtocolError
+from protocols.messages import (
+    MAX_STATUS_RECORDS,
+    ErrorMessage,
+    Heartbeat,
+    HeartbeatAck,
+    Message,
+    StatusRequest,
+    StatusResponse,
+    decode_message,
+    encode_message,
+)
 from protocols.wire import (
     KINDS,
     MAX_DEPTH,
@@ -61,15 +73,13 @@ def test_round_trip() -> None:
 
 
 def test_envelope_layout_is_the_documented_one() -> None:
-    data = encode_envelope("heartbeat", {"seq": 1})
-    assert (
-        data
-        == bytes.fromhex("83 a1 76 01 a1 6b a9")
-        + b"heartbeat"
-        + bytes.fromhex("a1 62 81 a3")
-        + b"seq"
-        + b"\x01"
+    # docs/PROTOCOL.md section 2.3
+    data = encode_envelope("heartbeat", {"nonce": 1})
+    assert data.hex(" ") == (
+        "83 a1 76 01 a1 6b a9 68 65 61 72 74 62 65 61 74 a1 62 81 a5 6e 6f 6e 63 65 01"
     )
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text("utf-8")
+    assert data.hex(" ") in doc
 
 
 def test_tuples_encode_as_arrays() -> None:
@@ -348,3 +358,83 @@ def test_fuzz_frame_streams() -> None:
             dec.at_eof()
         except RemoteProtocolError:
             pass
+
+
+# --- typed messages ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Heartbeat(nonce=0),
+        Heartbeat(nonce=2**64 - 1),
+        HeartbeatAck(nonce=42),
+        StatusRequest(),
+        StatusResponse(records=()),
+        StatusResponse(records=(b"\x82" * 4096,) * MAX_STATUS_RECORDS),
+        ErrorMessage(code="too_busy", message="retry in 5 s ✓"),
+    ],
+)
+def test_message_round_trip(message: Message) -> None:
+    data = encode_message(message)
+    assert decode_message(decode_frame(frame(data))) == message
+
+
+def decode_frame(stream: bytes) -> bytes:
+    dec = FrameDecoder()
+    dec.feed(stream)
+    payload = dec.next_frame()
+    assert payload is not None
+    dec.at_eof()
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "match"),
+    [
+        ("heartbeat", {}, "body keys"),
+        ("heartbeat", {"nonce": 1, "x": 2}, "body keys"),
+        ("heartbeat", {"nonce": -1}, "invalid heartbeat: nonce"),
+        ("heartbeat", {"nonce": True}, "invalid heartbeat: nonce"),
+        ("heartbeat_ack", {"nonce": "1"}, "invalid heartbeat_ack"),
+        ("status_request", {"x": 1}, "body keys"),
+        ("status_response", {"records": {}}, "invalid status_response"),
+        ("status_response", {"records": ["text"]}, "invalid status_response"),
+        ("status_response", {"records": [b"x" * 4097]}, "invalid status_response"),
+        ("status_response", {"records": [b""] * 1001}, "invalid status_response"),
+        ("error", {"code": "", "message": ""}, "invalid error"),
+        ("error", {"code": "Bad\x1b", "message": ""}, "invalid error"),
+        ("error", {"code": "x", "message": "m" * 1025}, "invalid error"),
+    ],
+)
+def test_decode_message_rejects(kind: str, body: dict[str, Any], match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode_message(raw_envelope({"v": 1, "k": kind, "b": body}))
+
+
+def test_decode_message_kind_without_type(kinds: dict[str, int]) -> None:
+    register_kind("future_kind", 100)
+    with pytest.raises(RemoteProtocolError, match="no message type"):
+        decode_message(encode_envelope("future_kind", {}))
+
+
+def test_message_construction_is_checked_locally() -> None:
+    with pytest.raises(LocalProtocolError):
+        Heartbeat(nonce=2**64)
+    with pytest.raises(LocalProtocolError):
+        StatusResponse(records=[b"x"])  # type: ignore[arg-type]
+
+
+def test_fuzz_messages() -> None:
+    rng = np.random.default_rng(4)
+    valid = [
+        encode_message(m)
+        for m in (Heartbeat(nonce=7), StatusResponse(records=(b"r" * 30,)), ErrorMessage("x", "y"))
+    ]
+    for data in valid:
+        for _ in range(500):
+            flipped = bytearray(data)
+            bit = int(rng.integers(0, len(data) * 8))
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            with contextlib.suppress(RemoteProtocolError):
+                decode_message(bytes(flipped))
