@@ -1,0 +1,161 @@
+"""The llama transformer block in numpy float32: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Shapes: ``T`` new tokens, ``L`` cached + new tokens, ``H`` hidden size, ``nq``/``nkv`` query and
+KV heads (``g = nq // nkv`` queries share one KV head), ``d`` head dim, ``F`` FFN size.
+
+Weights are prepared once at load time (:func:`prepare_block`) so that one decode step costs few
+numpy calls: matrices are pre-transposed to ``[in, out]``; Q, K and V are one matrix, as are the
+FFN gate and up projections; Q/K rows are un-permuted from llama.cpp's GGUF layout to the
+rotate-half layout; the attention scale ``1/sqrt(d)`` is folded into the Q rows (exact when
+``d`` is a power of two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.model.gguf_loader import ModelConfig
+
+F32 = np.float32
+
+
+@dataclass(frozen=True, eq=False)
+class BlockWeights:
+    """One block's float32 weights, laid out for :func:`block_forward`."""
+
+    attn_norm: np.ndarray  # [H]
+    wqkv: np.ndarray  # [H, (nq + 2 nkv) d]
+    wo: np.ndarray  # [nq d, H]
+    ffn_norm: np.ndarray  # [H]
+    w_gate_up: np.ndarray  # [H, 2F]
+    w_down: np.ndarray  # [F, H]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in vars(self).values())
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation: ``[n_heads d, in]`` GGUF -> rotate-half layout."""
+    out, inp = w.shape
+    # GGUF rows per head are (d/2 pairs, 2) interleaved; rotate-half wants (2 halves, d/2).
+    return w.reshape(n_heads, out // n_heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def prepare_block(cfg: ModelConfig, t: dict[str, np.ndarray]) -> BlockWeights:
+    """Fuse and lay out raw GGUF block tensors (``attn_q`` etc., numpy ``[out, in]``)."""
+    scale = F32(1.0 / np.sqrt(cfg.head_dim))
+    wq = unpermute_qk(t["attn_q"], cfg.n_heads) * scale  # [nq d, H]
+    wk = unpermute_qk(t["attn_k"], cfg.n_kv_heads)  # [nkv d, H]
+    wqkv = np.concatenate([wq, wk, t["attn_v"]]).T  # [H, (nq + 2 nkv) d]
+    w_gate_up = np.concatenate([t["ffn_gate"], t["ffn_up"]]).T  # [H, 2F]
+    return BlockWeights(
+        attn_norm=np.ascontiguousarray(t["attn_norm"], dtype=F32),
+        wqkv=np.ascontiguousarray(wqkv, dtype=F32),
+        wo=np.ascontiguousarray(t["attn_output"].T, dtype=F32),
+        ffn_norm=np.ascontiguousarray(t["ffn_norm"], dtype=F32),
+        w_gate_up=np.ascontiguousarray(w_gate_up, dtype=F32),
+        w_down=np.ascontiguousarray(t["ffn_down"].T, dtype=F32),
+    )
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x^2) + eps) * w`` over the last axis."""
+    ms = np.einsum("th,th->t", x, x)[:, None] / F32(x.shape[-1])  # [T, 1]
+    out: np.ndarray = x * (F32(1.0) / np.sqrt(ms + F32(eps))) * w  # [T, H]
+    return out
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding tables for one head dim and base."""
+
+    inv_freq: np.ndarray  # [d/2]
+
+    @classmethod
+    def create(cls, head_dim: int, base: float) -> Rope:
+        exponent = np.arange(0, head_dim, 2, dtype=F32) / F32(head_dim)
+        return cls(inv_freq=F32(1.0) / (F32(base) ** exponent))
+
+    def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``cos``, signed ``sin`` shaped ``[T, 1, 2, d/2]`` for :func:`apply_rope`."""
+        angles = positions.astype(F32)[:, None] * self.inv_freq  # [T, d/2]
+        cos, sin = np.cos(angles), np.sin(angles)
+        cos2 = np.stack([cos, cos], axis=1)[:, None]  # [T, 1, 2, d/2]
+        sin2 = np.stack([-sin, sin], axis=1)[:, None]  # [T, 1, 2, d/2]
+        return cos2, sin2
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE on ``x [T, heads, d]``: ``x cos + rotate_half(x) sin``."""
+    t, n, d = x.shape
+    x4 = x.reshape(t, n, 2, d // 2)  # [T, heads, 2, d/2]: (first half, second half)
+    # rotate_half(x) = (-x2, x1): a reversed view of the half axis, the sign lives in sin.
+    out: np.ndarray = x4 * cos + x4[:, :, ::-1] * sin  # [T, heads, 2, d/2]
+    return out.reshape(t, n, d)
+
+
+def causal_mask(t: int, start: int) -> np.ndarray | None:
+    """Additive mask ``[T, start + T]``: query i sees keys ``<= start + i``; None when T == 1."""
+    if t == 1:
+        return None
+    keys = np.arange(start + t)
+    queries = np.arange(start, start + t)[:, None]
+    return np.where(keys <= queries, F32(0.0), F32(-np.inf))  # [T, L]
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Grouped-query attention: q [T, nq, d] (pre-scaled), k and v [nkv, L, d] -> [T, nq d]."""
+    t, nq, d = q.shape
+    nkv = k.shape[0]
+    g = nq // nkv
+    qg = q.reshape(t, nkv, g, d).transpose(1, 2, 0, 3).reshape(nkv, g * t, d)  # [nkv, gT, d]
+    s = qg @ k.transpose(0, 2, 1)  # [nkv, gT, L]
+    if mask is not None:
+        s = s.reshape(nkv, g, t, -1)  # [nkv, g, T, L]
+        s += mask
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    o: np.ndarray = s.reshape(nkv, g * t, -1) @ v  # [nkv, gT, d]
+    return o.reshape(nkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, nq * d)  # [T, nq d]
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` for ``gate_up [T, 2F]`` -> ``[T, F]``."""
+    f = gate_up.shape[-1] // 2
+    gate, up = gate_up[:, :f], gate_up[:, f:]
+    out: np.ndarray = gate / (F32(1.0) + np.exp(-gate)) * up  # [T, F]
+    return out
+
+
+def block_forward(
+    x: np.ndarray,
+    w: BlockWeights,
+    cfg: ModelConfig,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    rope: tuple[np.ndarray, np.ndarray],
+    mask: np.ndarray | None,
+) -> np.ndarray:
+    """One block on ``x [T, H]`` at positions ``start..start+T-1``; appends K/V to the caches.
+
+    ``k_cache``/``v_cache`` are this block's ``[nkv, capacity, d]`` buffers, already holding
+    ``start`` positions and with room for ``T`` more.
+    """
+    t = x.shape[0]
+    nq, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h = rms_norm(x, w.attn_norm, cfg.rms_eps)  # [T, H]
+    qkv = h @ w.wqkv  # [T, (nq + 2 nkv) d]
+    qk = apply_rope(qkv[:, : (nq + nkv) * d].reshape(t, nq + nkv, d), *rope)  # [T, nq+nkv, d]
+    end = start + t
+    k_cache[:, start:end] = qk[:, nq:].transpose(1, 0, 2)  # [nkv, T, d]
+    v_cache[:, start:end] = qkv[:, (nq + nkv) * d :].reshape(t, nkv, d).transpose(1, 0, 2)
+    a = attention(qk[:, :nq], k_cache[:, :end], v_cache[:, :end], mask)  # [T, nq d]
+    x = x + a @ w.wo  # [T, H]
+    h = rms_norm(x, w.ffn_norm, cfg.rms_eps)  # [T, H]
+    out: np.ndarray = x + swiglu(h @ w.w_gate_up) @ w.w_down  # [T, H]
+    return out

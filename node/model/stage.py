@@ -1,0 +1,132 @@
+"""Stages: a contiguous block range ``[start, end)``, optionally with the embedding and LM head.
+
+A stage server holds one :class:`Stage` and one :class:`KVCache` per session; the client holds a
+:class:`Head` (embedding, final norm, LM head). The whole model is ``load_stage(mf, 0, n,
+with_head=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from node.model import blocks as B
+from node.model.gguf_loader import BLOCK_TENSORS, ModelConfig, ModelFile, model_id
+from node.model.kvcache import KVCache
+from protocols.errors import ModelError, TensorError
+
+
+class Head:
+    """Embedding lookup, final RMSNorm and LM head (tied to the embedding when the file says so)."""
+
+    def __init__(
+        self, cfg: ModelConfig, embedding: np.ndarray, norm: np.ndarray, lm_head: np.ndarray
+    ) -> None:
+        self.config = cfg
+        self.embedding = embedding  # [V, H]
+        self.norm = norm  # [H]
+        self.lm_head = lm_head  # [V, H]; the same array as embedding when tied
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.lm_head is self.embedding else self.lm_head.nbytes
+        return self.embedding.nbytes + self.norm.nbytes + extra
+
+    def embed(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Token ids ``[T]`` -> hidden states ``[T, H]``; raises ValueError on an unknown id."""
+        idx = np.asarray(ids, dtype=np.int64)
+        if idx.ndim != 1 or idx.size == 0:
+            raise ValueError(f"expected a non-empty 1-d list of token ids, got shape {idx.shape}")
+        if idx.min() < 0 or idx.max() >= self.config.vocab_size:
+            raise ValueError(f"token id outside [0, {self.config.vocab_size})")
+        return self.embedding[idx]  # [T, H] (fancy indexing copies)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Hidden states ``[T, H]`` from the last block -> logits ``[T, V]``."""
+        h = B.rms_norm(hidden, self.norm, self.config.rms_eps)  # [T, H]
+        out: np.ndarray = h @ self.lm_head.T  # [T, V]
+        return out
+
+
+class Stage:
+    """Blocks ``[start, end)`` of one model, plus the :class:`Head` if ``head`` is given."""
+
+    def __init__(
+        self,
+        model_id: str,
+        cfg: ModelConfig,
+        start: int,
+        blocks: Sequence[B.BlockWeights],
+        head: Head | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.config = cfg
+        self.start = start
+        self.end = start + len(blocks)
+        self.blocks = list(blocks)
+        self.head = head
+        self.rope = B.Rope.create(cfg.head_dim, cfg.rope_base)
+
+    @property
+    def nbytes(self) -> int:
+        """Float32 bytes of weights held."""
+        return sum(b.nbytes for b in self.blocks) + (self.head.nbytes if self.head else 0)
+
+    def new_cache(self, capacity: int = 64) -> KVCache:
+        """An empty KV cache for one session on this stage."""
+        c = self.config
+        return KVCache(
+            len(self.blocks), c.n_kv_heads, c.head_dim, max_len=c.context_length, capacity=capacity
+        )
+
+    def forward(
+        self, hidden: np.ndarray, cache: KVCache, position: int | None = None
+    ) -> np.ndarray:
+        """Run ``hidden [T, H]`` (positions ``position..position+T-1``) through the blocks.
+
+        ``position`` defaults to ``cache.length``; a smaller value first truncates the cache, so
+        resending a step is idempotent. Raises :class:`TensorError` if the input does not fit
+        (shape, dtype, a gap in positions, context length, cache of another stage).
+        """
+        c = self.config
+        if not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32:
+            raise TensorError("hidden state must be a float32 numpy array")
+        if hidden.ndim != 2 or hidden.shape[1] != c.hidden_size or hidden.shape[0] < 1:
+            raise TensorError(f"hidden state shape {hidden.shape} != [tokens, {c.hidden_size}]")
+        if cache.n_layers != len(self.blocks):
+            raise TensorError(f"cache has {cache.n_layers} layers, stage has {len(self.blocks)}")
+        start = cache.length if position is None else position
+        if start > cache.length:
+            raise TensorError(f"position {start} skips ahead of the cache ({cache.length})")
+        cache.truncate(start)
+        t = hidden.shape[0]
+        cache.reserve(start + t)
+        rope = self.rope.tables(np.arange(start, start + t))
+        mask = B.causal_mask(t, start)
+        x = hidden
+        for i, w in enumerate(self.blocks):
+            x = B.block_forward(x, w, c, cache.k[i], cache.v[i], start, rope, mask)
+        cache.length = start + t
+        return x
+
+
+def load_head(mf: ModelFile) -> Head:
+    """Dequantize the embedding, final norm and LM head (tied unless ``output.weight`` exists)."""
+    emb = mf.tensor("token_embd.weight")  # [V, H]
+    lm = emb if mf.config.tied_embeddings else mf.tensor("output.weight")
+    return Head(mf.config, emb, mf.tensor("output_norm.weight"), lm)
+
+
+def load_stage(mf: ModelFile, start: int, end: int, *, with_head: bool = False) -> Stage:
+    """Dequantize and prepare only blocks ``[start, end)`` (and the head if asked)."""
+    n = mf.config.n_blocks
+    if not 0 <= start <= end <= n:
+        raise ModelError(f"block range [{start}, {end}) outside the model's [0, {n})")
+    blocks = []
+    for i in range(start, end):
+        raw = {name: mf.tensor(f"blk.{i}.{name}.weight") for name in BLOCK_TENSORS}
+        blocks.append(B.prepare_block(mf.config, raw))
+        del raw  # free the unfused copies before the next block
+    head = load_head(mf) if with_head else None
+    return Stage(model_id(mf.path), mf.config, start, blocks, head)
