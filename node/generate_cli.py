@@ -1,0 +1,80 @@
+"""``idlefleet generate``: run the model locally and stream the new text to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from node.model.generate import generate, local_middle
+from node.model.gguf_loader import open_model
+from node.model.locate import find_default_model
+from node.model.sampling import SamplingParams
+from node.model.stage import Head, Stage, load_head, load_stage
+from node.model.tokenizer import TextStream, Tokenizer
+from protocols.errors import ModelError, TensorError
+
+
+def load_local(model: str | None) -> tuple[Tokenizer, Head, Stage]:
+    """Tokenizer, client head and a stage of every block from ``model`` (default: SmolLM2)."""
+    with open_model(model or find_default_model()) as mf:
+        tokenizer = Tokenizer.from_model(mf)
+        head = load_head(mf)  # the client's part
+        stage = load_stage(mf, 0, mf.config.n_blocks)  # every block, in this process
+    return tokenizer, head, stage
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Entry point of the subcommand; returns the process exit code.
+
+    Text streams to stdout as tokens come (flushed each time); with ``--json`` stdout gets only
+    one JSON object at the end. Errors go to stderr: 2 for bad usage, 1 for a bad model.
+    """
+    if args.bootstrap:
+        print("error: fleet generation not available yet (use --local)", file=sys.stderr)
+        return 2
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer, head, stage = load_local(args.model)
+        text = args.prompt
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt_ids = tokenizer.encode(text)
+        if not prompt_ids:
+            print("error: the prompt is empty", file=sys.stderr)
+            return 2
+        stream = TextStream(tokenizer)
+
+        def on_token(token: int) -> None:
+            if not args.json:
+                sys.stdout.write(stream.push(token))
+                sys.stdout.flush()
+
+        cache = stage.new_cache(capacity=len(prompt_ids) + params.max_new_tokens)
+        result = generate(
+            head, local_middle(stage, cache), prompt_ids, params, tokenizer.stop_ids, on_token
+        )
+    except (ModelError, TensorError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = {
+            "prompt_ids": result.prompt_ids,
+            "new_ids": result.new_ids,
+            "text": tokenizer.decode(result.new_ids, skip_special=True),
+            "tokens_per_s": round(result.tokens_per_s, 3),
+        }
+        print(json.dumps(out))
+    else:
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,124 @@
+"""The generation loop, independent of where the transformer blocks run.
+
+:class:`Generation` is sans-IO: it hands out the hidden states to push through the blocks
+(:meth:`Generation.next_input`) and takes back their output (:meth:`Generation.feed`), sampling
+and stopping on its own. The client keeps the :class:`~node.model.stage.Head`; the "middle" can
+be a local stage (:func:`local_middle`) or a chain of remote stages. :func:`generate` is the
+synchronous driver; an async client writes the same five-line loop with ``await``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from node.model.kvcache import KVCache
+from node.model.sampling import Sampler, SamplingParams
+from node.model.stage import Head, Stage
+
+# hidden [T, H] at positions position..position+T-1 -> hidden [T, H] after the last block
+Middle = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """Hidden states for the blocks: ``hidden [T, H]`` starting at ``position``."""
+
+    hidden: np.ndarray
+    position: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    stop_reason: str  # "stop_token" or "length"
+    prefill_s: float  # prompt through the blocks up to the first token
+    elapsed_s: float  # whole generation
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second of the whole generation (prefill included)."""
+        return len(self.new_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class Generation:
+    """State of one generation: prompt, new ids, sampler, and the next step's input."""
+
+    def __init__(
+        self,
+        head: Head,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.head = head
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.stop_ids = stop_ids
+        self.new_ids: list[int] = []
+        self.stop_reason: str | None = "length" if params.max_new_tokens == 0 else None
+        self._sample = Sampler(params)
+        self._pending = StepInput(head.embed(self.prompt_ids), 0)  # prefill: the whole prompt
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def next_input(self) -> StepInput:
+        """What to run through the blocks next; raises RuntimeError once done."""
+        if self.done:
+            raise RuntimeError("generation is finished")
+        return self._pending
+
+    def feed(self, hidden: np.ndarray) -> int:
+        """Take the blocks' output for :meth:`next_input`; sample, record and return a token."""
+        step = self.next_input()
+        if hidden.shape != step.hidden.shape:
+            raise ValueError(f"blocks returned {hidden.shape}, expected {step.hidden.shape}")
+        token = self._sample(self.head.logits(hidden[-1:])[0])
+        self.new_ids.append(token)
+        if token in self.stop_ids:
+            self.stop_reason = "stop_token"
+        elif len(self.new_ids) >= self.params.max_new_tokens:
+            self.stop_reason = "length"
+        else:
+            position = step.position + step.hidden.shape[0]
+            self._pending = StepInput(self.head.embed([token]), position)
+        return token
+
+
+def local_middle(stage: Stage, cache: KVCache) -> Middle:
+    """A middle that runs ``stage`` (all blocks) in this process with ``cache``."""
+    return lambda hidden, position: stage.forward(hidden, cache, position)
+
+
+def generate(
+    head: Head,
+    middle: Middle,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    stop_ids: frozenset[int] = frozenset(),
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Generate synchronously, calling ``on_token`` with each new id as soon as it is sampled."""
+    gen = Generation(head, prompt_ids, params, stop_ids)
+    t0 = time.perf_counter()
+    prefill_s = 0.0
+    while not gen.done:
+        step = gen.next_input()
+        token = gen.feed(middle(step.hidden, step.position))
+        if len(gen.new_ids) == 1:
+            prefill_s = time.perf_counter() - t0
+        if on_token is not None:
+            on_token(token)
+    return GenerationResult(
+        prompt_ids=gen.prompt_ids,
+        new_ids=gen.new_ids,
+        stop_reason=gen.stop_reason or "length",
+        prefill_s=prefill_s,
+        elapsed_s=time.perf_counter() - t0,
+    )
