@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,20 +23,136 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
+def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("node", help="run one node (a car, phone or laptop) until SIGINT/SIGTERM")
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (flags override it)")
+    p.add_argument("--key-file", type=Path, help="identity key (created, mode 0600, on first run)")
+    p.add_argument("--listen-host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 0 = any free port)")
+    p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
+                   help="a peer to join through (repeatable), e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...")
+    p.add_argument("--region", help="geohash prefix of where the device is (default u33d)")
+    p.add_argument("--vehicle", metavar="SPEC",
+                   help="state provider: sim:PROFILE[:seed=N][:scale=X] | file:PATH | sysfs[:ROOT]")
+    p.add_argument("--consent", action=argparse.BooleanOptionalAction, default=None,
+                   help="the owner opts in to serving work (default: no)")
+    p.add_argument("--consent-hours", type=float, help="consent expires after this many hours")
+    p.add_argument("--link-kind", choices=("ethernet", "wifi", "cellular"))
+    p.add_argument("--metered", dest="link_metered", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--publish-policy", choices=("adaptive", "naive"))
+    p.add_argument("--refresh", dest="refresh_s", type=float, help="seconds between unchanged refreshes")
+    p.add_argument("--event-log", type=Path, help="append JSON-lines events (audit log) here")
+    p.add_argument("--status-file", type=Path, help="keep a JSON status snapshot here (for supervisors)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keygen", help="create a node identity key file (mode 0600)")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE")
+
+
+def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("swarm", help="run a local swarm of N node processes on 127.0.0.1")
+    p.add_argument("--nodes", type=int, default=3, metavar="N")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+    p.add_argument("--state-file", type=Path, metavar="FILE",
+                   help='write {"nodes": [{"peer_id", "multiaddr", "pid"}, ...]} here, bootstrap first')
+    p.add_argument("--dir", type=Path, help="keep keys, logs and event logs here (default: a temp dir)")
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="print the fleet as the node at MULTIADDR sees it")
+    p.add_argument("--bootstrap", required=True, metavar="MULTIADDR")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=10.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idlefleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_node(sub)
+    _add_keygen(sub)
+    _add_swarm(sub)
+    _add_status(sub)
     _add_generate(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        from node.generate_cli import run_generate
+def _cmd_node(args: argparse.Namespace) -> int:
+    import trio
 
-        return run_generate(args)
-    raise AssertionError(f"unhandled command {args.command}")
+    from node.config import load_config
+    from node.run import run_node, setup_logging
+
+    setup_logging(args.log_level)
+    overrides = {k: getattr(args, k) for k in (
+        "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
+        "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log")}
+    if overrides["bootstrap"] is not None:
+        overrides["bootstrap"] = tuple(overrides["bootstrap"])
+    config = load_config(args.config, **overrides)
+    trio.run(lambda: run_node(config, status_file=args.status_file))
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from p2p.identity import create_key_file, peer_id_of
+
+    key = create_key_file(args.out)
+    print(peer_id_of(key))
+    return 0
+
+
+def _cmd_swarm(args: argparse.Namespace) -> int:
+    from node.swarm import run_swarm
+
+    if args.nodes < 1:
+        print("idlefleet: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    import trio
+
+    from node.node import fetch_status
+
+    peers = trio.run(lambda: fetch_status(args.bootstrap, timeout=args.timeout))
+    if args.json:
+        print(json.dumps({"peers": peers}))
+        return 0
+    print(f"{len(peers)} peer(s) alive as seen by {args.bootstrap.rsplit('/', 1)[-1]}")
+    print(f"{'peer':<54} {'state':<9} {'battery':>7} {'plugged':<7} {'consent':<7} {'region':<6} {'blocks'}")
+    for p in peers:
+        blocks = p.get("blocks")
+        print(f"{p['peer_id']:<54} {p['state']:<9} {p['battery_soc'] * 100:6.1f}% "
+              f"{'yes' if p['plugged_in'] else 'no':<7} {'yes' if p['consent'] else 'no':<7} "
+              f"{p['region']:<6} {'-' if not blocks else f'{blocks[0]}-{blocks[1]}'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from p2p.errors import NetworkError
+    from protocols.errors import IdlefleetError
+
+    args = build_parser().parse_args(argv)
+    commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
+    try:
+        if args.command == "generate":
+            from node.generate_cli import run_generate
+
+            return run_generate(args)
+        return commands[args.command](args)
+    except NetworkError as e:
+        print(f"idlefleet: network error: {e}", file=sys.stderr)
+        return 3
+    except IdlefleetError as e:
+        print(f"idlefleet: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

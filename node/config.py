@@ -1,0 +1,112 @@
+"""Node configuration: one frozen object, from a TOML file and/or command-line flags.
+
+Example ``node.toml``::
+
+    key_file = "~/.idlefleet/node.key"
+    listen_host = "127.0.0.1"
+    port = 4001
+    bootstrap = ["/ip4/127.0.0.1/tcp/4000/p2p/12D3KooW..."]
+    region = "u33d"            # geohash prefix of where the car is parked
+    vehicle = "sim:commuter:seed=3"   # or "file:/run/car/state.json", or "sysfs"
+    consent = true             # the owner opts in to serving work ...
+    consent_hours = 8          # ... for this long from start (omit: until revoked)
+    link_kind = "wifi"         # ethernet | wifi | cellular
+    link_metered = false
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocols.errors import ConfigError
+
+GEOHASH_ALPHABET = set("0123456789bcdefghjkmnpqrstuvwxyz")
+LINK_KINDS = ("ethernet", "wifi", "cellular")
+PUBLISH_POLICIES = ("adaptive", "naive")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one node needs. Validated on construction (ConfigError says what to fix)."""
+
+    key_file: Path = Path("~/.idlefleet/node.key")
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    region: str = "u33d"
+    vehicle: str = "sysfs"
+    consent: bool = False
+    consent_hours: float | None = None
+    link_kind: str = "wifi"
+    link_metered: bool = False
+    # Publishing: on a significant change, plus a slow refresh; "naive" = every second (baseline).
+    publish_policy: str = "adaptive"
+    refresh_s: float = 20.0
+    record_ttl_s: float = 60.0
+    vehicle_poll_s: float = 1.0
+    heartbeat_s: float = 2.0
+    heartbeat_timeout_s: float = 2.5
+    heartbeat_misses: int = 3
+    target_peers: int = 8
+    event_log: Path | None = None
+    memory_budget_mb: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if not (1 <= len(self.region) <= 12 and set(self.region) <= GEOHASH_ALPHABET):
+            raise ConfigError(f"region must be a geohash prefix (1-12 chars of 0-9 b-z without a i l o), "
+                              f"got {self.region!r}")
+        if self.link_kind not in LINK_KINDS:
+            raise ConfigError(f"link_kind must be one of {', '.join(LINK_KINDS)}, got {self.link_kind!r}")
+        if self.publish_policy not in PUBLISH_POLICIES:
+            raise ConfigError(f"publish_policy must be one of {PUBLISH_POLICIES}, "
+                              f"got {self.publish_policy!r}")
+        if self.consent_hours is not None and self.consent_hours <= 0:
+            raise ConfigError("consent_hours must be positive (omit it for consent until revoked)")
+        if not 0 < self.refresh_s <= self.record_ttl_s / 2:
+            raise ConfigError("refresh_s must be positive and at most half of record_ttl_s")
+        if not 0 < self.record_ttl_s <= 600:
+            raise ConfigError("record_ttl_s must be in (0, 600]")
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
+
+    def replace(self, **changes: Any) -> NodeConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file.expanduser()
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> NodeConfig:
+    """Read a TOML config file (if given) and apply non-None overrides (from flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    for name in ("key_file", "event_log"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    if "bootstrap" in values:
+        b = values["bootstrap"]
+        values["bootstrap"] = tuple([b] if isinstance(b, str) else b)
+    try:
+        return NodeConfig(**values)
+    except TypeError as e:
+        raise ConfigError(f"bad config: {e}") from None

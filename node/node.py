@@ -1,0 +1,490 @@
+"""One idlefleet node: identity, libp2p host, gossip of signed capacity records, liveness.
+
+Embedding API::
+
+    async with open_node(config) as node:
+        await node.wait_for_peers(2)
+        for record in node.fleet():
+            print(record.peer_id, record.battery_soc)
+
+On exit the node publishes ``offline`` (so peers drop it at once), then stops its host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.config import NodeConfig
+from node.vehicle import VehicleProvider, VehicleState, make_provider
+from p2p.errors import NetworkError
+from p2p.host import Host, HostConfig, open_host
+from p2p.identity import load_or_create_key, peer_id_of, raw_public_key
+from p2p.liveness import Liveness, LivenessConfig
+from protocols import wire
+from protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
+from protocols.fleet import FleetView
+from protocols.notices import PeerDownNotice, decode_notice, encode_notice
+from protocols.publish import PublishPolicy, should_publish
+from protocols.records import CapacityRecord, encode_signed, record_to_dict, validate_record
+
+log = logging.getLogger(__name__)
+
+STATUS_PROTOCOL = "/idlefleet/status/1.0.0"
+wire.register_kind("capacity", 8 * 1024)
+wire.register_kind("peer_down", 4 * 1024)
+
+
+def capacity_topic(region: str) -> str:
+    """GossipSub topic carrying capacity records and peer-down notices of one region."""
+    return f"/idlefleet/v1/capacity/{region}"
+
+
+def dht_record_key(peer_id: str) -> str:
+    """DHT key under which a node stores its latest signed record (namespace ``idlefleet``)."""
+    return f"/idlefleet/{peer_id}"
+
+
+def measure_compute_gflops(size: int = 256, repeats: int = 5) -> float:
+    """A quick fp32 matmul benchmark (~10 ms): this device's compute estimate, in GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return round(2 * size**3 / max(best, 1e-9) / 1e9, 2)
+
+
+def available_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Node:
+    """A running node. Created by ``open_node``; its methods are the embedding API."""
+
+    def __init__(self, config: NodeConfig, key: Ed25519PrivateKey, host: Host,
+                 vehicle: VehicleProvider, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.peer_id = peer_id_of(key)
+        self.host = host
+        self.vehicle = vehicle
+        self.view = FleetView()
+        self.rejected: Counter[str] = Counter()
+        self.load = 0.0  # fraction of serving capacity in use (set by the model server)
+        self.model_id = ""
+        self.blocks: tuple[int, int] | None = None
+        self._key = key
+        self._public_key = raw_public_key(key)
+        self._nursery = nursery
+        self._state = "joining"
+        self._last_record: CapacityRecord | None = None
+        self._last_vehicle: VehicleState | None = None
+        self._seq = 0
+        self._started = time.time()
+        self._consent_expires = (self._started + config.consent_hours * 3600
+                                 if config.consent and config.consent_hours else None)
+        self._compute_gflops = measure_compute_gflops()
+        self._changed = trio.Event()
+        self._publish_now = trio.Event()
+        self._topic = capacity_topic(config.region)
+        self._policy = PublishPolicy(refresh_s=config.refresh_s, naive=config.publish_policy == "naive")
+        self._events: TextIO | None = None
+        if config.event_log is not None:
+            config.event_log.parent.mkdir(parents=True, exist_ok=True)
+            self._events = open(config.event_log, "a", buffering=1)  # noqa: SIM115 - closed in aclose
+        self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
+            interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
+            misses=config.heartbeat_misses))
+
+    # -- embedding API ---------------------------------------------------------------------------
+    @property
+    def multiaddrs(self) -> list[str]:
+        return self.host.multiaddrs()
+
+    def fleet(self) -> list[CapacityRecord]:
+        """The current validated view: every peer considered alive (this node included)."""
+        return [e.record for e in self.view.alive(time.time())]
+
+    async def wait_for_peers(self, n: int, *, timeout: float = 30.0) -> list[CapacityRecord]:
+        """Wait until at least ``n`` other peers are alive in the view. Raises trio.TooSlowError."""
+        with trio.fail_after(timeout):
+            while True:
+                others = [r for r in self.fleet() if r.peer_id != self.peer_id]
+                if len(others) >= n:
+                    return others
+                await self._wait_changed(1.0)
+
+    async def wait_for(self, predicate: Any, *, timeout: float = 30.0) -> None:
+        """Wait until ``predicate(fleet)`` is true. Raises trio.TooSlowError."""
+        with trio.fail_after(timeout):
+            while not predicate(self.fleet()):
+                await self._wait_changed(1.0)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "state": self._state,
+            "alive": len(self.view.alive(time.time())),
+            "connected": len(self.host.connected_peers()),
+            "published": self.host.stats.gossip_published,
+            "rejected": dict(self.rejected),
+            "evictions": self.host.stats.evictions,
+            "seq": self._seq,
+        }
+
+    def request_publish(self) -> None:
+        """Publish a fresh record soon (e.g. after the hosted blocks changed)."""
+        self._publish_now.set()
+
+    # -- internals -------------------------------------------------------------------------------
+    async def _wait_changed(self, at_most: float) -> None:
+        with trio.move_on_after(at_most):
+            await self._changed.wait()
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _event(self, event: str, **fields: Any) -> None:
+        if self._events is not None:
+            self._events.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
+
+    def _next_seq(self) -> int:
+        # Milliseconds since the epoch: monotonic across restarts with the same key, so peers that
+        # remember our last sequence number do not reject us as a replay after a reboot.
+        self._seq = max(self._seq + 1, int(time.time() * 1000))
+        return self._seq
+
+    def _build_record(self, now: float, vehicle: VehicleState) -> CapacityRecord:
+        consent = self.config.consent and (self._consent_expires is None or now < self._consent_expires)
+        addrs = tuple(a.split("/p2p/")[0] for a in self.host.multiaddrs())[:8]
+        return CapacityRecord(
+            peer_id=self.peer_id, public_key=self._public_key, addrs=addrs,
+            region=self.config.region, state=self._state,
+            battery_soc=vehicle.battery_soc, plugged_in=vehicle.plugged_in,
+            charging_kw=vehicle.charging_kw, thermal_headroom_c=vehicle.thermal_headroom_c,
+            parked_since=vehicle.parked_since, expected_departure=vehicle.expected_departure,
+            consent=consent, consent_expires=self._consent_expires if consent else None,
+            link_kind=self.config.link_kind, link_metered=self.config.link_metered,
+            compute_gflops=self._compute_gflops, free_memory_mb=available_memory_mb(),
+            load=min(1.0, max(0.0, self.load)), model_id=self.model_id, blocks=self.blocks,
+            seq=self._seq, issued_at=now, expires_at=now + self.config.record_ttl_s,
+        )
+
+    async def publish_record(self, reason: str) -> CapacityRecord:
+        """Sign and gossip a fresh record now; also store it in the DHT in the background."""
+        now = time.time()
+        vehicle = self._last_vehicle or self.vehicle.read(now)
+        record = dataclasses.replace(self._build_record(now, vehicle), seq=self._next_seq())
+        raw = encode_signed(record, self._key)
+        self.view.accept(record, raw, now)
+        self._last_record = record
+        envelope = wire.encode_envelope("capacity", {"record": raw})
+        try:
+            await self.host.publish(self._topic, envelope)
+        except (NetworkError, trio.TooSlowError) as e:
+            log.warning("publishing our record failed: %s", e)
+        self._event("published", seq=record.seq, reason=reason, battery_soc=record.battery_soc,
+                    state=record.state)
+        self._notify_changed()
+        if reason in ("first", "refresh", "state"):
+            self._nursery.start_soon(self._dht_store, record.seq, raw)
+        return record
+
+    async def _dht_store(self, seq: int, raw: bytes) -> None:
+        try:
+            await self.host.dht_put(dht_record_key(self.peer_id), raw, timeout=10.0)
+        except NetworkError as e:
+            log.debug("DHT put of record %d: %s", seq, e)
+        except Exception as e:  # py-libp2p's DHT raises assorted errors when peers vanish
+            log.debug("DHT put of record %d failed: %r", seq, e)
+
+    def _validate_gossip(self, origin: str, data: bytes) -> bool:
+        """Topic validator: only valid, fresh, correctly attributed messages enter the view and
+        get forwarded. Every rejection is logged with its reason and counted."""
+        if origin == self.peer_id:
+            return True
+        now = time.time()
+        try:
+            env = wire.decode_envelope(data)
+            if env.kind == "capacity":
+                raw = env.body.get("record")
+                if not isinstance(raw, bytes):
+                    raise RecordRejected("malformed", "capacity message without record bytes")
+                pid = _claimed_peer(raw)
+                record = validate_record(raw, now, last_seq=self.view.last_seq(pid) if pid else None)
+                if record.peer_id != origin:
+                    raise RecordRejected("source_mismatch",
+                                         f"{origin[-8:]} published a record of {record.peer_id[-8:]}")
+                if record.peer_id == self.peer_id:
+                    raise RecordRejected("source_mismatch", "a record claiming to be us")
+                was_alive = self.view.is_alive(record.peer_id, now)
+                self.view.accept(record, raw, now)
+                if not was_alive:
+                    self._event("peer_up", peer=record.peer_id, seq=record.seq)
+                self._event("record", peer=record.peer_id, seq=record.seq,
+                            battery_soc=record.battery_soc, state=record.state)
+                self._notify_changed()
+                self._maybe_connect(record)
+                return True
+            if env.kind == "peer_down":
+                raw = env.body.get("notice")
+                if not isinstance(raw, bytes):
+                    raise RemoteProtocolError("peer_down message without notice bytes")
+                notice = decode_notice(raw, now)
+                if notice.reporter != origin:
+                    raise RecordRejected("source_mismatch", "notice relayed under another identity")
+                if notice.subject == self.peer_id:
+                    log.info("peer %s reported us dead (%s); refuting", origin[-8:], notice.reason)
+                    self._publish_now.set()
+                    return True
+                if self.view.mark_down(notice.subject, notice.subject_seq, now):
+                    self._event("peer_down", peer=notice.subject, by=origin, reason=notice.reason)
+                    self._notify_changed()
+                return True
+            raise RemoteProtocolError(f"unexpected kind {env.kind!r} on the capacity topic")
+        except RecordRejected as e:
+            self._count_rejection(e.reason, origin, str(e))
+        except RemoteProtocolError as e:
+            self._count_rejection("malformed", origin, str(e))
+        return False
+
+    def _count_rejection(self, reason: str, origin: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        # GossipSub replays its recent-message cache to new peers: stale records are routine.
+        (log.debug if reason == "stale_sequence" else log.info)(
+            "dropped gossip from %s: %s", origin[-8:], detail)
+        self._event("rejected", peer=origin, reason=reason)
+
+    def _maybe_connect(self, record: CapacityRecord) -> None:
+        connected = self.host.connected_peers()
+        if (record.peer_id not in connected and record.state != "offline"
+                and len(connected) < self.config.target_peers):
+            self._nursery.start_soon(self._connect_quietly, record.peer_id, list(record.addrs))
+
+    async def _connect_quietly(self, peer_id: str, addrs: list[str]) -> None:
+        try:
+            await self.host.connect_peer(peer_id, addrs, timeout=3.0)
+        except NetworkError as e:
+            log.debug("could not connect to %s: %s", peer_id[-8:], e)
+
+    def _on_peer_dead(self, peer_id: str, reason: str) -> None:
+        now = time.time()
+        seq = self.view.last_seq(peer_id)
+        if self.view.mark_down(peer_id, seq if seq is not None else 0, now):
+            self._event("peer_down", peer=peer_id, by=self.peer_id, reason=reason)
+            self._notify_changed()
+        if seq is not None:
+            self._nursery.start_soon(self._announce_down, peer_id, seq, reason)
+
+    async def _announce_down(self, peer_id: str, seq: int, reason: str) -> None:
+        notice = PeerDownNotice(self.peer_id, peer_id, seq, time.time(), reason[:200])
+        data = wire.encode_envelope("peer_down", {"notice": encode_notice(notice, self._key)})
+        try:
+            await self.host.publish(self._topic, data)
+        except (NetworkError, trio.TooSlowError) as e:
+            log.info("could not announce %s down: %s", peer_id[-8:], e)
+
+    async def _handle_status(self, peer_id: str, env: wire.Envelope) -> tuple[str, dict[str, Any]]:
+        entries = self.view.alive(time.time())
+        return "status_response", {"records": [e.raw for e in entries]}
+
+    async def _publisher(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Sample the vehicle every ``vehicle_poll_s``; publish per the policy."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.config.vehicle_poll_s):
+                await self._publish_now.wait()
+            forced = self._publish_now.is_set()
+            self._publish_now = trio.Event()
+            now = time.time()
+            try:
+                self._last_vehicle = self.vehicle.read(now)
+            except Exception as e:  # a broken sensor must not stop the node; keep the last state
+                log.warning("reading vehicle state (%s) failed: %s", self.vehicle.name, e)
+                if self._last_vehicle is None:
+                    continue
+            if self._state == "joining" and (
+                    not self.config.bootstrap or self.host.gossip_peers(self._topic)):
+                # Online once someone will hear us: the "online" record is then published into a
+                # formed topic, so every node learns of us without waiting for a refresh.
+                self._state = "online"
+            candidate = self._build_record(now, self._last_vehicle)
+            reason = "forced" if forced else should_publish(self._last_record, candidate, now, self._policy)
+            if reason is not None:
+                await self.publish_record(reason)
+
+    async def _maintain(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Every few seconds: forget expired state; keep enough connections (re-bootstrap)."""
+        task_status.started()
+        while True:
+            await trio.sleep(2.0)
+            now = time.time()
+            before = {e.record.peer_id for e in self.view.alive(now)}
+            self.view.prune(now)
+            for gone in before - {e.record.peer_id for e in self.view.alive(now)}:
+                self._event("peer_expired", peer=gone)
+                self._notify_changed()
+            if not self.host.connected_peers():
+                await self._bootstrap(quiet=True)
+
+    async def _bootstrap(self, *, quiet: bool = False) -> int:
+        """Connect to the bootstrap peers and copy their current view (each record verified here),
+        so a new node knows the fleet at once instead of after everyone's next refresh."""
+        ok = 0
+        for addr in self.config.bootstrap:
+            if addr.endswith(self.peer_id):
+                continue
+            try:
+                peer = await self.host.connect(addr, timeout=5.0)
+                env = await self.host.request(peer, STATUS_PROTOCOL, "status_request", {}, timeout=5.0)
+                ok += 1
+            except NetworkError as e:
+                (log.debug if quiet else log.warning)("bootstrap %s unreachable: %s", addr, e)
+                continue
+            records = env.body.get("records")
+            for raw in records if isinstance(records, list) else []:
+                if isinstance(raw, bytes):
+                    self._accept_relayed(raw)
+        return ok
+
+    def _accept_relayed(self, raw: bytes) -> None:
+        now = time.time()
+        try:
+            pid = _claimed_peer(raw)
+            record = validate_record(raw, now, last_seq=self.view.last_seq(pid) if pid else None)
+        except RecordRejected as e:
+            if e.reason != "stale_sequence":
+                self._count_rejection(e.reason, "status", str(e))
+            return
+        if record.peer_id == self.peer_id:
+            return
+        if not self.view.is_alive(record.peer_id, now):
+            self._event("peer_up", peer=record.peer_id, seq=record.seq)
+        self.view.accept(record, raw, now)
+        self._notify_changed()
+
+    async def _goodbye(self) -> None:
+        """Publish ``offline`` so peers drop us now rather than at record expiry."""
+        self._state = "offline"
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            await self.publish_record("state")
+            await trio.sleep(0.2)  # let the message leave before the sockets close
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+
+def _claimed_peer(raw: bytes) -> str | None:
+    """Peid id a record claims (unverified), only to look up its sequence floor."""
+    try:
+        outer = wire.unpack(raw, what="record")
+        body = wire.unpack(outer["body"], what="record body")
+        pid = body.get("peer_id")
+        return pid if isinstance(pid, str) else None
+    except Exception:
+        return None
+
+
+def _dht_validate(key: str, value: bytes) -> None:
+    record = validate_record(value, time.time())
+    if key != dht_record_key(record.peer_id):
+        raise RecordRejected("signer_mismatch", f"record of {record.peer_id} stored under {key}")
+
+
+def _dht_select(key: str, values: list[bytes]) -> int:
+    best, best_seq = 0, -1
+    for i, v in enumerate(values):
+        try:
+            seq = validate_record(v, time.time()).seq
+        except RecordRejected:
+            continue
+        if seq > best_seq:
+            best, best_seq = i, seq
+    return best
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None) -> AsyncIterator[Node]:
+    """Start a node: load (or create) its key, start the host, join the fleet, begin gossiping.
+
+    Raises ConfigError for bad configuration or key files. Returns once the node is listening and
+    has tried its bootstrap peers; the node stops (publishing ``offline``) when the block exits.
+    """
+    if key is None:
+        key, created = load_or_create_key(config.key_path)
+        if created:
+            log.info("created a new identity in %s", config.key_path)
+    try:
+        vehicle = make_provider(config.vehicle, now=time.time())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    host_config = HostConfig(listen_host=config.listen_host, port=config.port)
+    async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
+        node = Node(config, key, host, vehicle, nursery)
+        try:
+            host.register_dht_namespace("idlefleet", _dht_validate, _dht_select)
+            host.set_request_handler(STATUS_PROTOCOL, node._handle_status)
+            await host.subscribe(node._topic, node._validate_gossip)
+            await node._bootstrap()
+            await nursery.start(node.liveness.run)
+            await nursery.start(node._publisher)
+            await nursery.start(node._maintain)
+            node.request_publish()
+            yield node
+            await node._goodbye()
+        finally:
+            nursery.cancel_scope.cancel()
+            node.close()
+
+
+async def fetch_status(bootstrap: str, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Ask the node at ``bootstrap`` for its fleet view; verify every record ourselves.
+
+    Uses a throwaway identity. Returns JSON-friendly dicts sorted by peer id. Raises NetworkError.
+    """
+    key = Ed25519PrivateKey.generate()
+    async with open_host(key, HostConfig()) as host:
+        with trio.fail_after(timeout):
+            peer = await host.connect(bootstrap, timeout=timeout)
+            env = await host.request(peer, STATUS_PROTOCOL, "status_request", {}, timeout=timeout)
+    now = time.time()
+    out = []
+    for raw in env.body.get("records", []) if isinstance(env.body.get("records"), list) else []:
+        try:
+            record = validate_record(raw, now) if isinstance(raw, bytes) else None
+        except RecordRejected as e:
+            log.warning("status: %s sent an invalid record: %s", bootstrap, e)
+            continue
+        if record is not None:
+            out.append(record_to_dict(record))
+    return sorted(out, key=lambda d: d["peer_id"])
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("IDLEFLEET_HOME", "~/.idlefleet")).expanduser()

@@ -1,0 +1,74 @@
+"""Running one node as an OS process: signals, logging, and a status file for supervisors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.config import NodeConfig
+from node.node import Node, open_node
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    """What a supervisor (``idlefleet swarm``) shows about this node."""
+    me = node.view.get(node.peer_id)
+    rec = me.record if me else None
+    return {
+        "peer_id": node.peer_id,
+        "multiaddr": node.multiaddrs[0],
+        "pid": os.getpid(),
+        "time": time.time(),
+        "state": rec.state if rec else "joining",
+        "battery_soc": rec.battery_soc if rec else None,
+        "plugged_in": rec.plugged_in if rec else None,
+        "peers_known": len(node.fleet()) - 1,
+        "connected": len(node.host.connected_peers()),
+        "rejected": sum(node.rejected.values()),
+        "model_id": node.model_id,
+        "blocks": list(node.blocks) if node.blocks else None,
+    }
+
+
+async def run_node(config: NodeConfig, *, status_file: Path | None = None,
+                   status_interval_s: float = 1.0) -> None:
+    """Run until SIGINT/SIGTERM, then leave cleanly (publishing ``offline``)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config) as node, trio.open_nursery() as nursery:
+            log.info("node %s listening on %s", node.peer_id, " ".join(node.multiaddrs))
+
+            async def _status_writer() -> None:
+                while True:
+                    if status_file is not None:
+                        write_json_atomic(status_file, node_status(node))
+                    await trio.sleep(status_interval_s)
+
+            nursery.start_soon(_status_writer)
+            async for signum in signals:
+                log.info("received %s: leaving the fleet", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+        if status_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                await trio.Path(status_file).unlink()

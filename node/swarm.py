@@ -1,0 +1,210 @@
+"""``idlefleet swarm``: N real node processes on 127.0.0.1, bootstrapped off the first.
+
+Each node is the same ``idlefleet node`` program in its own OS process, with its own key and a
+different simulated vehicle. The swarm shows a live table from the status files the nodes write,
+and on exit (``--duration`` or Ctrl-C) stops every node with SIGTERM so each publishes ``offline``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from node.run import write_json_atomic
+
+PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
+
+
+@dataclass
+class SwarmNode:
+    index: int
+    proc: subprocess.Popen[bytes]
+    status_file: Path
+    log_file: Path
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            status: dict[str, Any] = json.loads(self.status_file.read_text())
+            return status
+        except (OSError, ValueError):
+            return None
+
+
+def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequence[str]) -> list[str]:
+    profile = PROFILES[index % len(PROFILES)]
+    cmd = [sys.executable, "-m", "node.cli", "node",
+           "--key-file", str(workdir / f"node{index}.key"),
+           "--listen-host", "127.0.0.1", "--port", "0",
+           "--vehicle", f"sim:{profile}:seed={index}:scale=60",
+           "--consent",
+           "--status-file", str(workdir / f"node{index}.status.json"),
+           "--event-log", str(workdir / f"node{index}.events.jsonl")]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    return cmd + list(extra)
+
+
+class Swarm:
+    """Starts, watches and stops the node processes. Use as a context manager."""
+
+    def __init__(self, n: int, workdir: Path, extra_args: Sequence[str] = (), *,
+                 env: dict[str, str] | None = None) -> None:
+        if n < 1:
+            raise ValueError("a swarm needs at least one node")
+        self.n = n
+        self.workdir = workdir
+        self.extra_args = list(extra_args)
+        self.nodes: list[SwarmNode] = []
+        self.env = dict(os.environ if env is None else env)
+        # Several processes share the cores: one BLAS thread each, or they collapse (DESIGN.md).
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            self.env.setdefault(var, "1")
+
+    def _spawn(self, index: int, bootstrap: str | None) -> SwarmNode:
+        log_file = self.workdir / f"node{index}.log"
+        status_file = self.workdir / f"node{index}.status.json"
+        status_file.unlink(missing_ok=True)
+        with open(log_file, "ab") as logf:
+            proc = subprocess.Popen(node_command(index, self.workdir, bootstrap, self.extra_args),
+                                    stdout=logf, stderr=subprocess.STDOUT, env=self.env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        node = SwarmNode(index, proc, status_file, log_file)
+        self.nodes.append(node)
+        return node
+
+    def _wait_status(self, node: SwarmNode, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = node.status()
+            if st is not None:
+                return st
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"node {node.index} exited with {node.proc.returncode}; "
+                                   f"log: {node.log_file}\n{tail(node.log_file)}")
+            time.sleep(0.05)
+        raise RuntimeError(f"node {node.index} did not start within {timeout}s; log: {node.log_file}")
+
+    def start(self, *, stagger_s: float = 0.15, timeout: float = 60.0) -> None:
+        """Start node 0, then the others bootstrapping off it (staggered: a burst of concurrent
+        bootstraps overloads the bootstrap node's DHT)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        first = self._spawn(0, None)
+        boot = self._wait_status(first, timeout)["multiaddr"]
+        for i in range(1, self.n):
+            self._spawn(i, boot)
+            time.sleep(stagger_s)
+        for node in self.nodes[1:]:
+            self._wait_status(node, timeout)
+
+    def state(self) -> dict[str, Any]:
+        """``{"nodes": [{"peer_id", "multiaddr", "pid"}, ...]}``, bootstrap node first."""
+        out = []
+        for node in self.nodes:
+            st = node.status() or {}
+            out.append({"peer_id": st.get("peer_id"), "multiaddr": st.get("multiaddr"),
+                        "pid": node.proc.pid})
+        return {"nodes": out}
+
+    def stop(self, *, timeout: float = 10.0) -> dict[int, int | None]:
+        """SIGTERM every node we started (by PID), wait, SIGKILL stragglers. Returns exit codes."""
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                try:
+                    node.proc.send_signal(signal.SIGCONT)  # a frozen node cannot handle SIGTERM
+                    node.proc.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            try:
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
+        return {node.index: node.proc.returncode for node in self.nodes}
+
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def render_table(swarm: Swarm) -> str:
+    rows = [f"{'#':>2}  {'peer':<14} {'pid':>7}  {'state':<9} {'battery':>7}  {'plugged':<7} "
+            f"{'peers known':>11}  {'blocks':<9}"]
+    for node in swarm.nodes:
+        st = node.status()
+        code = node.proc.poll()
+        if code is not None:
+            rows.append(f"{node.index:>2}  {'-':<14} {node.proc.pid:>7}  exited ({code})")
+            continue
+        if st is None:
+            rows.append(f"{node.index:>2}  {'...':<14} {node.proc.pid:>7}  starting")
+            continue
+        batt = "-" if st.get("battery_soc") is None else f"{st['battery_soc'] * 100:5.1f}%"
+        plugged = {True: "yes", False: "no"}.get(bool(st["plugged_in"]), "-") if "plugged_in" in st else "-"
+        if st.get("plugged_in") is None:
+            plugged = "-"
+        blocks = st.get("blocks")
+        rows.append(f"{node.index:>2}  ..{st['peer_id'][-12:]:<12} {node.proc.pid:>7}  "
+                    f"{st.get('state', '?'):<9} {batt:>7}  {plugged:<7} {st.get('peers_known', 0):>11}  "
+                    f"{'-' if not blocks else f'{blocks[0]}-{blocks[1]}':<9}")
+    return "\n".join(rows)
+
+
+def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdir: Path | None,
+              extra_args: Sequence[str] = (), out: TextIO = sys.stdout) -> int:
+    """The ``idlefleet swarm`` command. Returns the exit code."""
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="idlefleet-swarm-")
+        workdir = Path(tmp.name)
+    swarm = Swarm(n, workdir, extra_args)
+    live = out.isatty()
+    started = time.monotonic()
+    try:
+        print(f"starting {n} node processes (logs in {workdir})", file=out, flush=True)
+        swarm.start()
+        if state_file is not None:
+            write_json_atomic(state_file, swarm.state())
+        started = time.monotonic()
+        while duration is None or time.monotonic() - started < duration:
+            table = render_table(swarm)
+            elapsed = time.monotonic() - started
+            if live:
+                out.write("\x1b[H\x1b[2J")
+            print(f"idlefleet swarm: {n} nodes, {elapsed:5.1f}s"
+                  f"{'' if duration is None else f' of {duration:.0f}s'}  (Ctrl-C to stop)\n{table}\n",
+                  file=out, flush=True)
+            time.sleep(1.0 if live else 5.0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=out)
+    except RuntimeError as e:
+        print(f"swarm failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping every node ...", file=out, flush=True)
+        codes = swarm.stop()
+        print(f"stopped: exit codes {sorted(set(codes.values()), key=str)}", file=out, flush=True)
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.cleanup()
+    return 0

@@ -1,0 +1,391 @@
+"""The tuned libp2p host: TCP + Noise + Yamux, GossipSub, Kademlia DHT, framed request/response.
+
+``open_host(key, config)`` starts everything under one nursery and yields a ``Host`` facade: the
+rest of idlefleet talks to the network only through it and never imports libp2p. Every operation
+takes a deadline. See DESIGN.md for why the defaults below differ from py-libp2p's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from protocols.errors import RemoteProtocolError
+from protocols.wire import Envelope
+
+from .errors import DeadlineExceeded, NetworkError, PeerUnreachable
+from .framing import FramedStream
+
+log = logging.getLogger(__name__)
+
+# py-libp2p logs a WARNING for every normal DHT request and chatters on shutdown (DESIGN.md).
+for _name in ("libp2p.kad_dht", "libp2p.kad_dht.kad_dht", "libp2p.kad_dht.value_store",
+              "libp2p.records.validator", "libp2p.pubsub", "libp2p.host", "libp2p.network",
+              "libp2p.stream_muxer", "libp2p.transport", "libp2p.security", "libp2p.identity",
+              "libp2p.protocol_muxer", "libp2p.tools", "libp2p.rcmgr"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+DHT_PROTOCOL_PREFIX = TProtocol("/idlefleet")  # DHT speaks /idlefleet/kad/1.0.0: our own namespace
+
+RequestHandler = Callable[[str, Envelope], Awaitable[tuple[str, dict[str, Any]]]]
+StreamHandler = Callable[[FramedStream], Awaitable[None]]
+GossipValidator = Callable[[str, bytes], bool]
+DisconnectCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Network settings. Defaults are tuned for py-libp2p 0.8.1 as measured in DESIGN.md."""
+
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    gossip_heartbeat_s: int = 1  # library default is 120 s: meshes would never form
+    gossip_degree: int = 6
+    gossip_degree_low: int = 4
+    gossip_degree_high: int = 12
+    gossip_max_msgs_per_topic_s: float = 1000.0  # library default 10/s silently drops messages
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 5.0
+    dht_timeout_s: float = 10.0
+    max_frame: int = 16 * 1024 * 1024
+
+
+class _DisconnectNotifee(INotifee):
+    def __init__(self, callback: Callable[[str], None]) -> None:
+        self._callback = callback
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._callback(conn.muxed_conn.peer_id.to_base58())
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
+class _CallbackValidator(Validator):
+    """Adapts a pair of plain functions to the DHT's record validator interface."""
+
+    def __init__(self, validate: Callable[[str, bytes], None], select: Callable[[str, list[bytes]], int]):
+        self._validate = validate
+        self._select = select
+
+    def validate(self, key: str, value: bytes) -> None:
+        self._validate(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return self._select(key, values)
+
+
+@dataclass
+class HostStatistics:
+    gossip_published: int = 0
+    gossip_rejected: dict[str, int] = field(default_factory=dict)
+    requests_served: int = 0
+    requests_rejected: int = 0
+    evictions: int = 0
+
+
+def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
+    """Walk muxer -> secure session -> raw connection down to the trio socket."""
+    if isinstance(obj, trio.SocketStream):
+        return obj
+    if obj is None or depth > 8:
+        return None
+    for attr in ("muxed_conn", "secured_conn", "conn", "stream", "read_writer", "raw_conn"):
+        child = getattr(obj, attr, None)
+        if child is not None and child is not obj:
+            found = _find_socket_stream(child, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+class Host:
+    """What idlefleet needs from libp2p, with deadlines. Created by ``open_host``."""
+
+    def __init__(self, host: Any, pubsub: Pubsub, dht: KadDHT, config: HostConfig,
+                 nursery: trio.Nursery) -> None:
+        self._host = host
+        self._pubsub = pubsub
+        self._dht = dht
+        self._config = config
+        self._nursery = nursery
+        self._disconnect_callbacks: list[DisconnectCallback] = []
+        self.stats = HostStatistics()
+        self.peer_id: str = host.get_id().to_base58()
+        host.get_network().register_notifee(_DisconnectNotifee(self._on_disconnected))
+
+    # -- identity and addresses -------------------------------------------------------------
+    def multiaddrs(self) -> list[str]:
+        """Our listen addresses, each ending in /p2p/<peer id>."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    def connected_peers(self) -> set[str]:
+        return {pid.to_base58() for pid, conns in self._host.get_network().connections.items() if conns}
+
+    def on_disconnect(self, callback: DisconnectCallback) -> None:
+        self._disconnect_callbacks.append(callback)
+
+    def _on_disconnected(self, peer_id: str) -> None:
+        if peer_id in self.connected_peers():
+            return  # another connection to the same peer is still up
+        for cb in self._disconnect_callbacks:
+            cb(peer_id)
+
+    # -- connections -------------------------------------------------------------------------
+    async def connect(self, addr: str, *, timeout: float | None = None) -> str:
+        """Connect to a full multiaddr (with /p2p/). Returns the peer id. Raises PeerUnreachable."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as e:
+            raise PeerUnreachable(f"bad multiaddr {addr!r}: {e}") from None
+        await self._connect_info(info, timeout)
+        return info.peer_id.to_base58()
+
+    async def connect_peer(self, peer_id: str, addrs: list[str], *, timeout: float | None = None) -> None:
+        """Connect to a peer by id and plain addresses (as found in its capacity record)."""
+        try:
+            plain = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs]
+            info = PeerInfo(ID.from_base58(peer_id), plain)
+        except Exception as e:
+            raise PeerUnreachable(f"bad peer info {peer_id}: {e}") from None
+        await self._connect_info(info, timeout)
+
+    async def _connect_info(self, info: PeerInfo, timeout: float | None) -> None:
+        timeout = timeout or self._config.connect_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                await self._host.connect(info)
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"connect to {info.peer_id} took over {timeout}s") from None
+        except Exception as e:
+            raise PeerUnreachable(f"connect to {info.peer_id} failed: {e!r}") from None
+        with trio.move_on_after(timeout):
+            try:
+                await self._dht.add_peer(info.peer_id)  # a connected peer is not in the table otherwise
+            except Exception as e:
+                log.debug("DHT add_peer %s: %r", info.peer_id, e)
+
+    def evict(self, peer_id: str) -> None:
+        """Hard eviction of a dead or frozen peer: close its sockets now, drop it from DHT and pubsub.
+
+        ``host.disconnect`` hangs on a frozen peer (DESIGN.md), so we close the TCP socket under
+        the muxer; py-libp2p then tears the connection down and notifies pubsub itself.
+        """
+        self.stats.evictions += 1
+        pid = ID.from_base58(peer_id)
+        for conn in list(self._host.get_network().connections.get(pid, [])):
+            sock = _find_socket_stream(conn)
+            if sock is not None:
+                sock.socket.close()
+        try:
+            self._dht.routing_table.remove_peer(pid)
+        except Exception as e:
+            log.debug("routing table remove %s: %r", peer_id[-8:], e)
+        self._nursery.start_soon(self._disconnect_quietly, pid)
+
+    async def _disconnect_quietly(self, pid: ID) -> None:
+        with trio.move_on_after(3.0):
+            try:
+                await self._host.disconnect(pid)
+            except Exception as e:
+                log.debug("disconnect %s: %r", pid, e)
+
+    # -- streams -----------------------------------------------------------------------------
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol``: ``handler`` gets a FramedStream; the stream is closed after it returns."""
+
+        async def _handle(stream: INetStream) -> None:
+            fs = FramedStream(stream, max_frame=self._config.max_frame)
+            try:
+                await handler(fs)
+            except RemoteProtocolError as e:
+                self.stats.requests_rejected += 1
+                log.info("rejected input from %s on %s: %s", fs.peer_id[-8:], protocol, e)
+                await fs.send_error("bad_request", str(e))
+            except NetworkError as e:
+                log.debug("stream %s from %s: %s", protocol, fs.peer_id[-8:], e)
+            finally:
+                await fs.aclose()
+
+        self._host.set_stream_handler(TProtocol(protocol), _handle)
+
+    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None:
+        """Serve one-request-one-reply on ``protocol``."""
+
+        async def _serve(fs: FramedStream) -> None:
+            env = await fs.receive(timeout=self._config.request_timeout_s)
+            kind, body = await handler(fs.peer_id, env)
+            self.stats.requests_served += 1
+            await fs.send(kind, body, timeout=self._config.request_timeout_s)
+
+        self.set_stream_handler(protocol, _serve)
+
+    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> FramedStream:
+        """Open a framed stream. Raises PeerUnreachable or DeadlineExceeded."""
+        timeout = timeout or self._config.connect_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"opening {protocol} to {peer_id[-8:]} took over {timeout}s") from None
+        except Exception as e:
+            raise PeerUnreachable(f"opening {protocol} to {peer_id[-8:]} failed: {e!r}") from None
+        return FramedStream(stream, max_frame=self._config.max_frame)
+
+    async def request(self, peer_id: str, protocol: str, kind: str, body: dict[str, Any], *,
+                      timeout: float | None = None) -> Envelope:
+        """Send one request and wait for its reply, all within ``timeout``.
+
+        Raises PeerUnreachable, DeadlineExceeded, RemoteError (the peer replied ``error``),
+        RemoteProtocolError (garbage reply) or NetworkError.
+        """
+        timeout = timeout or self._config.request_timeout_s
+        deadline = trio.current_time() + timeout
+        fs = await self.open_stream(peer_id, protocol, timeout=timeout)
+        try:
+            await fs.send(kind, body, timeout=max(0.01, deadline - trio.current_time()))
+            return await fs.receive_reply(timeout=max(0.01, deadline - trio.current_time()))
+        finally:
+            await fs.aclose()
+
+    # -- gossip ------------------------------------------------------------------------------
+    async def subscribe(self, topic: str, validator: GossipValidator) -> None:
+        """Join ``topic``. Every message goes through ``validator(source_peer_id, data)`` first;
+        it must return True to accept (and forward) it. Delivery happens in the validator, so the
+        subscription queue is drained and discarded here."""
+
+        def _validate(source: ID, msg: Any) -> bool:
+            try:
+                origin = ID(msg.from_id).to_base58()
+            except Exception:
+                return False
+            return validator(origin, bytes(msg.data))
+
+        self._pubsub.set_topic_validator(topic, _validate, False)
+        sub = await self._pubsub.subscribe(topic)
+        self._nursery.start_soon(self._drain, sub)
+
+    async def _drain(self, sub: Any) -> None:
+        while True:
+            await sub.get()
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Publish to ``topic`` (our own validator sees it first, like everyone else's)."""
+        with trio.fail_after(self._config.request_timeout_s):
+            await self._pubsub.publish(topic, data)
+        self.stats.gossip_published += 1
+
+    def gossip_peers(self, topic: str) -> set[str]:
+        return {p.to_base58() for p in self._pubsub.peer_topics.get(topic, set())}
+
+    # -- DHT ---------------------------------------------------------------------------------
+    def register_dht_namespace(self, namespace: str, validate: Callable[[str, bytes], None],
+                               select: Callable[[str, list[bytes]], int]) -> None:
+        """Keys ``/<namespace>/...`` are checked by ``validate`` (raise to reject) and ``select``."""
+        self._dht.register_validator(namespace, _CallbackValidator(validate, select))
+
+    async def dht_put(self, key: str, value: bytes, *, timeout: float | None = None) -> None:
+        await self._dht_op(self._dht.put_value(key, value), timeout, f"put {key}")
+
+    async def dht_get(self, key: str, *, timeout: float | None = None) -> bytes | None:
+        value = await self._dht_op(self._dht.get_value(key), timeout, f"get {key}")
+        return None if value is None else bytes(value)
+
+    async def dht_provide(self, key: str, *, timeout: float | None = None) -> None:
+        await self._dht_op(self._dht.provide(key), timeout, f"provide {key}")
+
+    async def dht_find_providers(self, key: str, *, count: int = 20,
+                                 timeout: float | None = None) -> list[str]:
+        infos = await self._dht_op(self._dht.find_providers(key, count), timeout,
+                                   f"find_providers {key}")
+        return sorted({i.peer_id.to_base58() for i in infos})  # the library does not deduplicate
+
+    async def _dht_op(self, coro: Awaitable[Any], timeout: float | None, what: str) -> Any:
+        timeout = timeout or self._config.dht_timeout_s
+        try:
+            with trio.fail_after(timeout):
+                return await coro
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"DHT {what} took over {timeout}s") from None
+
+    def dht_routing_table_size(self) -> int:
+        return int(self._dht.get_routing_table_size())
+
+
+@asynccontextmanager
+async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
+    """Start a host listening on ``config.listen_host:config.port``; stop everything on exit.
+
+    Shutdown cancels one enclosing scope (exiting py-libp2p services one by one crashes).
+    """
+    from .identity import libp2p_key_pair
+
+    key_pair = libp2p_key_pair(key)
+    lhost = new_host(
+        key_pair=key_pair,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),  # 250 ms -> ~5 ms connects
+    )
+    router = GossipSub(
+        protocols=GOSSIP_PROTOCOLS,
+        degree=config.gossip_degree,
+        degree_low=config.gossip_degree_low,
+        degree_high=config.gossip_degree_high,
+        heartbeat_interval=config.gossip_heartbeat_s,
+        max_messages_per_topic_per_second=config.gossip_max_msgs_per_topic_s,
+    )
+    pubsub = Pubsub(lhost, router, strict_signing=True)
+    dht = KadDHT(lhost, DHTMode.SERVER, protocol_prefix=DHT_PROTOCOL_PREFIX)
+    listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")
+
+    async with trio.open_nursery() as nursery:
+
+        async def _run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            async with (
+                lhost.run([listen]),
+                background_trio_service(pubsub),
+                background_trio_service(router),
+                background_trio_service(dht),
+            ):
+                await pubsub.wait_until_ready()
+                task_status.started()
+                await trio.sleep_forever()
+
+        started = time.monotonic()
+        await nursery.start(_run)
+        log.debug("host up in %.3fs", time.monotonic() - started)
+        try:
+            yield Host(lhost, pubsub, dht, config, nursery)
+        finally:
+            nursery.cancel_scope.cancel()

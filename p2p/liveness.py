@@ -1,0 +1,112 @@
+"""Liveness: our own heartbeats and hard eviction.
+
+py-libp2p never notices a frozen peer (SIGSTOP: streams hang 40 s+, ``disconnect`` hangs), and a
+SIGKILLed peer only shows up as a closed connection. So every ``interval_s`` we send each connected
+peer a heartbeat request with a deadline; ``misses`` consecutive failures, or a disconnect that an
+immediate re-probe cannot repair, evict the peer hard and report it dead. Round-trip times are kept
+(EWMA) for route choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from protocols.errors import RemoteProtocolError
+from protocols.wire import Envelope
+
+from .errors import NetworkError
+from .host import Host
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PROTOCOL = "/idlefleet/heartbeat/1.0.0"
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    interval_s: float = 2.0
+    timeout_s: float = 2.5
+    misses: int = 3
+    rtt_alpha: float = 0.3  # EWMA weight of a new RTT sample
+
+
+class Liveness:
+    """Heartbeats every connected peer; evicts and reports the dead. Start with ``nursery.start(run)``."""
+
+    def __init__(self, host: Host, on_dead: Callable[[str, str], None],
+                 config: LivenessConfig = LivenessConfig()) -> None:
+        self._host = host
+        self._on_dead = on_dead
+        self._config = config
+        self._misses: dict[str, int] = {}
+        self._probing: set[str] = set()
+        self._evicted: dict[str, float] = {}  # peer -> monotonic time we evicted it
+        self.rtt_s: dict[str, float] = {}
+        self.dead_reported = 0
+        host.set_request_handler(HEARTBEAT_PROTOCOL, self._handle)
+        host.on_disconnect(self._disconnected)
+        self._nursery: trio.Nursery | None = None
+
+    async def _handle(self, peer_id: str, env: Envelope) -> tuple[str, dict[str, Any]]:
+        nonce = env.body.get("nonce")
+        if type(nonce) is not int:
+            raise RemoteProtocolError("heartbeat without an integer nonce")
+        return "heartbeat_ack", {"nonce": nonce}
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                for peer in sorted(self._host.connected_peers()):
+                    if peer not in self._probing:
+                        nursery.start_soon(self._probe, peer, False)
+                await trio.sleep(self._config.interval_s)
+
+    def _disconnected(self, peer_id: str) -> None:
+        # A SIGKILLed peer looks like a closed connection: re-probe at once (the dial is refused).
+        evicted = self._evicted.get(peer_id)
+        if evicted is not None and trio.current_time() - evicted < 30.0:
+            return  # our own eviction closed it; already reported
+        if self._nursery is not None and peer_id not in self._probing:
+            self._nursery.start_soon(self._probe, peer_id, True)
+
+    async def _probe(self, peer_id: str, after_disconnect: bool) -> None:
+        self._probing.add(peer_id)
+        try:
+            started = trio.current_time()
+            nonce = secrets.randbits(63)
+            try:
+                reply = await self._host.request(peer_id, HEARTBEAT_PROTOCOL, "heartbeat",
+                                                 {"nonce": nonce}, timeout=self._config.timeout_s)
+                if reply.kind != "heartbeat_ack" or reply.body.get("nonce") != nonce:
+                    raise RemoteProtocolError(f"bad heartbeat reply {reply.kind}")
+            except (NetworkError, RemoteProtocolError) as e:
+                misses = self._misses.get(peer_id, 0) + 1
+                self._misses[peer_id] = misses
+                if after_disconnect or misses >= self._config.misses:
+                    self._declare_dead(peer_id, f"{'disconnected, ' if after_disconnect else ''}"
+                                                f"{misses} missed heartbeat(s): {e}")
+                return
+            rtt = trio.current_time() - started
+            old = self.rtt_s.get(peer_id)
+            a = self._config.rtt_alpha
+            self.rtt_s[peer_id] = rtt if old is None else (1 - a) * old + a * rtt
+            self._misses.pop(peer_id, None)
+        finally:
+            self._probing.discard(peer_id)
+
+    def _declare_dead(self, peer_id: str, reason: str) -> None:
+        log.info("peer %s is dead: %s", peer_id[-8:], reason)
+        self._misses.pop(peer_id, None)
+        self.rtt_s.pop(peer_id, None)
+        self.dead_reported += 1
+        self._evicted[peer_id] = trio.current_time()
+        self._host.evict(peer_id)
+        self._on_dead(peer_id, reason)

@@ -1,0 +1,80 @@
+"""The fleet view: which peers are alive and their latest valid record. Pure state, fed events.
+
+Inputs are already-validated records and peer-down notices plus ``now``; the view decides what is
+alive. A peer is alive while its latest record is unexpired, its state is not ``offline`` and no
+peer-down notice covers that record. Sequence floors outlive removal (until the record that set them
+would have expired anyway), so an old record replayed after a peer left cannot resurrect it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocols.records import CapacityRecord
+
+
+@dataclass(frozen=True)
+class FleetEntry:
+    record: CapacityRecord
+    raw: bytes  # the signed bytes, so we can forward them for others to verify
+    received_at: float
+
+
+class FleetView:
+    """Latest record per peer, with liveness. Not thread-safe; owned by one node task."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, FleetEntry] = {}
+        self._down: dict[str, tuple[int, float]] = {}  # peer -> (covered seq, until)
+        self._floor: dict[str, tuple[int, float]] = {}  # peer -> (highest seq seen, expires_at)
+        self.changes = 0
+
+    def last_seq(self, peer_id: str) -> int | None:
+        """Highest sequence number seen from ``peer_id`` (for replay rejection), or None."""
+        floor = self._floor.get(peer_id)
+        return None if floor is None else floor[0]
+
+    def accept(self, record: CapacityRecord, raw: bytes, now: float) -> bool:
+        """Take a validated record (the caller checked seq > last_seq). Returns True if it changed
+        what is alive (new peer, new state or newer record of a live peer)."""
+        self._floor[record.peer_id] = (record.seq, record.expires_at)
+        down = self._down.get(record.peer_id)
+        if down is not None and record.seq > down[0]:
+            del self._down[record.peer_id]  # a fresh record refutes the notice
+        self._entries[record.peer_id] = FleetEntry(record, raw, now)
+        self.changes += 1
+        return True
+
+    def mark_down(self, peer_id: str, seq: int, now: float, hold_s: float = 600.0) -> bool:
+        """Apply a peer-down notice covering records up to ``seq``. Returns True if a live peer left."""
+        was_alive = self.is_alive(peer_id, now)
+        prev = self._down.get(peer_id)
+        self._down[peer_id] = (max(seq, prev[0] if prev else -1), now + hold_s)
+        if was_alive and not self.is_alive(peer_id, now):
+            self.changes += 1
+            return True
+        return False
+
+    def is_alive(self, peer_id: str, now: float) -> bool:
+        entry = self._entries.get(peer_id)
+        if entry is None or entry.record.expires_at <= now or entry.record.state == "offline":
+            return False
+        down = self._down.get(peer_id)
+        return down is None or entry.record.seq > down[0]
+
+    def get(self, peer_id: str) -> FleetEntry | None:
+        return self._entries.get(peer_id)
+
+    def alive(self, now: float) -> list[FleetEntry]:
+        """Entries of live peers, sorted by peer id."""
+        return [self._entries[p] for p in sorted(self._entries) if self.is_alive(p, now)]
+
+    def prune(self, now: float) -> None:
+        """Forget what can no longer matter: expired entries, notices and floors."""
+        for p in [p for p, e in self._entries.items() if e.record.expires_at <= now]:
+            del self._entries[p]
+        for p in [p for p, (_, until) in self._down.items() if until <= now]:
+            del self._down[p]
+        # An expired record is rejected by validation anyway, so its floor is no longer needed.
+        for p in [p for p, (_, exp) in self._floor.items() if exp <= now and p not in self._entries]:
+            del self._floor[p]
