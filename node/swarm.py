@@ -39,12 +39,17 @@ class SwarmNode:
             return None
 
 
-def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequence[str]) -> list[str]:
-    profile = PROFILES[index % len(PROFILES)]
+def default_vehicle(index: int) -> str:
+    """Varied simulated vehicles: a parked car, a commuter, a taxi, a laptop, a phone, ..."""
+    return f"sim:{PROFILES[index % len(PROFILES)]}:seed={index}:scale=60"
+
+
+def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequence[str],
+                 vehicle: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "node.cli", "node",
            "--key-file", str(workdir / f"node{index}.key"),
            "--listen-host", "127.0.0.1", "--port", "0",
-           "--vehicle", f"sim:{profile}:seed={index}:scale=60",
+           "--vehicle", vehicle or default_vehicle(index),
            "--consent",
            "--status-file", str(workdir / f"node{index}.status.json"),
            "--event-log", str(workdir / f"node{index}.events.jsonl")]
@@ -57,9 +62,12 @@ class Swarm:
     """Starts, watches and stops the node processes. Use as a context manager."""
 
     def __init__(self, n: int, workdir: Path, extra_args: Sequence[str] = (), *,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, vehicles: Sequence[str] | None = None) -> None:
         if n < 1:
             raise ValueError("a swarm needs at least one node")
+        if vehicles is not None and len(vehicles) != n:
+            raise ValueError("give one vehicle spec per node")
+        self.vehicles = list(vehicles) if vehicles is not None else [default_vehicle(i) for i in range(n)]
         self.n = n
         self.workdir = workdir
         self.extra_args = list(extra_args)
@@ -74,7 +82,8 @@ class Swarm:
         status_file = self.workdir / f"node{index}.status.json"
         status_file.unlink(missing_ok=True)
         with open(log_file, "ab") as logf:
-            proc = subprocess.Popen(node_command(index, self.workdir, bootstrap, self.extra_args),
+            cmd = node_command(index, self.workdir, bootstrap, self.extra_args, self.vehicles[index])
+            proc = subprocess.Popen(cmd,
                                     stdout=logf, stderr=subprocess.STDOUT, env=self.env,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         node = SwarmNode(index, proc, status_file, log_file)
