@@ -235,6 +235,9 @@ class Node:
                 if not isinstance(raw, bytes):
                     raise RecordRejected("malformed", "capacity message without record bytes")
                 pid = _claimed_peer(raw)
+                known = self.view.get(pid) if pid else None
+                if known is not None and known.raw == raw:
+                    return False  # a duplicate (gossip replays its cache to new peers): not an attack
                 record = validate_record(raw, now, last_seq=self.view.last_seq(pid) if pid else None)
                 if record.peer_id != origin:
                     raise RecordRejected("source_mismatch",
@@ -449,7 +452,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         node = Node(config, key, host, vehicle, nursery)
         try:
             host.register_dht_namespace("idlefleet", _dht_validate, _dht_select)
-            host.set_request_handler(STATUS_PROTOCOL, node._handle_status)
+            host.set_request_handler(STATUS_PROTOCOL, "status_request", node._handle_status)
             await host.subscribe(node._topic, node._validate_gossip)
             await node._bootstrap()
             await nursery.start(node.liveness.run)

@@ -241,14 +241,16 @@ class Host:
 
         self._host.set_stream_handler(TProtocol(protocol), _handle)
 
-    def set_request_handler(self, protocol: str, handler: RequestHandler) -> None:
-        """Serve one-request-one-reply on ``protocol``."""
+    def set_request_handler(self, protocol: str, kind: str, handler: RequestHandler) -> None:
+        """Serve one-request-one-reply on ``protocol``; requests of any other kind get an error."""
 
         async def _serve(fs: FramedStream) -> None:
             env = await fs.receive(timeout=self._config.request_timeout_s)
-            kind, body = await handler(fs.peer_id, env)
+            if env.kind != kind:
+                raise RemoteProtocolError(f"{protocol} expects {kind!r}, got {env.kind!r}")
+            reply_kind, body = await handler(fs.peer_id, env)
             self.stats.requests_served += 1
-            await fs.send(kind, body, timeout=self._config.request_timeout_s)
+            await fs.send(reply_kind, body, timeout=self._config.request_timeout_s)
 
         self.set_stream_handler(protocol, _serve)
 

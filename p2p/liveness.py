@@ -49,7 +49,7 @@ class Liveness:
         self._evicted: dict[str, float] = {}  # peer -> monotonic time we evicted it
         self.rtt_s: dict[str, float] = {}
         self.dead_reported = 0
-        host.set_request_handler(HEARTBEAT_PROTOCOL, self._handle)
+        host.set_request_handler(HEARTBEAT_PROTOCOL, "heartbeat", self._handle)
         host.on_disconnect(self._disconnected)
         self._nursery: trio.Nursery | None = None
 

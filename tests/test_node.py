@@ -1,0 +1,234 @@
+"""In-process fleets of real libp2p nodes on 127.0.0.1: convergence, status, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.config import NodeConfig
+from node.node import STATUS_PROTOCOL, Node, capacity_topic, fetch_status, open_node
+from p2p.errors import RemoteError
+from p2p.host import Host, HostConfig, open_host
+from p2p.identity import peer_id_of, raw_public_key
+from protocols import wire
+from protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed
+
+PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
+
+
+def node_config(tmp_path: Path, i: int, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
+    return NodeConfig(
+        key_file=tmp_path / f"node{i}.key",
+        vehicle=f"sim:{PROFILES[i % 5]}:seed={i}",
+        bootstrap=bootstrap,
+        consent=True,
+        event_log=tmp_path / f"node{i}.events.jsonl",
+        heartbeat_s=1.0,
+        heartbeat_timeout_s=1.0,
+    )
+
+
+@asynccontextmanager
+async def fleet(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(open_node(node_config(tmp_path, 0)))
+        nodes = [first]
+        for i in range(1, n):
+            nodes.append(
+                await stack.enter_async_context(open_node(node_config(tmp_path, i, (first.multiaddrs[0],))))
+            )
+        yield nodes
+
+
+async def wait_converged(nodes: list[Node], timeout: float = 20.0) -> None:
+    want = {n.peer_id for n in nodes}
+    for n in nodes:
+        await n.wait_for(lambda f: {r.peer_id for r in f} == want, timeout=timeout)
+
+
+async def test_five_nodes_converge_and_report_status(tmp_path: Path) -> None:
+    async with fleet(tmp_path, 5) as nodes:
+        await wait_converged(nodes)
+        others = await nodes[2].wait_for_peers(4, timeout=5)
+        assert {r.peer_id for r in others} == {n.peer_id for n in nodes} - {nodes[2].peer_id}
+        for r in nodes[2].fleet():
+            assert r.region == "u33d" and r.consent is True and 0.0 <= r.battery_soc <= 1.0
+            assert r.state in ("joining", "online")
+        peers = await fetch_status(nodes[4].multiaddrs[0], timeout=10)
+        assert sorted(p["peer_id"] for p in peers) == sorted(n.peer_id for n in nodes)
+        assert all(n.rejected.total() == 0 for n in nodes)
+
+        # A node leaving cleanly publishes "offline": the rest drop it at once, not at expiry.
+        leaving = nodes[3]
+        await leaving._goodbye()
+        for n in (nodes[0], nodes[1], nodes[4]):
+            await n.wait_for(lambda f: leaving.peer_id not in {r.peer_id for r in f}, timeout=5)
+
+
+async def test_key_file_is_the_identity(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path, 0)
+    async with open_node(cfg) as node:
+        first_id = node.peer_id
+        assert node.multiaddrs[0].endswith(f"/p2p/{first_id}")
+    assert (tmp_path / "node0.key").stat().st_mode & 0o777 == 0o600
+    async with open_node(cfg) as node:
+        assert node.peer_id == first_id
+
+
+def forged_record(victim: CapacityRecord, key: Ed25519PrivateKey, *, resign: bool) -> bytes:
+    """A record claiming the victim's peer id with our public key: tampered after signing
+    (``resign=False``) or validly signed by our key (``resign=True``)."""
+    rec = dataclasses.replace(victim, public_key=raw_public_key(key), peer_id=peer_id_of(key))
+    body = encode_body(rec).replace(peer_id_of(key).encode(), victim.peer_id.encode())
+    sig = key.sign(DOMAIN + (body if resign else encode_body(rec)))
+    return wire.pack({"body": body, "sig": sig})
+
+
+def own_record(key: Ed25519PrivateKey, template: CapacityRecord, **changes: object) -> CapacityRecord:
+    fields = {"public_key": raw_public_key(key), "peer_id": peer_id_of(key), **changes}
+    return dataclasses.replace(template, **fields)  # type: ignore[arg-type]
+
+
+async def test_bad_gossip_is_rejected_counted_and_never_enters_the_view(tmp_path: Path) -> None:
+    async with fleet(tmp_path, 2) as (node, other):
+        await wait_converged([node, other])
+        rogue_key = Ed25519PrivateKey.generate()
+        async with open_host(rogue_key, HostConfig()) as rogue:
+            await rogue.connect(node.multiaddrs[0])
+            rogue_id = rogue.peer_id
+            topic = capacity_topic("u33d")
+            await rogue.subscribe(topic, lambda origin, data: True)
+            with trio.fail_after(10):
+                while node.peer_id not in rogue.gossip_peers(topic):
+                    await trio.sleep(0.05)
+            victim = node.view.get(other.peer_id)
+            assert victim is not None
+            other.request_publish()  # so that ``victim.raw`` becomes an old record
+            await node.wait_for(lambda f: any(r.seq > victim.record.seq for r in f
+                                              if r.peer_id == other.peer_id), timeout=10)
+            now = time.time()
+            fresh = {"issued_at": now, "expires_at": now + 60, "seq": int(now * 1000)}
+            bad: list[tuple[str, bytes]] = [
+                ("malformed", b"\x00garbage\xff" * 10),
+                ("malformed", wire.encode_envelope("capacity", {"record": b"\x93not a record"})),
+                ("bad_signature", wire.encode_envelope("capacity", {
+                    "record": forged_record(victim.record, rogue_key, resign=False)})),
+                ("signer_mismatch", wire.encode_envelope("capacity", {
+                    "record": forged_record(victim.record, rogue_key, resign=True)})),
+                (
+                    "expired",
+                    wire.encode_envelope(
+                        "capacity",
+                        {
+                            "record": encode_signed(
+                                own_record(
+                                    rogue_key, victim.record, issued_at=now - 120, expires_at=now - 60
+                                ),
+                                rogue_key,
+                            )
+                        },
+                    ),
+                ),
+                (
+                    "not_yet_valid",
+                    wire.encode_envelope(
+                        "capacity",
+                        {
+                            "record": encode_signed(
+                                own_record(
+                                    rogue_key, victim.record, issued_at=now + 300, expires_at=now + 400
+                                ),
+                                rogue_key,
+                            )
+                        },
+                    ),
+                ),
+                # Replaying another peer's genuine but superseded record.
+                ("stale_sequence", wire.encode_envelope("capacity", {"record": victim.raw})),
+                ("oversized", wire.encode_envelope("capacity", {"record": b"\x00" * 5000})),
+            ]
+            for _reason, data in bad:
+                await rogue.publish(topic, data)
+            # One valid record of the rogue's own: accepted, proving the channel works.
+            await rogue.publish(
+                topic,
+                wire.encode_envelope(
+                    "capacity",
+                    {"record": encode_signed(own_record(rogue_key, victim.record, **fresh), rogue_key)},
+                ),
+            )
+            await node.wait_for(lambda f: rogue_id in {r.peer_id for r in f}, timeout=10)
+            expected: dict[str, int] = {}
+            for reason, _ in bad:
+                expected[reason] = expected.get(reason, 0) + 1
+            with trio.move_on_after(10):
+                while any(node.rejected[r] < c for r, c in expected.items()):
+                    await trio.sleep(0.05)
+            assert dict(node.rejected) == expected, dict(node.rejected)
+            assert {r.peer_id for r in node.fleet()} == {node.peer_id, other.peer_id, rogue_id}
+            current = node.view.get(other.peer_id)
+            assert current is not None and current.record.seq > victim.record.seq  # replay ignored
+        # The node still serves everyone else.
+        peers = await fetch_status(node.multiaddrs[0])
+        assert other.peer_id in {p["peer_id"] for p in peers}
+
+
+async def raw_stream_exchange(host: Host, peer: str, payload: bytes, *, close: bool) -> bytes:
+    fs = await host.open_stream(peer, STATUS_PROTOCOL)
+    stream = fs._stream
+    await stream.write(payload)
+    if close:
+        await stream.close()
+    out = b""
+    with trio.move_on_after(5):
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except Exception:
+                break
+            if not chunk:
+                break
+            out += chunk
+    await fs.reset()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("payload", "close", "expect_error"),
+    [
+        (b"\xff" * 64, False, True),  # garbage length prefix (> max frame)
+        (struct.pack(">I", 100) + b"x" * 10, True, False),  # truncated frame, then EOF
+        (wire.frame(b"\xc1\xc1\xc1"), False, True),  # a frame that is not msgpack
+        (wire.frame(wire.pack({"v": 99, "k": "status_request", "b": {}})), False, True),  # bad version
+    ],
+)
+async def test_garbage_on_streams_gets_an_error_and_the_node_keeps_serving(
+    tmp_path: Path, payload: bytes, close: bool, expect_error: bool
+) -> None:
+    async with open_node(node_config(tmp_path, 0)) as node:
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as client:
+            peer = await client.connect(node.multiaddrs[0])
+            reply = await raw_stream_exchange(client, peer, payload, close=close)
+            if expect_error:
+                env = wire.decode_envelope(reply[4:])
+                assert env.kind == "error" and env.body["code"] == "bad_request"
+            # The node is fine: a proper request still works on the same connection.
+            env = await client.request(peer, STATUS_PROTOCOL, "status_request", {})
+            assert env.kind == "status_response"
+            assert node.host.stats.requests_rejected == 1
+
+
+async def test_request_of_the_wrong_kind_gets_a_clear_error(tmp_path: Path) -> None:
+    async with open_node(node_config(tmp_path, 0)) as node:
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as client:
+            peer = await client.connect(node.multiaddrs[0])
+            with pytest.raises(RemoteError, match="bad_request"):
+                await client.request(peer, STATUS_PROTOCOL, "heartbeat", {"nonce": 1})
