@@ -93,20 +93,20 @@ def load_config(path: Path | None = None, **overrides: Any) -> NodeConfig:
             values = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(NodeConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-    for name in ("key_file", "event_log"):
-        if values.get(name) is not None:
-            values[name] = Path(values[name])
-    if "bootstrap" in values:
-        b = values["bootstrap"]
-        values["bootstrap"] = tuple([b] if isinstance(b, str) else b)
-    try:
+    try:  # a wrong type anywhere (Path(5), tuple(5), 5 <= "x") is the user's error, not a crash
+        for name in ("key_file", "event_log"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
+        if "bootstrap" in values:
+            b = values["bootstrap"]
+            values["bootstrap"] = tuple([b] if isinstance(b, str) else b)
         return NodeConfig(**values)
     except TypeError as e:
         raise ConfigError(f"bad config: {e}") from None

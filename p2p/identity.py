@@ -10,6 +10,7 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import InternalError, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
@@ -51,7 +52,7 @@ def load_key_file(path: Path) -> Ed25519PrivateKey:
     data = path.read_bytes()
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:  # a damaged file raises any
         raise ConfigError(f"key file {path} is corrupt or not a PEM private key: {e}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"key file {path} holds a {type(key).__name__}; idlefleet needs Ed25519")

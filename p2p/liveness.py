@@ -46,6 +46,7 @@ class Liveness:
         self._config = config
         self._misses: dict[str, int] = {}
         self._probing: set[str] = set()
+        self._reprobe: set[str] = set()  # disconnected while a probe was in flight: probe again after it
         self._evicted: dict[str, float] = {}  # peer -> monotonic time we evicted it
         self.rtt_s: dict[str, float] = {}
         self.dead_reported = 0
@@ -76,6 +77,10 @@ class Liveness:
             return  # our own eviction closed it; already reported
         if self._nursery is not None and peer_id not in self._probing:
             self._nursery.start_soon(self._probe, peer_id, True)
+        elif peer_id in self._probing:
+            # The probe in flight may fail as one ordinary miss, and a disconnected peer gets no
+            # periodic heartbeats: without a re-probe it would never be declared dead.
+            self._reprobe.add(peer_id)
 
     async def _probe(self, peer_id: str, after_disconnect: bool) -> None:
         self._probing.add(peer_id)
@@ -101,6 +106,9 @@ class Liveness:
             self._misses.pop(peer_id, None)
         finally:
             self._probing.discard(peer_id)
+            if peer_id in self._reprobe:
+                self._reprobe.discard(peer_id)
+                self._disconnected(peer_id)
 
     def _declare_dead(self, peer_id: str, reason: str) -> None:
         log.info("peer %s is dead: %s", peer_id[-8:], reason)

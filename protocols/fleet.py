@@ -37,7 +37,10 @@ class FleetView:
     def accept(self, record: CapacityRecord, raw: bytes, now: float) -> bool:
         """Take a validated record (the caller checked seq > last_seq). Returns True if it changed
         what is alive (new peer, new state or newer record of a live peer)."""
-        self._floor[record.peer_id] = (record.seq, record.expires_at)
+        # Keep the floor until every record it stops has expired: a newer record may expire sooner.
+        prev_floor = self._floor.get(record.peer_id)
+        until = max(record.expires_at, prev_floor[1]) if prev_floor else record.expires_at
+        self._floor[record.peer_id] = (record.seq, until)
         down = self._down.get(record.peer_id)
         if down is not None and record.seq > down[0]:
             del self._down[record.peer_id]  # a fresh record refutes the notice

@@ -1,0 +1,276 @@
+"""FleetView: accepting records, peer-down notices and their refutation, expiry, pruning, replay floors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocols.errors import RecordRejected
+from protocols.fleet import FleetView
+from protocols.peerid import peer_id_from_public_key
+from protocols.records import CapacityRecord, encode_signed, validate_record
+
+KEY_A = Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)
+KEY_B = Ed25519PrivateKey.from_private_bytes(b"\x22" * 32)
+T0 = 1_700_000_000.0
+TTL = 60.0
+
+
+def peer_of(key: Ed25519PrivateKey) -> str:
+    return peer_id_from_public_key(key.public_key().public_bytes_raw())
+
+
+A = peer_of(KEY_A)
+B = peer_of(KEY_B)
+
+
+def make_record(key: Ed25519PrivateKey = KEY_A, **overrides: Any) -> CapacityRecord:
+    """A valid record of ``key``'s peer issued at ``T0`` (or ``issued_at``), with ``overrides``."""
+    pub = key.public_key().public_bytes_raw()
+    issued = overrides.get("issued_at", T0)
+    fields: dict[str, Any] = {
+        "peer_id": peer_id_from_public_key(pub), "public_key": pub,
+        "addrs": ("/ip4/127.0.0.1/tcp/4001",), "region": "u33d", "state": "online",
+        "battery_soc": 0.8, "plugged_in": False, "charging_kw": 0.0, "thermal_headroom_c": 25.0,
+        "parked_since": T0 - 3600, "expected_departure": None, "consent": True,
+        "consent_expires": None, "link_kind": "wifi", "link_metered": False,
+        "compute_gflops": 1000.0, "free_memory_mb": 8192, "load": 0.1, "model_id": "",
+        "blocks": None, "seq": 1, "issued_at": issued, "expires_at": issued + TTL,
+    }
+    fields.update(overrides)
+    return CapacityRecord(**fields)
+
+
+def accept(view: FleetView, now: float, key: Ed25519PrivateKey = KEY_A, **overrides: Any) -> CapacityRecord:
+    """Feed ``view`` a record the way a node does: validate against the view's floor, then accept."""
+    raw = encode_signed(make_record(key, **overrides), key)
+    record = validate_record(raw, now, last_seq=view.last_seq(peer_of(key)))
+    view.accept(record, raw, now)
+    return record
+
+
+# --- accept / is_alive -----------------------------------------------------------------------
+
+
+def test_accept_new_peer_makes_it_alive_and_keeps_the_signed_bytes() -> None:
+    view = FleetView()
+    record = make_record(seq=7)
+    raw = encode_signed(record, KEY_A)
+
+    assert view.accept(record, raw, T0 + 1) is True
+
+    assert view.is_alive(A, T0 + 1)
+    entry = view.get(A)
+    assert entry is not None
+    assert entry.record == record
+    assert entry.raw == raw
+    assert entry.received_at == T0 + 1
+    assert validate_record(entry.raw, T0 + 2) == record  # forwardable as is
+    assert view.last_seq(A) == 7
+    assert view.changes == 1
+
+
+def test_unknown_peer_is_not_alive() -> None:
+    view = FleetView()
+    assert not view.is_alive(A, T0)
+    assert view.get(A) is None
+    assert view.last_seq(A) is None
+    assert view.alive(T0) == []
+
+
+def test_newer_record_replaces_older() -> None:
+    view = FleetView()
+    accept(view, T0, seq=1, battery_soc=0.5)
+    accept(view, T0 + 5, seq=2, battery_soc=0.4, issued_at=T0 + 5)
+
+    entry = view.get(A)
+    assert entry is not None
+    assert entry.record.seq == 2
+    assert entry.record.battery_soc == 0.4
+    assert view.last_seq(A) == 2
+    assert view.changes == 2
+
+
+def test_alive_lists_live_peers_sorted_by_peer_id() -> None:
+    view = FleetView()
+    accept(view, T0, KEY_A)
+    accept(view, T0, KEY_B)
+    assert [e.record.peer_id for e in view.alive(T0 + 1)] == sorted([A, B])
+
+
+def test_record_is_alive_until_exactly_its_expiry() -> None:
+    view = FleetView()
+    accept(view, T0, seq=1)
+    assert view.is_alive(A, T0 + TTL - 0.001)
+    assert not view.is_alive(A, T0 + TTL)  # expires_at <= now: dead, like validate_record's "expired"
+    assert not view.is_alive(A, T0 + TTL + 1)
+    assert view.alive(T0 + TTL) == []
+
+
+def test_offline_record_is_not_alive_but_is_kept_with_its_floor() -> None:
+    view = FleetView()
+    accept(view, T0, seq=1)
+    accept(view, T0 + 1, seq=2, state="offline", issued_at=T0 + 1)
+
+    assert not view.is_alive(A, T0 + 2)
+    assert view.alive(T0 + 2) == []
+    assert view.last_seq(A) == 2
+    # The earlier "online" record, replayed, is refused by the floor.
+    old = encode_signed(make_record(seq=1), KEY_A)
+    with pytest.raises(RecordRejected) as exc:
+        validate_record(old, T0 + 3, last_seq=view.last_seq(A))
+    assert exc.value.reason == "stale_sequence"
+
+
+@pytest.mark.parametrize("state", ["joining", "online", "draining"])
+def test_every_state_but_offline_is_alive(state: str) -> None:
+    view = FleetView()
+    accept(view, T0, state=state)
+    assert view.is_alive(A, T0 + 1)
+
+
+# --- peer-down notices ------------------------------------------------------------------------
+
+
+def test_mark_down_covering_the_latest_record_kills_the_peer_once() -> None:
+    view = FleetView()
+    accept(view, T0, seq=5)
+    changes = view.changes
+
+    assert view.mark_down(A, 5, T0 + 1) is True
+    assert not view.is_alive(A, T0 + 1)
+    assert view.alive(T0 + 1) == []
+    assert view.changes == changes + 1
+    # A second notice about an already-dead peer changes nothing.
+    assert view.mark_down(A, 5, T0 + 2) is False
+    assert view.changes == changes + 1
+    # The record itself and its floor are still there (the notice hides it, it does not delete it).
+    assert view.get(A) is not None
+    assert view.last_seq(A) == 5
+
+
+def test_mark_down_covering_a_higher_seq_also_kills() -> None:
+    view = FleetView()
+    accept(view, T0, seq=5)
+    assert view.mark_down(A, 9, T0 + 1) is True
+    assert not view.is_alive(A, T0 + 1)
+
+
+def test_stale_notice_for_an_older_record_does_not_kill() -> None:
+    view = FleetView()
+    accept(view, T0, seq=5)
+    assert view.mark_down(A, 4, T0 + 1) is False
+    assert view.is_alive(A, T0 + 1)
+    assert view.changes == 1
+
+
+def test_higher_seq_record_refutes_a_notice() -> None:
+    view = FleetView()
+    accept(view, T0, seq=5)
+    view.mark_down(A, 5, T0 + 1)
+
+    accept(view, T0 + 2, seq=6, issued_at=T0 + 2)
+
+    assert view.is_alive(A, T0 + 2)
+    # The refuted notice is gone: it cannot apply again, even to a record it once covered.
+    assert view.mark_down(A, 5, T0 + 3) is False
+    assert view.is_alive(A, T0 + 3)
+
+
+def test_record_with_the_covered_seq_does_not_refute() -> None:
+    # A notice seen before the record it covers (gossip reordering): the record stays dead.
+    view = FleetView()
+    assert view.mark_down(A, 5, T0) is False  # unknown peer: nothing alive left
+    accept(view, T0 + 1, seq=5)
+    assert not view.is_alive(A, T0 + 1)
+    accept(view, T0 + 2, seq=6, issued_at=T0 + 2)
+    assert view.is_alive(A, T0 + 2)
+
+
+def test_notices_keep_the_highest_covered_seq() -> None:
+    view = FleetView()
+    view.mark_down(A, 8, T0)
+    view.mark_down(A, 3, T0 + 1)  # an older notice arriving late must not lower the cover
+    accept(view, T0 + 2, seq=7)
+    assert not view.is_alive(A, T0 + 2)
+    accept(view, T0 + 3, seq=9, issued_at=T0 + 3)
+    assert view.is_alive(A, T0 + 3)
+
+
+def test_mark_down_only_affects_its_subject() -> None:
+    view = FleetView()
+    accept(view, T0, KEY_A, seq=1)
+    accept(view, T0, KEY_B, seq=1)
+    view.mark_down(A, 1, T0 + 1)
+    assert [e.record.peer_id for e in view.alive(T0 + 1)] == [B]
+
+
+# --- prune and replay floors ------------------------------------------------------------------
+
+
+def test_prune_drops_expired_entries_and_their_floors() -> None:
+    view = FleetView()
+    accept(view, T0, KEY_A, seq=3)
+    accept(view, T0 + 30, KEY_B, seq=4, issued_at=T0 + 30)
+
+    view.prune(T0 + TTL - 1)
+    assert view.get(A) is not None
+    assert view.last_seq(A) == 3
+
+    view.prune(T0 + TTL)
+    assert view.get(A) is None
+    assert view.last_seq(A) is None  # any record it could stop is expired, so rejected anyway
+    assert view.get(B) is not None  # not yet expired
+    assert view.last_seq(B) == 4
+
+
+def test_prune_keeps_notices_until_their_hold_ends() -> None:
+    view = FleetView()
+    view.mark_down(A, 5, T0, hold_s=100.0)
+
+    view.prune(T0 + 99)
+    accept(view, T0 + 99, seq=5, issued_at=T0 + 90)
+    assert not view.is_alive(A, T0 + 99)
+
+    view.prune(T0 + 100)  # notice forgotten: the same record is no longer covered
+    assert view.is_alive(A, T0 + 100)
+
+
+def test_floor_survives_a_peer_going_down_until_its_record_expires() -> None:
+    view = FleetView()
+    accept(view, T0, seq=10)
+    view.mark_down(A, 10, T0 + 1)
+    view.prune(T0 + 30)
+
+    assert view.last_seq(A) == 10
+    replay = encode_signed(make_record(seq=9, issued_at=T0 - 10), KEY_A)
+    with pytest.raises(RecordRejected) as exc:
+        validate_record(replay, T0 + 30, last_seq=view.last_seq(A))
+    assert exc.value.reason == "stale_sequence"
+    assert not view.is_alive(A, T0 + 30)
+
+
+def test_floor_outlives_an_earlier_expiring_newer_record() -> None:
+    # seq 5 lives 600 s; seq 6 (say after a restart with a shorter TTL) only 30 s. Once seq 6 has
+    # expired and been pruned, a replay of seq 5 (still unexpired) must not resurrect the peer.
+    view = FleetView()
+    old_raw = encode_signed(make_record(seq=5, expires_at=T0 + 600), KEY_A)
+    view.accept(validate_record(old_raw, T0), old_raw, T0)
+    accept(view, T0 + 1, seq=6, issued_at=T0 + 1, expires_at=T0 + 31)
+
+    view.prune(T0 + 40)
+
+    assert view.last_seq(A) == 6
+    with pytest.raises(RecordRejected) as exc:
+        validate_record(old_raw, T0 + 40, last_seq=view.last_seq(A))
+    assert exc.value.reason == "stale_sequence"
+    view.prune(T0 + 600)  # now every record up to seq 6 has expired: the floor can go
+    assert view.last_seq(A) is None
+
+
+def test_prune_on_an_empty_view_is_harmless() -> None:
+    view = FleetView()
+    view.prune(T0)
+    assert view.alive(T0) == []

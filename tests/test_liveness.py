@@ -1,0 +1,375 @@
+"""Liveness on trio's virtual clock, against a fake host: heartbeats, RTT, misses, eviction, re-probes."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from p2p.errors import DeadlineExceeded, PeerUnreachable
+from p2p.liveness import HEARTBEAT_PROTOCOL, Liveness, LivenessConfig
+from protocols.errors import RemoteProtocolError
+from protocols.wire import PROTOCOL_VERSION, Envelope
+
+ME = "12D3KooWMe"
+PEER = "12D3KooWPeer"
+OTHER = "12D3KooWOther"
+CONFIG = LivenessConfig()  # interval 2 s, timeout 2.5 s, 3 misses
+
+Behaviour = Callable[[dict[str, Any]], Awaitable[Envelope]]
+RequestHandler = Callable[[str, Envelope], Awaitable[tuple[str, dict[str, Any]]]]
+
+
+class FakeHost:
+    """Just what Liveness uses of ``p2p.host.Host``. Each peer's answer is a swappable behaviour."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, tuple[str, RequestHandler]] = {}  # protocol -> (request kind, handler)
+        self.disconnect_callbacks: list[Callable[[str], None]] = []
+        self.connected: set[str] = set()
+        self.behaviour: dict[str, Behaviour] = {}
+        self.requests: list[tuple[float, str]] = []
+        self.evicted: list[tuple[float, str]] = []
+
+    # -- the Host surface ------------------------------------------------------------------
+    def set_request_handler(self, protocol: str, kind: str, handler: RequestHandler) -> None:
+        self.handlers[protocol] = (kind, handler)
+
+    def handler(self, protocol: str = HEARTBEAT_PROTOCOL) -> RequestHandler:
+        return self.handlers[protocol][1]
+
+    def on_disconnect(self, callback: Callable[[str], None]) -> None:
+        self.disconnect_callbacks.append(callback)
+
+    def connected_peers(self) -> set[str]:
+        return set(self.connected)
+
+    async def request(self, peer_id: str, protocol: str, kind: str, body: dict[str, Any], *,
+                      timeout: float) -> Envelope:
+        assert protocol == HEARTBEAT_PROTOCOL
+        assert kind == "heartbeat"
+        self.requests.append((trio.current_time(), peer_id))
+        try:
+            with trio.fail_after(timeout):
+                reply = await self.behaviour[peer_id](body)
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"heartbeat to {peer_id} took over {timeout}s") from None
+        self.connected.add(peer_id)  # like the real host, a request (re)connects
+        return reply
+
+    def evict(self, peer_id: str) -> None:
+        self.evicted.append((trio.current_time(), peer_id))
+        self.disconnect(peer_id)  # the real host closes the socket; libp2p then reports it
+
+    # -- test controls ---------------------------------------------------------------------
+    def disconnect(self, peer_id: str) -> None:
+        if peer_id in self.connected:
+            self.connected.discard(peer_id)
+            for callback in self.disconnect_callbacks:
+                callback(peer_id)
+
+
+# --- peer behaviours ----------------------------------------------------------------------------
+
+
+def answering(delay: float = 0.05) -> Behaviour:
+    """A healthy peer running our own heartbeat handler, ``delay`` seconds away."""
+    peer_host = FakeHost()
+    Liveness(peer_host, lambda peer, reason: None)  # type: ignore[arg-type]
+    handler = peer_host.handler()
+
+    async def behave(body: dict[str, Any]) -> Envelope:
+        await trio.sleep(delay)
+        kind, reply = await handler(ME, Envelope(PROTOCOL_VERSION, "heartbeat", body))
+        return Envelope(PROTOCOL_VERSION, kind, reply)
+
+    return behave
+
+
+async def frozen(body: dict[str, Any]) -> Envelope:
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def unreachable(body: dict[str, Any]) -> Envelope:
+    raise PeerUnreachable("connection refused")
+
+
+async def wrong_nonce(body: dict[str, Any]) -> Envelope:
+    return Envelope(PROTOCOL_VERSION, "heartbeat_ack", {"nonce": body["nonce"] ^ 1})
+
+
+async def wrong_kind(body: dict[str, Any]) -> Envelope:
+    return Envelope(PROTOCOL_VERSION, "error", {"nonce": body["nonce"]})
+
+
+def scripted(*outcomes: Behaviour) -> Behaviour:
+    """Answer the n-th heartbeat with ``outcomes[n]``, then like the last one forever."""
+    calls = 0
+
+    async def behave(body: dict[str, Any]) -> Envelope:
+        nonlocal calls
+        outcome = outcomes[min(calls, len(outcomes) - 1)]
+        calls += 1
+        return await outcome(body)
+
+    return behave
+
+
+# --- harness ------------------------------------------------------------------------------------
+
+
+class Deaths:
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str, str]] = []
+
+    def __call__(self, peer_id: str, reason: str) -> None:
+        self.calls.append((trio.current_time(), peer_id, reason))
+
+    def peers(self) -> list[str]:
+        return [peer for _, peer, _ in self.calls]
+
+
+@asynccontextmanager
+async def running(host: FakeHost, config: LivenessConfig = CONFIG) -> AsyncIterator[tuple[Liveness, Deaths]]:
+    deaths = Deaths()
+    liveness = Liveness(host, deaths, config)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(liveness.run)
+        yield liveness, deaths
+        nursery.cancel_scope.cancel()
+
+
+def host_with(**peers: Behaviour) -> FakeHost:
+    host = FakeHost()
+    names = {"peer": PEER, "other": OTHER}
+    for name, behaviour in peers.items():
+        host.connected.add(names[name])
+        host.behaviour[names[name]] = behaviour
+    return host
+
+
+# --- heartbeats to a healthy peer -----------------------------------------------------------------
+
+
+async def test_responsive_peer_is_never_evicted_and_gets_an_rtt(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=answering(0.05))
+    start = trio.current_time()
+    async with running(host) as (liveness, deaths):
+        await trio.sleep(60.0)
+    assert deaths.calls == []
+    assert host.evicted == []
+    assert liveness.dead_reported == 0
+    assert liveness.rtt_s[PEER] == pytest.approx(0.05)
+    # One heartbeat per interval, starting at once.
+    times = [t - start for t, _ in host.requests]
+    assert times[0] == pytest.approx(0.0)
+    assert len(times) == pytest.approx(60.0 / CONFIG.interval_s, abs=1)
+    assert all(b - a == pytest.approx(CONFIG.interval_s) for a, b in itertools.pairwise(times))
+
+
+async def test_rtt_is_an_ewma(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=scripted(answering(0.1), answering(0.2)))
+    async with running(host) as (liveness, _):
+        await trio.sleep(1.0)
+        assert liveness.rtt_s[PEER] == pytest.approx(0.1)
+        await trio.sleep(CONFIG.interval_s)
+        assert liveness.rtt_s[PEER] == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
+
+
+async def test_no_peers_no_requests(autojump_clock: trio.abc.Clock) -> None:
+    host = FakeHost()
+    async with running(host) as (_, deaths):
+        await trio.sleep(30.0)
+    assert host.requests == []
+    assert deaths.calls == []
+
+
+# --- frozen peers and misses ----------------------------------------------------------------------
+
+
+async def test_frozen_peer_is_evicted_after_misses_and_reported_once(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=frozen, other=answering())
+    start = trio.current_time()
+    async with running(host) as (liveness, deaths):
+        await trio.sleep(120.0)
+
+    assert deaths.peers() == [PEER]
+    dead_at = deaths.calls[0][0] - start
+    misses, interval, timeout = CONFIG.misses, CONFIG.interval_s, CONFIG.timeout_s
+    assert misses * timeout <= dead_at <= interval * misses + timeout * misses
+    assert "3 missed heartbeat(s)" in deaths.calls[0][2]
+    assert [peer for _, peer in host.evicted] == [PEER]
+    assert host.evicted[0][0] == deaths.calls[0][0]
+    assert liveness.dead_reported == 1
+    assert PEER not in liveness.rtt_s
+    # Exactly `misses` heartbeats were spent on it; none after the eviction.
+    assert [t for t, p in host.requests if p == PEER and t - start > dead_at] == []
+    assert len([p for _, p in host.requests if p == PEER]) == misses
+    assert OTHER in liveness.rtt_s
+
+
+async def test_eviction_time_follows_the_config(autojump_clock: trio.abc.Clock) -> None:
+    config = LivenessConfig(interval_s=1.0, timeout_s=0.5, misses=2)
+    host = host_with(peer=frozen)
+    start = trio.current_time()
+    async with running(host, config) as (_, deaths):
+        await trio.sleep(30.0)
+    assert deaths.peers() == [PEER]
+    assert 2 * 0.5 <= deaths.calls[0][0] - start <= 2 * 1.0 + 2 * 0.5
+
+
+async def test_misses_must_be_consecutive(autojump_clock: trio.abc.Clock) -> None:
+    ok = answering()
+    host = host_with(peer=scripted(frozen, frozen, ok, frozen, frozen, ok, frozen, frozen, ok))
+    async with running(host) as (liveness, deaths):
+        await trio.sleep(60.0)
+    assert deaths.calls == []
+    assert host.evicted == []
+    assert PEER in liveness.rtt_s
+
+
+async def test_unreachable_connected_peer_is_evicted_after_misses(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=unreachable)
+    start = trio.current_time()
+    async with running(host) as (_, deaths):
+        await trio.sleep(60.0)
+    assert deaths.peers() == [PEER]
+    # Failures are immediate, so it takes exactly `misses` heartbeat intervals.
+    assert deaths.calls[0][0] - start == pytest.approx((CONFIG.misses - 1) * CONFIG.interval_s)
+
+
+@pytest.mark.parametrize("bad_reply", [wrong_nonce, wrong_kind])
+async def test_bad_reply_counts_as_a_miss(autojump_clock: trio.abc.Clock, bad_reply: Behaviour) -> None:
+    host = host_with(peer=bad_reply)
+    async with running(host) as (liveness, deaths):
+        await trio.sleep(60.0)
+    assert deaths.peers() == [PEER]
+    assert "bad heartbeat reply" in deaths.calls[0][2]
+    assert len(host.requests) == CONFIG.misses
+    assert PEER not in liveness.rtt_s
+
+
+async def test_one_bad_reply_then_good_ones_is_not_dead(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=scripted(wrong_nonce, wrong_nonce, answering()))
+    async with running(host) as (_, deaths):
+        await trio.sleep(60.0)
+    assert deaths.calls == []
+
+
+async def test_evicted_peer_that_comes_back_is_watched_again(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=frozen)
+    async with running(host) as (liveness, deaths):
+        await trio.sleep(30.0)
+        assert deaths.peers() == [PEER]
+        # It reconnects and answers, then freezes again much later.
+        host.behaviour[PEER] = answering()
+        host.connected.add(PEER)
+        await trio.sleep(30.0)
+        assert deaths.peers() == [PEER]
+        assert PEER in liveness.rtt_s
+        host.behaviour[PEER] = frozen
+        await trio.sleep(30.0)
+    assert deaths.peers() == [PEER, PEER]
+
+
+# --- disconnects --------------------------------------------------------------------------------
+
+
+async def test_disconnected_peer_whose_reprobe_fails_is_dead_at_once(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=answering(), other=answering())
+    async with running(host) as (_, deaths):
+        await trio.sleep(5.0)  # between heartbeats: none in flight
+        host.behaviour[PEER] = unreachable  # SIGKILLed: the re-dial is refused
+        killed_at = trio.current_time()
+        host.disconnect(PEER)
+        await trio.sleep(0.001)
+        assert deaths.peers() == [PEER]
+        assert deaths.calls[0][0] == killed_at
+        assert "disconnected" in deaths.calls[0][2]
+        await trio.sleep(60.0)
+    assert deaths.peers() == [PEER]  # our own eviction's disconnect is not reported again
+    assert [peer for _, peer in host.evicted] == [PEER]
+
+
+async def test_disconnected_peer_that_answers_the_reprobe_is_alive(autojump_clock: trio.abc.Clock) -> None:
+    host = host_with(peer=answering())
+    async with running(host) as (liveness, deaths):
+        await trio.sleep(5.0)
+        host.disconnect(PEER)  # a flaky link: the re-probe reconnects
+        reprobe_at = trio.current_time()
+        await trio.sleep(1.0)
+        assert any(t == reprobe_at and p == PEER for t, p in host.requests)
+        await trio.sleep(60.0)
+    assert deaths.calls == []
+    assert host.evicted == []
+    assert PEER in liveness.rtt_s
+    assert PEER in host.connected
+
+
+async def test_disconnect_during_an_inflight_heartbeat_is_not_lost(autojump_clock: trio.abc.Clock) -> None:
+    # SIGKILL while a heartbeat is on the wire: the connection closes (disconnect callback) and the
+    # pending request fails. The peer is no longer connected, so no periodic heartbeat will ever
+    # probe it again: the disconnect must still lead to a re-probe and a prompt death.
+    host = host_with(peer=answering())
+    gone = trio.Event()
+
+    async def killed_mid_request(body: dict[str, Any]) -> Envelope:
+        await gone.wait()
+        raise PeerUnreachable("stream reset")
+
+    async with running(host) as (_, deaths):
+        await trio.sleep(5.0)
+        host.behaviour[PEER] = killed_mid_request
+        await trio.sleep(1.5)  # the heartbeat sent at t=6 is now in flight
+        assert host.requests[-1][0] == pytest.approx(trio.current_time() - 0.5)
+        host.behaviour[PEER] = scripted(killed_mid_request, unreachable)
+        host.disconnect(PEER)
+        gone.set()
+        await trio.sleep(CONFIG.timeout_s)
+        assert deaths.peers() == [PEER]
+        await trio.sleep(60.0)
+    assert deaths.peers() == [PEER]
+
+
+async def test_disconnect_of_an_unknown_peer_before_run_is_ignored(autojump_clock: trio.abc.Clock) -> None:
+    host = FakeHost()
+    deaths = Deaths()
+    Liveness(host, deaths)  # type: ignore[arg-type]
+    host.connected.add(PEER)
+    host.disconnect(PEER)  # not running yet: nothing to start the re-probe in, and no crash
+    assert deaths.calls == []
+    assert host.requests == []
+
+
+# --- the heartbeat handler ----------------------------------------------------------------------
+
+
+async def test_handler_echoes_the_nonce() -> None:
+    host = FakeHost()
+    Liveness(host, Deaths())  # type: ignore[arg-type]
+    handler = host.handler()
+    for nonce in (0, 1, 2**63 - 1):
+        kind, body = await handler(PEER, Envelope(PROTOCOL_VERSION, "heartbeat", {"nonce": nonce}))
+        assert (kind, body) == ("heartbeat_ack", {"nonce": nonce})
+
+
+@pytest.mark.parametrize("body", [{}, {"nonce": None}, {"nonce": "7"}, {"nonce": 7.0}, {"nonce": True},
+                                  {"nonce": [7]}, {"once": 7}])
+async def test_handler_rejects_a_missing_or_non_integer_nonce(body: dict[str, Any]) -> None:
+    host = FakeHost()
+    Liveness(host, Deaths())  # type: ignore[arg-type]
+    with pytest.raises(RemoteProtocolError, match="nonce"):
+        await host.handler()(PEER, Envelope(PROTOCOL_VERSION, "heartbeat", body))
+
+
+def test_liveness_registers_its_handler_and_disconnect_callback() -> None:
+    host = FakeHost()
+    Liveness(host, Deaths())  # type: ignore[arg-type]
+    assert list(host.handlers) == [HEARTBEAT_PROTOCOL]
+    assert host.handlers[HEARTBEAT_PROTOCOL][0] == "heartbeat"
+    assert len(host.disconnect_callbacks) == 1
