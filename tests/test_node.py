@@ -213,22 +213,26 @@ async def raw_stream_exchange(host: Host, peer: str, payload: bytes, *, close: b
 async def test_garbage_on_streams_gets_an_error_and_the_node_keeps_serving(
     tmp_path: Path, payload: bytes, close: bool, expect_error: bool
 ) -> None:
-    async with open_node(node_config(tmp_path, 0)) as node:
-        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as client:
-            peer = await client.connect(node.multiaddrs[0])
-            reply = await raw_stream_exchange(client, peer, payload, close=close)
-            if expect_error:
-                env = wire.decode_envelope(reply[4:])
-                assert env.kind == "error" and env.body["code"] == "bad_request"
-            # The node is fine: a proper request still works on the same connection.
-            env = await client.request(peer, STATUS_PROTOCOL, "status_request", {})
-            assert env.kind == "status_response"
-            assert node.host.stats.requests_rejected == 1
+    async with (
+        open_node(node_config(tmp_path, 0)) as node,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        peer = await client.connect(node.multiaddrs[0])
+        reply = await raw_stream_exchange(client, peer, payload, close=close)
+        if expect_error:
+            env = wire.decode_envelope(reply[4:])
+            assert env.kind == "error" and env.body["code"] == "bad_request"
+        # The node is fine: a proper request still works on the same connection.
+        env = await client.request(peer, STATUS_PROTOCOL, "status_request", {})
+        assert env.kind == "status_response"
+        assert node.host.stats.requests_rejected == 1
 
 
 async def test_request_of_the_wrong_kind_gets_a_clear_error(tmp_path: Path) -> None:
-    async with open_node(node_config(tmp_path, 0)) as node:
-        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as client:
-            peer = await client.connect(node.multiaddrs[0])
-            with pytest.raises(RemoteError, match="bad_request"):
-                await client.request(peer, STATUS_PROTOCOL, "heartbeat", {"nonce": 1})
+    async with (
+        open_node(node_config(tmp_path, 0)) as node,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        peer = await client.connect(node.multiaddrs[0])
+        with pytest.raises(RemoteError, match="bad_request"):
+            await client.request(peer, STATUS_PROTOCOL, "heartbeat", {"nonce": 1})
