@@ -60,9 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
 
         cache = stage.new_cache(capacity=len(prompt_ids) + params.max_new_tokens)
-        result = generate(
-            head, local_middle(stage, cache), prompt_ids, params, tokenizer.stop_ids, on_token
-        )
+        result = generate(head, local_middle(stage, cache), prompt_ids, params, tokenizer.stop_ids, on_token)
     except (ModelError, TensorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

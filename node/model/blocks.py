@@ -68,24 +68,31 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True)
 class Rope:
-    """Rotary position embedding tables for one head dim and base."""
+    """Rotary position embedding tables for one head dim and base, grown on demand.
 
-    inv_freq: np.ndarray  # [d/2]
+    Angles are float32 products ``position * inv_freq`` as in the reference implementation; their
+    cosines and sines are taken in float64 and rounded, so a table entry never depends on how
+    large the table is.
+    """
 
-    @classmethod
-    def create(cls, head_dim: int, base: float) -> Rope:
-        exponent = np.arange(0, head_dim, 2, dtype=F32) / F32(head_dim)
-        return cls(inv_freq=F32(1.0) / (F32(base) ** exponent))
+    def __init__(self, head_dim: int, base: float) -> None:
+        exponent = np.arange(0, head_dim, 2, dtype=F32) / F32(head_dim)  # [d/2]
+        self.inv_freq = F32(1.0) / (np.float64(base) ** exponent.astype(np.float64)).astype(F32)
+        self._cos = self._sin = np.zeros((0, 1, 2, head_dim // 2), F32)
 
-    def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``cos``, signed ``sin`` shaped ``[T, 1, 2, d/2]`` for :func:`apply_rope`."""
-        angles = positions.astype(F32)[:, None] * self.inv_freq  # [T, d/2]
-        cos, sin = np.cos(angles), np.sin(angles)
-        cos2 = np.stack([cos, cos], axis=1)[:, None]  # [T, 1, 2, d/2]
-        sin2 = np.stack([-sin, sin], axis=1)[:, None]  # [T, 1, 2, d/2]
-        return cos2, sin2
+    def tables(self, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """``cos``, signed ``sin`` for positions ``start..start+t-1``, ``[T, 1, 2, d/2]`` each."""
+        if start + t > len(self._cos):
+            self._grow(max(start + t, 2 * len(self._cos), 256))
+        return self._cos[start : start + t], self._sin[start : start + t]
+
+    def _grow(self, n: int) -> None:
+        angles = np.arange(n, dtype=F32)[:, None] * self.inv_freq  # [n, d/2] float32
+        cos = np.cos(angles.astype(np.float64)).astype(F32)
+        sin = np.sin(angles.astype(np.float64)).astype(F32)
+        self._cos = np.stack([cos, cos], axis=1)[:, None]  # [n, 1, 2, d/2]
+        self._sin = np.stack([-sin, sin], axis=1)[:, None]  # [n, 1, 2, d/2]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

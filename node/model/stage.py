@@ -66,7 +66,7 @@ class Stage:
         self.end = start + len(blocks)
         self.blocks = list(blocks)
         self.head = head
-        self.rope = B.Rope.create(cfg.head_dim, cfg.rope_base)
+        self.rope = B.Rope(cfg.head_dim, cfg.rope_base)
 
     @property
     def nbytes(self) -> int:
@@ -80,9 +80,7 @@ class Stage:
             len(self.blocks), c.n_kv_heads, c.head_dim, max_len=c.context_length, capacity=capacity
         )
 
-    def forward(
-        self, hidden: np.ndarray, cache: KVCache, position: int | None = None
-    ) -> np.ndarray:
+    def forward(self, hidden: np.ndarray, cache: KVCache, position: int | None = None) -> np.ndarray:
         """Run ``hidden [T, H]`` (positions ``position..position+T-1``) through the blocks.
 
         ``position`` defaults to ``cache.length``; a smaller value first truncates the cache, so
@@ -102,7 +100,7 @@ class Stage:
         cache.truncate(start)
         t = hidden.shape[0]
         cache.reserve(start + t)
-        rope = self.rope.tables(np.arange(start, start + t))
+        rope = self.rope.tables(start, t)
         mask = B.causal_mask(t, start)
         x = hidden
         for i, w in enumerate(self.blocks):

@@ -21,9 +21,7 @@ TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4
 # llama.cpp's tokenizer.ggml.pre names, grouped by the regex llama.cpp runs for them.
 _GPT2_FAMILY = frozenset({"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"})
-_DIGITS_FAMILY = frozenset(
-    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-)
+_DIGITS_FAMILY = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
 # Common end-of-generation tokens: llama.cpp stops on these too, not only on eos_token_id.
 _EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
