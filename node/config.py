@@ -57,6 +57,8 @@ class NodeConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if type(self.port) is not int:
+            raise ConfigError(f"port must be an integer, got {self.port!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if not (1 <= len(self.region) <= 12 and set(self.region) <= GEOHASH_ALPHABET):
@@ -73,6 +75,14 @@ class NodeConfig:
             raise ConfigError("refresh_s must be positive and at most half of record_ttl_s")
         if not 0 < self.record_ttl_s <= 600:
             raise ConfigError("record_ttl_s must be in (0, 600]")
+        for name in ("vehicle_poll_s", "heartbeat_s", "heartbeat_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 600:
+                raise ConfigError(f"{name} must be a number of seconds in [0.05, 600], got {value!r}")
+        for name in ("heartbeat_misses", "target_peers"):
+            value = getattr(self, name)
+            if type(value) is not int or not 1 <= value <= 1000:
+                raise ConfigError(f"{name} must be an integer in [1, 1000], got {value!r}")
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")

@@ -304,7 +304,8 @@ class Node:
             self._nursery.start_soon(self._announce_down, peer_id, seq, reason)
 
     async def _announce_down(self, peer_id: str, seq: int, reason: str) -> None:
-        notice = PeerDownNotice(self.peer_id, peer_id, seq, time.time(), reason[:200])
+        printable = "".join(c if " " <= c <= "~" else "?" for c in reason)[:200]
+        notice = PeerDownNotice(self.peer_id, peer_id, seq, time.time(), printable)
         data = wire.encode_envelope("peer_down", {"notice": encode_notice(notice, self._key)})
         try:
             await self.host.publish(self._topic, data)

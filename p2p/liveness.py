@@ -61,29 +61,36 @@ class Liveness:
         return "heartbeat_ack", {"nonce": nonce}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                for peer in sorted(self._host.connected_peers()):
-                    if peer not in self._probing:
-                        nursery.start_soon(self._probe, peer, False)
-                await trio.sleep(self._config.interval_s)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    for peer in sorted(self._host.connected_peers()):
+                        self._start_probe(peer, after_disconnect=False)
+                    await trio.sleep(self._config.interval_s)
+        finally:
+            self._nursery = None
+
+    def _start_probe(self, peer_id: str, *, after_disconnect: bool) -> None:
+        # Marked as probing before the task starts, so two triggers never probe one peer twice.
+        if self._nursery is not None and peer_id not in self._probing:
+            self._probing.add(peer_id)
+            self._nursery.start_soon(self._probe, peer_id, after_disconnect)
 
     def _disconnected(self, peer_id: str) -> None:
         # A SIGKILLed peer looks like a closed connection: re-probe at once (the dial is refused).
         evicted = self._evicted.get(peer_id)
         if evicted is not None and trio.current_time() - evicted < 30.0:
             return  # our own eviction closed it; already reported
-        if self._nursery is not None and peer_id not in self._probing:
-            self._nursery.start_soon(self._probe, peer_id, True)
-        elif peer_id in self._probing:
+        if peer_id not in self._probing:
+            self._start_probe(peer_id, after_disconnect=True)
+        else:
             # The probe in flight may fail as one ordinary miss, and a disconnected peer gets no
             # periodic heartbeats: without a re-probe it would never be declared dead.
             self._reprobe.add(peer_id)
 
     async def _probe(self, peer_id: str, after_disconnect: bool) -> None:
-        self._probing.add(peer_id)
         try:
             started = trio.current_time()
             nonce = secrets.randbits(63)

@@ -35,8 +35,8 @@ class FleetView:
         return None if floor is None else floor[0]
 
     def accept(self, record: CapacityRecord, raw: bytes, now: float) -> bool:
-        """Take a validated record (the caller checked seq > last_seq). Returns True if it changed
-        what is alive (new peer, new state or newer record of a live peer)."""
+        """Take a validated record (the caller checked seq > last_seq). Returns True if the peer is
+        alive afterwards."""
         # Keep the floor until every record it stops has expired: a newer record may expire sooner.
         prev_floor = self._floor.get(record.peer_id)
         until = max(record.expires_at, prev_floor[1]) if prev_floor else record.expires_at
@@ -46,7 +46,7 @@ class FleetView:
             del self._down[record.peer_id]  # a fresh record refutes the notice
         self._entries[record.peer_id] = FleetEntry(record, raw, now)
         self.changes += 1
-        return True
+        return self.is_alive(record.peer_id, now)
 
     def mark_down(self, peer_id: str, seq: int, now: float, hold_s: float = 600.0) -> bool:
         """Apply a peer-down notice covering records up to ``seq``. Returns True if a live peer left."""

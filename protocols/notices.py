@@ -44,6 +44,8 @@ class PeerDownNotice:
             raise RemoteProtocolError("peer-down notice: observed_at must be a finite float")
         if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON_LEN:
             raise RemoteProtocolError("peer-down notice: reason too long")
+        if not all(" " <= c <= "~" for c in self.reason):
+            raise RemoteProtocolError("peer-down notice: reason must be printable ASCII")
 
 
 def encode_notice(notice: PeerDownNotice, key: Ed25519PrivateKey) -> bytes:

@@ -24,7 +24,7 @@ class PublishPolicy:
 
 # Fields whose any change matters at once to a router or to the owner.
 _DISCRETE = ("state", "plugged_in", "consent", "consent_expires", "link_kind", "link_metered",
-             "model_id", "blocks", "addrs", "region", "expected_departure")
+             "model_id", "blocks", "addrs", "region", "expected_departure", "parked_since")
 
 
 def significant_change(old: CapacityRecord, new: CapacityRecord,
