@@ -94,6 +94,35 @@ def bench_matmul_bound(head: Head, stage: Stage, runs: int) -> tuple[float, floa
     return _median_ms(steps), _median_ms(blocks)
 
 
+def bench_hot_block(stage: Stage, runs: int) -> tuple[float, float]:
+    """One block over and over (weights stay in cache): (decode step, its matmuls alone) ms.
+
+    This isolates the Python/numpy overhead per block from memory bandwidth.
+    """
+    cfg = stage.config
+    one = Stage(stage.model_id, cfg, 0, stage.blocks[:1])
+    w = one.blocks[0]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, cfg.hidden_size), dtype=np.float32)
+    a = rng.standard_normal((1, cfg.n_heads * cfg.head_dim), dtype=np.float32)
+    f = rng.standard_normal((1, cfg.ffn_size), dtype=np.float32)
+    cache = one.new_cache(capacity=64)
+    one.forward(np.repeat(x, 32, axis=0), cache)
+    steps, mms = [], []
+    for _ in range(runs * 100):  # interleaved, so both see the same machine load
+        t0 = time.perf_counter()
+        one.forward(x, cache, position=32)
+        t1 = time.perf_counter()
+        _ = x @ w.wqkv
+        _ = a @ w.wo
+        _ = x @ w.w_gate_up
+        _ = f @ w.w_down
+        t2 = time.perf_counter()
+        steps.append(t1 - t0)
+        mms.append(t2 - t1)
+    return _median_ms(steps), _median_ms(mms)
+
+
 def peak_rss_child(model: str, what: str) -> None:
     """In a fresh process: load ``what`` ("whole" or "stage10"), run one step, print peak RSS."""
     mf = open_model(model)
@@ -108,8 +137,16 @@ def peak_rss_child(model: str, what: str) -> None:
     if head is not None:
         head.logits(h)
     weights = stage.nbytes + (head.nbytes if head is not None else 0)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"peak_mb": peak_kb / 1024, "weights_mb": weights / 2**20}))
+    print(json.dumps({"peak_mb": _peak_rss_kib() / 1024, "weights_mb": weights / 2**20}))
+
+
+def _peak_rss_kib() -> int:
+    """This process's high-water RSS. (ru_maxrss would include the parent's RSS at fork.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def measure_rss(model: str, what: str) -> dict[str, float]:
@@ -143,6 +180,7 @@ def main() -> None:
     prefill = bench_prefill(head, stage, args.runs)
     step, blocks = bench_decode(head, stage, args.runs)
     bound_step, bound_blocks = bench_matmul_bound(head, stage, args.runs)
+    hot, hot_mm = bench_hot_block(stage, args.runs)
     print(f"prefill {PREFILL_TOKENS} tokens: {prefill:8.1f} ms  ({prefill / n:.2f} ms/block)")
     print(f"decode, whole model:    {step:8.2f} ms/token  ({1e3 / step:.1f} tokens/s)")
     print(f"decode, blocks only:    {blocks:8.2f} ms/token  ({blocks / n:.3f} ms/block)")
@@ -150,6 +188,10 @@ def main() -> None:
     print(
         f"matmul bound, blocks:   {bound_blocks:8.2f} ms/token  ({bound_blocks / n:.3f} ms/block)"
         f" -> decode/bound = {blocks / bound_blocks:.2f}x"
+    )
+    print(
+        f"one block, hot in cache: {hot * 1e3:7.1f} us/step vs matmuls {hot_mm * 1e3:.1f} us"
+        f" -> {hot / hot_mm:.2f}x (Python/numpy overhead)"
     )
 
     whole, part = measure_rss(model, "whole"), measure_rss(model, "stage10")

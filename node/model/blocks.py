@@ -118,8 +118,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     t, nq, d = q.shape
     nkv = k.shape[0]
     g = nq // nkv
-    qg = q.reshape(t, nkv, g, d).transpose(1, 2, 0, 3).reshape(nkv, g * t, d)  # [nkv, gT, d]
-    s = qg @ k.transpose(0, 2, 1)  # [nkv, gT, L]
+    if t == 1:  # decoding: BLAS is much faster with the long K as the left operand
+        s = np.ascontiguousarray((k @ q.reshape(nkv, g, d).transpose(0, 2, 1)).transpose(0, 2, 1))
+    else:
+        qg = q.reshape(t, nkv, g, d).transpose(1, 2, 0, 3).reshape(nkv, g * t, d)  # [nkv, gT, d]
+        s = qg @ k.transpose(0, 2, 1)  # [nkv, gT, L]
     if mask is not None:
         s = s.reshape(nkv, g, t, -1)  # [nkv, g, T, L]
         s += mask
