@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from node.model.gguf_loader import model_id, open_model
 from node.model.locate import find_default_model
 from node.model.stage import load_head, load_stage
+from node.model.tokenizer import Tokenizer
 from protocols.errors import ModelError
 
 H, F, NQ, NKV, V = 64, 96, 4, 2, 40  # a tiny llama: head dim 16
@@ -27,6 +28,7 @@ def write_tiny(
     drop: str | None = None,
     types: dict[str, QT] | None = None,
     n_blocks: int = 2,
+    tokenizer: tuple[str, str] | None = None,
 ) -> Path:
     """A random-weight llama GGUF written with gguf.GGUFWriter."""
     rng = np.random.default_rng(0)
@@ -39,6 +41,12 @@ def write_tiny(
     w.add_head_count_kv(NKV)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
+    if tokenizer is not None:  # (tokenizer.ggml.model, tokenizer.ggml.pre)
+        w.add_tokenizer_model(tokenizer[0])
+        w.add_tokenizer_pre(tokenizer[1])
+        w.add_token_list(["a", "b", "ab", *(f"t{i}" for i in range(V - 3))])
+        w.add_token_merges(["a b"])
+        w.add_token_types([1] * V)
     d = H // NQ
     shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,)}
     for i in range(n_blocks):
@@ -158,3 +166,22 @@ def test_unsupported_tensor_type(tmp_path: Path) -> None:
     path = write_tiny(tmp_path / "i32.gguf", types={"blk.0.attn_v.weight": QT.I32})
     with pytest.raises(ModelError, match=r"'blk\.0\.attn_v\.weight' has unsupported type I32"):
         open_model(path)
+
+
+def test_tiny_gpt2_tokenizer(tmp_path: Path) -> None:
+    tok = Tokenizer.from_model(open_model(write_tiny(tmp_path / "t.gguf", tokenizer=("gpt2", "gpt2"))))
+    assert tok.encode("ab") == [2]
+    assert tok.decode([2, 0]) == "aba"
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        (("llama", "default"), "tokenizer model 'llama' not supported"),
+        (("gpt2", "qwen2"), "pre-tokenizer 'qwen2'"),
+    ],
+)
+def test_unsupported_tokenizer(tmp_path: Path, kind: tuple[str, str], reason: str) -> None:
+    mf = open_model(write_tiny(tmp_path / "t.gguf", tokenizer=kind))
+    with pytest.raises(ModelError, match=reason):
+        Tokenizer.from_model(mf)

@@ -65,8 +65,8 @@ class Tokenizer:
         tokens: list[str] = mf.field("tokenizer.ggml.tokens") or []
         merges: list[str] = mf.field("tokenizer.ggml.merges") or []
         types: list[int] = mf.field("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if not tokens or len(types) != len(tokens):
-            raise ModelError(f"{mf.path}: tokenizer tokens/token types missing or inconsistent")
+        if not tokens or not merges or len(types) != len(tokens):
+            raise ModelError(f"{mf.path}: tokenizer tokens, merges or token types missing or inconsistent")
         split = [m.split(" ") for m in merges]
         if any(len(p) != 2 for p in split):
             raise ModelError(f"{mf.path}: malformed tokenizer merge (expected 'left right')")
