@@ -102,20 +102,38 @@ def _check_tensor_extents(file_size: int, start_offs: int, fields: list[Any]) ->
             )
 
 
+@dataclass(frozen=True, eq=False)
+class TensorInfo:
+    """One tensor of the file: ggml type, numpy-order shape and its bytes in the memory map."""
+
+    name: str
+    qtype: QT
+    shape: tuple[int, ...]  # numpy order, e.g. [out, in]
+    n_elements: int
+    data: np.ndarray  # view of the memory-mapped file, as GGUFReader lays it out
+
+
 class ModelFile:
     """An open GGUF model: config, tokenizer metadata and per-tensor float32 access.
 
     Use :func:`open_model` to create one. Metadata is decoded once into plain Python values and
-    the reader's per-element numpy views are dropped (they take ~150 MB for a 49k vocabulary);
-    tensor data stays on disk (memory-mapped) until :meth:`tensor` asks for it.
+    the reader itself is dropped: its per-element numpy views take ~150 MB for a 49k vocabulary.
+    Tensor data stays on disk (memory-mapped) until :meth:`tensor` asks for it.
     """
 
     def __init__(self, path: Path, reader: gguf.GGUFReader) -> None:
         self.path = path
-        self.reader = reader
         self.metadata = _decode_metadata(path, reader)
-        reader.fields.clear()
-        self._tensors = {t.name: t for t in reader.tensors}
+        self._tensors = {
+            t.name: TensorInfo(
+                t.name,
+                t.tensor_type,
+                tuple(int(d) for d in reversed(t.shape.tolist())),
+                int(t.n_elements),
+                t.data,
+            )
+            for t in reader.tensors
+        }
         self.config = _read_config(self)
         _check_tensors(self)
 
@@ -129,7 +147,7 @@ class ModelFile:
 
     def tensor_nbytes_f32(self, name: str) -> int:
         """Bytes the tensor takes once dequantized to float32."""
-        return int(self._tensors[name].n_elements) * 4
+        return self._tensors[name].n_elements * 4
 
     # -- tensors --------------------------------------------------------------------------
     def tensor(self, name: str) -> np.ndarray:
@@ -141,14 +159,13 @@ class ModelFile:
         if t is None:
             raise ModelError(f"{self.path}: missing tensor {name!r}")
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = dequantize(t.data, t.qtype)
         except Exception as e:  # gguf raises assorted errors on bad blocks
             raise ModelError(f"{self.path}: cannot dequantize {name!r} ({e})") from e
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if w.shape != shape:
-            raise ModelError(f"{self.path}: tensor {name!r} decoded to {w.shape}, want {shape}")
+        if w.shape != t.shape:
+            raise ModelError(f"{self.path}: tensor {name!r} decoded to {w.shape}, want {t.shape}")
         # F32 comes back as a view of the memory map: copy so the stage owns its weights.
-        return np.array(w, dtype=np.float32, copy=True) if t.tensor_type == QT.F32 else w
+        return np.array(w, dtype=np.float32, copy=True) if t.qtype == QT.F32 else w
 
     def info(self) -> ModelInfo:
         """Identity (content hash) and per-block float32 sizes for placement."""
@@ -170,7 +187,6 @@ class ModelFile:
     def close(self) -> None:
         """Drop the memory map; arrays already returned by :meth:`tensor` stay valid."""
         self._tensors = {}
-        self.reader = None  # type: ignore[assignment]
 
     def __enter__(self) -> ModelFile:
         return self
@@ -265,7 +281,7 @@ def _read_config(mf: ModelFile) -> ModelConfig:
         raise ModelError(f"{mf.path}: head dim {head_dim} must be even for RoPE")
     if not mf.has_tensor("token_embd.weight"):
         raise ModelError(f"{mf.path}: missing tensor 'token_embd.weight'")
-    vocab = int(mf._tensors["token_embd.weight"].shape[-1])  # GGUF dims are [hidden, vocab]
+    vocab = mf._tensors["token_embd.weight"].shape[0]  # [vocab, hidden]
     return ModelConfig(
         architecture=arch,
         n_blocks=num("block_count"),
@@ -308,12 +324,11 @@ def _check_tensors(mf: ModelFile) -> None:
         t = mf._tensors.get(name)
         if t is None:
             raise ModelError(f"{mf.path}: missing tensor {name!r}")
-        got = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if got != shape:
-            raise ModelError(f"{mf.path}: tensor {name!r} has shape {got}, expected {shape}")
-        if t.tensor_type not in SUPPORTED_TYPES:
+        if t.shape != shape:
+            raise ModelError(f"{mf.path}: tensor {name!r} has shape {t.shape}, expected {shape}")
+        if t.qtype not in SUPPORTED_TYPES:
             raise ModelError(
-                f"{mf.path}: tensor {name!r} has unsupported type {t.tensor_type.name} "
+                f"{mf.path}: tensor {name!r} has unsupported type {t.qtype.name} "
                 f"(supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})"
             )
 
