@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from node import generate_cli
-from node.cli import main
+from node.cli import build_parser, main
 
 
 @pytest.fixture
@@ -57,8 +57,10 @@ def test_sampling_with_seed_repeats(capsys: pytest.CaptureFixture[str]) -> None:
     assert runs[0] == runs[1]
 
 
-def test_bootstrap_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--bootstrap", "/ip4/127.0.0.1/tcp/1", "hi"]) == 2
+def test_local_runner_refuses_bootstrap(capsys: pytest.CaptureFixture[str]) -> None:
+    # node.cli sends --bootstrap to the fleet client; run_generate itself only runs locally.
+    args = build_parser().parse_args(["generate", "--bootstrap", "/ip4/127.0.0.1/tcp/1", "hi"])
+    assert generate_cli.run_generate(args) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "fleet generation not available yet" in captured.err
