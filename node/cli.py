@@ -21,6 +21,8 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--wire-dtype", choices=("float32", "float16", "int8"), default="float32",
+                   help="hidden states on the wire (fleet only; float32 is exact)")
 
 
 def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +44,11 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--publish-policy", choices=("adaptive", "naive"))
     p.add_argument("--refresh", dest="refresh_s", type=float, help="seconds between unchanged refreshes")
     p.add_argument("--event-log", type=Path, help="append JSON-lines events (audit log) here")
+    p.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
+                   help="host model blocks when the owner consents (default: yes)")
+    p.add_argument("--model", metavar="PATH", help="GGUF to serve (default: SmolLM2-135M)")
+    p.add_argument("--memory-budget-mb", type=float, help="memory for block weights (default: half free)")
+    p.add_argument("--rebalance", dest="rebalance_s", type=float, help="mean seconds between rebalances")
     p.add_argument("--status-file", type=Path, help="keep a JSON status snapshot here (for supervisors)")
     p.add_argument("--log-level", default="INFO")
 
@@ -87,7 +94,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     overrides = {k: getattr(args, k) for k in (
         "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
-        "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log")}
+        "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log",
+        "serve", "model", "memory_budget_mb", "rebalance_s")}
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)
@@ -140,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     try:
+        if args.command == "generate" and args.bootstrap:
+            from node.fleet_cli import run_fleet_generate
+
+            return run_fleet_generate(args)
         if args.command == "generate":
             from node.generate_cli import run_generate
 

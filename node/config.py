@@ -53,7 +53,14 @@ class NodeConfig:
     heartbeat_misses: int = 3
     target_peers: int = 8
     event_log: Path | None = None
-    memory_budget_mb: int | None = None
+    # Serving model blocks (only with consent): which model, how much memory for weights.
+    serve: bool = True
+    model: str | None = None
+    memory_budget_mb: float | None = None
+    rebalance_s: float = 20.0
+    max_sessions: int = 16
+    kv_budget_mb: float = 256.0
+    session_idle_s: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

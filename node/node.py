@@ -99,6 +99,8 @@ class Node:
         self._key = key
         self._public_key = raw_public_key(key)
         self._nursery = nursery
+        self.hosting: Any = None  # node.hosting.BlockHosting when this node serves blocks
+        self.hold_joining = False  # set while blocks load: stay "joining" (not routable)
         self._state = "joining"
         self._last_record: CapacityRecord | None = None
         self._last_vehicle: VehicleState | None = None
@@ -155,6 +157,24 @@ class Node:
             "seq": self._seq,
         }
 
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The node's own nursery: tasks started here end when the node stops."""
+        return self._nursery
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    async def drain(self, timeout: float = 15.0) -> None:
+        """Announce ``draining``: no new sessions; clients move theirs; wait (bounded) for them."""
+        if self._state in ("draining", "offline"):
+            return
+        self._state = "draining"
+        await self.publish_record("state")
+        if self.hosting is not None:
+            await self.hosting.drain(timeout)
+
     def request_publish(self) -> None:
         """Publish a fresh record soon (e.g. after the hosted blocks changed)."""
         self._publish_now.set()
@@ -168,7 +188,8 @@ class Node:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _event(self, event: str, **fields: Any) -> None:
+    def event(self, event: str, **fields: Any) -> None:
+        """Append one event to the node's JSON-lines event log (the owner's audit trail)."""
         if self._events is not None:
             self._events.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
 
@@ -207,7 +228,7 @@ class Node:
             await self.host.publish(self._topic, envelope)
         except (NetworkError, trio.TooSlowError) as e:
             log.warning("publishing our record failed: %s", e)
-        self._event("published", seq=record.seq, reason=reason, battery_soc=record.battery_soc,
+        self.event("published", seq=record.seq, reason=reason, battery_soc=record.battery_soc,
                     state=record.state)
         self._notify_changed()
         if reason in ("first", "refresh", "state"):
@@ -247,8 +268,8 @@ class Node:
                 was_alive = self.view.is_alive(record.peer_id, now)
                 self.view.accept(record, raw, now)
                 if not was_alive:
-                    self._event("peer_up", peer=record.peer_id, seq=record.seq)
-                self._event("record", peer=record.peer_id, seq=record.seq,
+                    self.event("peer_up", peer=record.peer_id, seq=record.seq)
+                self.event("record", peer=record.peer_id, seq=record.seq,
                             battery_soc=record.battery_soc, state=record.state)
                 self._notify_changed()
                 self._maybe_connect(record)
@@ -265,7 +286,7 @@ class Node:
                     self._publish_now.set()
                     return True
                 if self.view.mark_down(notice.subject, notice.subject_seq, now):
-                    self._event("peer_down", peer=notice.subject, by=origin, reason=notice.reason)
+                    self.event("peer_down", peer=notice.subject, by=origin, reason=notice.reason)
                     self._notify_changed()
                 return True
             raise RemoteProtocolError(f"unexpected kind {env.kind!r} on the capacity topic")
@@ -280,7 +301,7 @@ class Node:
         # GossipSub replays its recent-message cache to new peers: stale records are routine.
         (log.debug if reason == "stale_sequence" else log.info)(
             "dropped gossip from %s: %s", origin[-8:], detail)
-        self._event("rejected", peer=origin, reason=reason)
+        self.event("rejected", peer=origin, reason=reason)
 
     def _maybe_connect(self, record: CapacityRecord) -> None:
         connected = self.host.connected_peers()
@@ -298,7 +319,7 @@ class Node:
         now = time.time()
         seq = self.view.last_seq(peer_id)
         if self.view.mark_down(peer_id, seq if seq is not None else 0, now):
-            self._event("peer_down", peer=peer_id, by=self.peer_id, reason=reason)
+            self.event("peer_down", peer=peer_id, by=self.peer_id, reason=reason)
             self._notify_changed()
         if seq is not None:
             self._nursery.start_soon(self._announce_down, peer_id, seq, reason)
@@ -331,7 +352,7 @@ class Node:
                 log.warning("reading vehicle state (%s) failed: %s", self.vehicle.name, e)
                 if self._last_vehicle is None:
                     continue
-            if self._state == "joining" and (
+            if self._state == "joining" and not self.hold_joining and (
                     not self.config.bootstrap or self.host.gossip_peers(self._topic)):
                 # Online once someone will hear us: the "online" record is then published into a
                 # formed topic, so every node learns of us without waiting for a refresh.
@@ -350,7 +371,7 @@ class Node:
             before = {e.record.peer_id for e in self.view.alive(now)}
             self.view.prune(now)
             for gone in before - {e.record.peer_id for e in self.view.alive(now)}:
-                self._event("peer_expired", peer=gone)
+                self.event("peer_expired", peer=gone)
                 self._notify_changed()
             if not self.host.connected_peers():
                 await self._bootstrap(quiet=True)
@@ -387,7 +408,7 @@ class Node:
         if record.peer_id == self.peer_id:
             return
         if not self.view.is_alive(record.peer_id, now):
-            self._event("peer_up", peer=record.peer_id, seq=record.seq)
+            self.event("peer_up", peer=record.peer_id, seq=record.seq)
         self.view.accept(record, raw, now)
         self._notify_changed()
 
@@ -460,6 +481,17 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await nursery.start(node._publisher)
             await nursery.start(node._maintain)
             node.request_publish()
+            if config.consent and config.serve:  # work only with the owner's consent
+                from node.hosting import BlockHosting, HostingConfig
+                from node.server import ServerConfig
+
+                node.hosting = BlockHosting(node, HostingConfig(
+                    model=config.model, memory_budget_mb=config.memory_budget_mb,
+                    rebalance_s=config.rebalance_s,
+                    server=ServerConfig(max_sessions=config.max_sessions,
+                                        kv_budget_bytes=int(config.kv_budget_mb * 1024 * 1024),
+                                        idle_timeout_s=config.session_idle_s)))
+                await nursery.start(node.hosting.run)
             yield node
             await node._goodbye()
         finally:

@@ -51,8 +51,14 @@ def node_status(node: Node) -> dict[str, Any]:
     }
 
 
+async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
 async def run_node(config: NodeConfig, *, status_file: Path | None = None,
-                   status_interval_s: float = 1.0) -> None:
+                   status_interval_s: float = 1.0, drain_s: float = 8.0) -> None:
     """Run until SIGINT/SIGTERM, then leave cleanly (publishing ``offline``)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config) as node, trio.open_nursery() as nursery:
@@ -66,8 +72,14 @@ async def run_node(config: NodeConfig, *, status_file: Path | None = None,
 
             nursery.start_soon(_status_writer)
             async for signum in signals:
-                log.info("received %s: leaving the fleet", signal.Signals(signum).name)
+                log.info("received %s: draining, then leaving the fleet", signal.Signals(signum).name)
                 break
+            # Sessions in flight move elsewhere without an error; a second signal cuts it short.
+            with trio.move_on_after(drain_s) as drain_scope:
+                async with trio.open_nursery() as drain_nursery:
+                    drain_nursery.start_soon(_cancel_on_signal, signals, drain_scope)
+                    await node.drain(timeout=drain_s)
+                    drain_nursery.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
         if status_file is not None:
             with contextlib.suppress(FileNotFoundError):

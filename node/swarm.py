@@ -22,6 +22,8 @@ from typing import Any, TextIO
 from node.run import write_json_atomic
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
+# Room for 10 of SmolLM2's 30 blocks (14.2 MB each in fp32; 140 MiB = 146.8 MB): 3 nodes cover the model, 6 cover it twice.
+SWARM_BUDGET_MB = 140
 
 
 @dataclass
@@ -50,7 +52,7 @@ def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequen
            "--key-file", str(workdir / f"node{index}.key"),
            "--listen-host", "127.0.0.1", "--port", "0",
            "--vehicle", vehicle or default_vehicle(index),
-           "--consent",
+           "--consent", "--memory-budget-mb", str(SWARM_BUDGET_MB), "--rebalance", "10",
            "--status-file", str(workdir / f"node{index}.status.json"),
            "--event-log", str(workdir / f"node{index}.events.jsonl")]
     if bootstrap:
@@ -123,7 +125,7 @@ class Swarm:
                         "pid": node.proc.pid})
         return {"nodes": out}
 
-    def stop(self, *, timeout: float = 10.0) -> dict[int, int | None]:
+    def stop(self, *, timeout: float = 20.0) -> dict[int, int | None]:
         """SIGTERM every node we started (by PID), wait, SIGKILL stragglers. Returns exit codes."""
         for node in self.nodes:
             if node.proc.poll() is None:

@@ -346,6 +346,10 @@ class Host:
         return int(self._dht.get_routing_table_size())
 
 
+async def _no_auto_connect() -> None:
+    return None
+
+
 @asynccontextmanager
 async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
     """Start a host listening on ``config.listen_host:config.port``; stop everything on exit.
@@ -367,6 +371,12 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
         heartbeat_interval=config.gossip_heartbeat_s,
         max_messages_per_topic_per_second=config.gossip_max_msgs_per_topic_s,
     )
+    # py-libp2p's AutoConnector redials every peer in the peerstore to reach 150+ connections,
+    # including peers we evicted as dead or frozen. idlefleet manages its connections itself
+    # (bootstrap, peers from records, target_peers), so it is switched off.
+    network = lhost.get_network()
+    if hasattr(network, "auto_connector"):
+        network.auto_connector.maybe_connect = _no_auto_connect
     pubsub = Pubsub(lhost, router, strict_signing=True)
     dht = KadDHT(lhost, DHTMode.SERVER, protocol_prefix=DHT_PROTOCOL_PREFIX)
     listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")

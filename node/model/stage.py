@@ -73,6 +73,14 @@ class Stage:
         """Float32 bytes of weights held."""
         return sum(b.nbytes for b in self.blocks) + (self.head.nbytes if self.head else 0)
 
+    def sub_stage(self, start: int, end: int) -> Stage:
+        """Blocks ``[start, end)`` of this stage, sharing its weights (no copy); no head."""
+        if not self.start <= start < end <= self.end:
+            raise ModelError(f"[{start}, {end}) is not within this stage's [{self.start}, {self.end})")
+        if (start, end) == (self.start, self.end) and self.head is None:
+            return self
+        return Stage(self.model_id, self.config, start, self.blocks[start - self.start:end - self.start])
+
     def new_cache(self, capacity: int = 64) -> KVCache:
         """An empty KV cache for one session on this stage."""
         c = self.config

@@ -1,0 +1,425 @@
+"""The fleet client: keeps the embedding and LM head, streams hidden states through remote stages.
+
+Prompt and output tokens never leave this process: only hidden states travel, over Noise-encrypted
+libp2p streams. A generation opens one pipeline session per hop of a route (``protocols.routing``)
+and steps it token by token. When a hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline
+expires) or refuses, the peer is banned for a while, only that hop's span is re-routed, and the
+span's past inputs are replayed to rebuild the KV cache on the replacement; the tokens are the same
+as an undisturbed run. A hop that says it is draining is moved the same way, without an error.
+
+Embedding API::
+
+    async with open_node(config) as node:
+        client = await FleetClient.create(node)
+        result = await client.generate("The capital of France is", max_new_tokens=16)
+        print(result.text, result.route)
+        async for token_id, piece in client.stream("Once upon a time,"):
+            print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from node.model.generate import Generation
+from node.model.gguf_loader import open_model
+from node.model.locate import find_default_model
+from node.model.sampling import SamplingParams
+from node.model.stage import Head, load_head
+from node.model.tokenizer import TextStream, Tokenizer
+from node.node import Node
+from p2p.errors import NetworkError, RemoteError
+from p2p.framing import FramedStream
+from protocols import session as S
+from protocols.errors import IdlefleetError, RemoteProtocolError, TensorError
+from protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
+from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+
+log = logging.getLogger(__name__)
+
+
+class GenerationFailed(IdlefleetError):
+    """The fleet could not finish the generation (no route left after failovers)."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    wire_dtype: str = "float32"  # hidden states on the wire: float32 (exact), float16, int8
+    open_timeout_s: float = 5.0
+    step_timeout_s: float = 3.0  # a step's deadline: this plus step_timeout_per_token_block_s ...
+    step_timeout_per_token_block_s: float = 0.002  # ... x tokens x blocks of the hop
+    ban_s: float = 60.0  # how long a failed peer is avoided
+    max_failovers: int = 8  # per generation
+    route_wait_s: float = 30.0  # how long to wait for the fleet to cover every block
+    costs: RouteCosts = field(default_factory=RouteCosts)
+
+
+@dataclass(frozen=True)
+class ClientModel:
+    """What the client holds: tokenizer, embedding + LM head, and the model's identity."""
+
+    model_id: str
+    n_blocks: int
+    tokenizer: Tokenizer
+    head: Head
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> ClientModel:
+        with open_model(path or find_default_model()) as mf:
+            return cls(mf.info().model_id, mf.config.n_blocks, Tokenizer.from_model(mf), load_head(mf))
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    tokens_per_s: float
+    route: list[dict[str, Any]]
+    failovers: int
+    stop_reason: str
+
+
+class StageFailure(Exception):
+    """One hop failed; ``ban`` says whether to avoid the peer for a while."""
+
+    def __init__(self, hop: _HopSession, why: str, *, ban: bool = True) -> None:
+        super().__init__(f"{hop.peer_id[-8:]} [{hop.start}, {hop.end}): {why}")
+        self.hop = hop
+        self.ban = ban
+
+
+@dataclass
+class _HopSession:
+    peer_id: str
+    start: int
+    end: int
+    stream: FramedStream | None = None
+    inputs: list[np.ndarray] = field(default_factory=list)  # every input sent, in position order
+    draining: bool = False
+
+    @property
+    def length(self) -> int:
+        return sum(x.shape[0] for x in self.inputs)
+
+
+class Pipeline:
+    """The sessions of one generation: a chain of hops covering blocks ``[0, n)``, with failover."""
+
+    def __init__(self, client: FleetClient, max_length: int) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.hops: list[_HopSession] = []
+        self.failovers = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def route(self) -> list[dict[str, Any]]:
+        return [{"peer_id": h.peer_id, "blocks": [h.start, h.end]} for h in self.hops]
+
+    async def open(self) -> None:
+        self.hops = await self._open_span(0, self.client.model.n_blocks, [])
+
+    async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
+        """Run ``hidden`` (positions ``position..``) through every hop, failing over as needed."""
+        x = hidden
+        i = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                out = await self._step(hop, x, position)
+                hop.inputs.append(x)
+            except StageFailure as e:
+                replaced, out = await self._fail_over(i, e, pending=x)
+                self.hops[i:i + 1] = replaced
+                i += len(replaced) - 1
+            else:
+                if hop.draining:
+                    replaced, _ = await self._move(i, "draining")
+                    self.hops[i:i + 1] = replaced
+                    i += len(replaced) - 1
+            x = out
+            i += 1
+        return x
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+            for hop in self.hops:
+                await self._close(hop)
+
+    # -- one hop -------------------------------------------------------------------------------
+    def _deadline(self, hop: _HopSession, tokens: int) -> float:
+        c = self.client.config
+        return c.step_timeout_s + c.step_timeout_per_token_block_s * tokens * (hop.end - hop.start)
+
+    async def _open_hop(self, hop: _HopSession) -> None:
+        client = self.client
+        try:
+            await client.ensure_connected(hop.peer_id)
+            hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
+                                                            timeout=client.config.open_timeout_s)
+            req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
+                                client.config.wire_dtype)
+            await hop.stream.send("session_open", req.to_body(), timeout=client.config.open_timeout_s)
+            reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
+            if reply.kind != "session_opened":
+                raise RemoteProtocolError(f"expected session_opened, got {reply.kind}")
+        except RemoteError as e:
+            # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
+            raise StageFailure(hop, f"refused: {e}", ban=e.code not in (S.ERR_BUSY,)) from None
+        except (NetworkError, RemoteProtocolError) as e:
+            raise StageFailure(hop, f"open failed: {e}") from None
+
+    async def _step(self, hop: _HopSession, x: np.ndarray, position: int) -> np.ndarray:
+        """Send one step to ``hop``; return its output. Raises StageFailure."""
+        if hop.stream is None:
+            raise StageFailure(hop, "no session")
+        body = S.Step(position, encode_hidden(x, self.client.config.wire_dtype)).to_body()
+        deadline = self._deadline(hop, x.shape[0])
+        try:
+            before_s, before_r = hop.stream.bytes_sent, hop.stream.bytes_received
+            await hop.stream.send("step", body, timeout=deadline)
+            reply = await hop.stream.receive_reply(timeout=deadline)
+            self.bytes_sent += hop.stream.bytes_sent - before_s
+            self.bytes_received += hop.stream.bytes_received - before_r
+            if reply.kind != "step_result":
+                raise RemoteProtocolError(f"expected step_result, got {reply.kind}")
+            result = S.StepResult.from_body(reply.body)
+            out = decode_hidden(result.hidden, self.client.limits)
+            if result.position != position or out.shape != x.shape:
+                raise RemoteProtocolError(f"step_result for position {result.position} shape "
+                                          f"{out.shape}, expected {position} {x.shape}")
+        except (NetworkError, RemoteProtocolError, TensorError) as e:
+            raise StageFailure(hop, f"step at {position} failed: {e}") from None
+        hop.draining = result.draining
+        return out
+
+    async def _close(self, hop: _HopSession) -> None:
+        if hop.stream is None:
+            return
+        stream, hop.stream = hop.stream, None
+        try:
+            await stream.send("session_close", {}, timeout=1.0)
+            await stream.receive(timeout=1.0)
+        except (NetworkError, RemoteProtocolError):
+            pass
+        await stream.aclose()
+
+    # -- routing and failover ------------------------------------------------------------------
+    async def _open_span(self, start: int, end: int, history: list[np.ndarray],
+                         pending: np.ndarray | None = None) -> list[_HopSession]:
+        """Route ``[start, end)``, open sessions, and replay ``history`` (+ ``pending``) through
+        them. Returns the hops; the output for ``pending`` is left in ``self._replayed``."""
+        client = self.client
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                route = client.find_route(start, end)
+            except NoRoute as e:
+                raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
+            hops = [_HopSession(h.peer_id, h.start, h.end) for h in route]
+            try:
+                for hop in hops:
+                    await self._open_hop(hop)
+                self._replayed = await self._replay(hops, history, pending)
+                return hops
+            except StageFailure as e:
+                log.info("route %s failed: %s", [h.peer_id[-8:] for h in hops], e)
+                client.avoid(e.hop.peer_id, e.ban)
+                for hop in hops:
+                    await self._close(hop)
+                self.failovers += 1
+                if attempts > client.config.max_failovers:
+                    raise GenerationFailed(f"gave up on blocks [{start}, {end}) after "
+                                           f"{attempts} attempts: {e}") from None
+
+    async def _replay(self, hops: list[_HopSession], history: list[np.ndarray],
+                      pending: np.ndarray | None) -> np.ndarray | None:
+        """Rebuild the new hops' KV caches: push every past input (and ``pending``) through them
+        in one step from position 0. Returns the output rows for ``pending``."""
+        chunks = [*history, *([pending] if pending is not None else [])]
+        if not chunks:
+            return None
+        x = np.concatenate(chunks, axis=0)
+        for hop in hops:
+            out = await self._step(hop, x, 0)
+            hop.inputs = [x[: x.shape[0] - (pending.shape[0] if pending is not None else 0)]]
+            if pending is not None:
+                hop.inputs.append(x[x.shape[0] - pending.shape[0]:])
+            x = out
+        return x[x.shape[0] - pending.shape[0]:] if pending is not None else None
+
+    async def _fail_over(self, i: int, failure: StageFailure,
+                         pending: np.ndarray) -> tuple[list[_HopSession], np.ndarray]:
+        lost = self.hops[i]
+        log.warning("hop failed, re-routing blocks [%d, %d): %s", lost.start, lost.end, failure)
+        self.client.avoid(lost.peer_id, failure.ban)
+        self.failovers += 1
+        if self.failovers > self.client.config.max_failovers:
+            raise GenerationFailed(f"too many failures; last: {failure}")
+        await self._close(lost)
+        hops = await self._open_span(lost.start, lost.end, lost.inputs, pending)
+        out = self._replayed
+        assert out is not None  # pending was given
+        return hops, out
+
+    async def _move(self, i: int, why: str) -> tuple[list[_HopSession], None]:
+        """Move hop ``i`` (already up to date) elsewhere, e.g. because its node is draining."""
+        old = self.hops[i]
+        log.info("moving blocks [%d, %d) off %s (%s)", old.start, old.end, old.peer_id[-8:], why)
+        self.client.avoid(old.peer_id, ban=False)
+        try:
+            hops = await self._open_span(old.start, old.end, old.inputs)
+        except GenerationFailed:
+            old.draining = False  # nowhere to go: keep using it while it still serves us
+            return [old], None
+        await self._close(old)
+        return hops, None
+
+
+class FleetClient:
+    """Generates text across the fleet that ``node`` sees. Create with ``FleetClient.create``."""
+
+    def __init__(self, node: Node, model: ClientModel, config: ClientConfig = ClientConfig()) -> None:
+        self.node = node
+        self.model = model
+        self.config = config
+        self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
+        self._avoid_until: dict[str, float] = {}
+
+    @classmethod
+    async def create(cls, node: Node, model_path: str | Path | None = None,
+                     config: ClientConfig = ClientConfig()) -> FleetClient:
+        """Load the client's part of the model (tokenizer, embedding, head) off the event loop."""
+        model = await trio.to_thread.run_sync(ClientModel.load, model_path)
+        return cls(node, model, config)
+
+    # -- peers ---------------------------------------------------------------------------------
+    def avoid(self, peer_id: str, ban: bool = True) -> None:
+        """Avoid ``peer_id``: for ``ban_s`` after a fault, for a few seconds after a refusal."""
+        self._avoid_until[peer_id] = time.monotonic() + (self.config.ban_s if ban else 5.0)
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(p for p, until in self._avoid_until.items() if until > now)
+
+    def candidates(self) -> list[Candidate]:
+        rtt = self.node.liveness.rtt_s
+        out = []
+        for record in self.node.fleet():
+            if record.model_id != self.model.model_id or record.peer_id == self.node.peer_id:
+                continue
+            cand = Candidate.from_record(record, rtt.get(record.peer_id))
+            if cand is not None:
+                out.append(cand)
+        return out
+
+    def find_route(self, start: int = 0, end: int | None = None) -> list[Hop]:
+        """The best chain of peers for blocks ``[start, end)`` now. Raises NoRoute."""
+        return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
+                          now=time.time(), my_region=self.node.config.region,
+                          banned=self.banned(), costs=self.config.costs)
+
+    async def wait_ready(self, timeout: float | None = None) -> list[Hop]:
+        """Wait until some route covers every block. Raises GenerationFailed on timeout."""
+        last: Exception | None = None
+        with trio.move_on_after(timeout if timeout is not None else self.config.route_wait_s):
+            while True:
+                try:
+                    return self.find_route()
+                except NoRoute as e:
+                    last = e
+                await trio.sleep(0.2)
+        raise GenerationFailed(f"the fleet does not cover the model: {last}")
+
+    async def ensure_connected(self, peer_id: str) -> None:
+        if peer_id in self.node.host.connected_peers():
+            return
+        entry = self.node.view.get(peer_id)
+        if entry is None:
+            raise NetworkError(f"{peer_id[-8:]} is not in the fleet view")
+        await self.node.host.connect_peer(peer_id, list(entry.record.addrs),
+                                          timeout=self.config.open_timeout_s)
+
+    # -- generation ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
+        tok = self.model.tokenizer
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        ids = tok.encode(text)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> FleetGeneration:
+        """An async iterator of ``(token_id, text_piece)`` as tokens are generated; its ``result``
+        is set when it finishes. Raises ValueError for bad parameters (here, not when iterated)."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed)
+        return FleetGeneration(self, self.encode_prompt(prompt, chat=chat), params)
+
+    async def generate(self, prompt: str, *, on_token: Callable[[int, str], None] | None = None,
+                       **kwargs: Any) -> FleetResult:
+        """Generate across the fleet (arguments as ``stream``); ``on_token(id, piece)`` is called
+        as tokens come. Raises GenerationFailed if the fleet cannot serve it."""
+        generation = self.stream(prompt, **kwargs)
+        async with aclosing(generation.run()) as tokens:
+            async for token, piece in tokens:
+                if on_token is not None:
+                    on_token(token, piece)
+        assert generation.result is not None  # set when run() completes
+        return generation.result
+
+
+class FleetGeneration:
+    """One generation across the fleet. ``async for token_id, piece in generation: ...``"""
+
+    def __init__(self, client: FleetClient, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.client = client
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.result: FleetResult | None = None
+        self.pipeline: Pipeline | None = None
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, str]]:
+        return self.run()
+
+    async def run(self) -> AsyncGenerator[tuple[int, str], None]:
+        """Yield ``(token_id, text_piece)`` per new token (a final ``(-1, tail)`` may flush text
+        held back mid-character). Close it (``aclosing``) to end early; sessions are closed."""
+        client = self.client
+        gen = Generation(client.model.head, self.prompt_ids, self.params, client.model.tokenizer.stop_ids)
+        text = TextStream(client.model.tokenizer)
+        await client.wait_ready()
+        pipeline = self.pipeline = Pipeline(client, len(self.prompt_ids) + max(1, self.params.max_new_tokens))
+        t0 = time.perf_counter()
+        try:
+            await pipeline.open()
+            while not gen.done:
+                step = gen.next_input()
+                hidden = await pipeline.forward(step.hidden, step.position)
+                token = gen.feed(hidden)
+                yield token, text.push(token)
+            tail = text.flush()
+            if tail:
+                yield -1, tail
+        finally:
+            await pipeline.aclose()
+        elapsed = time.perf_counter() - t0
+        self.result = FleetResult(
+            prompt_ids=self.prompt_ids, new_ids=gen.new_ids,
+            text=client.model.tokenizer.decode(gen.new_ids, skip_special=True),
+            tokens_per_s=len(gen.new_ids) / elapsed if elapsed > 0 else 0.0,
+            route=pipeline.route, failovers=pipeline.failovers,
+            stop_reason=gen.stop_reason or "length")

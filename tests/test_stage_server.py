@@ -1,0 +1,204 @@
+"""The stage server over real libp2p streams: sessions, and every kind of bad input."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.model.stage import Stage, load_stage
+from node.server import ServerConfig, StageServer
+from p2p.errors import RemoteError
+from p2p.framing import FramedStream
+from p2p.host import Host, HostConfig, open_host
+from protocols import session as S
+from protocols import wire
+from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def two_blocks(model_file: Any) -> Stage:
+    return load_stage(model_file, 4, 6)
+
+
+@asynccontextmanager
+async def served(stage: Stage, config: ServerConfig) -> AsyncIterator[tuple[StageServer, Host, str]]:
+    server = StageServer(stage, config)
+    async with (
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as host,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
+        peer = await client.connect(host.multiaddrs()[0])
+        yield server, client, peer
+
+
+async def open_session(client: Host, peer: str, stage: Stage, **changes: Any) -> FramedStream:
+    fs = await client.open_stream(peer, S.STAGE_PROTOCOL)
+    body = S.OpenRequest(stage.model_id, stage.start, stage.end, MAX_LEN).to_body() | changes
+    await fs.send("session_open", body, timeout=5)
+    reply = await fs.receive_reply(timeout=5)
+    assert reply.kind == "session_opened"
+    return fs
+
+
+async def step(fs: FramedStream, x: np.ndarray, position: int) -> np.ndarray:
+    await fs.send("step", S.Step(position, encode_hidden(x)).to_body(), timeout=5)
+    reply = await fs.receive_reply(timeout=10)
+    result = S.StepResult.from_body(reply.body)
+    return decode_hidden(result.hidden, TensorLimits())
+
+
+def hidden(tokens: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((tokens, 576)).astype(np.float32)
+
+
+async def test_session_steps_match_local_forward_and_sessions_run_concurrently(two_blocks: Stage) -> None:
+    async with served(two_blocks, ServerConfig()) as (server, client, peer):
+        x0, x1 = hidden(5, 1), hidden(1, 2)
+        cache = two_blocks.new_cache()
+        want0 = two_blocks.forward(x0, cache, 0)
+        want1 = two_blocks.forward(x1, cache, 5)
+        a = await open_session(client, peer, two_blocks)
+        b = await open_session(client, peer, two_blocks)
+        assert server.active_sessions == 2
+        got: dict[str, np.ndarray] = {}
+
+        async def run(name: str, fs: FramedStream) -> None:
+            await step(fs, x0, 0)
+            got[name] = await step(fs, x1, 5)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "a", a)
+            nursery.start_soon(run, "b", b)
+        np.testing.assert_array_equal(got["a"], want1)
+        np.testing.assert_array_equal(got["b"], want1)
+        # A retried step (same position) is idempotent: the cache is truncated first.
+        np.testing.assert_array_equal(await step(a, x0, 0), want0)
+        await a.send("session_close", {}, timeout=5)
+        assert (await a.receive(timeout=5)).kind == "session_closed"
+        await b.aclose()
+        with trio.fail_after(5):
+            await server.wait_idle()
+        assert server.reserved_bytes == 0
+
+
+async def test_a_sub_range_is_served_with_shared_weights(two_blocks: Stage) -> None:
+    async with served(two_blocks, ServerConfig()) as (_server, client, peer):
+        sub = two_blocks.sub_stage(5, 6)
+        fs = await open_session(client, peer, sub)
+        x = hidden(3)
+        np.testing.assert_array_equal(await step(fs, x, 0), sub.forward(x, sub.new_cache(), 0))
+
+
+@pytest.mark.parametrize(("changes", "code"), [
+    ({"model_id": "gguf-sha256:" + "0" * 64}, S.ERR_WRONG_MODEL),
+    ({"start": 0, "end": 5}, S.ERR_WRONG_BLOCKS),
+    ({"start": 5, "end": 9}, S.ERR_WRONG_BLOCKS),
+    ({"max_length": 100_000}, S.ERR_BAD_POSITION),
+    ({"start": 6, "end": 5}, S.ERR_BAD_REQUEST),
+    ({"dtype": "float64"}, S.ERR_BAD_REQUEST),
+    ({"max_length": "64"}, S.ERR_BAD_REQUEST),
+])
+async def test_bad_session_open_gets_a_clear_error(two_blocks: Stage, changes: dict[str, Any],
+                                                  code: str) -> None:
+    async with served(two_blocks, ServerConfig()) as (server, client, peer):
+        with pytest.raises(RemoteError) as err:
+            await open_session(client, peer, two_blocks, **changes)
+        assert err.value.code == code
+        assert server.active_sessions == 0
+        await open_session(client, peer, two_blocks)  # everyone else is still served
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"position": 0, "hidden": {"dtype": "float32", "shape": [2, 100], "data": b"\0" * 800}},
+     S.ERR_BAD_TENSOR),  # wrong hidden size
+    ({"position": 0, "hidden": {"dtype": "float64", "shape": [1, 576], "data": b"\0" * 4608}},
+     S.ERR_BAD_TENSOR),  # dtype not allowed
+    ({"position": 0, "hidden": {"dtype": "float32", "shape": [1, 576], "data": b"\0" * 10}},
+     S.ERR_BAD_TENSOR),  # byte length mismatch
+    ({"position": 0, "hidden": {"dtype": "float32", "shape": [5000, 576], "data": b"\0" * 4}},
+     S.ERR_BAD_TENSOR),  # oversized shape claim
+    ({"position": 7, "hidden": encode_hidden(np.zeros((1, 576), np.float32)).to_dict()},
+     S.ERR_BAD_POSITION),  # skips ahead of the cache
+    ({"position": 60, "hidden": encode_hidden(np.zeros((10, 576), np.float32)).to_dict()},
+     S.ERR_BAD_POSITION),  # past max_length
+    ({"hidden": {}}, S.ERR_BAD_TENSOR),
+])
+async def test_bad_steps_get_errors_and_the_session_survives(two_blocks: Stage, body: dict[str, Any],
+                                                            code: str) -> None:
+    async with served(two_blocks, ServerConfig()) as (_server, client, peer):
+        fs = await open_session(client, peer, two_blocks)
+        await fs.send("step", body, timeout=5)
+        with pytest.raises(RemoteError) as err:
+            await fs.receive_reply(timeout=5)
+        assert err.value.code in (code, S.ERR_BAD_REQUEST)
+        x = hidden(2)
+        np.testing.assert_array_equal(await step(fs, x, 0),
+                                      two_blocks.forward(x, two_blocks.new_cache(), 0))
+
+
+async def test_out_of_order_messages_and_garbage_end_only_that_session(two_blocks: Stage) -> None:
+    async with served(two_blocks, ServerConfig()) as (server, client, peer):
+        fs = await client.open_stream(peer, S.STAGE_PROTOCOL)
+        await fs.send("step", S.Step(0, encode_hidden(hidden(1))).to_body(), timeout=5)
+        with pytest.raises(RemoteError, match="unexpected 'step'"):
+            await fs.receive_reply(timeout=5)
+        raw = await client.open_stream(peer, S.STAGE_PROTOCOL)
+        await raw._stream.write(wire.frame(b"\xc1garbage"))
+        with pytest.raises(RemoteError):
+            await raw.receive_reply(timeout=5)
+        closed = await open_session(client, peer, two_blocks)
+        await closed.send("session_close", {}, timeout=5)
+        await closed.receive(timeout=5)
+        assert server.active_sessions == 0
+        assert server.stats.bad_requests == 2
+        await open_session(client, peer, two_blocks)
+
+
+async def test_session_limit_and_kv_budget_refuse_with_busy(two_blocks: Stage) -> None:
+    per_session = MAX_LEN * 2 * 2 * 3 * 64 * 4  # blocks x K/V x kv heads x head dim x float32
+    config = ServerConfig(max_sessions=2, kv_budget_bytes=per_session * 3)
+    async with served(two_blocks, config) as (server, client, peer):
+        await open_session(client, peer, two_blocks)
+        await open_session(client, peer, two_blocks)
+        with pytest.raises(RemoteError) as err:
+            await open_session(client, peer, two_blocks)
+        assert err.value.code == S.ERR_BUSY
+    config = ServerConfig(max_sessions=10, kv_budget_bytes=per_session * 2)
+    async with served(two_blocks, config) as (server, client, peer):
+        await open_session(client, peer, two_blocks)
+        await open_session(client, peer, two_blocks)
+        with pytest.raises(RemoteError, match="memory budget") as err:
+            await open_session(client, peer, two_blocks)
+        assert server.reserved_bytes <= config.kv_budget_bytes
+
+
+async def test_idle_sessions_are_closed_and_freed(two_blocks: Stage) -> None:
+    async with served(two_blocks, ServerConfig(idle_timeout_s=0.5)) as (server, client, peer):
+        fs = await open_session(client, peer, two_blocks)
+        assert server.active_sessions == 1
+        with pytest.raises(RemoteError) as err:
+            await fs.receive_reply(timeout=5)
+        assert err.value.code == S.ERR_IDLE
+        assert server.active_sessions == 0
+        assert server.stats.idle_closed == 1
+
+
+async def test_draining_server_refuses_new_sessions_and_flags_steps(two_blocks: Stage) -> None:
+    async with served(two_blocks, ServerConfig()) as (server, client, peer):
+        fs = await open_session(client, peer, two_blocks)
+        server.draining = True
+        with pytest.raises(RemoteError) as err:
+            await open_session(client, peer, two_blocks)
+        assert err.value.code == S.ERR_DRAINING
+        await fs.send("step", S.Step(0, encode_hidden(hidden(1))).to_body(), timeout=5)
+        reply = await fs.receive_reply(timeout=5)
+        assert S.StepResult.from_body(reply.body).draining is True
