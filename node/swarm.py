@@ -22,7 +22,8 @@ from typing import Any, TextIO
 from node.run import write_json_atomic
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
-# Room for 10 of SmolLM2's 30 blocks (14.2 MB each in fp32; 140 MiB = 146.8 MB): 3 nodes cover the model, 6 cover it twice.
+# Room for 10 of SmolLM2's 30 blocks (14.2 MB each in fp32; 140 MiB = 146.8 MB):
+# 3 nodes cover the model, 6 cover it twice.
 SWARM_BUDGET_MB = 140
 
 
