@@ -97,7 +97,7 @@ async def test_three_nodes_cover_the_model_and_generate_like_local(
                         ids.append(token)
                         if len(ids) == 3:
                             spare_id = await background.start(run_spare)
-                            await me.wait_for(lambda f: any(
+                            await me.wait_for(lambda f, spare_id=spare_id: any(
                                 r.peer_id == spare_id and r.state == "online" for r in f), timeout=30)
                             background.start_soon(drain)
                             await trio.sleep(0.2)  # the drain is announced; the next step sees it
