@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/idlefleet swarm --nodes 3 --duration 20
+	$(VENV)/bin/idlefleet swarm --nodes 3 --generate "Once upon a time, in a city of parked electric cars," --max-new-tokens 48
 
 test: venv
 	$(PY) -m pytest -q

@@ -65,6 +65,9 @@ def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--state-file", type=Path, metavar="FILE",
                    help='write {"nodes": [{"peer_id", "multiaddr", "pid"}, ...]} here, bootstrap first')
     p.add_argument("--dir", type=Path, help="keep keys, logs and event logs here (default: a temp dir)")
+    p.add_argument("--generate", metavar="PROMPT",
+                   help="once the swarm covers the model, generate across it (then stop, unless --duration)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,7 +120,8 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         print("idlefleet: --nodes must be at least 1", file=sys.stderr)
         return 2
-    return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir)
+    return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir,
+                     prompt=args.generate, max_new_tokens=args.max_new_tokens)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

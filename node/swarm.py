@@ -181,22 +181,60 @@ def render_table(swarm: Swarm) -> str:
     return "\n".join(rows)
 
 
+def covered(swarm: Swarm, n_blocks: int = 30) -> bool:
+    """Whether the online nodes' hosted blocks cover ``[0, n_blocks)``."""
+    hosted = [0] * n_blocks
+    for node in swarm.nodes:
+        st = node.status()
+        if st and st.get("state") == "online" and st.get("blocks"):
+            for b in range(*st["blocks"]):
+                if b < n_blocks:
+                    hosted[b] += 1
+    return min(hosted) > 0
+
+
+def generate_across(swarm: Swarm, prompt: str, max_new_tokens: int, out: TextIO) -> int:
+    """Run ``idlefleet generate --bootstrap`` against the swarm; its text streams to ``out``."""
+    boot = (swarm.nodes[0].status() or {}).get("multiaddr")
+    deadline = time.monotonic() + 120
+    while not covered(swarm) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print(render_table(swarm), file=out)
+    print(f"\n>>> {prompt}", end="", file=out, flush=True)
+    cmd = [sys.executable, "-m", "node.cli", "generate", "--bootstrap", str(boot), prompt,
+           "--max-new-tokens", str(max_new_tokens)]
+    proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=swarm.env, timeout=300)
+    print(f"\n{proc.stderr.strip()}\n", file=out, flush=True)
+    return proc.returncode
+
+
 def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdir: Path | None,
-              extra_args: Sequence[str] = (), out: TextIO = sys.stdout) -> int:
-    """The ``idlefleet swarm`` command. Returns the exit code."""
+              extra_args: Sequence[str] = (), out: TextIO = sys.stdout, prompt: str | None = None,
+              max_new_tokens: int = 48) -> int:
+    """The ``idlefleet swarm`` command. Returns the exit code.
+
+    With ``prompt``, once the swarm covers the model it generates text across it (showing the
+    route), then stops unless a ``duration`` was given.
+    """
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="idlefleet-swarm-")
         workdir = Path(tmp.name)
     swarm = Swarm(n, workdir, extra_args)
-    live = out.isatty()
+    live = out.isatty() and prompt is None
     started = time.monotonic()
+    code = 0
     try:
         print(f"starting {n} node processes (logs in {workdir})", file=out, flush=True)
         swarm.start()
         if state_file is not None:
             write_json_atomic(state_file, swarm.state())
         started = time.monotonic()
+        code = 0
+        if prompt is not None:
+            code = generate_across(swarm, prompt, max_new_tokens, out)
+            if duration is None:
+                return code
         while duration is None or time.monotonic() - started < duration:
             table = render_table(swarm)
             elapsed = time.monotonic() - started
@@ -219,4 +257,4 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
             state_file.unlink(missing_ok=True)
         if tmp is not None:
             tmp.cleanup()
-    return 0
+    return code
