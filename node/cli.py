@@ -146,29 +146,46 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from p2p.errors import NetworkError
-    from protocols.errors import IdlefleetError
-
     args = build_parser().parse_args(argv)
-    commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     try:
-        if args.command == "generate" and args.bootstrap:
+        return _dispatch(args)
+    except BaseException as exc:
+        code = _report(exc)
+        if code is None:
+            raise
+        return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        if args.bootstrap:
             from node.fleet_cli import run_fleet_generate
 
             return run_fleet_generate(args)
-        if args.command == "generate":
-            from node.generate_cli import run_generate
+        from node.generate_cli import run_generate
 
-            return run_generate(args)
-        return commands[args.command](args)
-    except NetworkError as e:
-        print(f"idlefleet: network error: {e}", file=sys.stderr)
-        return 3
-    except IdlefleetError as e:
-        print(f"idlefleet: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return run_generate(args)
+    commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
+    return commands[args.command](args)
+
+
+def _report(exc: BaseException) -> int | None:
+    """Print an expected error (ours, possibly wrapped by trio nurseries) and return the exit
+    code; None for anything unexpected (a bug: let the traceback show)."""
+    from p2p.errors import NetworkError
+    from protocols.errors import IdlefleetError
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, KeyboardInterrupt):
         return 130
+    if isinstance(exc, NetworkError):
+        print(f"idlefleet: network error: {exc}", file=sys.stderr)
+        return 3
+    if isinstance(exc, IdlefleetError):
+        print(f"idlefleet: {exc}", file=sys.stderr)
+        return 2
+    return None
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class NodeConfig:
     record_ttl_s: float = 60.0
     vehicle_poll_s: float = 1.0
     heartbeat_s: float = 2.0
-    heartbeat_timeout_s: float = 2.5
+    heartbeat_timeout_s: float = 4.0
     heartbeat_misses: int = 3
     target_peers: int = 8
     event_log: Path | None = None

@@ -278,7 +278,10 @@ class Node:
                 raw = env.body.get("notice")
                 if not isinstance(raw, bytes):
                     raise RemoteProtocolError("peer_down message without notice bytes")
-                notice = decode_notice(raw, now)
+                try:
+                    notice = decode_notice(raw, now)
+                except RemoteProtocolError as e:
+                    raise RecordRejected("bad_notice", str(e)) from None
                 if notice.reporter != origin:
                     raise RecordRejected("source_mismatch", "notice relayed under another identity")
                 if notice.subject == self.peer_id:
@@ -299,7 +302,8 @@ class Node:
     def _count_rejection(self, reason: str, origin: str, detail: str) -> None:
         self.rejected[reason] += 1
         # GossipSub replays its recent-message cache to new peers: stale records are routine.
-        (log.debug if reason == "stale_sequence" else log.info)(
+        # (Expired ones too, when a replay arrives late on a loaded machine.)
+        (log.debug if reason in ("stale_sequence", "expired") else log.info)(
             "dropped gossip from %s: %s", origin[-8:], detail)
         self.event("rejected", peer=origin, reason=reason)
 

@@ -51,36 +51,41 @@ def node_status(node: Node) -> dict[str, Any]:
     }
 
 
-async def _cancel_on_signal(signals: Any, scope: trio.CancelScope) -> None:
-    async for _ in signals:
-        scope.cancel()
-        return
-
-
 async def run_node(config: NodeConfig, *, status_file: Path | None = None,
                    status_interval_s: float = 1.0, drain_s: float = 8.0) -> None:
-    """Run until SIGINT/SIGTERM, then leave cleanly (publishing ``offline``)."""
+    """Run until SIGINT/SIGTERM, then leave cleanly: drain (sessions move elsewhere), publish
+    ``offline``, stop. A signal during start-up stops the node as soon as it is up; a second
+    signal cuts the drain short."""
+    stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_node(config) as node, trio.open_nursery() as nursery:
-            log.info("node %s listening on %s", node.peer_id, " ".join(node.multiaddrs))
+        async with trio.open_nursery() as outer:
+            drain_scope = trio.CancelScope()
 
-            async def _status_writer() -> None:
-                while True:
-                    if status_file is not None:
-                        write_json_atomic(status_file, node_status(node))
-                    await trio.sleep(status_interval_s)
+            async def _watch_signals() -> None:
+                async for signum in signals:
+                    if stop.is_set():
+                        drain_scope.cancel()
+                        continue
+                    log.info("received %s: draining, then leaving the fleet",
+                             signal.Signals(signum).name)
+                    stop.set()
 
-            nursery.start_soon(_status_writer)
-            async for signum in signals:
-                log.info("received %s: draining, then leaving the fleet", signal.Signals(signum).name)
-                break
-            # Sessions in flight move elsewhere without an error; a second signal cuts it short.
-            with trio.move_on_after(drain_s) as drain_scope:
-                async with trio.open_nursery() as drain_nursery:
-                    drain_nursery.start_soon(_cancel_on_signal, signals, drain_scope)
+            outer.start_soon(_watch_signals)
+            async with open_node(config) as node, trio.open_nursery() as nursery:
+                log.info("node %s listening on %s", node.peer_id, " ".join(node.multiaddrs))
+                nursery.start_soon(_write_status, node, status_file, status_interval_s)
+                await stop.wait()
+                with drain_scope, trio.move_on_after(drain_s):
                     await node.drain(timeout=drain_s)
-                    drain_nursery.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+    if status_file is not None:
+        with contextlib.suppress(FileNotFoundError):
+            await trio.Path(status_file).unlink()
+
+
+async def _write_status(node: Node, status_file: Path | None, interval_s: float) -> None:
+    while True:
         if status_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                await trio.Path(status_file).unlink()
+            write_json_atomic(status_file, node_status(node))
+        await trio.sleep(interval_s)

@@ -32,7 +32,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from protocols.errors import RemoteProtocolError
 from protocols.wire import Envelope
 
-from .errors import DeadlineExceeded, NetworkError, PeerUnreachable
+from .errors import DeadlineExceeded, NetworkError, PeerUnreachable, StreamClosed
 from .framing import FramedStream
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class HostConfig:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 5.0
     dht_timeout_s: float = 10.0
+    reused_stream_idle_s: float = 60.0  # a server keeps a reused request stream this long
     max_frame: int = 16 * 1024 * 1024
 
 
@@ -142,6 +143,7 @@ class Host:
         self._config = config
         self._nursery = nursery
         self._disconnect_callbacks: list[DisconnectCallback] = []
+        self._reusable: dict[tuple[str, str], FramedStream] = {}
         self.stats = HostStatistics()
         self.peer_id: str = host.get_id().to_base58()
         host.get_network().register_notifee(_DisconnectNotifee(self._on_disconnected))
@@ -160,6 +162,7 @@ class Host:
     def _on_disconnected(self, peer_id: str) -> None:
         if peer_id in self.connected_peers():
             return  # another connection to the same peer is still up
+        self._forget_streams(peer_id)
         for cb in self._disconnect_callbacks:
             cb(peer_id)
 
@@ -204,6 +207,7 @@ class Host:
         the muxer; py-libp2p then tears the connection down and notifies pubsub itself.
         """
         self.stats.evictions += 1
+        self._forget_streams(peer_id)
         pid = ID.from_base58(peer_id)
         for conn in list(self._host.get_network().connections.get(pid, [])):
             sock = _find_socket_stream(conn)
@@ -245,12 +249,20 @@ class Host:
         """Serve one-request-one-reply on ``protocol``; requests of any other kind get an error."""
 
         async def _serve(fs: FramedStream) -> None:
-            env = await fs.receive(timeout=self._config.request_timeout_s)
-            if env.kind != kind:
-                raise RemoteProtocolError(f"{protocol} expects {kind!r}, got {env.kind!r}")
-            reply_kind, body = await handler(fs.peer_id, env)
-            self.stats.requests_served += 1
-            await fs.send(reply_kind, body, timeout=self._config.request_timeout_s)
+            # A client may keep the stream for further requests (``request(..., reuse=True)``):
+            # serve until it closes it or stays silent for ``reused_stream_idle_s``.
+            wait = self._config.request_timeout_s
+            while True:
+                try:
+                    env = await fs.receive(timeout=wait)
+                except (StreamClosed, DeadlineExceeded):
+                        return
+                if env.kind != kind:
+                    raise RemoteProtocolError(f"{protocol} expects {kind!r}, got {env.kind!r}")
+                reply_kind, body = await handler(fs.peer_id, env)
+                self.stats.requests_served += 1
+                await fs.send(reply_kind, body, timeout=self._config.request_timeout_s)
+                wait = self._config.reused_stream_idle_s
 
         self.set_stream_handler(protocol, _serve)
 
@@ -267,20 +279,37 @@ class Host:
         return FramedStream(stream, max_frame=self._config.max_frame)
 
     async def request(self, peer_id: str, protocol: str, kind: str, body: dict[str, Any], *,
-                      timeout: float | None = None) -> Envelope:
+                      timeout: float | None = None, reuse: bool = False) -> Envelope:
         """Send one request and wait for its reply, all within ``timeout``.
 
+        With ``reuse``, the stream stays open for the next request to the same peer and protocol
+        (opening a stream costs several ms of CPU; heartbeats use this). Any failure discards it.
         Raises PeerUnreachable, DeadlineExceeded, RemoteError (the peer replied ``error``),
         RemoteProtocolError (garbage reply) or NetworkError.
         """
         timeout = timeout or self._config.request_timeout_s
         deadline = trio.current_time() + timeout
-        fs = await self.open_stream(peer_id, protocol, timeout=timeout)
+        key = (peer_id, protocol)
+        fs = self._reusable.pop(key, None) if reuse else None
+        if fs is None:
+            fs = await self.open_stream(peer_id, protocol, timeout=timeout)
+        ok = False
         try:
             await fs.send(kind, body, timeout=max(0.01, deadline - trio.current_time()))
-            return await fs.receive_reply(timeout=max(0.01, deadline - trio.current_time()))
+            reply = await fs.receive_reply(timeout=max(0.01, deadline - trio.current_time()))
+            ok = True
+            return reply
         finally:
-            await fs.aclose()
+            if reuse and ok and key not in self._reusable:
+                self._reusable[key] = fs
+            elif reuse and not ok:
+                await fs.reset()  # it may hold half a frame: never reuse it
+            else:
+                await fs.aclose()
+
+    def _forget_streams(self, peer_id: str) -> None:
+        for key in [k for k in self._reusable if k[0] == peer_id]:
+            del self._reusable[key]
 
     # -- gossip ------------------------------------------------------------------------------
     async def subscribe(self, topic: str, validator: GossipValidator) -> None:

@@ -31,7 +31,9 @@ HEARTBEAT_PROTOCOL = "/idlefleet/heartbeat/1.0.0"
 @dataclass(frozen=True)
 class LivenessConfig:
     interval_s: float = 2.0
-    timeout_s: float = 2.5
+    # Generous: a node computing at full CPU answers late, and a false eviction costs a lot
+    # (connections torn down, notices, refutations). Frozen peers still go within ~15 s.
+    timeout_s: float = 4.0
     misses: int = 3
     rtt_alpha: float = 0.3  # EWMA weight of a new RTT sample
 
@@ -96,7 +98,8 @@ class Liveness:
             nonce = secrets.randbits(63)
             try:
                 reply = await self._host.request(peer_id, HEARTBEAT_PROTOCOL, "heartbeat",
-                                                 {"nonce": nonce}, timeout=self._config.timeout_s)
+                                                 {"nonce": nonce}, timeout=self._config.timeout_s,
+                                                 reuse=True)
                 if reply.kind != "heartbeat_ack" or reply.body.get("nonce") != nonce:
                     raise RemoteProtocolError(f"bad heartbeat reply {reply.kind}")
             except (NetworkError, RemoteProtocolError) as e:

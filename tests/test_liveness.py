@@ -49,7 +49,7 @@ class FakeHost:
         return set(self.connected)
 
     async def request(self, peer_id: str, protocol: str, kind: str, body: dict[str, Any], *,
-                      timeout: float) -> Envelope:
+                      timeout: float, reuse: bool = False) -> Envelope:
         assert protocol == HEARTBEAT_PROTOCOL
         assert kind == "heartbeat"
         self.requests.append((trio.current_time(), peer_id))

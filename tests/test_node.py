@@ -30,6 +30,7 @@ def node_config(tmp_path: Path, i: int, bootstrap: tuple[str, ...] = ()) -> Node
         vehicle=f"sim:{PROFILES[i % 5]}:seed={i}",
         bootstrap=bootstrap,
         consent=True,
+        serve=False,  # gossip only: these nodes host no model blocks
         event_log=tmp_path / f"node{i}.events.jsonl",
         heartbeat_s=1.0,
         heartbeat_timeout_s=1.0,

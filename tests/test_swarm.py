@@ -58,7 +58,7 @@ def test_keygen_writes_a_private_key_file(tmp_path: Path) -> None:
 
 
 async def test_sigkill_and_sigstop_peers_leave_every_view(tmp_path: Path) -> None:
-    swarm = Swarm(5, tmp_path)
+    swarm = Swarm(5, tmp_path, ["--no-serve"])  # gossip and liveness only
     try:
         await trio.to_thread.run_sync(swarm.start)
         await trio.to_thread.run_sync(wait_converged, swarm)
