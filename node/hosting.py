@@ -140,7 +140,7 @@ class BlockHosting:
         stage = await trio.to_thread.run_sync(lambda: _load(path, *blocks), limiter=self._limiter)
         log.info("loaded blocks [%d, %d) (%.0f MB) in %.1fs", *blocks, stage.nbytes / 1e6,
                  time.perf_counter() - started)
-        self.server = StageServer(stage, self.config.server, self._limiter)
+        self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event)
         node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
         node.nursery.start_soon(self._provide, blocks)
 

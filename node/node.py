@@ -116,7 +116,7 @@ class Node:
         self._events: TextIO | None = None
         if config.event_log is not None:
             config.event_log.parent.mkdir(parents=True, exist_ok=True)
-            self._events = open(config.event_log, "a", buffering=1)  # noqa: SIM115 - closed in aclose
+            self._events = open(config.event_log, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
             misses=config.heartbeat_misses))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +53,10 @@ class StageServer:
     """Serves ``stage`` (blocks ``[stage.start, stage.end)``) on ``protocols.session.STAGE_PROTOCOL``."""
 
     def __init__(self, stage: Stage, config: ServerConfig = ServerConfig(),
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None,
+                 on_event: Callable[..., None] | None = None) -> None:
         self.stage = stage
+        self._on_event = on_event or (lambda event, **fields: None)  # the owner's audit log
         self.config = config
         self.draining = False
         self.stats = ServerStatistics()
@@ -112,7 +115,7 @@ class StageServer:
     async def handle(self, fs: FramedStream) -> None:
         """Serve one session on ``fs`` until the client closes it, it idles out, or the link dies."""
         machine = S.SessionMachine()
-        sid = 0
+        sid = steps = tokens = 0
         cache: KVCache | None = None
         stage: Stage | None = None
         req: S.OpenRequest | None = None
@@ -142,6 +145,9 @@ class StageServer:
                     self.stats.sessions_opened += 1
                     log.info("session %d opened by %s: blocks [%d, %d), max_length %d", sid,
                              fs.peer_id[-8:], req.start, req.end, req.max_length)
+                    self._on_event("session_opened", session=sid, client=fs.peer_id,
+                                   blocks=[req.start, req.end], max_length=req.max_length)
+
                     await fs.send("session_opened", {"session": sid, "start": req.start,
                                                      "end": req.end}, timeout=self.config.send_timeout_s)
                 elif env.kind == "step":
@@ -149,7 +155,8 @@ class StageServer:
                     assert stage is not None
                     assert cache is not None
                     assert req is not None
-                    await self._step(fs, env.body, stage, cache, req)
+                    done = await self._step(fs, env.body, stage, cache, req)
+                    steps, tokens = steps + (done > 0), tokens + done
                 else:  # session_close
                     await fs.send("session_closed", {}, timeout=self.config.send_timeout_s)
         except RemoteProtocolError as e:
@@ -161,11 +168,14 @@ class StageServer:
         finally:
             if self._reserved.pop(sid, None) is not None:
                 log.info("session %d closed", sid)
+                self._on_event("session_closed", session=sid, client=fs.peer_id,
+                               steps=steps, tokens=tokens)
             if not self._reserved:
                 self._idle.set()
 
     async def _step(self, fs: FramedStream, body: dict[str, Any], stage: Stage, cache: KVCache,
-                    req: S.OpenRequest) -> None:
+                    req: S.OpenRequest) -> int:
+        """Serve one step; returns the number of positions computed (0 if refused)."""
         try:
             step = S.Step.from_body(body)
             hidden = decode_hidden(step.hidden, self._limits)
@@ -173,12 +183,12 @@ class StageServer:
             self.stats.bad_requests += 1
             await fs.send_error(S.ERR_BAD_TENSOR if isinstance(e, TensorError) else S.ERR_BAD_REQUEST,
                                 str(e))
-            return
+            return 0
         if step.position > cache.length or step.position + hidden.shape[0] > req.max_length:
             self.stats.bad_requests += 1
             await fs.send_error(S.ERR_BAD_POSITION, f"position {step.position} (+{hidden.shape[0]}) "
                                 f"with {cache.length} cached, max_length {req.max_length}")
-            return
+            return 0
         started = time.perf_counter()
         out = await trio.to_thread.run_sync(stage.forward, hidden, cache, step.position,
                                             limiter=self._limiter)
@@ -187,3 +197,4 @@ class StageServer:
         self.stats.tokens += hidden.shape[0]
         result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)
         await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
+        return int(hidden.shape[0])

@@ -202,3 +202,25 @@ async def test_draining_server_refuses_new_sessions_and_flags_steps(two_blocks: 
         await fs.send("step", S.Step(0, encode_hidden(hidden(1))).to_body(), timeout=5)
         reply = await fs.receive_reply(timeout=5)
         assert S.StepResult.from_body(reply.body).draining is True
+
+
+async def test_every_session_is_in_the_owners_audit_log(two_blocks: Stage) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    server = StageServer(two_blocks, ServerConfig(), on_event=lambda e, **f: events.append((e, f)))
+    async with (
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as host,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
+        peer = await client.connect(host.multiaddrs()[0])
+        fs = await open_session(client, peer, two_blocks)
+        await step(fs, hidden(4), 0)
+        await step(fs, hidden(1), 4)
+        await fs.send("session_close", {}, timeout=5)
+        await fs.receive(timeout=5)
+        with trio.fail_after(5):
+            await server.wait_idle()
+    assert [e for e, _ in events] == ["session_opened", "session_closed"]
+    assert events[0][1]["client"] == client.peer_id
+    assert events[0][1]["blocks"] == [4, 6]
+    assert events[1][1] | {"session": 0} == {"session": 0, "client": client.peer_id, "steps": 2, "tokens": 5}
