@@ -128,7 +128,7 @@ class Pipeline:
         return [{"peer_id": h.peer_id, "blocks": [h.start, h.end]} for h in self.hops]
 
     async def open(self) -> None:
-        self.hops = await self._open_span(0, self.client.model.n_blocks, [])
+        self.hops, _ = await self._open_span(0, self.client.model.n_blocks, [])
 
     async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
         """Run ``hidden`` (positions ``position..``) through every hop, failing over as needed."""
@@ -217,9 +217,10 @@ class Pipeline:
 
     # -- routing and failover ------------------------------------------------------------------
     async def _open_span(self, start: int, end: int, history: list[np.ndarray],
-                         pending: np.ndarray | None = None) -> list[_HopSession]:
+                         pending: np.ndarray | None = None
+                         ) -> tuple[list[_HopSession], np.ndarray | None]:
         """Route ``[start, end)``, open sessions, and replay ``history`` (+ ``pending``) through
-        them. Returns the hops; the output for ``pending`` is left in ``self._replayed``."""
+        them. Returns the hops and the span's output for ``pending``."""
         client = self.client
         attempts = 0
         while True:
@@ -232,8 +233,7 @@ class Pipeline:
             try:
                 for hop in hops:
                     await self._open_hop(hop)
-                self._replayed = await self._replay(hops, history, pending)
-                return hops
+                return hops, await self._replay(hops, history, pending)
             except StageFailure as e:
                 log.info("route %s failed: %s", [h.peer_id[-8:] for h in hops], e)
                 client.avoid(e.hop.peer_id, e.ban)
@@ -269,8 +269,7 @@ class Pipeline:
         if self.failovers > self.client.config.max_failovers:
             raise GenerationFailed(f"too many failures; last: {failure}")
         await self._close(lost)
-        hops = await self._open_span(lost.start, lost.end, lost.inputs, pending)
-        out = self._replayed
+        hops, out = await self._open_span(lost.start, lost.end, lost.inputs, pending)
         assert out is not None  # pending was given
         return hops, out
 
@@ -280,7 +279,7 @@ class Pipeline:
         log.info("moving blocks [%d, %d) off %s (%s)", old.start, old.end, old.peer_id[-8:], why)
         self.client.avoid(old.peer_id, ban=False)
         try:
-            hops = await self._open_span(old.start, old.end, old.inputs)
+            hops, _ = await self._open_span(old.start, old.end, old.inputs)
         except GenerationFailed:
             old.draining = False  # nowhere to go: keep using it while it still serves us
             return [old], None
