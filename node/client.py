@@ -19,8 +19,10 @@ Embedding API::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -47,6 +49,10 @@ from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 log = logging.getLogger(__name__)
 
 
+# Load a session of our own adds to a peer in route costs (a peer computes one step at a time).
+OWN_SESSION_LOAD = 0.5
+
+
 class GenerationFailed(IdlefleetError):
     """The fleet could not finish the generation (no route left after failovers)."""
 
@@ -60,7 +66,10 @@ class ClientConfig:
     ban_s: float = 60.0  # how long a failed peer is avoided
     max_failovers: int = 8  # per generation
     route_wait_s: float = 30.0  # how long to wait for the fleet to cover every block
-    costs: RouteCosts = field(default_factory=RouteCosts)
+    # Decoding one token through one SmolLM2 block in numpy takes ~1 ms, far more than its FLOPs
+    # at a node's measured matmul rate suggest (it is memory-bound): count that as overhead, so
+    # compute, not RTT noise, dominates route costs.
+    costs: RouteCosts = field(default_factory=lambda: RouteCosts(block_overhead_s=0.001))
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class _HopSession:
     stream: FramedStream | None = None
     inputs: list[np.ndarray] = field(default_factory=list)  # every input sent, in position order
     draining: bool = False
+    counted: bool = False  # in the client's open_sessions
 
     @property
     def length(self) -> int:
@@ -205,6 +215,9 @@ class Pipeline:
         return out
 
     async def _close(self, hop: _HopSession) -> None:
+        if hop.counted:
+            hop.counted = False
+            self.client.open_sessions[hop.peer_id] -= 1
         if hop.stream is None:
             return
         stream, hop.stream = hop.stream, None
@@ -229,7 +242,9 @@ class Pipeline:
                 route = client.find_route(start, end)
             except NoRoute as e:
                 raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
-            hops = [_HopSession(h.peer_id, h.start, h.end) for h in route]
+            hops = [_HopSession(h.peer_id, h.start, h.end, counted=True) for h in route]
+            for hop in hops:  # counted at once: a concurrent generation routing now sees them
+                client.open_sessions[hop.peer_id] += 1
             try:
                 for hop in hops:
                     await self._open_hop(hop)
@@ -296,6 +311,7 @@ class FleetClient:
         self.config = config
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
+        self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,
@@ -314,13 +330,21 @@ class FleetClient:
         return frozenset(p for p, until in self._avoid_until.items() if until > now)
 
     def candidates(self) -> list[Candidate]:
-        rtt = self.node.liveness.rtt_s
+        """Hosts of our model from the fleet view, with measured RTTs. A peer's gossiped load lags
+        by seconds, so the sessions this client has open on it count too: concurrent generations
+        spread over the fleet instead of all taking the one best route."""
+        rtt = self.node.liveness.min_rtt_s
+        # A peer we have not measured yet (not connected) is assumed typical, not far away.
+        typical = float(np.median(list(rtt.values()))) if rtt else None
         out = []
         for record in self.node.fleet():
             if record.model_id != self.model.model_id or record.peer_id == self.node.peer_id:
                 continue
-            cand = Candidate.from_record(record, rtt.get(record.peer_id))
+            cand = Candidate.from_record(record, rtt.get(record.peer_id, typical))
             if cand is not None:
+                mine = self.open_sessions[cand.peer_id]
+                if mine:
+                    cand = dataclasses.replace(cand, load=min(0.9, cand.load + OWN_SESSION_LOAD * mine))
                 out.append(cand)
         return out
 

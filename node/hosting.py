@@ -155,6 +155,7 @@ class BlockHosting:
     async def _load_reporter(self) -> None:
         while True:
             if self.server is not None:
+                self.server.sample_busy(time.perf_counter())
                 self.node.load = self.server.load
             await trio.sleep(1.0)
 

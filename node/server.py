@@ -65,6 +65,9 @@ class StageServer:
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
         self._idle = trio.Event()
         self._idle.set()
+        self._busy = 0.0
+        self._busy_at = time.perf_counter()
+        self._busy_compute = 0.0
         cfg = stage.config
         self._limits = TensorLimits(max_tokens=config.max_step_tokens, hidden_size=cfg.hidden_size)
         # Worst-case KV bytes per position: layers x (K and V) x kv heads x head dim x float32.
@@ -80,7 +83,18 @@ class StageServer:
 
     @property
     def load(self) -> float:
-        return min(1.0, self.active_sessions / self.config.max_sessions)
+        """How busy this server is, 0..1: the larger of its session occupancy and the fraction of
+        recent time spent computing (steps run one at a time, so that is what queues)."""
+        return min(1.0, max(self.active_sessions / self.config.max_sessions, self._busy))
+
+    def sample_busy(self, now: float, alpha: float = 0.5) -> float:
+        """Update the busy fraction (EWMA) from compute time since the last call; call ~1/s."""
+        elapsed = now - self._busy_at
+        if elapsed > 0:
+            recent = min(1.0, (self.stats.compute_s - self._busy_compute) / elapsed)
+            self._busy = (1 - alpha) * self._busy + alpha * recent
+        self._busy_at, self._busy_compute = now, self.stats.compute_s
+        return self._busy
 
     async def wait_idle(self) -> None:
         """Return once no session is open (used when draining)."""

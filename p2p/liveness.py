@@ -50,7 +50,8 @@ class Liveness:
         self._probing: set[str] = set()
         self._reprobe: set[str] = set()  # disconnected while a probe was in flight: probe again after it
         self._evicted: dict[str, float] = {}  # peer -> monotonic time we evicted it
-        self.rtt_s: dict[str, float] = {}
+        self.rtt_s: dict[str, float] = {}  # EWMA of heartbeat round trips
+        self.min_rtt_s: dict[str, float] = {}  # lowest round trip seen
         self.dead_reported = 0
         host.set_request_handler(HEARTBEAT_PROTOCOL, "heartbeat", self._handle)
         host.on_disconnect(self._disconnected)
@@ -113,6 +114,8 @@ class Liveness:
             old = self.rtt_s.get(peer_id)
             a = self._config.rtt_alpha
             self.rtt_s[peer_id] = rtt if old is None else (1 - a) * old + a * rtt
+            # The minimum filters out queueing in busy processes on either end: the path's own delay.
+            self.min_rtt_s[peer_id] = min(rtt, self.min_rtt_s.get(peer_id, rtt))
             self._misses.pop(peer_id, None)
         finally:
             self._probing.discard(peer_id)
@@ -124,6 +127,7 @@ class Liveness:
         log.info("peer %s is dead: %s", peer_id[-8:], reason)
         self._misses.pop(peer_id, None)
         self.rtt_s.pop(peer_id, None)
+        self.min_rtt_s.pop(peer_id, None)
         self.dead_reported += 1
         self._evicted[peer_id] = trio.current_time()
         self._host.evict(peer_id)

@@ -81,7 +81,8 @@ async def generate_with_fault(client: FleetClient, swarm: Swarm, hop: int, sig: 
 
 async def test_six_node_swarm_survives_sigkill_and_sigstop_of_route_peers(
         tmp_path: Path, client_model: ClientModel, local_ids: list[int]) -> None:
-    swarm = Swarm(6, tmp_path)
+    # Identical parked cars: route choice then depends on load, not on who leaves soonest.
+    swarm = Swarm(6, tmp_path, vehicles=[f"sim:parked:seed={i}" for i in range(6)])
     frozen = -1
     try:
         await trio.to_thread.run_sync(swarm.start)
@@ -94,6 +95,20 @@ async def test_six_node_swarm_survives_sigkill_and_sigstop_of_route_peers(
             await client.wait_ready(timeout=60)
             undisturbed = await client.generate(PROMPT, max_new_tokens=TOKENS)
             assert undisturbed.new_ids == local_ids
+
+            # Concurrent generations spread over the fleet: every block has two hosts, and the
+            # sessions this client holds count as load, so the two routes share no peer.
+            results: list[Any] = []
+
+            async def one() -> None:
+                results.append(await client.generate(PROMPT, max_new_tokens=TOKENS))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one)
+                nursery.start_soon(one)
+            assert [r.new_ids for r in results] == [local_ids, local_ids]
+            peers = [{h["peer_id"] for h in r.route} for r in results]
+            assert not peers[0] & peers[1], [r.route for r in results]
 
             ids, result, killed, peer = await generate_with_fault(client, swarm, 0, signal.SIGKILL)
             assert ids == local_ids
