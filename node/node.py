@@ -37,6 +37,12 @@ from p2p.liveness import Liveness, LivenessConfig
 from protocols import wire
 from protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
 from protocols.fleet import FleetView
+from protocols.messages import (
+    MAX_STATUS_RECORDS,
+    StatusRequest,
+    StatusResponse,
+    message_from_envelope,
+)
 from protocols.notices import PeerDownNotice, decode_notice, encode_notice
 from protocols.publish import PublishPolicy, should_publish
 from protocols.records import CapacityRecord, encode_signed, record_to_dict, validate_record
@@ -338,8 +344,10 @@ class Node:
             log.info("could not announce %s down: %s", peer_id[-8:], e)
 
     async def _handle_status(self, peer_id: str, env: wire.Envelope) -> tuple[str, dict[str, Any]]:
-        entries = self.view.alive(time.time())
-        return "status_response", {"records": [e.raw for e in entries]}
+        message_from_envelope(env)  # a status_request has an empty body; anything else is refused
+        raws = tuple(e.raw for e in self.view.alive(time.time()))[:MAX_STATUS_RECORDS]
+        reply = StatusResponse(raws)
+        return reply.KIND, reply.to_body()
 
     async def _publisher(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Sample the vehicle every ``vehicle_poll_s``; publish per the policy."""
@@ -389,15 +397,13 @@ class Node:
                 continue
             try:
                 peer = await self.host.connect(addr, timeout=5.0)
-                env = await self.host.request(peer, STATUS_PROTOCOL, "status_request", {}, timeout=5.0)
+                status = await request_status(self.host, peer, timeout=5.0)
                 ok += 1
-            except NetworkError as e:
+            except (NetworkError, RemoteProtocolError) as e:
                 (log.debug if quiet else log.warning)("bootstrap %s unreachable: %s", addr, e)
                 continue
-            records = env.body.get("records")
-            for raw in records if isinstance(records, list) else []:
-                if isinstance(raw, bytes):
-                    self._accept_relayed(raw)
+            for raw in status.records:
+                self._accept_relayed(raw)
         return ok
 
     def _accept_relayed(self, raw: bytes) -> None:
@@ -512,18 +518,26 @@ async def fetch_status(bootstrap: str, *, timeout: float = 10.0) -> list[dict[st
     async with open_host(key, HostConfig()) as host:
         with trio.fail_after(timeout):
             peer = await host.connect(bootstrap, timeout=timeout)
-            env = await host.request(peer, STATUS_PROTOCOL, "status_request", {}, timeout=timeout)
+            status = await request_status(host, peer, timeout=timeout)
     now = time.time()
     out = []
-    for raw in env.body.get("records", []) if isinstance(env.body.get("records"), list) else []:
+    for raw in status.records:
         try:
-            record = validate_record(raw, now) if isinstance(raw, bytes) else None
+            out.append(record_to_dict(validate_record(raw, now)))
         except RecordRejected as e:
             log.warning("status: %s sent an invalid record: %s", bootstrap, e)
-            continue
-        if record is not None:
-            out.append(record_to_dict(record))
     return sorted(out, key=lambda d: d["peer_id"])
+
+
+async def request_status(host: Host, peer: str, *, timeout: float) -> StatusResponse:
+    """Ask ``peer`` for its fleet view (records unverified: check each with validate_record).
+    Raises NetworkError, or RemoteProtocolError for a malformed reply."""
+    request = StatusRequest()
+    env = await host.request(peer, STATUS_PROTOCOL, request.KIND, request.to_body(), timeout=timeout)
+    reply = message_from_envelope(env)
+    if not isinstance(reply, StatusResponse):
+        raise RemoteProtocolError(f"expected status_response, got {env.kind}")
+    return reply
 
 
 def default_data_dir() -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from protocols.errors import RemoteProtocolError
+from protocols.messages import Heartbeat, HeartbeatAck, message_from_envelope
 from protocols.wire import Envelope
 
 from .errors import NetworkError
@@ -58,10 +59,10 @@ class Liveness:
         self._nursery: trio.Nursery | None = None
 
     async def _handle(self, peer_id: str, env: Envelope) -> tuple[str, dict[str, Any]]:
-        nonce = env.body.get("nonce")
-        if type(nonce) is not int:
-            raise RemoteProtocolError("heartbeat without an integer nonce")
-        return "heartbeat_ack", {"nonce": nonce}
+        beat = message_from_envelope(env)  # RemoteProtocolError for a bad body
+        assert isinstance(beat, Heartbeat)  # the host checked the kind
+        ack = HeartbeatAck(beat.nonce)
+        return ack.KIND, ack.to_body()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -96,12 +97,11 @@ class Liveness:
     async def _probe(self, peer_id: str, after_disconnect: bool) -> None:
         try:
             started = trio.current_time()
-            nonce = secrets.randbits(63)
+            beat = Heartbeat(secrets.randbits(63))
             try:
-                reply = await self._host.request(peer_id, HEARTBEAT_PROTOCOL, "heartbeat",
-                                                 {"nonce": nonce}, timeout=self._config.timeout_s,
-                                                 reuse=True)
-                if reply.kind != "heartbeat_ack" or reply.body.get("nonce") != nonce:
+                reply = await self._host.request(peer_id, HEARTBEAT_PROTOCOL, beat.KIND, beat.to_body(),
+                                                 timeout=self._config.timeout_s, reuse=True)
+                if message_from_envelope(reply) != HeartbeatAck(beat.nonce):
                     raise RemoteProtocolError(f"bad heartbeat reply {reply.kind}")
             except (NetworkError, RemoteProtocolError) as e:
                 misses = self._misses.get(peer_id, 0) + 1

@@ -26,6 +26,7 @@ __all__ = [
     "StatusResponse",
     "decode_message",
     "encode_message",
+    "message_from_envelope",
 ]
 
 MAX_NONCE = 2**64 - 1
@@ -168,7 +169,11 @@ def decode_message(data: bytes) -> Message:
     Raises ``RemoteProtocolError`` if the envelope is invalid, its kind has no message type here,
     or the body's keys or values are wrong.
     """
-    envelope = wire.decode_envelope(data)
+    return message_from_envelope(wire.decode_envelope(data))
+
+
+def message_from_envelope(envelope: wire.Envelope) -> Message:
+    """The typed message in an already decoded envelope. Raises ``RemoteProtocolError``."""
     cls = _TYPES.get(envelope.kind)
     if cls is None:
         raise RemoteProtocolError(f"no message type for kind {envelope.kind!r}")
