@@ -43,12 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.procstat import CLK_TCK, cpu_ticks, machine_ticks
 from node.run import write_json_atomic
 from node.swarm import Swarm, tail
 
 POLICIES = ("adaptive", "naive")
 BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOAL_NODES, GOAL_P99_S, GOAL_CPU_PCT = 20, 3.0, 5.0
 GIVE_UP_AFTER = 3  # consecutive failed rounds after which a phase stops changing things
 
@@ -163,22 +163,6 @@ def pct(values: Sequence[float], q: float) -> float | None:
     k = (len(xs) - 1) * q / 100
     lo, hi = math.floor(k), math.ceil(k)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def cpu_ticks(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat(5))
-
-
-def system_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return sum(vals) - idle, sum(vals)
 
 
 class Bench:
@@ -298,13 +282,13 @@ class Bench:
     def measure_idle(self) -> None:
         res = self.result
         pids = [node.proc.pid for node in self.swarm.nodes]
-        t_wall0, sys0 = time.time(), system_ticks()
+        t_wall0, sys0 = time.time(), machine_ticks()
         mono0 = time.monotonic()
         before = [cpu_ticks(pid) for pid in pids]
         time.sleep(self.args.idle)
         after = [cpu_ticks(pid) for pid in pids]
         elapsed = time.monotonic() - mono0
-        sys1 = system_ticks()
+        sys1 = machine_ticks()
         res.idle_window_s = elapsed
         res.connected = [(node.status() or {}).get("connected", -1) for node in self.swarm.nodes]
         res.cpu_pct = [100.0 * (a - b) / CLK_TCK / elapsed

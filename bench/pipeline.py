@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import node.client as client_mod  # noqa: E402
+from bench.procstat import CLK_TCK, cpu_ticks, machine_ticks  # noqa: E402
 from node.client import ClientConfig, ClientModel, FleetClient, Pipeline  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
 from node.model.generate import generate  # noqa: E402
@@ -79,7 +80,6 @@ from protocols.tensors import encode_hidden  # noqa: E402
 PROMPT = "Once upon a time,"  # 64 greedy tokens from SmolLM2-135M without hitting EOS
 CONCURRENCY = 4
 GOAL_RATIO, GOAL_CONCURRENT = 0.8, 1.5
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- one generation's timeline ---------------------------------------------------------------------
@@ -142,19 +142,8 @@ def summarize(runs: Sequence[Run]) -> dict[str, Any]:
 
 # -- CPU accounting ----------------------------------------------------------------------------------
 def proc_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def machine_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return sum(vals) - idle, sum(vals)
+    ticks = cpu_ticks(pid)
+    return 0.0 if ticks is None else ticks / CLK_TCK
 
 
 class CpuWindow:
