@@ -130,7 +130,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import trio
 
     from node.node import fetch_status
+    from node.run import setup_logging
 
+    setup_logging("WARNING")
     peers = trio.run(lambda: fetch_status(args.bootstrap, timeout=args.timeout))
     if args.json:
         print(json.dumps({"peers": peers}))

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("libp2p").setLevel(logging.ERROR)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -8,6 +8,7 @@ takes a deadline. See DESIGN.md for why the defaults below differ from py-libp2p
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -37,12 +38,12 @@ from .framing import FramedStream
 
 log = logging.getLogger(__name__)
 
-# py-libp2p logs a WARNING for every normal DHT request and chatters on shutdown (DESIGN.md).
-for _name in ("libp2p.kad_dht", "libp2p.kad_dht.kad_dht", "libp2p.kad_dht.value_store",
-              "libp2p.records.validator", "libp2p.pubsub", "libp2p.host", "libp2p.network",
-              "libp2p.stream_muxer", "libp2p.transport", "libp2p.security", "libp2p.identity",
-              "libp2p.protocol_muxer", "libp2p.tools", "libp2p.rcmgr"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+# py-libp2p logs routine events loudly: a WARNING for every normal DHT request, ERROR for every
+# refused dial (DESIGN.md). Our layer reports what matters with context, so unless the user
+# asks for the library's own logs (py-libp2p's LIBP2P_DEBUG variable), it only speaks when
+# something is critical.
+if not os.environ.get("LIBP2P_DEBUG"):
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 DHT_PROTOCOL_PREFIX = TProtocol("/idlefleet")  # DHT speaks /idlefleet/kad/1.0.0: our own namespace
