@@ -21,9 +21,8 @@ import trio
 from node.model.gguf_loader import ModelInfo, open_model
 from node.model.locate import find_default_model
 from node.model.stage import Stage, load_stage
-from node.node import Node
+from node.node import Node, available_memory_mb
 from node.server import ServerConfig, StageServer
-from p2p.errors import NetworkError
 from p2p.framing import FramedStream
 from protocols import session as S
 from protocols.placement import choose_range, coverage, should_move
@@ -67,8 +66,6 @@ class BlockHosting:
     def budget_bytes(self) -> int:
         if self.config.memory_budget_mb is not None:
             return int(self.config.memory_budget_mb * 1024 * 1024)
-        from node.node import available_memory_mb
-
         return available_memory_mb() * 1024 * 1024 // 2
 
     def coverage_without_me(self) -> list[int]:
@@ -149,7 +146,7 @@ class BlockHosting:
         for block in range(*blocks):
             try:
                 await self.node.host.dht_provide(provider_key(self.info.model_id, block), timeout=5.0)
-            except (NetworkError, Exception) as e:  # py-libp2p's provide raises assorted errors
+            except Exception as e:  # NetworkError, or assorted py-libp2p errors when peers vanish
                 log.debug("DHT provide block %d: %r", block, e)
 
     async def _load_reporter(self) -> None:

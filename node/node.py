@@ -436,7 +436,7 @@ class Node:
 
 
 def _claimed_peer(raw: bytes) -> str | None:
-    """Peid id a record claims (unverified), only to look up its sequence floor."""
+    """The peer id a record claims (unverified), only to look up its sequence floor."""
     try:
         outer = wire.unpack(raw, what="record")
         body = wire.unpack(outer["body"], what="record body")
