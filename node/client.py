@@ -163,6 +163,8 @@ class Pipeline:
         return x
 
     async def aclose(self) -> None:
+        for hop in self.hops:
+            self._release(hop)  # at once: the closes below may run out of time
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             for hop in self.hops:
                 await self._close(hop)
@@ -214,10 +216,21 @@ class Pipeline:
         hop.draining = result.draining
         return out
 
-    async def _close(self, hop: _HopSession) -> None:
+    def _release(self, hop: _HopSession) -> None:
         if hop.counted:
             hop.counted = False
             self.client.open_sessions[hop.peer_id] -= 1
+
+    async def _abandon(self, hop: _HopSession) -> None:
+        """Drop a failed hop's session without waiting on a peer that may be frozen."""
+        self._release(hop)
+        stream, hop.stream = hop.stream, None
+        if stream is not None:
+            with trio.move_on_after(0.2):
+                await stream.reset()
+
+    async def _close(self, hop: _HopSession) -> None:
+        self._release(hop)
         if hop.stream is None:
             return
         stream, hop.stream = hop.stream, None
@@ -253,7 +266,7 @@ class Pipeline:
                 log.info("route %s failed: %s", [h.peer_id[-8:] for h in hops], e)
                 client.avoid(e.hop.peer_id, e.ban)
                 for hop in hops:
-                    await self._close(hop)
+                    await (self._abandon(hop) if hop is e.hop else self._close(hop))
                 self.failovers += 1
                 if attempts > client.config.max_failovers:
                     raise GenerationFailed(f"gave up on blocks [{start}, {end}) after "
@@ -283,7 +296,7 @@ class Pipeline:
         self.failovers += 1
         if self.failovers > self.client.config.max_failovers:
             raise GenerationFailed(f"too many failures; last: {failure}")
-        await self._close(lost)
+        await self._abandon(lost)
         hops, out = await self._open_span(lost.start, lost.end, lost.inputs, pending)
         assert out is not None  # pending was given
         return hops, out
