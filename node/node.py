@@ -514,11 +514,13 @@ async def fetch_status(bootstrap: str, *, timeout: float = 10.0) -> list[dict[st
 
     Uses a throwaway identity. Returns JSON-friendly dicts sorted by peer id. Raises NetworkError.
     """
+    if "/p2p/" not in bootstrap or not bootstrap.startswith("/"):
+        raise ConfigError(f"{bootstrap!r} is not a peer multiaddr like /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...")
     key = Ed25519PrivateKey.generate()
     async with open_host(key, HostConfig()) as host:
-        with trio.fail_after(timeout):
-            peer = await host.connect(bootstrap, timeout=timeout)
-            status = await request_status(host, peer, timeout=timeout)
+        deadline = trio.current_time() + timeout
+        peer = await host.connect(bootstrap, timeout=timeout)
+        status = await request_status(host, peer, timeout=max(0.1, deadline - trio.current_time()))
     now = time.time()
     out = []
     for raw in status.records:
