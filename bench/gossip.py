@@ -36,14 +36,13 @@ import platform
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import CLK_TCK, cpu_ticks, machine_ticks
+from bench.common import CLK_TCK, cpu_ticks, machine_ticks, work_root
 from node.run import write_json_atomic
 from node.swarm import Swarm, tail
 
@@ -473,11 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.monotonic()
     interrupted = False
     with contextlib.ExitStack() as stack:
-        if args.keep is not None:
-            root = args.keep
-            root.mkdir(parents=True, exist_ok=True)
-        else:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="idlefleet-bench-")))
+        root = work_root(stack, args.keep)
         try:
             for n in args.sizes:
                 for policy in args.policies:

@@ -47,7 +47,6 @@ import platform  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Awaitable, Callable, Iterator, Sequence  # noqa: E402
 from contextlib import aclosing  # noqa: E402
@@ -62,7 +61,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import node.client as client_mod  # noqa: E402
-from bench.procstat import CLK_TCK, cpu_ticks, machine_ticks  # noqa: E402
+from bench.common import CLK_TCK, cpu_ticks, machine_ticks, work_root  # noqa: E402
 from node.client import ClientConfig, ClientModel, FleetClient, Pipeline  # noqa: E402
 from node.config import NodeConfig  # noqa: E402
 from node.model.generate import generate  # noqa: E402
@@ -671,11 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = False
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     with contextlib.ExitStack() as stack:
-        if args.keep is not None:
-            root = args.keep
-            root.mkdir(parents=True, exist_ok=True)
-        else:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="idlefleet-bench-")))
+        root = work_root(stack, args.keep)
         try:
             if "swarm3" not in skip:
                 log(f"[{time.monotonic() - t_start:5.1f}s] (b) 3-node swarm")

@@ -9,7 +9,7 @@ something invalid). Which stream protocol carries which message is ``docs/PROTOC
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from protocols import wire
 from protocols.errors import LocalProtocolError, RemoteProtocolError
@@ -42,10 +42,7 @@ def _check_nonce(nonce: object) -> None:
 
 
 @dataclass(frozen=True)
-class Heartbeat:
-    """Liveness probe; the receiver answers ``HeartbeatAck`` with the same nonce."""
-
-    KIND: ClassVar[str] = "heartbeat"
+class _NonceMessage:
     nonce: int
 
     def __post_init__(self) -> None:
@@ -55,26 +52,22 @@ class Heartbeat:
         return {"nonce": self.nonce}
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> Heartbeat:
+    def from_body(cls, body: dict[str, Any]) -> Self:
         return cls(nonce=body["nonce"])
 
 
 @dataclass(frozen=True)
-class HeartbeatAck:
+class Heartbeat(_NonceMessage):
+    """Liveness probe; the receiver answers ``HeartbeatAck`` with the same nonce."""
+
+    KIND: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True)
+class HeartbeatAck(_NonceMessage):
     """Answer to a ``Heartbeat``, echoing its nonce."""
 
     KIND: ClassVar[str] = "heartbeat_ack"
-    nonce: int
-
-    def __post_init__(self) -> None:
-        _check_nonce(self.nonce)
-
-    def to_body(self) -> dict[str, Any]:
-        return {"nonce": self.nonce}
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> HeartbeatAck:
-        return cls(nonce=body["nonce"])
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,32 @@ def hf_reference() -> dict[str, Any]:
     """Hugging Face transformers' tokens and greedy continuations for the same GGUF."""
     data: dict[str, Any] = json.loads((DATA / "hf_reference.json").read_text())
     return data
+
+
+@pytest.fixture(scope="session")
+def client_model(model_path: Path) -> Any:
+    """What a fleet client holds: tokenizer, embedding and LM head."""
+    from node.client import ClientModel
+
+    return ClientModel.load(model_path)
+
+
+@pytest.fixture(scope="session")
+def local_greedy(model_file: Any, client_model: Any) -> Any:
+    """``local_greedy(prompt, n)``: greedy new ids from the whole model in this process (cached)."""
+    import functools
+
+    from node.model.generate import generate, local_middle
+    from node.model.sampling import SamplingParams
+    from node.model.stage import load_stage
+
+    stage = load_stage(model_file, 0, model_file.config.n_blocks)
+
+    @functools.cache
+    def run(prompt: str, max_new_tokens: int) -> tuple[int, ...]:
+        ids = client_model.tokenizer.encode(prompt)
+        result = generate(client_model.head, local_middle(stage, stage.new_cache()), ids,
+                          SamplingParams(max_new_tokens=max_new_tokens), client_model.tokenizer.stop_ids)
+        return tuple(result.new_ids)
+
+    return run

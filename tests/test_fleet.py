@@ -11,10 +11,11 @@ from protocols.errors import RecordRejected
 from protocols.fleet import FleetView
 from protocols.peerid import peer_id_from_public_key
 from protocols.records import CapacityRecord, encode_signed, validate_record
+from tests.factories import T0, capacity_record
 
 KEY_A = Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)
 KEY_B = Ed25519PrivateKey.from_private_bytes(b"\x22" * 32)
-T0 = 1_700_000_000.0
+
 TTL = 60.0
 
 
@@ -28,19 +29,7 @@ B = peer_of(KEY_B)
 
 def make_record(key: Ed25519PrivateKey = KEY_A, **overrides: Any) -> CapacityRecord:
     """A valid record of ``key``'s peer issued at ``T0`` (or ``issued_at``), with ``overrides``."""
-    pub = key.public_key().public_bytes_raw()
-    issued = overrides.get("issued_at", T0)
-    fields: dict[str, Any] = {
-        "peer_id": peer_id_from_public_key(pub), "public_key": pub,
-        "addrs": ("/ip4/127.0.0.1/tcp/4001",), "region": "u33d", "state": "online",
-        "battery_soc": 0.8, "plugged_in": False, "charging_kw": 0.0, "thermal_headroom_c": 25.0,
-        "parked_since": T0 - 3600, "expected_departure": None, "consent": True,
-        "consent_expires": None, "link_kind": "wifi", "link_metered": False,
-        "compute_gflops": 1000.0, "free_memory_mb": 8192, "load": 0.1, "model_id": "",
-        "blocks": None, "seq": 1, "issued_at": issued, "expires_at": issued + TTL,
-    }
-    fields.update(overrides)
-    return CapacityRecord(**fields)
+    return capacity_record(key, ttl=TTL, **overrides)
 
 
 def accept(view: FleetView, now: float, key: Ed25519PrivateKey = KEY_A, **overrides: Any) -> CapacityRecord:

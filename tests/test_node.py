@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from p2p.host import Host, HostConfig, open_host
 from p2p.identity import peer_id_of, raw_public_key
 from protocols import wire
 from protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed
+from tests.factories import running_fleet
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
 
@@ -37,16 +37,8 @@ def node_config(tmp_path: Path, i: int, bootstrap: tuple[str, ...] = ()) -> Node
     )
 
 
-@asynccontextmanager
-async def fleet(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
-    async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(open_node(node_config(tmp_path, 0)))
-        nodes = [first]
-        for i in range(1, n):
-            nodes.append(
-                await stack.enter_async_context(open_node(node_config(tmp_path, i, (first.multiaddrs[0],))))
-            )
-        yield nodes
+def fleet(tmp_path: Path, n: int) -> AbstractAsyncContextManager[list[Node]]:
+    return running_fleet(lambda i, boot: node_config(tmp_path, i, boot), n)
 
 
 async def wait_converged(nodes: list[Node], timeout: float = 20.0) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,8 @@ import trio
 
 from node.client import ClientConfig, ClientModel, FleetClient
 from node.config import NodeConfig
-from node.model.generate import generate, local_middle
-from node.model.sampling import SamplingParams
 from node.node import Node, open_node
+from tests.factories import running_fleet
 
 PROMPT = "The capital of France is"
 BUDGET_MB = 140  # MiB: ten 14.2 MB blocks: three nodes cover SmolLM2's 30 blocks
@@ -25,31 +23,13 @@ def serving_config(tmp_path: Path, i: int, bootstrap: tuple[str, ...] = ()) -> N
                       consent=True, memory_budget_mb=BUDGET_MB, rebalance_s=5.0)
 
 
-@asynccontextmanager
-async def serving_fleet(tmp_path: Path, n: int) -> AsyncIterator[list[Node]]:
-    async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(open_node(serving_config(tmp_path, 0)))
-        nodes = [first]
-        for i in range(1, n):
-            nodes.append(await stack.enter_async_context(
-                open_node(serving_config(tmp_path, i, (first.multiaddrs[0],)))))
-        yield nodes
+def serving_fleet(tmp_path: Path, n: int) -> AbstractAsyncContextManager[list[Node]]:
+    return running_fleet(lambda i, boot: serving_config(tmp_path, i, boot), n)
 
 
 @pytest.fixture(scope="module")
-def client_model(model_path: Path) -> ClientModel:
-    return ClientModel.load(model_path)
-
-
-@pytest.fixture(scope="module")
-def local_ids(model_file: Any, client_model: ClientModel) -> list[int]:
-    from node.model.stage import load_stage
-
-    stage = load_stage(model_file, 0, model_file.config.n_blocks)
-    ids = client_model.tokenizer.encode(PROMPT)
-    result = generate(client_model.head, local_middle(stage, stage.new_cache()), ids,
-                      SamplingParams(max_new_tokens=12), client_model.tokenizer.stop_ids)
-    return result.new_ids
+def local_ids(local_greedy: Any) -> list[int]:
+    return list(local_greedy(PROMPT, 12))
 
 
 async def test_three_nodes_cover_the_model_and_generate_like_local(

@@ -8,29 +8,18 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols.peerid import peer_id_from_public_key
 from protocols.publish import PublishPolicy, should_publish, significant_change
 from protocols.records import CapacityRecord
+from tests.factories import T0, capacity_record
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x33" * 32)
-T0 = 1_700_000_000.0
+
 POLICY = PublishPolicy()  # refresh 20 s, min interval 1 s
 
 
 def make_record(**overrides: Any) -> CapacityRecord:
-    pub = KEY.public_key().public_bytes_raw()
-    issued = overrides.get("issued_at", T0)
-    fields: dict[str, Any] = {
-        "peer_id": peer_id_from_public_key(pub), "public_key": pub,
-        "addrs": ("/ip4/127.0.0.1/tcp/4001",), "region": "u33d", "state": "online",
-        "battery_soc": 0.5, "plugged_in": False, "charging_kw": 0.0, "thermal_headroom_c": 30.0,
-        "parked_since": T0 - 3600, "expected_departure": None, "consent": True,
-        "consent_expires": None, "link_kind": "wifi", "link_metered": False,
-        "compute_gflops": 1000.0, "free_memory_mb": 8000, "load": 0.3, "model_id": "",
-        "blocks": None, "seq": 1, "issued_at": issued, "expires_at": issued + 60.0,
-    }
-    fields.update(overrides)
-    return CapacityRecord(**fields)
+    defaults = {"battery_soc": 0.5, "thermal_headroom_c": 30.0, "free_memory_mb": 8000, "load": 0.3}
+    return capacity_record(KEY, **(defaults | overrides))
 
 
 LAST = make_record()

@@ -15,8 +15,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.client import ClientConfig, ClientModel, FleetClient
 from node.config import NodeConfig
-from node.model.generate import generate, local_middle
-from node.model.sampling import SamplingParams
 from node.node import open_node
 from node.swarm import Swarm
 
@@ -27,18 +25,8 @@ TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def client_model(model_path: Path) -> ClientModel:
-    return ClientModel.load(model_path)
-
-
-@pytest.fixture(scope="module")
-def local_ids(model_file: Any, client_model: ClientModel) -> list[int]:
-    from node.model.stage import load_stage
-
-    stage = load_stage(model_file, 0, model_file.config.n_blocks)
-    ids = client_model.tokenizer.encode(PROMPT)
-    return generate(client_model.head, local_middle(stage, stage.new_cache()), ids,
-                    SamplingParams(max_new_tokens=TOKENS), client_model.tokenizer.stop_ids).new_ids
+def local_ids(local_greedy: Any) -> list[int]:
+    return list(local_greedy(PROMPT, TOKENS))
 
 
 def hosts_per_block(swarm: Swarm, n_blocks: int = 30) -> list[int]:
