@@ -29,7 +29,12 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy protocols p2p node
+	# mypy cannot follow setuptools' package-dir mapping: check the layers under their installed
+	# names through a tree of symlinks (idlefleet/protocols -> ../../protocols, ...).
+	rm -rf .typecheck && mkdir -p .typecheck/idlefleet
+	cp idlefleet/__init__.py .typecheck/idlefleet/
+	for d in protocols p2p node; do ln -s ../../$$d .typecheck/idlefleet/$$d; done
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p idlefleet
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .typecheck

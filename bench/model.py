@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.model.gguf_loader import open_model  # noqa: E402
-from node.model.locate import find_default_model  # noqa: E402
-from node.model.stage import Head, Stage, load_head, load_stage  # noqa: E402
+from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
+from idlefleet.node.model.locate import find_default_model  # noqa: E402
+from idlefleet.node.model.stage import Head, Stage, load_head, load_stage  # noqa: E402
 
 PREFILL_TOKENS = 128
 DECODE_TOKENS = 32

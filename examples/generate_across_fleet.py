@@ -14,9 +14,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.client import FleetClient
-from node.config import NodeConfig
-from node.node import open_node
+from idlefleet import FleetClient, NodeConfig, open_node
 
 
 async def main(bootstrap: str, prompt: str) -> None:

@@ -15,8 +15,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.config import NodeConfig
-from node.node import open_node
+from idlefleet import NodeConfig, open_node
 
 
 async def main(bootstrap: str, rounds: int = 5) -> None:

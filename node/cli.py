@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_node(args: argparse.Namespace) -> int:
     import trio
 
-    from node.config import load_config
-    from node.run import run_node, setup_logging
+    from idlefleet.node.config import load_config
+    from idlefleet.node.run import run_node, setup_logging
 
     setup_logging(args.log_level)
     overrides = {k: getattr(args, k) for k in (
@@ -107,7 +107,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from p2p.identity import create_key_file, peer_id_of
+    from idlefleet.p2p.identity import create_key_file, peer_id_of
 
     key = create_key_file(args.out)
     print(peer_id_of(key))
@@ -115,7 +115,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_swarm(args: argparse.Namespace) -> int:
-    from node.swarm import run_swarm
+    from idlefleet.node.swarm import run_swarm
 
     if args.nodes < 1:
         print("idlefleet: --nodes must be at least 1", file=sys.stderr)
@@ -129,8 +129,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     import trio
 
-    from node.node import fetch_status
-    from node.run import setup_logging
+    from idlefleet.node.node import fetch_status
+    from idlefleet.node.run import setup_logging
 
     setup_logging("WARNING")
     peers = trio.run(lambda: fetch_status(args.bootstrap, timeout=args.timeout))
@@ -161,10 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
         if args.bootstrap:
-            from node.fleet_cli import run_fleet_generate
+            from idlefleet.node.fleet_cli import run_fleet_generate
 
             return run_fleet_generate(args)
-        from node.generate_cli import run_generate
+        from idlefleet.node.generate_cli import run_generate
 
         return run_generate(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
@@ -174,8 +174,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _report(exc: BaseException) -> int | None:
     """Print an expected error (ours, possibly wrapped by trio nurseries) and return the exit
     code; None for anything unexpected (a bug: let the traceback show)."""
-    from p2p.errors import NetworkError
-    from protocols.errors import IdlefleetError
+    from idlefleet.p2p.errors import NetworkError
+    from idlefleet.protocols.errors import IdlefleetError
 
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]

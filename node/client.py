@@ -32,19 +32,19 @@ from typing import Any
 import numpy as np
 import trio
 
-from node.model.generate import Generation
-from node.model.gguf_loader import open_model
-from node.model.locate import find_default_model
-from node.model.sampling import SamplingParams
-from node.model.stage import Head, load_head
-from node.model.tokenizer import TextStream, Tokenizer
-from node.node import Node
-from p2p.errors import NetworkError, RemoteError
-from p2p.framing import FramedStream
-from protocols import session as S
-from protocols.errors import IdlefleetError, RemoteProtocolError, TensorError
-from protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
-from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.node.model.generate import Generation
+from idlefleet.node.model.gguf_loader import open_model
+from idlefleet.node.model.locate import find_default_model
+from idlefleet.node.model.sampling import SamplingParams
+from idlefleet.node.model.stage import Head, load_head
+from idlefleet.node.model.tokenizer import TextStream, Tokenizer
+from idlefleet.node.node import Node
+from idlefleet.p2p.errors import NetworkError, RemoteError
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.protocols import session as S
+from idlefleet.protocols.errors import IdlefleetError, RemoteProtocolError, TensorError
+from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
+from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocols.errors import ConfigError
+from idlefleet.protocols.errors import ConfigError
 
 GEOHASH_ALPHABET = set("0123456789bcdefghjkmnpqrstuvwxyz")
 LINK_KINDS = ("ethernet", "wifi", "cellular")

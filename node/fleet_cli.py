@@ -16,10 +16,10 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.client import ClientConfig, FleetClient, GenerationFailed
-from node.config import NodeConfig
-from node.node import open_node
-from node.run import setup_logging
+from idlefleet.node.client import ClientConfig, FleetClient, GenerationFailed
+from idlefleet.node.config import NodeConfig
+from idlefleet.node.node import open_node
+from idlefleet.node.run import setup_logging
 
 
 async def fleet_generate(args: argparse.Namespace) -> int:

@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 
-from node.model.generate import generate, local_middle
-from node.model.gguf_loader import open_model
-from node.model.locate import find_default_model
-from node.model.sampling import SamplingParams
-from node.model.stage import Head, Stage, load_head, load_stage
-from node.model.tokenizer import TextStream, Tokenizer
-from protocols.errors import ModelError, TensorError
+from idlefleet.node.model.generate import generate, local_middle
+from idlefleet.node.model.gguf_loader import open_model
+from idlefleet.node.model.locate import find_default_model
+from idlefleet.node.model.sampling import SamplingParams
+from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
+from idlefleet.node.model.tokenizer import TextStream, Tokenizer
+from idlefleet.protocols.errors import ModelError, TensorError
 
 
 def load_local(model: str | None) -> tuple[Tokenizer, Head, Stage]:

@@ -18,14 +18,14 @@ from typing import Any
 
 import trio
 
-from node.model.gguf_loader import ModelInfo, open_model
-from node.model.locate import find_default_model
-from node.model.stage import Stage, load_stage
-from node.node import Node, available_memory_mb
-from node.server import ServerConfig, StageServer
-from p2p.framing import FramedStream
-from protocols import session as S
-from protocols.placement import choose_range, coverage, should_move
+from idlefleet.node.model.gguf_loader import ModelInfo, open_model
+from idlefleet.node.model.locate import find_default_model
+from idlefleet.node.model.stage import Stage, load_stage
+from idlefleet.node.node import Node, available_memory_mb
+from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.protocols import session as S
+from idlefleet.protocols.placement import choose_range, coverage, should_move
 
 log = logging.getLogger(__name__)
 

@@ -28,24 +28,24 @@ import numpy as np
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.config import NodeConfig
-from node.vehicle import VehicleProvider, VehicleState, make_provider
-from p2p.errors import NetworkError
-from p2p.host import Host, HostConfig, open_host
-from p2p.identity import load_or_create_key, peer_id_of, raw_public_key
-from p2p.liveness import Liveness, LivenessConfig
-from protocols import wire
-from protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
-from protocols.fleet import FleetView
-from protocols.messages import (
+from idlefleet.node.config import NodeConfig
+from idlefleet.node.vehicle import VehicleProvider, VehicleState, make_provider
+from idlefleet.p2p.errors import NetworkError
+from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.p2p.identity import load_or_create_key, peer_id_of, raw_public_key
+from idlefleet.p2p.liveness import Liveness, LivenessConfig
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
+from idlefleet.protocols.fleet import FleetView
+from idlefleet.protocols.messages import (
     MAX_STATUS_RECORDS,
     StatusRequest,
     StatusResponse,
     message_from_envelope,
 )
-from protocols.notices import PeerDownNotice, decode_notice, encode_notice
-from protocols.publish import PublishPolicy, should_publish
-from protocols.records import CapacityRecord, encode_signed, record_to_dict, validate_record
+from idlefleet.protocols.notices import PeerDownNotice, decode_notice, encode_notice
+from idlefleet.protocols.publish import PublishPolicy, should_publish
+from idlefleet.protocols.records import CapacityRecord, encode_signed, record_to_dict, validate_record
 
 log = logging.getLogger(__name__)
 
@@ -492,8 +492,8 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await nursery.start(node._maintain)
             node.request_publish()
             if config.consent and config.serve:  # work only with the owner's consent
-                from node.hosting import BlockHosting, HostingConfig
-                from node.server import ServerConfig
+                from idlefleet.node.hosting import BlockHosting, HostingConfig
+                from idlefleet.node.server import ServerConfig
 
                 node.hosting = BlockHosting(node, HostingConfig(
                     model=config.model, memory_budget_mb=config.memory_budget_mb,

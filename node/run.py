@@ -13,8 +13,8 @@ from typing import Any
 
 import trio
 
-from node.config import NodeConfig
-from node.node import Node, open_node
+from idlefleet.node.config import NodeConfig
+from idlefleet.node.node import Node, open_node
 
 log = logging.getLogger(__name__)
 

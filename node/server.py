@@ -18,13 +18,13 @@ from typing import Any
 
 import trio
 
-from node.model.kvcache import KVCache
-from node.model.stage import Stage
-from p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
-from p2p.framing import FramedStream
-from protocols import session as S
-from protocols.errors import RemoteProtocolError, TensorError
-from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.node.model.kvcache import KVCache
+from idlefleet.node.model.stage import Stage
+from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.protocols import session as S
+from idlefleet.protocols.errors import RemoteProtocolError, TensorError
+from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
 

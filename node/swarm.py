@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from node.run import write_json_atomic
+from idlefleet.node.run import write_json_atomic
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
 # Room for 10 of SmolLM2's 30 blocks (14.2 MB each in fp32; 140 MiB = 146.8 MB):
@@ -49,7 +49,7 @@ def default_vehicle(index: int) -> str:
 
 def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequence[str],
                  vehicle: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "node.cli", "node",
+    cmd = [sys.executable, "-m", "idlefleet.node.cli", "node",
            "--key-file", str(workdir / f"node{index}.key"),
            "--listen-host", "127.0.0.1", "--port", "0",
            "--vehicle", vehicle or default_vehicle(index),
@@ -201,7 +201,7 @@ def generate_across(swarm: Swarm, prompt: str, max_new_tokens: int, out: TextIO)
         time.sleep(0.2)
     print(render_table(swarm), file=out)
     print(f"\n>>> {prompt}", end="", file=out, flush=True)
-    cmd = [sys.executable, "-m", "node.cli", "generate", "--bootstrap", str(boot), prompt,
+    cmd = [sys.executable, "-m", "idlefleet.node.cli", "generate", "--bootstrap", str(boot), prompt,
            "--max-new-tokens", str(max_new_tokens)]
     proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=swarm.env, timeout=300)
     print(f"\n{proc.stderr.strip()}\n", file=out, flush=True)

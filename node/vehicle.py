@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
-from protocols.errors import IdlefleetError
+from idlefleet.protocols.errors import IdlefleetError
 
 __all__ = [
     "PROFILES",

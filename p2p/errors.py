@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocols.errors import IdlefleetError
+from idlefleet.protocols.errors import IdlefleetError
 
 
 class NetworkError(IdlefleetError):

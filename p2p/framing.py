@@ -14,7 +14,14 @@ from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamClosed as Libp2pStreamClosed
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
 
-from protocols.wire import MAX_FRAME, Envelope, FrameDecoder, decode_envelope, encode_envelope, frame
+from idlefleet.protocols.wire import (
+    MAX_FRAME,
+    Envelope,
+    FrameDecoder,
+    decode_envelope,
+    encode_envelope,
+    frame,
+)
 
 from .errors import DeadlineExceeded, NetworkError, RemoteError, StreamClosed
 

@@ -30,8 +30,8 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
-from protocols.errors import RemoteProtocolError
-from protocols.wire import Envelope
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.wire import Envelope
 
 from .errors import DeadlineExceeded, NetworkError, PeerUnreachable, StreamClosed
 from .framing import FramedStream

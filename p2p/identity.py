@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 
-from protocols.errors import ConfigError
-from protocols.peerid import peer_id_from_public_key
+from idlefleet.protocols.errors import ConfigError
+from idlefleet.protocols.peerid import peer_id_from_public_key
 
 __all__ = ["create_key_file", "libp2p_key_pair", "load_key_file", "load_or_create_key", "peer_id_of"]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 
-from protocols.errors import RemoteProtocolError
-from protocols.messages import Heartbeat, HeartbeatAck, message_from_envelope
-from protocols.wire import Envelope
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.messages import Heartbeat, HeartbeatAck, message_from_envelope
+from idlefleet.protocols.wire import Envelope
 
 from .errors import NetworkError
 from .host import Host

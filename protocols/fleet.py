@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocols.records import CapacityRecord
+from idlefleet.protocols.records import CapacityRecord
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from protocols import wire
-from protocols.errors import LocalProtocolError, RemoteProtocolError
-from protocols.records import MAX_RECORD_SIZE
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError
+from idlefleet.protocols.records import MAX_RECORD_SIZE
 
 __all__ = [
     "MAX_ERROR_MESSAGE_LEN",

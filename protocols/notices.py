@@ -18,8 +18,8 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocols.errors import RemoteProtocolError
-from protocols.peerid import public_key_from_peer_id
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.peerid import public_key_from_peer_id
 
 NOTICE_DOMAIN = b"idlefleet/peer-down/v1\x00"
 NOTICE_VERSION = 1

@@ -12,7 +12,7 @@ so every such ID starts with ``12D3KooW``. See ``docs/PROTOCOL.md`` section 1.
 
 from __future__ import annotations
 
-from protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import RemoteProtocolError
 
 __all__ = [
     "ED25519_PEER_ID_PREFIX",

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
 
-from protocols.errors import LocalProtocolError
+from idlefleet.protocols.errors import LocalProtocolError
 
 __all__ = ["choose_range", "coverage", "fitting_windows", "max_blocks", "should_move"]
 

@@ -16,9 +16,9 @@ from typing import Any, NoReturn
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocols import wire
-from protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
-from protocols.peerid import MAX_PEER_ID_LEN, peer_id_from_public_key
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
+from idlefleet.protocols.peerid import MAX_PEER_ID_LEN, peer_id_from_public_key
 
 __all__ = [
     "DOMAIN",

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocols.errors import IdlefleetError, LocalProtocolError
+from idlefleet.protocols.errors import IdlefleetError, LocalProtocolError
 
 __all__ = [
     "ROUTABLE_STATES",

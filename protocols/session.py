@@ -19,9 +19,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from protocols import wire
-from protocols.errors import RemoteProtocolError
-from protocols.tensors import WIRE_DTYPES, EncodedTensor
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor
 
 STAGE_PROTOCOL = "/idlefleet/stage/1.0.0"
 MAX_MODEL_ID_LEN = 128

@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from protocols.errors import LocalProtocolError, TensorError
+from idlefleet.protocols.errors import LocalProtocolError, TensorError
 
 FLOAT32: Final = "float32"
 FLOAT16: Final = "float16"

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from protocols.errors import LocalProtocolError, RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "KINDS",

@@ -13,28 +13,28 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from node.model.locate import find_default_model
+    from idlefleet.node.model.locate import find_default_model
 
     return find_default_model()
 
 
 @pytest.fixture(scope="session")
 def model_file(model_path: Path) -> Any:
-    from node.model.gguf_loader import open_model
+    from idlefleet.node.model.gguf_loader import open_model
 
     return open_model(model_path)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(model_file: Any) -> Any:
-    from node.model.tokenizer import Tokenizer
+    from idlefleet.node.model.tokenizer import Tokenizer
 
     return Tokenizer.from_model(model_file)
 
 
 @pytest.fixture(scope="session")
 def head(model_file: Any) -> Any:
-    from node.model.stage import load_head
+    from idlefleet.node.model.stage import load_head
 
     return load_head(model_file)
 
@@ -42,7 +42,7 @@ def head(model_file: Any) -> Any:
 @pytest.fixture(scope="session")
 def whole_model(model_file: Any) -> Any:
     """Every block of SmolLM2 as one stage (no head; use the ``head`` fixture)."""
-    from node.model.stage import load_stage
+    from idlefleet.node.model.stage import load_stage
 
     return load_stage(model_file, 0, model_file.config.n_blocks)
 
@@ -57,7 +57,7 @@ def hf_reference() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def client_model(model_path: Path) -> Any:
     """What a fleet client holds: tokenizer, embedding and LM head."""
-    from node.client import ClientModel
+    from idlefleet.node.client import ClientModel
 
     return ClientModel.load(model_path)
 
@@ -67,9 +67,9 @@ def local_greedy(model_file: Any, client_model: Any) -> Any:
     """``local_greedy(prompt, n)``: greedy new ids from the whole model in this process (cached)."""
     import functools
 
-    from node.model.generate import generate, local_middle
-    from node.model.sampling import SamplingParams
-    from node.model.stage import load_stage
+    from idlefleet.node.model.generate import generate, local_middle
+    from idlefleet.node.model.sampling import SamplingParams
+    from idlefleet.node.model.stage import load_stage
 
     stage = load_stage(model_file, 0, model_file.config.n_blocks)
 

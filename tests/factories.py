@@ -8,8 +8,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols.peerid import peer_id_from_public_key
-from protocols.records import CapacityRecord
+from idlefleet.protocols.peerid import peer_id_from_public_key
+from idlefleet.protocols.records import CapacityRecord
 
 T0 = 1_700_000_000.0
 
@@ -34,7 +34,7 @@ def capacity_record(key: Ed25519PrivateKey, *, ttl: float = 60.0, **overrides: A
 @asynccontextmanager
 async def running_fleet(config_of: Callable[[int, tuple[str, ...]], Any], n: int) -> AsyncIterator[list[Any]]:
     """``n`` in-process nodes, ``config_of(i, bootstrap)`` each, all bootstrapped off the first."""
-    from node.node import open_node
+    from idlefleet.node.node import open_node
 
     async with AsyncExitStack() as stack:
         first = await stack.enter_async_context(open_node(config_of(0, ())))

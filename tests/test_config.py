@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from node.config import NodeConfig, load_config
-from protocols.errors import ConfigError
+from idlefleet.node.config import NodeConfig, load_config
+from idlefleet.protocols.errors import ConfigError
 
 BOOT = "/ip4/127.0.0.1/tcp/4000/p2p/12D3KooWBRFW3HkJCLKSWb4yG6iWRBpgNjbM4FFvNsL5T5JKTqrd"
 

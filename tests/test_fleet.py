@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols.errors import RecordRejected
-from protocols.fleet import FleetView
-from protocols.peerid import peer_id_from_public_key
-from protocols.records import CapacityRecord, encode_signed, validate_record
+from idlefleet.protocols.errors import RecordRejected
+from idlefleet.protocols.fleet import FleetView
+from idlefleet.protocols.peerid import peer_id_from_public_key
+from idlefleet.protocols.records import CapacityRecord, encode_signed, validate_record
 from tests.factories import T0, capacity_record
 
 KEY_A = Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)

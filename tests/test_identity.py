@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.peer.id import ID
 
-from p2p.identity import (
+from idlefleet.p2p.identity import (
     create_key_file,
     libp2p_key_pair,
     load_key_file,
@@ -22,8 +22,8 @@ from p2p.identity import (
     peer_id_of,
     raw_public_key,
 )
-from protocols.errors import ConfigError
-from protocols.peerid import public_key_from_peer_id
+from idlefleet.protocols.errors import ConfigError
+from idlefleet.protocols.peerid import public_key_from_peer_id
 
 FIXED_KEY = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
 

@@ -1,4 +1,4 @@
-"""Imports point down only: node/ -> p2p/ -> protocols/. Only p2p/ may import libp2p.
+"""Imports point down only: idlefleet.node -> .p2p -> .protocols. Only p2p/ may import libp2p.
 
 The checks read the source with ``ast`` (nothing is imported), so they also cover modules that are
 only imported lazily inside functions.
@@ -14,15 +14,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _package(module: str) -> str:
+    """The layer of a module: ``idlefleet.p2p.host`` -> ``idlefleet.p2p``, ``trio.lowlevel`` -> ``trio``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "idlefleet" and len(parts) > 1 else parts[0]
+
+
 def imported_modules(path: Path) -> set[str]:
-    """Top-level package names a module imports (absolute imports only)."""
+    """Packages a module imports (absolute imports only); our own layers by their ``idlefleet.X`` name."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(_package(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(_package(node.module))
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute | ast.Name)
@@ -32,7 +38,7 @@ def imported_modules(path: Path) -> set[str]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            names.add(node.args[0].value.split(".")[0])
+            names.add(_package(node.args[0].value))
     return names
 
 
@@ -50,7 +56,7 @@ def violations(package: str, forbidden: set[str]) -> list[str]:
 
 def test_protocols_is_sans_io() -> None:
     assert sources("protocols"), "protocols/ has no modules?"
-    assert violations("protocols", {"trio", "anyio", "libp2p", "p2p", "node"}) == []
+    assert violations("protocols", {"trio", "anyio", "libp2p", "idlefleet.p2p", "idlefleet.node"}) == []
 
 
 def test_only_p2p_imports_libp2p() -> None:
@@ -58,7 +64,16 @@ def test_only_p2p_imports_libp2p() -> None:
 
 
 def test_p2p_does_not_import_node() -> None:
-    assert violations("p2p", {"node"}) == []
+    assert violations("p2p", {"idlefleet.node"}) == []
+
+
+OLD_NAMES = {"node", "p2p", "protocols"}
+
+
+@pytest.mark.parametrize("package", ["protocols", "p2p", "node", "idlefleet", "tests", "bench", "examples"])
+def test_no_old_top_level_names(package: str) -> None:
+    # Installed, the layers exist only as idlefleet.*; a bare `import node` works only in a checkout.
+    assert violations(package, OLD_NAMES) == []
 
 
 @pytest.mark.parametrize(
@@ -70,6 +85,9 @@ def test_p2p_does_not_import_node() -> None:
         ("def f():\n    from anyio import sleep", {"anyio"}),
         ("import importlib\nimportlib.import_module('libp2p.host')", {"importlib", "libp2p"}),
         ("from . import wire", set()),
+        ("from idlefleet.p2p.host import Host", {"idlefleet.p2p"}),
+        ("import idlefleet.node.client as c", {"idlefleet.node"}),
+        ("from idlefleet import open_node", {"idlefleet"}),
     ],
 )
 def test_detector(tmp_path: Path, source: str, found: set[str]) -> None:

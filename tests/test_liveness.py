@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from p2p.errors import DeadlineExceeded, PeerUnreachable
-from p2p.liveness import HEARTBEAT_PROTOCOL, Liveness, LivenessConfig
-from protocols.errors import RemoteProtocolError
-from protocols.wire import PROTOCOL_VERSION, Envelope
+from idlefleet.p2p.errors import DeadlineExceeded, PeerUnreachable
+from idlefleet.p2p.liveness import HEARTBEAT_PROTOCOL, Liveness, LivenessConfig
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.wire import PROTOCOL_VERSION, Envelope
 
 ME = "12D3KooWMe"
 PEER = "12D3KooWPeer"

@@ -8,14 +8,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from node.model.blocks import BlockWeights
-from node.model.generate import Generation, generate, local_middle
-from node.model.gguf_loader import BLOCK_TENSORS, ModelFile
-from node.model.sampling import Sampler, SamplingParams
-from node.model.stage import Head, Stage, load_stage
-from node.model.tokenizer import Tokenizer
-from protocols.errors import ModelError, TensorError
-from protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
+from idlefleet.node.model.blocks import BlockWeights
+from idlefleet.node.model.generate import Generation, generate, local_middle
+from idlefleet.node.model.gguf_loader import BLOCK_TENSORS, ModelFile
+from idlefleet.node.model.sampling import Sampler, SamplingParams
+from idlefleet.node.model.stage import Head, Stage, load_stage
+from idlefleet.node.model.tokenizer import Tokenizer
+from idlefleet.protocols.errors import ModelError, TensorError
+from idlefleet.protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
 
 PROMPT = "The capital of France is"
 

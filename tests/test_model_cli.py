@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from node import generate_cli
-from node.cli import build_parser, main
+from idlefleet.node import generate_cli
+from idlefleet.node.cli import build_parser, main
 
 
 @pytest.fixture

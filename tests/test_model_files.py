@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from node.model.gguf_loader import model_id, open_model
-from node.model.locate import find_default_model
-from node.model.stage import load_head, load_stage
-from node.model.tokenizer import Tokenizer
-from protocols.errors import ModelError
+from idlefleet.node.model.gguf_loader import model_id, open_model
+from idlefleet.node.model.locate import find_default_model
+from idlefleet.node.model.stage import load_head, load_stage
+from idlefleet.node.model.tokenizer import Tokenizer
+from idlefleet.protocols.errors import ModelError
 
 H, F, NQ, NKV, V = 64, 96, 4, 2, 40  # a tiny llama: head dim 16
 

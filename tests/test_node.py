@@ -12,13 +12,13 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.config import NodeConfig
-from node.node import STATUS_PROTOCOL, Node, capacity_topic, fetch_status, open_node
-from p2p.errors import RemoteError
-from p2p.host import Host, HostConfig, open_host
-from p2p.identity import peer_id_of, raw_public_key
-from protocols import wire
-from protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed
+from idlefleet.node.config import NodeConfig
+from idlefleet.node.node import STATUS_PROTOCOL, Node, capacity_topic, fetch_status, open_node
+from idlefleet.p2p.errors import RemoteError
+from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.p2p.identity import peer_id_of, raw_public_key
+from idlefleet.protocols import wire
+from idlefleet.protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed
 from tests.factories import running_fleet
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")

@@ -9,8 +9,8 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols.errors import RemoteProtocolError
-from protocols.notices import (
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.notices import (
     MAX_NOTICE_SIZE,
     MAX_REASON_LEN,
     NOTICE_DOMAIN,
@@ -18,7 +18,7 @@ from protocols.notices import (
     decode_notice,
     encode_notice,
 )
-from protocols.peerid import peer_id_from_public_key
+from idlefleet.protocols.peerid import peer_id_from_public_key
 
 REPORTER_KEY = Ed25519PrivateKey.from_private_bytes(b"\x44" * 32)
 SUBJECT_KEY = Ed25519PrivateKey.from_private_bytes(b"\x55" * 32)

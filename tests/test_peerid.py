@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from protocols.errors import RemoteProtocolError
-from protocols.peerid import (
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.peerid import (
     b58decode,
     b58encode,
     peer_id_from_public_key,

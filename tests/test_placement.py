@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from protocols.errors import LocalProtocolError
-from protocols.placement import choose_range, coverage, fitting_windows, max_blocks, should_move
+from idlefleet.protocols.errors import LocalProtocolError
+from idlefleet.protocols.placement import choose_range, coverage, fitting_windows, max_blocks, should_move
 
 N = 30
 BLOCK = 14_000_000

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols.publish import PublishPolicy, should_publish, significant_change
-from protocols.records import CapacityRecord
+from idlefleet.protocols.publish import PublishPolicy, should_publish, significant_change
+from idlefleet.protocols.records import CapacityRecord
 from tests.factories import T0, capacity_record
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x33" * 32)

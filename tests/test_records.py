@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
-from protocols.peerid import peer_id_from_public_key
-from protocols.records import (
+from idlefleet.protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
+from idlefleet.protocols.peerid import peer_id_from_public_key
+from idlefleet.protocols.records import (
     DOMAIN,
     MAX_RECORD_SIZE,
     MAX_TTL,

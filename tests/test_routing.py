@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from protocols.errors import IdlefleetError, LocalProtocolError
-from protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route, hop_cost
+from idlefleet.protocols.errors import IdlefleetError, LocalProtocolError
+from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route, hop_cost
 
 NOW = 1_700_000_000.0
 N = 30

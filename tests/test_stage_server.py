@@ -11,14 +11,14 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.model.stage import Stage, load_stage
-from node.server import ServerConfig, StageServer
-from p2p.errors import RemoteError
-from p2p.framing import FramedStream
-from p2p.host import Host, HostConfig, open_host
-from protocols import session as S
-from protocols import wire
-from protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.node.model.stage import Stage, load_stage
+from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.p2p.errors import RemoteError
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.protocols import session as S
+from idlefleet.protocols import wire
+from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 
 MAX_LEN = 64
 

@@ -14,15 +14,15 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.node import STATUS_PROTOCOL
-from node.swarm import Swarm
-from p2p.errors import NetworkError
-from p2p.host import Host, HostConfig, open_host
-from protocols.records import validate_record
+from idlefleet.node.node import STATUS_PROTOCOL
+from idlefleet.node.swarm import Swarm
+from idlefleet.p2p.errors import NetworkError
+from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.protocols.records import validate_record
 
 pytestmark = pytest.mark.slow
 
-IDLEFLEET = [sys.executable, "-m", "node.cli"]
+IDLEFLEET = [sys.executable, "-m", "idlefleet.node.cli"]
 
 
 def wait_converged(swarm: Swarm, timeout: float = 60.0) -> None:

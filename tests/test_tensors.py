@@ -6,8 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocols.errors import LocalProtocolError, TensorError
-from protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.errors import LocalProtocolError, TensorError
+from idlefleet.protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
 
 LIMITS = TensorLimits(max_tokens=16, hidden_size=8)
 

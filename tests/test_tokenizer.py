@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from node.model.tokenizer import TextStream, Tokenizer, render_chatml
-from protocols.errors import ModelError
+from idlefleet.node.model.tokenizer import TextStream, Tokenizer, render_chatml
+from idlefleet.protocols.errors import ModelError
 
 ROUND_TRIPS = [
     "naïve café — 日本語 🚗⚡ Ünïcödé ∑ 𝔘",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from node.vehicle import (
+from idlefleet.node.vehicle import (
     PROFILES,
     JsonFileVehicle,
     SimulatedVehicle,
@@ -20,7 +20,7 @@ from node.vehicle import (
     VehicleStateError,
     make_provider,
 )
-from protocols.errors import IdlefleetError
+from idlefleet.protocols.errors import IdlefleetError
 
 T0 = 1_718_000_000.0  # Monday 2024-06-10 06:13 UTC
 HOUR = 3600.0

@@ -12,9 +12,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from protocols import wire
-from protocols.errors import LocalProtocolError, RemoteProtocolError
-from protocols.messages import (
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError
+from idlefleet.protocols.messages import (
     MAX_STATUS_RECORDS,
     ErrorMessage,
     Heartbeat,
@@ -25,7 +25,7 @@ from protocols.messages import (
     decode_message,
     encode_message,
 )
-from protocols.wire import (
+from idlefleet.protocols.wire import (
     KINDS,
     MAX_DEPTH,
     MAX_FRAME,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.model.gguf_loader import ModelConfig
+from idlefleet.node.model.gguf_loader import ModelConfig
 
 F32 = np.float32
 

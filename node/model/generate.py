@@ -2,7 +2,7 @@
 
 :class:`Generation` is sans-IO: it hands out the hidden states to push through the blocks
 (:meth:`Generation.next_input`) and takes back their output (:meth:`Generation.feed`), sampling
-and stopping on its own. The client keeps the :class:`~node.model.stage.Head`; the "middle" can
+and stopping on its own. The client keeps the :class:`~idlefleet.node.model.stage.Head`; the "middle" can
 be a local stage (:func:`local_middle`) or a chain of remote stages. :func:`generate` is the
 synchronous driver; an async client writes the same five-line loop with ``await``.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from node.model.kvcache import KVCache
-from node.model.sampling import Sampler, SamplingParams
-from node.model.stage import Head, Stage
+from idlefleet.node.model.kvcache import KVCache
+from idlefleet.node.model.sampling import Sampler, SamplingParams
+from idlefleet.node.model.stage import Head, Stage
 
 # hidden [T, H] at positions position..position+T-1 -> hidden [T, H] after the last block
 Middle = Callable[[np.ndarray, int], np.ndarray]

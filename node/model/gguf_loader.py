@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
-from protocols.errors import ModelError
+from idlefleet.protocols.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = frozenset(

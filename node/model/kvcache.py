@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocols.errors import TensorError
+from idlefleet.protocols.errors import TensorError
 
 
 class KVCache:

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from node.model import blocks as B
-from node.model.gguf_loader import BLOCK_TENSORS, ModelConfig, ModelFile, model_id
-from node.model.kvcache import KVCache
-from protocols.errors import ModelError, TensorError
+from idlefleet.node.model import blocks as B
+from idlefleet.node.model.gguf_loader import BLOCK_TENSORS, ModelConfig, ModelFile, model_id
+from idlefleet.node.model.kvcache import KVCache
+from idlefleet.protocols.errors import ModelError, TensorError
 
 
 class Head:

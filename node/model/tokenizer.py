@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from node.model.gguf_loader import ModelFile
-from protocols.errors import ModelError
+from idlefleet.node.model.gguf_loader import ModelFile
+from idlefleet.protocols.errors import ModelError
 
 TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4
