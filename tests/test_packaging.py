@@ -7,6 +7,7 @@ folders are not on ``sys.path``): the editable install ``make`` does, and a plai
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -57,9 +58,16 @@ def test_installed_names_outside_the_checkout(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_plain_wheel_installs_one_namespace(tmp_path: Path) -> None:
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for package in ("idlefleet", "protocols", "p2p", "node"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
-                            str(ROOT)], capture_output=True, text=True, timeout=600)
+                            str(src)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("idlefleet-*.whl")
     with zipfile.ZipFile(wheel) as zf:
