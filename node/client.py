@@ -186,6 +186,10 @@ class Pipeline:
             reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
             if reply.kind != "session_opened":
                 raise RemoteProtocolError(f"expected session_opened, got {reply.kind}")
+            hidden = reply.body.get("hidden")
+            if hidden != client.model.head.config.hidden_size:
+                raise RemoteProtocolError(f"session_opened says hidden size {hidden!r}, the model has "
+                                          f"{client.model.head.config.hidden_size}")
         except RemoteError as e:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
             raise StageFailure(hop, f"refused: {e}", ban=e.code not in (S.ERR_BUSY,)) from None

@@ -162,8 +162,9 @@ class StageServer:
                     self._on_event("session_opened", session=sid, client=fs.peer_id,
                                    blocks=[req.start, req.end], max_length=req.max_length)
 
-                    await fs.send("session_opened", {"session": sid, "start": req.start,
-                                                     "end": req.end}, timeout=self.config.send_timeout_s)
+                    await fs.send("session_opened", {"session": sid, "start": req.start, "end": req.end,
+                                                     "hidden": stage.config.hidden_size},
+                                  timeout=self.config.send_timeout_s)
                 elif env.kind == "step":
                     # The state machine guarantees an opened session here.
                     assert stage is not None

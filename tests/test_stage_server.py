@@ -46,6 +46,7 @@ async def open_session(client: Host, peer: str, stage: Stage, **changes: Any) ->
     await fs.send("session_open", body, timeout=5)
     reply = await fs.receive_reply(timeout=5)
     assert reply.kind == "session_opened"
+    assert reply.body["hidden"] == stage.config.hidden_size  # a client learns the size here (§6.3)
     return fs
 
 
