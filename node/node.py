@@ -305,6 +305,28 @@ class Node:
             self._count_rejection("malformed", origin, str(e))
         return False
 
+    def _still_current(self, data: bytes) -> bool:
+        """Would a receiver still accept this gossip message now? GossipSub re-sends its cache and
+        its identify-pending queue to new peers; a record superseded by a newer one, an expired
+        record, or a notice near the end of its freshness window would only be rejected there."""
+        now = time.time()
+        env = wire.decode_envelope(data)
+        if env.kind == "capacity":
+            raw = env.body.get("record")
+            pid = _claimed_peer(raw) if isinstance(raw, bytes) else None
+            entry = self.view.get(pid) if pid else None  # our own latest record is in the view too
+            return entry is not None and entry.raw == raw and now < entry.record.expires_at
+        if env.kind == "peer_down":
+            raw = env.body.get("notice")
+            if not isinstance(raw, bytes):
+                return False
+            try:  # accepted for 60 s after observed_at: re-send only with 10 s of it left to travel
+                decode_notice(raw, now + 10.0)
+            except RemoteProtocolError:
+                return False
+            return True
+        return False
+
     def _count_rejection(self, reason: str, origin: str, detail: str) -> None:
         self.rejected[reason] += 1
         # GossipSub replays its recent-message cache to new peers: stale records are routine.
@@ -485,7 +507,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         try:
             host.register_dht_namespace("idlefleet", _dht_validate, _dht_select)
             host.set_request_handler(STATUS_PROTOCOL, "status_request", node._handle_status)
-            await host.subscribe(node._topic, node._validate_gossip)
+            await host.subscribe(node._topic, node._validate_gossip, still_current=node._still_current)
             await node._bootstrap()
             await nursery.start(node.liveness.run)
             await nursery.start(node._publisher)

@@ -145,6 +145,8 @@ class Host:
         self._nursery = nursery
         self._disconnect_callbacks: list[DisconnectCallback] = []
         self._reusable: dict[tuple[str, str], FramedStream] = {}
+        self._replay_filters: dict[str, Callable[[bytes], bool]] = {}
+        _filter_replays(pubsub.router, self._replay_filters)
         self.stats = HostStatistics()
         self.peer_id: str = host.get_id().to_base58()
         host.get_network().register_notifee(_DisconnectNotifee(self._on_disconnected))
@@ -313,10 +315,19 @@ class Host:
             del self._reusable[key]
 
     # -- gossip ------------------------------------------------------------------------------
-    async def subscribe(self, topic: str, validator: GossipValidator) -> None:
+    async def subscribe(self, topic: str, validator: GossipValidator, *,
+                        still_current: Callable[[bytes], bool] | None = None) -> None:
         """Join ``topic``. Every message goes through ``validator(source_peer_id, data)`` first;
         it must return True to accept (and forward) it. Delivery happens in the validator, so the
-        subscription queue is drained and discarded here."""
+        subscription queue is drained and discarded here.
+
+        GossipSub also re-sends messages it already forwarded: its message cache to a peer that just
+        subscribed or asks after an IHAVE, and the queue it kept while a new peer identified. With
+        ``still_current``, only messages for which ``still_current(data)`` holds *now* are re-sent
+        or advertised, so a receiver is not handed records that were superseded or expired meanwhile.
+        """
+        if still_current is not None:
+            self._replay_filters[topic] = still_current
 
         def _validate(source: ID, msg: Any) -> bool:
             try:
@@ -378,6 +389,42 @@ class Host:
 
 async def _no_auto_connect() -> None:
     return None
+
+
+def _filter_replays(router: Any, filters: dict[str, Callable[[bytes], bool]]) -> None:
+    """Make ``router`` (py-libp2p 0.8.1 GossipSub) re-send only messages its topic's filter keeps.
+
+    Two places re-send old messages: ``mcache.window(topic)`` (replayed to a newly subscribed peer,
+    and advertised in IHAVE, answered from the cache on IWANT) and ``_pending_messages`` (queued
+    for a peer whose identify or subscription had not arrived yet, flushed when it does).
+    """
+    cache = router.mcache
+    window = cache.window
+
+    def kept(topic: str, data: bytes) -> bool:
+        keep = filters.get(topic)
+        try:
+            return keep is None or keep(data)
+        except Exception:  # a filter never breaks gossip: when in doubt, do not re-send
+            return False
+
+    def filtered_window(topic: str) -> list[bytes]:
+        mids = window(topic)
+        if topic not in filters:
+            return mids
+        return [mid for mid in mids if (msg := cache.get(mid)) is not None and kept(topic, bytes(msg.data))]
+
+    cache.window = filtered_window
+    flush = router.flush_pending_messages
+
+    async def filtered_flush(peer_id: Any) -> None:
+        queue = router._pending_messages.get(peer_id)
+        if queue:
+            queue[:] = [(ts, rpc) for ts, rpc in queue
+                        if all(kept(topic, bytes(m.data)) for m in rpc.publish for topic in m.topicIDs)]
+        await flush(peer_id)
+
+    router.flush_pending_messages = filtered_flush
 
 
 @asynccontextmanager

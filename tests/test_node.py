@@ -18,7 +18,7 @@ from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import peer_id_of, raw_public_key
 from idlefleet.protocols import wire
-from idlefleet.protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed
+from idlefleet.protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed, validate_record
 from tests.factories import running_fleet
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
@@ -229,3 +229,33 @@ async def test_request_of_the_wrong_kind_gets_a_clear_error(tmp_path: Path) -> N
         peer = await client.connect(node.multiaddrs[0])
         with pytest.raises(RemoteError, match="bad_request"):
             await client.request(peer, STATUS_PROTOCOL, "heartbeat", {"nonce": 1})
+
+
+async def test_gossip_replays_only_current_records(tmp_path: Path) -> None:
+    """A peer that subscribes late is not handed records that were superseded meanwhile.
+
+    GossipSub replays its message-cache window (the last ~3 heartbeats) to a new subscriber, newest
+    first, and queues messages for peers still identifying: without filtering, a node that published
+    twice within the window hands the newcomer its older record right after the newer one, which the
+    newcomer must reject as ``stale_sequence`` (PROTOCOL.md §4).
+    """
+    async with open_node(node_config(tmp_path, 0)) as node:
+        seqs = []
+        for _ in range(3):  # three records within the cache window (the minimum interval is 1 s)
+            seqs.append((await node.publish_record("forced")).seq)
+            await trio.sleep(1.05)
+        got: list[int] = []
+
+        def collect(origin: str, data: bytes) -> bool:
+            env = wire.decode_envelope(data)
+            if env.kind == "capacity":
+                got.append(validate_record(env.body["record"], time.time()).seq)
+            return True
+
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as host:
+            await host.connect(node.multiaddrs[0])
+            await host.subscribe(capacity_topic("u33d"), collect)
+            await trio.sleep(2.0)
+        # Only the current record is replayed (later ones may follow if the node publishes again).
+        assert got and got[0] == seqs[-1], f"replayed {got}, published {seqs}"
+        assert got == sorted(set(got)), f"stale records replayed: {got}"
