@@ -409,7 +409,7 @@ def _filter_replays(router: Any, filters: dict[str, Callable[[bytes], bool]]) ->
             return False
 
     def filtered_window(topic: str) -> list[bytes]:
-        mids = window(topic)
+        mids: list[bytes] = window(topic)
         if topic not in filters:
             return mids
         return [mid for mid in mids if (msg := cache.get(mid)) is not None and kept(topic, bytes(msg.data))]

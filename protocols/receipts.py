@@ -1,0 +1,237 @@
+"""Work receipts, credits and misbehaviour reports, sans-IO.
+
+**Receipt.** When a session closes, client and server both sign one receipt: who served whom, which
+model blocks, how many tokens and block-steps, the estimated FLOPs, and how many of those tokens the
+client verified, left unverified, or rejected. Wire form ``{"body": bin, "server_sig": bin(64),
+"client_sig": bin(64)}``, each signature Ed25519 over ``RECEIPT_DOMAIN || body`` by that party's key
+(derived from its peer id), so a third party can check a receipt from the bytes alone.
+
+**Credits** are verified work. The unit is BOINC's cobblestone: 200 credits per day of a 1 GFLOPS
+machine, i.e. one credit = 4.32e11 floating-point operations. Reusing the volunteer-computing unit
+keeps an owner's numbers comparable with two decades of public BOINC statistics; only the verified
+fraction of a receipt's FLOPs earns credit.
+
+**Misbehaviour report.** A client that caught a server returning a wrong row (see
+:mod:`idlefleet.protocols.verification`) gossips the evidence: the accused's signed step commitment,
+two other hosts' commitments for the same inputs (the second host and the referee), and a
+:class:`~idlefleet.protocols.verification.RowProof` from each for the disputed position. Any node
+checks every signature, that the three committed to the same input row, and that the accused's row
+differs from both witnesses beyond the dtype's tolerance while the witnesses agree — then lowers
+the accused in its own routing. The report is signed by the reporter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.peerid import public_key_from_peer_id
+from idlefleet.protocols.tensors import TensorLimits, decode_hidden
+from idlefleet.protocols.verification import TOLERANCE, RowProof, StepCommitment, row_mismatch
+
+__all__ = [
+    "CREDIT_FLOPS",
+    "RECEIPT_DOMAIN",
+    "REPORT_DOMAIN",
+    "MisbehaviourReport",
+    "Receipt",
+    "credits",
+    "decode_receipt",
+    "verify_report",
+]
+
+RECEIPT_DOMAIN = b"idlefleet/receipt/v1\x00"
+REPORT_DOMAIN = b"idlefleet/misbehaviour/v1\x00"
+RECEIPT_VERSION = REPORT_VERSION = 1
+MAX_RECEIPT_SIZE = 2048
+MAX_REPORT_SIZE = 64 * 1024
+
+#: FLOPs per credit: 200 credits/day at 1 GFLOPS (BOINC's cobblestone) = 86400 * 1e9 / 200.
+CREDIT_FLOPS = 4.32e11
+
+
+def _verify_sig(peer_id: str, domain: bytes, body: bytes, sig: object, what: str) -> None:
+    if not isinstance(sig, bytes) or len(sig) != 64:
+        raise RemoteProtocolError(f"{what}: signature must be 64 bytes")
+    key = Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(peer_id))
+    try:
+        key.verify(sig, domain + body)
+    except InvalidSignature:
+        raise RemoteProtocolError(f"{what}: bad signature") from None
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One session's work (fields in wire order). Token counts: ``verified + unverified + rejected
+    == tokens``; ``block_steps = tokens * (end - start)``."""
+
+    server: str
+    client: str
+    model_id: str
+    start: int
+    end: int
+    session: int
+    opened_at: float
+    closed_at: float
+    tokens: int
+    block_steps: int
+    flops: float
+    verified: int
+    unverified: int
+    rejected: int
+
+    def __post_init__(self) -> None:
+        for name in ("server", "client"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise RemoteProtocolError(f"receipt: {name} must be a peer id")
+            public_key_from_peer_id(value)
+        if self.server == self.client:
+            raise RemoteProtocolError("receipt: server and client must differ")
+        if not isinstance(self.model_id, str) or not 0 < len(self.model_id) <= 128:
+            raise RemoteProtocolError("receipt: model_id must be 1..128 chars")
+        for name in ("start", "end", "session", "tokens", "block_steps", "verified", "unverified",
+                     "rejected"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value < 2**63:
+                raise RemoteProtocolError(f"receipt: {name} must be an int in 0..2^63-1")
+        for name in ("opened_at", "closed_at", "flops"):
+            value = getattr(self, name)
+            if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+                raise RemoteProtocolError(f"receipt: {name} must be a finite non-negative float")
+        if not self.start < self.end:
+            raise RemoteProtocolError("receipt: needs start < end")
+        if self.closed_at < self.opened_at:
+            raise RemoteProtocolError("receipt: closed before it opened")
+        if self.verified + self.unverified + self.rejected != self.tokens:
+            raise RemoteProtocolError("receipt: verified + unverified + rejected != tokens")
+        if self.block_steps != self.tokens * (self.end - self.start):
+            raise RemoteProtocolError("receipt: block_steps != tokens * blocks")
+
+    def body(self) -> bytes:
+        return wire.pack({"v": RECEIPT_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}})
+
+    def sign(self, key: Ed25519PrivateKey) -> bytes:
+        return key.sign(RECEIPT_DOMAIN + self.body())
+
+    def encode(self, server_sig: bytes, client_sig: bytes) -> bytes:
+        return wire.pack({"body": self.body(), "server_sig": server_sig, "client_sig": client_sig})
+
+    def verify(self, *, server_sig: bytes | None = None, client_sig: bytes | None = None) -> None:
+        """Check whichever signatures are given; raise RemoteProtocolError on a bad one."""
+        body = self.body()
+        if server_sig is not None:
+            _verify_sig(self.server, RECEIPT_DOMAIN, body, server_sig, "receipt (server)")
+        if client_sig is not None:
+            _verify_sig(self.client, RECEIPT_DOMAIN, body, client_sig, "receipt (client)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_body(cls, body: bytes) -> Receipt:
+        obj = wire.unpack(body, what="receipt body")
+        names = [f.name for f in fields(cls)]
+        if not isinstance(obj, dict) or obj.get("v") != RECEIPT_VERSION or set(obj) != {"v", *names}:
+            raise RemoteProtocolError("receipt: unknown version or wrong fields")
+        receipt = cls(**{name: obj[name] for name in names})
+        if receipt.body() != body:
+            raise RemoteProtocolError("receipt: body not in canonical form")
+        return receipt
+
+
+def decode_receipt(data: bytes) -> Receipt:
+    """Parse a receipt signed by both parties; raise RemoteProtocolError unless both signatures hold."""
+    if not isinstance(data, bytes) or len(data) > MAX_RECEIPT_SIZE:
+        raise RemoteProtocolError(f"receipt: not bytes or over {MAX_RECEIPT_SIZE} bytes")
+    outer = wire.unpack(data, what="receipt")
+    if not isinstance(outer, dict) or set(outer) != {"body", "server_sig", "client_sig"}:
+        raise RemoteProtocolError("receipt: needs exactly body, server_sig and client_sig")
+    if not isinstance(outer["body"], bytes):
+        raise RemoteProtocolError("receipt: body must be bin")
+    receipt = Receipt.from_body(outer["body"])
+    receipt.verify(server_sig=outer["server_sig"], client_sig=outer["client_sig"])
+    return receipt
+
+
+def credits(receipt: Receipt) -> dict[str, float]:
+    """The receipt's FLOPs split by verification outcome, in credits (``CREDIT_FLOPS`` each).
+    Only ``verified`` is earned credit."""
+    per_token = receipt.flops / receipt.tokens / CREDIT_FLOPS if receipt.tokens else 0.0
+    return {"verified": receipt.verified * per_token, "unverified": receipt.unverified * per_token,
+            "rejected": receipt.rejected * per_token}
+
+
+# --- misbehaviour reports -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MisbehaviourReport:
+    """Evidence that ``accused`` returned a wrong row at ``position``."""
+
+    reporter: str
+    position: int
+    accused: bytes  # StepCommitment wire form
+    witnesses: tuple[bytes, bytes]  # the second host's and the referee's commitments
+    proofs: tuple[RowProof, RowProof, RowProof]  # accused, witness 1, witness 2
+
+    def body(self) -> bytes:
+        return wire.pack({"v": REPORT_VERSION, "reporter": self.reporter, "position": self.position,
+                          "accused": self.accused, "witnesses": list(self.witnesses),
+                          "proofs": [p.to_dict() for p in self.proofs]})
+
+    def encode(self, key: Ed25519PrivateKey) -> bytes:
+        body = self.body()
+        return wire.pack({"body": body, "sig": key.sign(REPORT_DOMAIN + body)})
+
+
+def verify_report(data: bytes, *, limits: TensorLimits | None = None) -> tuple[MisbehaviourReport, str]:
+    """Check a report completely; return it and the accused peer id. Raises RemoteProtocolError."""
+    if not isinstance(data, bytes) or len(data) > MAX_REPORT_SIZE:
+        raise RemoteProtocolError(f"misbehaviour report: not bytes or over {MAX_REPORT_SIZE} bytes")
+    outer = wire.unpack(data, what="misbehaviour report")
+    if not (isinstance(outer, dict) and set(outer) == {"body", "sig"} and isinstance(outer["body"], bytes)):
+        raise RemoteProtocolError("misbehaviour report: needs exactly body (bin) and sig")
+    body = wire.unpack(outer["body"], what="misbehaviour report body")
+    keys = {"v", "reporter", "position", "accused", "witnesses", "proofs"}
+    if not isinstance(body, dict) or body.get("v") != REPORT_VERSION or set(body) != keys:
+        raise RemoteProtocolError("misbehaviour report: unknown version or wrong fields")
+    reporter, position = body["reporter"], body["position"]
+    witnesses, proofs = body["witnesses"], body["proofs"]
+    if not isinstance(reporter, str) or type(position) is not int or position < 0:
+        raise RemoteProtocolError("misbehaviour report: bad reporter or position")
+    if not (isinstance(witnesses, list) and len(witnesses) == 2 and isinstance(proofs, list)
+            and len(proofs) == 3):
+        raise RemoteProtocolError("misbehaviour report: needs 2 witnesses and 3 proofs")
+    _verify_sig(reporter, REPORT_DOMAIN, outer["body"], outer["sig"], "misbehaviour report")
+
+    commitments = [StepCommitment.decode(c)[0] for c in (body["accused"], *witnesses)]
+    row_proofs = [RowProof.from_dict(p) for p in proofs]
+    accused = commitments[0]
+    if len({c.server for c in commitments}) != 3:
+        raise RemoteProtocolError("misbehaviour report: accused and witnesses must be three different hosts")
+    rows = []
+    for c, proof in zip(commitments, row_proofs, strict=True):
+        if (c.model_id, c.start, c.end, c.client) != (accused.model_id, accused.start, accused.end, reporter):
+            raise RemoteProtocolError("misbehaviour report: commitments differ in model, blocks or client")
+        if proof.index != position - c.position:
+            raise RemoteProtocolError("misbehaviour report: a proof is not for the disputed position")
+        proof.check(c)
+        rows.append((proof, decode_hidden(proof.row, limits or TensorLimits())))
+    inputs = {proof.input_digests[proof.index] for proof, _ in rows}
+    if len(inputs) != 1:
+        raise RemoteProtocolError("misbehaviour report: the hosts were given different inputs")
+    (_, bad), (p1, w1), (_, w2) = rows
+    tolerance = TOLERANCE[p1.row.dtype]
+    if float(row_mismatch(w1, w2)[0]) > tolerance:
+        raise RemoteProtocolError("misbehaviour report: the witnesses disagree with each other")
+    if min(float(row_mismatch(bad, w1)[0]), float(row_mismatch(bad, w2)[0])) <= tolerance:
+        raise RemoteProtocolError("misbehaviour report: the accused's row is within tolerance")
+    report = MisbehaviourReport(reporter, position, body["accused"], (witnesses[0], witnesses[1]),
+                                (row_proofs[0], row_proofs[1], row_proofs[2]))
+    return report, accused.server
