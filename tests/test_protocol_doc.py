@@ -172,3 +172,40 @@ def test_session_error_codes_table() -> None:
     documented = {code(row[0]) for row in table_rows(text)}
     in_code = {value for name, value in vars(S).items() if name.startswith("ERR_")}
     assert documented == in_code
+
+
+# --- section 7: verified work --------------------------------------------------------------------
+
+def vector(name: str) -> str:
+    match = re.search(rf"<!-- test-vector: {name} -->\s*```text\n(.*?)```", DOC, re.S)
+    assert match, f"docs/PROTOCOL.md lacks the {name} test vector"
+    return match.group(1)
+
+
+def test_rows_root_vector() -> None:
+    import numpy as np
+
+    from idlefleet.protocols.tensors import encode_hidden
+    from idlefleet.protocols.verification import row_digests, rows_root
+
+    for line in vector("rows-root").strip().splitlines():
+        match = re.fullmatch(r"float32 (\[\[.*\]\])\s+root ([0-9a-f]{64})", line.strip())
+        assert match, line
+        x = np.array(ast.literal_eval(match.group(1)), np.float32)
+        assert rows_root(row_digests(encode_hidden(x))).hex() == match.group(2)
+
+
+def test_step_commitment_and_receipt_vectors() -> None:
+    from idlefleet.protocols.receipts import decode_receipt
+    from idlefleet.protocols.verification import StepCommitment
+
+    client_key = Ed25519PrivateKey.from_private_bytes(SEED)
+    client = peer_id_from_public_key(client_key.public_key().public_bytes_raw())
+    server_key = Ed25519PrivateKey.from_private_bytes(b"\x02" * 32)
+    server = peer_id_from_public_key(server_key.public_key().public_bytes_raw())
+    data = hex_bytes(vector("step-commitment"))
+    commitment, _ = StepCommitment.decode(data)
+    assert (commitment.server, commitment.client) == (server, client)
+    assert commitment.encode(commitment.sign(server_key)) == data  # Ed25519 is deterministic
+    receipt = decode_receipt(hex_bytes(vector("receipt")))
+    assert (receipt.server, receipt.client, receipt.tokens, receipt.verified) == (server, client, 32, 30)
