@@ -1,7 +1,8 @@
 """The fleet client: keeps the embedding and LM head, streams hidden states through remote stages.
 
-Prompt and output tokens never leave this process: only hidden states travel, over Noise-encrypted
-libp2p streams. A generation opens one pipeline session per hop of a route (``protocols.routing``)
+Token ids and text stay in this process: only hidden states travel, over Noise-encrypted libp2p
+streams (what those reveal to each hop: README "Privacy"; ``ClientConfig.local_blocks`` keeps the
+first blocks here so the first hop does not receive token embeddings). A generation opens one pipeline session per hop of a route (``protocols.routing``)
 and steps it token by token. When a hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline
 expires) or refuses, the peer is banned for a while, only that hop's span is re-routed, and the
 span's past inputs are replayed to rebuild the KV cache on the replacement; the tokens are the same
