@@ -2,11 +2,14 @@
 
 Token ids and text stay in this process: only hidden states travel, over Noise-encrypted libp2p
 streams (what those reveal to each hop: README "Privacy"; ``ClientConfig.local_blocks`` keeps the
-first blocks here so the first hop does not receive token embeddings). A generation opens one pipeline session per hop of a route (``protocols.routing``)
-and steps it token by token. When a hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline
-expires) or refuses, the peer is banned for a while, only that hop's span is re-routed, and the
-span's past inputs are replayed to rebuild the KV cache on the replacement; the tokens are the same
-as an undisturbed run. A hop that says it is draining is moved the same way, without an error.
+first blocks here so the first hop does not receive token embeddings). A generation opens one
+pipeline session per hop of a route (``protocols.routing``) and steps it token by token. When a
+hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline expires), refuses or sends a bad reply
+(another dtype, non-finite or out-of-range values), the peer is banned for a while, only that
+hop's span is re-routed, and the span's past inputs are replayed to rebuild the KV cache on the
+replacement; the tokens are the same as an undisturbed run. A hop that says it is draining is
+moved the same way, without an error. Our own mistakes (an invalid ``ClientConfig``, a prompt
+longer than the context) are raised as local errors before any peer is contacted.
 
 Embedding API::
 
