@@ -301,3 +301,4 @@ def test_node_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pyte
     assert needle in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "node.key").exists()  # no identity is created for a node that cannot run
