@@ -20,12 +20,19 @@ PROMPTS = (
 )
 
 
-def nearest_rows(x: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The attack: for each received row, the closest embedding row by cosine and by L2."""
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    tn = table / np.linalg.norm(table, axis=1, keepdims=True)
-    l2 = (table**2).sum(axis=1)[None, :] - 2 * x @ table.T  # |x - e|^2 minus the constant |x|^2
-    return (xn @ tn.T).argmax(axis=1), l2.argmin(axis=1)
+class NearestRow:
+    """The attack: for each received row, the closest row of the public embedding table, by
+    cosine and by L2 distance."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.table = table
+        self.unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+        self.sq = (table**2).sum(axis=1)[None, :]
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        l2 = self.sq - 2 * x @ self.table.T  # |x - e|^2 minus the constant |x|^2
+        return (xn @ self.unit.T).argmax(axis=1), l2.argmin(axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,8 @@ def first_blocks(model_file: Any) -> Any:
     return load_stage(model_file, 0, 2)
 
 
-def recovered(client_model: ClientModel, first_blocks: Any, k: int) -> tuple[float, float]:
+def recovered(client_model: ClientModel, first_blocks: Any, attack: NearestRow,
+              k: int) -> tuple[float, float]:
     """Fraction of prompt tokens recovered from what the first hop receives with K local blocks."""
     hits_cos = hits_l2 = total = 0
     for prompt in PROMPTS:
@@ -42,7 +50,7 @@ def recovered(client_model: ClientModel, first_blocks: Any, k: int) -> tuple[flo
         if k:
             local = first_blocks.sub_stage(0, k)  # what ClientModel.local runs
             x = local.forward(x, local.new_cache(), 0)
-        by_cos, by_l2 = nearest_rows(x, client_model.head.embedding)
+        by_cos, by_l2 = attack(x)
         hits_cos += int((by_cos == ids).sum())
         hits_l2 += int((by_l2 == ids).sum())
         total += len(ids)
@@ -50,7 +58,8 @@ def recovered(client_model: ClientModel, first_blocks: Any, k: int) -> tuple[flo
 
 
 def test_nearest_row_inversion_at_k_0_1_2(client_model: ClientModel, first_blocks: Any) -> None:
-    found = {k: recovered(client_model, first_blocks, k) for k in (0, 1, 2)}
+    attack = NearestRow(client_model.head.embedding)
+    found = {k: recovered(client_model, first_blocks, attack, k) for k in (0, 1, 2)}
     for k, (cos, l2) in found.items():
         print(f"local_blocks={k}: nearest-row inversion recovers {cos:.0%} (cosine) / {l2:.0%} (L2) "
               f"of prompt tokens")
