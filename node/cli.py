@@ -23,6 +23,9 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "int8"), default="float32",
                    help="hidden states on the wire (fleet only; float32 is exact)")
+    p.add_argument("--local-blocks", type=int, default=0, metavar="K",
+                   help="run the first K blocks here, so the first hop sees hidden states after K "
+                        "blocks instead of token embeddings (fleet only; see README, Privacy)")
 
 
 def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

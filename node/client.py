@@ -1,11 +1,15 @@
 """The fleet client: keeps the embedding and LM head, streams hidden states through remote stages.
 
-Prompt and output tokens never leave this process: only hidden states travel, over Noise-encrypted
-libp2p streams. A generation opens one pipeline session per hop of a route (``protocols.routing``)
-and steps it token by token. When a hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline
-expires) or refuses, the peer is banned for a while, only that hop's span is re-routed, and the
-span's past inputs are replayed to rebuild the KV cache on the replacement; the tokens are the same
-as an undisturbed run. A hop that says it is draining is moved the same way, without an error.
+Token ids and text stay in this process: only hidden states travel, over Noise-encrypted libp2p
+streams (what those reveal to each hop: README "Privacy"; ``ClientConfig.local_blocks`` keeps the
+first blocks here so the first hop does not receive token embeddings). A generation opens one
+pipeline session per hop of a route (``protocols.routing``) and steps it token by token. When a
+hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline expires), refuses or sends a bad reply
+(another dtype, non-finite or out-of-range values), the peer is banned for a while, only that
+hop's span is re-routed, and the span's past inputs are replayed to rebuild the KV cache on the
+replacement; the tokens are the same as an undisturbed run. A hop that says it is draining is
+moved the same way, without an error. Our own mistakes (an invalid ``ClientConfig``, a prompt
+longer than the context) are raised as local errors before any peer is contacted.
 
 Embedding API::
 
@@ -20,7 +24,9 @@ Embedding API::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -36,15 +42,21 @@ from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.sampling import SamplingParams
-from idlefleet.node.model.stage import Head, load_head
+from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
 from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.node import Node
 from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
-from idlefleet.protocols.errors import IdlefleetError, RemoteProtocolError, TensorError
+from idlefleet.protocols.errors import (
+    ConfigError,
+    IdlefleetError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TensorError,
+)
 from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
-from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.tensors import WIRE_DTYPES, TensorLimits, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +67,11 @@ OWN_SESSION_LOAD = 0.5
 
 class GenerationFailed(IdlefleetError):
     """The fleet could not finish the generation (no route left after failovers)."""
+
+
+# A reply's hidden values beyond this are a bad reply (SmolLM2's largest activations are ~2.5e4);
+# far below where the next RMSNorm overflows float32 (~7e17) and turns every logit into NaN.
+MAX_HIDDEN_ABS = 1e6
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,26 @@ class ClientConfig:
     # at a node's measured matmul rate suggest (it is memory-bound): count that as overhead, so
     # compute, not RTT noise, dominates route costs.
     costs: RouteCosts = field(default_factory=lambda: RouteCosts(block_overhead_s=0.001))
+    # Run blocks [0, local_blocks) in this process: the first hop then sees hidden states after
+    # that many blocks instead of token embeddings (README "Privacy"); routing covers the rest.
+    local_blocks: int = 0
+    max_hidden_abs: float = MAX_HIDDEN_ABS
+
+    def __post_init__(self) -> None:
+        """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        for name in ("open_timeout_s", "step_timeout_s", "ban_s", "route_wait_s", "max_hidden_abs"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        value = self.step_timeout_per_token_block_s
+        if type(value) not in (int, float) or not 0 <= value < math.inf:
+            raise ConfigError(f"step_timeout_per_token_block_s must be a number >= 0, got {value!r}")
+        for name in ("max_failovers", "local_blocks"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -80,11 +117,21 @@ class ClientModel:
     n_blocks: int
     tokenizer: Tokenizer
     head: Head
+    local: Stage | None = None  # blocks [0, K) run here (ClientConfig.local_blocks), or None
+
+    @property
+    def local_blocks(self) -> int:
+        return 0 if self.local is None else self.local.end
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> ClientModel:
+    def load(cls, path: str | Path | None = None, *, local_blocks: int = 0) -> ClientModel:
+        """Raises ConfigError if ``local_blocks`` is not in ``[0, n_blocks)``."""
         with open_model(path or find_default_model()) as mf:
-            return cls(mf.info().model_id, mf.config.n_blocks, Tokenizer.from_model(mf), load_head(mf))
+            n = mf.config.n_blocks
+            if not 0 <= local_blocks < n:
+                raise ConfigError(f"local_blocks must be in [0, {n}) for this model, got {local_blocks}")
+            local = load_stage(mf, 0, local_blocks) if local_blocks else None
+            return cls(mf.info().model_id, n, Tokenizer.from_model(mf), load_head(mf), local)
 
 
 @dataclass(frozen=True)
@@ -126,23 +173,41 @@ class Pipeline:
     """The sessions of one generation: a chain of hops covering blocks ``[0, n)``, with failover."""
 
     def __init__(self, client: FleetClient, max_length: int) -> None:
+        """Raises LocalProtocolError if our own session request would be invalid (a prompt longer
+        than the context, a bad dtype): found before any peer is contacted, blamed on none."""
         self.client = client
         self.max_length = max_length
+        self.start = client.model.local_blocks
         self.hops: list[_HopSession] = []
         self.failovers = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        context = client.model.head.config.context_length
+        if max_length > context:
+            raise LocalProtocolError(f"prompt plus max_new_tokens is {max_length} tokens; "
+                                     f"the model's context is {context}")
+        try:
+            S.OpenRequest(client.model.model_id, self.start, client.model.n_blocks, max_length,
+                          client.config.wire_dtype)
+        except RemoteProtocolError as e:  # our own request: a local error
+            raise LocalProtocolError(f"invalid session request: {e}") from None
+        self._local_cache = client.model.local.new_cache() if client.model.local is not None else None
 
     @property
     def route(self) -> list[dict[str, Any]]:
         return [{"peer_id": h.peer_id, "blocks": [h.start, h.end]} for h in self.hops]
 
     async def open(self) -> None:
-        self.hops, _ = await self._open_span(0, self.client.model.n_blocks, [])
+        self.hops, _ = await self._open_span(self.start, self.client.model.n_blocks, [])
 
     async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
-        """Run ``hidden`` (positions ``position..``) through every hop, failing over as needed."""
+        """Run ``hidden`` (positions ``position..``) through the local blocks (if any), then every
+        hop, failing over as needed."""
         x = hidden
+        local = self.client.model.local
+        if local is not None:
+            assert self._local_cache is not None  # made with local
+            x = await trio.to_thread.run_sync(local.forward, x, self._local_cache, position)
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
@@ -176,12 +241,12 @@ class Pipeline:
 
     async def _open_hop(self, hop: _HopSession) -> None:
         client = self.client
+        req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
+                            client.config.wire_dtype)  # checked in __init__: cannot fail here
         try:
             await client.ensure_connected(hop.peer_id)
             hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
                                                             timeout=client.config.open_timeout_s)
-            req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
-                                client.config.wire_dtype)
             await hop.stream.send("session_open", req.to_body(), timeout=client.config.open_timeout_s)
             reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
             if reply.kind != "session_opened":
@@ -211,13 +276,28 @@ class Pipeline:
             if reply.kind != "step_result":
                 raise RemoteProtocolError(f"expected step_result, got {reply.kind}")
             result = S.StepResult.from_body(reply.body)
-            out = decode_hidden(result.hidden, self.client.limits)
-            if result.position != position or out.shape != x.shape:
-                raise RemoteProtocolError(f"step_result for position {result.position} shape "
-                                          f"{out.shape}, expected {position} {x.shape}")
+            out = self._check_reply(result, position, x.shape)
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
+        return out
+
+    def _check_reply(self, result: S.StepResult, position: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The reply's hidden states, or RemoteProtocolError (a bad reply from that peer): another
+        dtype than the session's, another position or shape, NaN/inf, or values beyond
+        ``max_hidden_abs`` (an int8 scale of 3e38 would otherwise turn every logit into NaN and
+        the "generated" text into token 0)."""
+        want = self.client.config.wire_dtype
+        if result.hidden.dtype != want:
+            raise RemoteProtocolError(f"step_result dtype {result.hidden.dtype}, session dtype {want}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = decode_hidden(result.hidden, self.client.limits)
+            peak = float(np.abs(out).max())
+        if result.position != position or out.shape != shape:
+            raise RemoteProtocolError(f"step_result for position {result.position} shape "
+                                      f"{out.shape}, expected {position} {shape}")
+        if not peak <= self.client.config.max_hidden_abs:  # NaN fails this too
+            raise RemoteProtocolError(f"step_result values out of range (max |x| = {peak:.3g})")
         return out
 
     def _release(self, hop: _HopSession) -> None:
@@ -323,6 +403,10 @@ class FleetClient:
     """Generates text across the fleet that ``node`` sees. Create with ``FleetClient.create``."""
 
     def __init__(self, node: Node, model: ClientModel, config: ClientConfig = ClientConfig()) -> None:
+        """Raises ConfigError if ``config.local_blocks`` differs from the blocks ``model`` holds."""
+        if model.local_blocks != config.local_blocks:
+            raise ConfigError(f"the client model holds {model.local_blocks} local blocks, the "
+                              f"config asks for {config.local_blocks} (ClientModel.load(local_blocks=))")
         self.node = node
         self.model = model
         self.config = config
@@ -333,8 +417,10 @@ class FleetClient:
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,
                      config: ClientConfig = ClientConfig()) -> FleetClient:
-        """Load the client's part of the model (tokenizer, embedding, head) off the event loop."""
-        model = await trio.to_thread.run_sync(ClientModel.load, model_path)
+        """Load the client's part of the model (tokenizer, embedding, head, and blocks
+        ``[0, config.local_blocks)``) off the event loop."""
+        model = await trio.to_thread.run_sync(
+            functools.partial(ClientModel.load, model_path, local_blocks=config.local_blocks))
         return cls(node, model, config)
 
     # -- peers ---------------------------------------------------------------------------------
@@ -365,8 +451,10 @@ class FleetClient:
                 out.append(cand)
         return out
 
-    def find_route(self, start: int = 0, end: int | None = None) -> list[Hop]:
-        """The best chain of peers for blocks ``[start, end)`` now. Raises NoRoute."""
+    def find_route(self, start: int | None = None, end: int | None = None) -> list[Hop]:
+        """The best chain of peers for blocks ``[start, end)`` now (default: every block not run
+        locally). Raises NoRoute."""
+        start = self.model.local_blocks if start is None else start
         return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
                           now=time.time(), my_region=self.node.config.region,
                           banned=self.banned(), costs=self.config.costs)
@@ -441,8 +529,8 @@ class FleetGeneration:
         client = self.client
         gen = Generation(client.model.head, self.prompt_ids, self.params, client.model.tokenizer.stop_ids)
         text = TextStream(client.model.tokenizer)
-        await client.wait_ready()
         pipeline = self.pipeline = Pipeline(client, len(self.prompt_ids) + max(1, self.params.max_new_tokens))
+        await client.wait_ready()
         t0 = time.perf_counter()
         try:
             await pipeline.open()

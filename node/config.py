@@ -17,7 +17,10 @@ Example ``node.toml``::
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +67,13 @@ class NodeConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if type(self.port) is not int:
-            raise ConfigError(f"port must be an integer, got {self.port!r}")
+        for name in ("key_file", "event_log"):  # a path given as a string is a path
+            value = getattr(self, name)
+            if isinstance(value, str) and value:
+                object.__setattr__(self, name, Path(value))
+        if isinstance(self.bootstrap, list):
+            object.__setattr__(self, "bootstrap", tuple(self.bootstrap))
+        _check_types(self)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if not (1 <= len(self.region) <= 12 and set(self.region) <= GEOHASH_ALPHABET):
@@ -84,12 +92,24 @@ class NodeConfig:
             raise ConfigError("record_ttl_s must be in (0, 600]")
         for name in ("vehicle_poll_s", "heartbeat_s", "heartbeat_timeout_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 600:
+            if not 0.05 <= value <= 600:
                 raise ConfigError(f"{name} must be a number of seconds in [0.05, 600], got {value!r}")
-        for name in ("heartbeat_misses", "target_peers"):
+        for name, lo, hi in (("heartbeat_misses", 1, 1000), ("target_peers", 1, 1000),
+                             ("max_sessions", 1, 4096)):
             value = getattr(self, name)
-            if type(value) is not int or not 1 <= value <= 1000:
-                raise ConfigError(f"{name} must be an integer in [1, 1000], got {value!r}")
+            if not lo <= value <= hi:
+                raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        for name, low, high in (("rebalance_s", 0.1, 86400.0), ("session_idle_s", 0.1, 86400.0),
+                                ("kv_budget_mb", 1.0, 2.0**20), ("memory_budget_mb", 1.0, 2.0**24)):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+        if not self.listen_host:
+            raise ConfigError("listen_host must not be empty")
+        if not self.vehicle:
+            raise ConfigError("vehicle must not be empty (sim:PROFILE, file:PATH or sysfs[:ROOT])")
+        if self.model is not None and not self.model:
+            raise ConfigError("model must be a GGUF path (omit it for the default model)")
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
@@ -112,18 +132,54 @@ def load_config(path: Path | None = None, **overrides: Any) -> NodeConfig:
             raise ConfigError(f"config file {path} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(NodeConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-    try:  # a wrong type anywhere (Path(5), tuple(5), 5 <= "x") is the user's error, not a crash
-        for name in ("key_file", "event_log"):
-            if values.get(name) is not None:
-                values[name] = Path(values[name])
-        if "bootstrap" in values:
-            b = values["bootstrap"]
-            values["bootstrap"] = tuple([b] if isinstance(b, str) else b)
-        return NodeConfig(**values)
-    except TypeError as e:
-        raise ConfigError(f"bad config: {e}") from None
+    if "bootstrap" in values:
+        b = values["bootstrap"]
+        if isinstance(b, str):
+            b = [b]
+        if not isinstance(b, list | tuple):
+            raise ConfigError(f"bootstrap must be a multiaddr or a list of them, got {b!r}")
+        values["bootstrap"] = tuple(b)
+    return NodeConfig(**values)
+
+
+# Every setting is checked against its annotation. Numbers: an int is accepted where a float is
+# expected (TOML ``8`` for ``8.0``), a bool never is (``consent = "false"`` is an error, not
+# consent), NaN and infinities are refused.
+_TYPE_NAMES = {Path: "a path", str: "a string", int: "an integer", bool: "a boolean (true or false)",
+               float: "a number", tuple: "a list of strings", dict: "a table", type(None): "omitted"}
+
+
+def _type_ok(value: object, kind: Any) -> bool:
+    origin = typing.get_origin(kind) or kind
+    if origin is bool:
+        return type(value) is bool
+    if origin is int:
+        return type(value) is int
+    if origin is float:
+        return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+    if origin is tuple:
+        item = (typing.get_args(kind) or (object,))[0]
+        return isinstance(value, tuple) and all(_type_ok(v, item) for v in value)
+    if kind is Any or kind is object:
+        return True
+    return isinstance(value, origin)
+
+
+def _check_types(config: NodeConfig) -> None:
+    """Raise ConfigError naming the first setting whose value does not have its declared type."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        hint = hints[f.name]
+        kinds = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) \
+            else (hint,)
+        if not any(_type_ok(value, kind) for kind in kinds):
+            want = " or ".join(_TYPE_NAMES.get(typing.get_origin(k) or k, str(k)) for k in kinds)
+            raise ConfigError(f"config key {f.name} must be {want}, got {value!r}")

@@ -27,7 +27,8 @@ async def fleet_generate(args: argparse.Namespace) -> int:
         config = NodeConfig(key_file=Path(tmp) / "client.key", bootstrap=(args.bootstrap,),
                             consent=False, serve=False, vehicle="sysfs")
         async with open_node(config, key=Ed25519PrivateKey.generate()) as node:
-            client = await FleetClient.create(node, args.model, ClientConfig(wire_dtype=args.wire_dtype))
+            client = await FleetClient.create(
+                node, args.model, ClientConfig(wire_dtype=args.wire_dtype, local_blocks=args.local_blocks))
 
             def on_token(_token: int, piece: str) -> None:
                 if not args.json:

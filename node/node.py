@@ -493,14 +493,14 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
     Raises ConfigError for bad configuration or key files. Returns once the node is listening and
     has tried its bootstrap peers; the node stops (publishing ``offline``) when the block exits.
     """
+    try:  # before the key: a bad vehicle spec must not leave a new identity behind
+        vehicle = make_provider(config.vehicle, now=time.time())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if key is None:
         key, created = load_or_create_key(config.key_path)
         if created:
             log.info("created a new identity in %s", config.key_path)
-    try:
-        vehicle = make_provider(config.vehicle, now=time.time())
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
     async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
         node = Node(config, key, host, vehicle, nursery)

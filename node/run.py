@@ -15,6 +15,7 @@ import trio
 
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.node import Node, open_node
+from idlefleet.node.procs import lifeline_fd
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,12 @@ def node_status(node: Node) -> dict[str, Any]:
 
 async def run_node(config: NodeConfig, *, status_file: Path | None = None,
                    status_interval_s: float = 1.0, drain_s: float = 8.0) -> None:
-    """Run until SIGINT/SIGTERM, then leave cleanly: drain (sessions move elsewhere), publish
+    """Run until SIGINT/SIGTERM/SIGHUP (or the launcher's lifeline closes), then leave cleanly:
+    drain (sessions move elsewhere), publish
     ``offline``, stop. A signal during start-up stops the node as soon as it is up; a second
     signal cuts the drain short."""
     stop = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as outer:
             drain_scope = trio.CancelScope()
 
@@ -70,6 +72,9 @@ async def run_node(config: NodeConfig, *, status_file: Path | None = None,
                     stop.set()
 
             outer.start_soon(_watch_signals)
+            lifeline = lifeline_fd()
+            if lifeline is not None:
+                outer.start_soon(_watch_lifeline, lifeline, stop)
             async with open_node(config) as node, trio.open_nursery() as nursery:
                 log.info("node %s listening on %s", node.peer_id, " ".join(node.multiaddrs))
                 nursery.start_soon(_write_status, node, status_file, status_interval_s)
@@ -81,6 +86,25 @@ async def run_node(config: NodeConfig, *, status_file: Path | None = None,
     if status_file is not None:
         with contextlib.suppress(FileNotFoundError):
             await trio.Path(status_file).unlink()
+
+
+async def _watch_lifeline(fd: int, stop: trio.Event) -> None:
+    """Leave the fleet (as on SIGTERM) once the process that started us is gone: the write end of
+    the lifeline pipe (``node.procs``) closes when it ends, however it ends."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            continue
+        except OSError as e:
+            log.warning("lifeline fd %d unusable (%s); not watching the launcher", fd, e)
+            return
+        if not data:
+            break
+    if not stop.is_set():
+        log.info("the process that started this node is gone: draining, then leaving the fleet")
+        stop.set()
 
 
 async def _write_status(node: Node, status_file: Path | None, interval_s: float) -> None:

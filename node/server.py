@@ -2,9 +2,15 @@
 
 One stream is one session (``protocols.session``). Each session owns a KV cache whose worst case
 (``max_length`` positions) is reserved against the server's KV memory budget when it opens, so the
-server's memory stays within budget however clients behave. A session that stays silent longer than
-the idle timeout is closed and its cache freed. Compute runs in a worker thread (one at a time per
-process: the machine's cores are shared by several nodes), so heartbeats and gossip never stall.
+server's memory stays within budget however clients behave. A session that sends no valid message
+for the idle timeout (invalid steps do not count), or sends ``max_invalid_steps`` invalid steps in
+a row, is closed and its cache freed. Compute runs in a worker thread (one at a time per process:
+the machine's cores are shared by several nodes), so heartbeats and gossip never stall.
+
+Fair shares: one peer may hold at most ``peer_share`` of the sessions and of the KV budget, and
+have at most ``max_inflight_per_peer`` steps queued or computing. A long step (a prefill) is
+computed in chunks of at most ``prefill_chunk_tokens`` positions whose attention and MLP working
+memory stays under ``workspace_bytes``; other sessions' steps run between chunks.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import trio
 
 from idlefleet.node.model.kvcache import KVCache
@@ -36,6 +43,11 @@ class ServerConfig:
     idle_timeout_s: float = 60.0
     max_step_tokens: int = 4096
     send_timeout_s: float = 10.0
+    peer_share: float = 0.5  # of max_sessions and of kv_budget_bytes, for any one peer
+    max_inflight_per_peer: int = 8  # steps of one peer queued or computing; more wait their turn
+    max_invalid_steps: int = 3  # invalid steps in a row before the session is ended
+    prefill_chunk_tokens: int = 128  # a step is computed in chunks of at most this many positions
+    workspace_bytes: int = 32 * 1024 * 1024  # working memory (attention scores, MLP) of one chunk
 
 
 @dataclass
@@ -46,6 +58,8 @@ class ServerStatistics:
     tokens: int = 0
     bad_requests: int = 0
     idle_closed: int = 0
+    invalid_closed: int = 0
+    chunks: int = 0
     compute_s: float = 0.0
 
 
@@ -63,6 +77,8 @@ class StageServer:
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._ids = itertools.count(1)
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
+        self._peer_of: dict[int, str] = {}  # session id -> the peer that opened it
+        self._inflight: dict[str, trio.CapacityLimiter] = {}  # peer -> its steps in flight
         self._idle = trio.Event()
         self._idle.set()
         self._busy = 0.0
@@ -104,8 +120,8 @@ class StageServer:
         self.stats.sessions_refused[code] = self.stats.sessions_refused.get(code, 0) + 1
         return code
 
-    def _admit(self, req: S.OpenRequest) -> tuple[str, str] | None:
-        """Return (code, message) if the session cannot be opened, else None."""
+    def _admit(self, req: S.OpenRequest, peer: str) -> tuple[str, str] | None:
+        """Return (code, message) if the session cannot be opened for ``peer``, else None."""
         st = self.stage
         if self.draining:
             return self._refuse(S.ERR_DRAINING), "this node is draining; use another peer"
@@ -124,19 +140,42 @@ class StageServer:
             return (self._refuse(S.ERR_BUSY),
                     f"KV memory budget exhausted ({self.reserved_bytes + need} > "
                     f"{self.config.kv_budget_bytes} bytes)")
+        mine = [sid for sid, p in self._peer_of.items() if p == peer]
+        max_mine = max(1, int(self.config.max_sessions * self.config.peer_share))
+        if len(mine) >= max_mine:
+            return self._refuse(S.ERR_BUSY), f"per-peer share of {max_mine} sessions reached"
+        mine_bytes = sum(self._reserved[sid] for sid in mine) + need
+        if mine_bytes > self.config.kv_budget_bytes * self.config.peer_share:
+            return (self._refuse(S.ERR_BUSY), f"per-peer share of the KV memory budget exhausted "
+                    f"({mine_bytes} > {int(self.config.kv_budget_bytes * self.config.peer_share)} bytes)")
         return None
+
+    def _chunk_tokens(self, position: int, remaining: int) -> int:
+        """How many of ``remaining`` positions (from ``position``) to compute in one go: at most
+        ``prefill_chunk_tokens``, halved until the chunk's working memory fits ``workspace_bytes``
+        (attention scores and their mask, float32, for every query head over every cached key,
+        plus the QKV, MLP and residual rows)."""
+        c = self.stage.config
+        per_row = 4 * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.ffn_size + 4 * c.hidden_size)
+        n = min(remaining, self.config.prefill_chunk_tokens)
+        budget = self.config.workspace_bytes
+        while n > 1 and n * (4 * (2 * c.n_heads + 1) * (position + n) + per_row) > budget:
+            n //= 2
+        return n
 
     async def handle(self, fs: FramedStream) -> None:
         """Serve one session on ``fs`` until the client closes it, it idles out, or the link dies."""
         machine = S.SessionMachine()
-        sid = steps = tokens = 0
+        sid = steps = tokens = invalid = 0
         cache: KVCache | None = None
         stage: Stage | None = None
         req: S.OpenRequest | None = None
+        valid_at = trio.current_time()  # the idle timeout runs from the last valid message
         try:
             while machine.state is not S.SessionState.CLOSED:
                 try:
-                    env = await fs.receive(timeout=self.config.idle_timeout_s)
+                    left = valid_at + self.config.idle_timeout_s - trio.current_time()
+                    env = await fs.receive(timeout=max(0.001, left))
                 except StreamClosed:
                     return
                 except DeadlineExceeded:
@@ -146,13 +185,15 @@ class StageServer:
                 machine.receive(env.kind)
                 if env.kind == "session_open":
                     req = S.OpenRequest.from_body(env.body)
-                    refusal = self._admit(req)
+                    refusal = self._admit(req, fs.peer_id)
                     if refusal is not None:
                         machine.fail_open()
                         await fs.send_error(*refusal)
                         continue
                     sid = next(self._ids)
                     self._reserved[sid] = req.max_length * self._kv_bytes_per_pos
+                    self._peer_of[sid] = fs.peer_id
+                    valid_at = trio.current_time()
                     self._idle = trio.Event() if len(self._reserved) == 1 else self._idle
                     stage = self.stage.sub_stage(req.start, req.end)  # shares the weights
                     cache = stage.new_cache(capacity=min(64, req.max_length))
@@ -172,6 +213,15 @@ class StageServer:
                     assert req is not None
                     done = await self._step(fs, env.body, stage, cache, req)
                     steps, tokens = steps + (done > 0), tokens + done
+                    if done:
+                        invalid, valid_at = 0, trio.current_time()
+                    else:
+                        invalid += 1
+                        if invalid >= self.config.max_invalid_steps:
+                            self.stats.invalid_closed += 1
+                            log.info("session %d from %s: %d invalid steps in a row; closed", sid,
+                                     fs.peer_id[-8:], invalid)
+                            return
                 else:  # session_close
                     await fs.send("session_closed", {}, timeout=self.config.send_timeout_s)
         except RemoteProtocolError as e:
@@ -181,6 +231,11 @@ class StageServer:
         except NetworkError as e:
             log.info("session %d from %s: link lost: %s", sid, fs.peer_id[-8:], e)
         finally:
+            self._peer_of.pop(sid, None)
+            if fs.peer_id not in self._peer_of.values():
+                limiter = self._inflight.get(fs.peer_id)
+                if limiter is not None and limiter.borrowed_tokens == 0:
+                    del self._inflight[fs.peer_id]
             if self._reserved.pop(sid, None) is not None:
                 log.info("session %d closed", sid)
                 self._on_event("session_closed", session=sid, client=fs.peer_id,
@@ -204,9 +259,19 @@ class StageServer:
             await fs.send_error(S.ERR_BAD_POSITION, f"position {step.position} (+{hidden.shape[0]}) "
                                 f"with {cache.length} cached, max_length {req.max_length}")
             return 0
+        limiter = self._inflight.get(fs.peer_id)
+        if limiter is None:
+            limiter = self._inflight[fs.peer_id] = trio.CapacityLimiter(self.config.max_inflight_per_peer)
         started = time.perf_counter()
-        out = await trio.to_thread.run_sync(stage.forward, hidden, cache, step.position,
-                                            limiter=self._limiter)
+        async with limiter:  # one peer's many sessions queue here, not ahead of everyone else
+            parts, done = [], 0
+            while done < hidden.shape[0]:  # chunks: other sessions' steps run in between
+                n = self._chunk_tokens(step.position + done, hidden.shape[0] - done)
+                parts.append(await trio.to_thread.run_sync(
+                    stage.forward, hidden[done:done + n], cache, step.position + done, limiter=self._limiter))
+                done += n
+                self.stats.chunks += 1
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.stats.compute_s += time.perf_counter() - started
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]

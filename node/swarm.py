@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from idlefleet.node.procs import tied_popen_kwargs
 from idlefleet.node.run import write_json_atomic
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
@@ -86,9 +88,11 @@ class Swarm:
         status_file.unlink(missing_ok=True)
         with open(log_file, "ab") as logf:
             cmd = node_command(index, self.workdir, bootstrap, self.extra_args, self.vehicles[index])
-            proc = subprocess.Popen(cmd,
-                                    stdout=logf, stderr=subprocess.STDOUT, env=self.env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            # Its own session (a terminal's Ctrl-C reaches only us; we stop it cleanly), tied to
+            # this process: it leaves when we end, however we end (node.procs).
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    **tied_popen_kwargs(self.env))
         node = SwarmNode(index, proc, status_file, log_file)
         self.nodes.append(node)
         return node
@@ -203,7 +207,8 @@ def generate_across(swarm: Swarm, prompt: str, max_new_tokens: int, out: TextIO)
     print(f"\n>>> {prompt}", end="", file=out, flush=True)
     cmd = [sys.executable, "-m", "idlefleet.node.cli", "generate", "--bootstrap", str(boot), prompt,
            "--max-new-tokens", str(max_new_tokens)]
-    proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=swarm.env, timeout=300)
+    proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, timeout=300,
+                          **tied_popen_kwargs(swarm.env))
     print(f"\n{proc.stderr.strip()}\n", file=out, flush=True)
     return proc.returncode
 
@@ -224,6 +229,7 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
     live = out.isatty() and prompt is None
     started = time.monotonic()
     code = 0
+    previous = _stop_on_signals()
     try:
         print(f"starting {n} node processes (logs in {workdir})", file=out, flush=True)
         swarm.start()
@@ -246,6 +252,8 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
             time.sleep(1.0 if live else 5.0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=out)
+    except _Stopped as e:
+        print(f"\nreceived {e}", file=out)
     except RuntimeError as e:
         print(f"swarm failed: {e}", file=sys.stderr)
         return 1
@@ -257,4 +265,26 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
             state_file.unlink(missing_ok=True)
         if tmp is not None:
             tmp.cleanup()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return code
+
+
+class _Stopped(Exception):
+    """The launcher received SIGTERM or SIGHUP (a supervisor, CI, ``timeout``, a closed terminal)."""
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Turn the first SIGTERM/SIGHUP into ``_Stopped`` (so ``run_swarm`` stops every node cleanly);
+    a second one ends the launcher at once, and its nodes still leave (their lifeline closes)."""
+    def handler(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        raise _Stopped(signal.Signals(signum).name)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous  # signal handlers can only be set from the main thread
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, handler)
+    return previous

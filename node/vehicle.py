@@ -623,7 +623,12 @@ class SysfsVehicle:
     _ADAPTER_TYPES = ("Mains", "USB", "Wireless", "BrickID")
 
     def __init__(self, root: str | os.PathLike[str] = "/", *, start: float | None = None) -> None:
+        """Raises ValueError if ``root`` (other than ``/``) has no sysfs power_supply or thermal class."""
         self.root = os.fspath(root)
+        if self.root != "/" and not any(
+            os.path.isdir(os.path.join(self.root, "sys", "class", c)) for c in ("power_supply", "thermal")
+        ):
+            raise ValueError(f"sysfs root {self.root!r} has no sys/class/power_supply or sys/class/thermal")
         self.name = "sysfs" if self.root == "/" else f"sysfs:{self.root}"
         self.start = start
         self.last_error: str | None = None

@@ -28,11 +28,13 @@ def create_key_file(path: Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise ConfigError(f"key file {path} already exists; refusing to overwrite an identity") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create key file {path}: {e.strerror}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return key
@@ -44,12 +46,19 @@ def load_key_file(path: Path) -> Ed25519PrivateKey:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"key file {path} does not exist (create one with `idlefleet keygen`)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read key file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"key file {path} is not a regular file (a directory?); give the key's file path")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be readable by its "
             f"owner only (run: chmod 600 {path})"
         )
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read key file {path}: {e.strerror}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm, InternalError) as e:  # a damaged file raises any

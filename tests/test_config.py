@@ -225,3 +225,80 @@ def test_file_that_is_not_text(tmp_path: Path) -> None:
     path.write_bytes(b'region = "\xff\xfe"\n')
     with pytest.raises(ConfigError, match=r"node\.toml"):
         load_config(path)
+
+
+# -- every value type-checked, the key named (issue 8, finding 5) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('consent = "false"\n', "consent"),  # a string is not a boolean: it must not serve
+        ('serve = "yes"\n', "serve"),
+        ("link_metered = 1\n", "link_metered"),
+        ("max_sessions = 0\n", "max_sessions"),
+        ("max_sessions = 2.5\n", "max_sessions"),
+        ("max_sessions = true\n", "max_sessions"),
+        ('kv_budget_mb = "lots"\n', "kv_budget_mb"),
+        ("kv_budget_mb = 0\n", "kv_budget_mb"),
+        ("kv_budget_mb = nan\n", "kv_budget_mb"),
+        ("memory_budget_mb = -5\n", "memory_budget_mb"),
+        ("memory_budget_mb = inf\n", "memory_budget_mb"),
+        ("session_idle_s = 0\n", "session_idle_s"),
+        ("rebalance_s = false\n", "rebalance_s"),
+        ("consent_hours = nan\n", "consent_hours"),
+        ("heartbeat_s = true\n", "heartbeat_s"),
+        ("target_peers = 8.0\n", "target_peers"),
+        ("model = 5\n", "model"),
+        ('model = ""\n', "model"),
+        ('vehicle = ""\n', "vehicle"),
+        ("vehicle = 5\n", "vehicle"),
+        ("listen_host = []\n", "listen_host"),
+        ('key_file = ""\n', "key_file"),
+        ("extra = 5\n", "extra"),
+    ],
+)
+def test_every_bad_value_names_its_key(tmp_path: Path, text: str, key: str) -> None:
+    assert key in config_error(tmp_path, text)
+
+
+def test_config_file_that_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path)
+
+
+def test_paths_given_as_strings_in_code_are_paths() -> None:
+    config = NodeConfig(key_file="app.key", event_log="e.jsonl", bootstrap=[BOOT])  # type: ignore[arg-type]
+    assert (config.key_file, config.event_log) == (Path("app.key"), Path("e.jsonl"))
+    assert config.bootstrap == (BOOT,)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from idlefleet.node.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('consent = "false"\n', "consent must be a boolean"),
+        ("max_sessions = 0\n", "max_sessions"),
+        ('kv_budget_mb = "lots"\n', "kv_budget_mb must be a number"),
+        ('vehicle = "sysfs:/nonexistent"\n', "/nonexistent"),
+        ("key_file = \"{tmp}\"\n", "is not a regular file"),
+    ],
+)
+def test_node_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     text: str, needle: str) -> None:
+    # Fails at start-up, before any network: no traceback, one line naming the problem.
+    key = f'key_file = "{tmp_path / "node.key"}"\n' if "key_file" not in text else ""
+    path = write(tmp_path, key + text.replace("{tmp}", str(tmp_path)))
+    code, err = run_cli(["node", "--config", str(path), "--log-level", "ERROR"], capsys)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "node.key").exists()  # no identity is created for a node that cannot run

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.model.stage import Stage, load_stage
 from idlefleet.node.server import ServerConfig, StageServer
-from idlefleet.p2p.errors import RemoteError
+from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S
@@ -166,14 +166,14 @@ async def test_out_of_order_messages_and_garbage_end_only_that_session(two_block
 
 async def test_session_limit_and_kv_budget_refuse_with_busy(two_blocks: Stage) -> None:
     per_session = MAX_LEN * 2 * 2 * 3 * 64 * 4  # blocks x K/V x kv heads x head dim x float32
-    config = ServerConfig(max_sessions=2, kv_budget_bytes=per_session * 3)
+    config = ServerConfig(max_sessions=2, kv_budget_bytes=per_session * 3, peer_share=1.0)
     async with served(two_blocks, config) as (server, client, peer):
         await open_session(client, peer, two_blocks)
         await open_session(client, peer, two_blocks)
         with pytest.raises(RemoteError) as err:
             await open_session(client, peer, two_blocks)
         assert err.value.code == S.ERR_BUSY
-    config = ServerConfig(max_sessions=10, kv_budget_bytes=per_session * 2)
+    config = ServerConfig(max_sessions=10, kv_budget_bytes=per_session * 2, peer_share=1.0)
     async with served(two_blocks, config) as (server, client, peer):
         await open_session(client, peer, two_blocks)
         await open_session(client, peer, two_blocks)
@@ -225,3 +225,96 @@ async def test_every_session_is_in_the_owners_audit_log(two_blocks: Stage) -> No
     assert events[0][1]["client"] == client.peer_id
     assert events[0][1]["blocks"] == [4, 6]
     assert events[1][1] | {"session": 0} == {"session": 0, "client": client.peer_id, "steps": 2, "tokens": 5}
+
+
+PER_SESSION = MAX_LEN * 2 * 2 * 3 * 64 * 4  # two blocks x K/V x kv heads x head dim x float32
+
+
+@pytest.mark.parametrize(("config", "why"), [
+    (ServerConfig(max_sessions=4), "per-peer share of 2 sessions"),
+    (ServerConfig(kv_budget_bytes=PER_SESSION * 4), "per-peer share of the KV memory budget"),
+])
+async def test_one_peer_cannot_take_every_session(two_blocks: Stage, config: ServerConfig, why: str) -> None:
+    # Issue 8, finding 4: 16 tiny or 6 big sessions from one peer locked out every honest client.
+    server = StageServer(two_blocks, config)
+    async with (
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as host,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as greedy,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as honest,
+    ):
+        host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
+        peer = await greedy.connect(host.multiaddrs()[0])
+        await honest.connect(host.multiaddrs()[0])
+        await open_session(greedy, peer, two_blocks)
+        await open_session(greedy, peer, two_blocks)
+        with pytest.raises(RemoteError, match=why) as err:
+            await open_session(greedy, peer, two_blocks)
+        assert err.value.code == S.ERR_BUSY
+        await open_session(honest, peer, two_blocks)  # another peer is still served
+        await open_session(honest, peer, two_blocks)
+        assert server.active_sessions == 4
+
+
+async def test_a_session_sending_invalid_steps_is_closed(two_blocks: Stage) -> None:
+    bad = {"position": 7, "hidden": encode_hidden(np.zeros((1, 576), np.float32)).to_dict()}
+    async with served(two_blocks, ServerConfig(max_invalid_steps=3)) as (server, client, peer):
+        fs = await open_session(client, peer, two_blocks)
+        await step(fs, hidden(2), 0)  # a valid step resets the count
+        for _ in range(3):
+            await fs.send("step", bad, timeout=5)
+            with pytest.raises(RemoteError):
+                await fs.receive_reply(timeout=5)
+        with pytest.raises(NetworkError):  # ended: the stream is closed
+            await fs.receive(timeout=5)
+        with trio.fail_after(5):
+            await server.wait_idle()
+        assert server.stats.invalid_closed == 1
+        assert server.reserved_bytes == 0
+
+
+async def test_invalid_steps_do_not_keep_a_session_past_its_idle_timeout(two_blocks: Stage) -> None:
+    bad = {"position": 0, "hidden": {}}
+    config = ServerConfig(idle_timeout_s=1.0, max_invalid_steps=1000)
+    async with served(two_blocks, config) as (server, client, peer):
+        fs = await open_session(client, peer, two_blocks)
+        codes = []
+        for _ in range(20):  # 20 x 0.25 s: five times the idle timeout
+            try:
+                await fs.send("step", bad, timeout=5)
+                await fs.receive_reply(timeout=5)
+            except RemoteError as e:
+                codes.append(e.code)
+                if e.code == S.ERR_IDLE:
+                    break
+            except NetworkError:
+                break
+            await trio.sleep(0.25)
+        assert S.ERR_IDLE in codes
+        assert server.active_sessions == 0
+
+
+async def test_a_long_prefill_runs_in_chunks_and_other_sessions_step_in_between(two_blocks: Stage) -> None:
+    config = ServerConfig(prefill_chunk_tokens=16)
+    probe = StageServer(two_blocks, ServerConfig())
+    assert (probe._chunk_tokens(0, 5), probe._chunk_tokens(0, 2048)) == (5, 128)
+    assert probe._chunk_tokens(8000, 2048) < 128  # attention over 8000 cached keys: smaller chunks
+    long_x, short_x = hidden(480, 3), hidden(1, 4)
+    async with served(two_blocks, config) as (server, client, peer):
+        a = await open_session(client, peer, two_blocks, max_length=512)
+        b = await open_session(client, peer, two_blocks)
+        await step(b, hidden(3, 5), 0)
+        done: list[str] = []
+        got: dict[str, np.ndarray] = {}
+
+        async def run(name: str, fs: FramedStream, x: np.ndarray, position: int) -> None:
+            got[name] = await step(fs, x, position)
+            done.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "prefill", a, long_x, 0)
+            await trio.sleep(0.01)
+            nursery.start_soon(run, "decode", b, short_x, 3)
+        assert done == ["decode", "prefill"]  # it did not wait behind the whole prefill
+        assert server.stats.chunks >= 480 // 16
+        want = two_blocks.forward(long_x, two_blocks.new_cache(), 0)
+        np.testing.assert_allclose(got["prefill"], want, rtol=1e-4, atol=1e-2)

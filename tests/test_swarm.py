@@ -15,6 +15,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.node import STATUS_PROTOCOL
+from idlefleet.node.procs import pid_alive, tied_popen_kwargs
 from idlefleet.node.swarm import Swarm
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.host import Host, HostConfig, open_host
@@ -121,7 +122,8 @@ def test_swarm_command_writes_state_file_and_stops_every_node(tmp_path: Path) ->
     state = tmp_path / "state.json"
     proc = subprocess.Popen([*IDLEFLEET, "swarm", "--nodes", "3", "--duration", "6",
                              "--state-file", str(state), "--dir", str(tmp_path / "swarm")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **tied_popen_kwargs())
     try:
         deadline = time.monotonic() + 60
         while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -140,3 +142,39 @@ def test_swarm_command_writes_state_file_and_stops_every_node(tmp_path: Path) ->
     for n in nodes:
         with pytest.raises(ProcessLookupError):
             os.kill(n["pid"], 0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_swarm_killed_by_a_signal_leaves_no_process_behind(tmp_path: Path, sig: int) -> None:
+    # What a supervisor, CI or `timeout` does to the launcher (issue 8, finding 7): SIGTERM stops
+    # every node cleanly; after SIGKILL the nodes see their lifeline close and leave by themselves.
+    state = tmp_path / "state.json"
+    # One node: the tie is per process, and every node started costs seconds of model loading.
+    proc = subprocess.Popen([*IDLEFLEET, "swarm", "--nodes", "1", "--state-file", str(state),
+                             "--dir", str(tmp_path / "swarm")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **tied_popen_kwargs())
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        pids = [n["pid"] for n in json.loads(state.read_text())["nodes"]]
+        assert len(pids) == 1
+        assert all(pid_alive(pid) for pid in pids)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 30  # a node drains for at most 8 s
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if pid_alive(pid)], out
+        if sig == signal.SIGTERM:
+            assert "received SIGTERM" in out
+            assert "stopped: exit codes [0]" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:  # only if the test failed: never leave our nodes running
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -435,9 +435,19 @@ def test_sysfs_unreadable_battery_is_reported(tmp_path: Path) -> None:
     assert "BAT0" in v.last_error
 
 
-def test_sysfs_without_sysfs_raises(tmp_path: Path) -> None:
+def test_sysfs_root_without_sysfs_is_refused_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="has no sys/class/power_supply"):
+        SysfsVehicle(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="has no sys/class/power_supply"):
+        make_provider(f"sysfs:{tmp_path}", now=T0)
+
+
+def test_sysfs_that_disappears_before_the_first_read_raises(tmp_path: Path) -> None:
+    (tmp_path / "sys" / "class" / "thermal").mkdir(parents=True)
+    v = SysfsVehicle(tmp_path)
+    (tmp_path / "sys" / "class" / "thermal").rmdir()
     with pytest.raises(VehicleStateError, match="no sysfs"):
-        SysfsVehicle(tmp_path / "nowhere").read(T0)
+        v.read(T0)
 
 
 # -- specs ---------------------------------------------------------------------------------------
@@ -457,6 +467,7 @@ def test_make_provider_good_specs(tmp_path: Path) -> None:
     s = make_provider("sysfs", now=T0)
     assert isinstance(s, SysfsVehicle)
     assert s.root == "/"
+    (tmp_path / "sys" / "class" / "power_supply").mkdir(parents=True)
     custom = make_provider(f"sysfs:{tmp_path}", now=T0)
     assert isinstance(custom, SysfsVehicle)
     assert custom.root == str(tmp_path)

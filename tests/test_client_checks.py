@@ -1,0 +1,197 @@
+"""The fleet client against real stage servers over real libp2p, one of them hostile (issue 8,
+finding 6): a bad reply is that peer's fault (fail over); a local error is nobody's; and the
+``local_blocks`` privacy option (finding 8)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed
+from idlefleet.node.config import NodeConfig
+from idlefleet.node.model.generate import generate, local_middle
+from idlefleet.node.model.sampling import SamplingParams
+from idlefleet.node.model.stage import Stage
+from idlefleet.node.server import StageServer
+from idlefleet.p2p.errors import NetworkError
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.protocols import session as S
+from idlefleet.protocols.errors import ConfigError, LocalProtocolError
+from idlefleet.protocols.routing import Candidate
+from idlefleet.protocols.tensors import EncodedTensor, encode_hidden
+
+PROMPT = "My bank PIN is 4921"
+NEW = 4
+
+
+def int8_huge_scale(x: np.ndarray, _dtype: str) -> EncodedTensor:
+    """The attack from issue 8: int8 with a scale of 3e38 (dequantizes to inf)."""
+    q = np.full(x.shape, 127, np.int8)
+    return EncodedTensor("int8", x.shape, q.tobytes(), np.full(x.shape[0], 3e38, "<f4").tobytes())
+
+
+def huge_but_finite(x: np.ndarray, dtype: str) -> EncodedTensor:
+    """Values of 1e30 in the session's own dtype: finite, but the next RMSNorm overflows."""
+    return encode_hidden(np.full(x.shape, 1e30 if dtype != "float16" else 6e4, np.float32), dtype)
+
+
+def hostile_handler(reply: Callable[[np.ndarray, str], EncodedTensor], opened: list[str]) -> Any:
+    """A peer that opens sessions properly and answers every step with ``reply``."""
+    async def handle(fs: FramedStream) -> None:
+        dtype = "float32"
+        try:
+            while True:
+                env = await fs.receive(timeout=10)
+                if env.kind == "session_open":
+                    req = S.OpenRequest.from_body(env.body)
+                    dtype = req.dtype
+                    opened.append(dtype)
+                    await fs.send("session_opened", {"session": 1, "start": req.start, "end": req.end},
+                                  timeout=5)
+                elif env.kind == "step":
+                    shape = tuple(env.body["hidden"]["shape"])
+                    result = S.StepResult(env.body["position"], reply(np.zeros(shape, np.float32), dtype))
+                    await fs.send("step_result", result.to_body(), timeout=5)
+                else:
+                    return
+        except NetworkError:
+            pass
+    return handle
+
+
+def candidate(peer_id: str, start: int, *, best: bool) -> Candidate:
+    # The hostile peer claims to be the best: tiny RTT, huge compute, idle.
+    return Candidate(peer_id, start, 30, 0.0001 if best else 0.01, 1e6 if best else 100.0,
+                     0.0 if best else 0.5, 1.0, True, "online", None, False, "u33d")
+
+
+class DirectClient(FleetClient):
+    """A FleetClient whose candidates are given (instead of gossiped); everything it does on the
+    network is real."""
+
+    def __init__(self, host: Host, model: ClientModel, config: ClientConfig,
+                 peers: dict[str, tuple[str, bool]]) -> None:
+        super().__init__(SimpleNamespace(host=host, config=NodeConfig()), model, config)  # type: ignore[arg-type]
+        self.peers = peers  # peer id -> (multiaddr, claims to be best)
+
+    def candidates(self) -> list[Candidate]:
+        return [candidate(p, self.model.local_blocks, best=best) for p, (_a, best) in self.peers.items()]
+
+    async def ensure_connected(self, peer_id: str) -> None:
+        if peer_id not in self.node.host.connected_peers():
+            await self.node.host.connect(self.peers[peer_id][0])
+
+
+@asynccontextmanager
+async def fleet(whole_model: Stage, hostile: Any | None, *, honest: bool = True,
+                ) -> AsyncIterator[tuple[Host, dict[str, tuple[str, bool]], list[Any]]]:
+    """An honest StageServer (every block) and/or a hostile peer, each on its own libp2p host."""
+    events: list[Any] = []
+    async with AsyncExitStack() as stack:
+        peers: dict[str, tuple[str, bool]] = {}
+        if honest:
+            server = StageServer(whole_model, on_event=lambda event, **f: events.append((event, f)))
+            host = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+            host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
+            peers[host.peer_id] = (host.multiaddrs()[0], False)
+        if hostile is not None:
+            bad = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+            bad.set_stream_handler(S.STAGE_PROTOCOL, hostile)
+            peers[bad.peer_id] = (bad.multiaddrs()[0], True)
+        me = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+        yield me, peers, events
+
+
+@pytest.fixture(scope="module")
+def reference(whole_model: Stage, client_model: ClientModel) -> Callable[[str], list[int]]:
+    """Greedy ids of PROMPT through ``whole_model`` in this process, for a wire dtype."""
+    cache: dict[str, list[int]] = {}
+
+    def run(dtype: str) -> list[int]:
+        if dtype not in cache:
+            ids = client_model.tokenizer.encode(PROMPT)
+            if dtype == "float32":
+                middle = local_middle(whole_model, whole_model.new_cache())
+            else:  # what the fleet computes: the wire rounds the input and the output of the hop
+                c = whole_model.new_cache()
+
+                def middle(h: np.ndarray, pos: int) -> np.ndarray:
+                    from idlefleet.protocols.tensors import TensorLimits, decode_hidden
+                    rt = lambda a: decode_hidden(encode_hidden(a, dtype), TensorLimits())  # noqa: E731
+                    return rt(whole_model.forward(rt(h), c, pos))
+            cache[dtype] = generate(client_model.head, middle, ids, SamplingParams(max_new_tokens=NEW),
+                                    client_model.tokenizer.stop_ids).new_ids
+        return cache[dtype]
+
+    return run
+
+
+@pytest.mark.parametrize(("reply", "dtype"), [
+    (int8_huge_scale, "float32"),  # another dtype than the session's
+    (int8_huge_scale, "int8"),  # the session's dtype, values that overflow to inf
+    (huge_but_finite, "float32"),  # finite, but far beyond any real hidden state
+])
+async def test_a_bad_reply_fails_over_to_an_honest_peer(
+        whole_model: Stage, client_model: ClientModel, reference: Callable[[str], list[int]],
+        reply: Callable[[np.ndarray, str], EncodedTensor], dtype: str) -> None:
+    opened: list[str] = []
+    async with fleet(whole_model, hostile_handler(reply, opened)) as (me, peers, _events):
+        client = DirectClient(me, client_model, ClientConfig(wire_dtype=dtype), peers)
+        result = await client.generate(PROMPT, max_new_tokens=NEW)
+    assert opened == [dtype]  # the hostile peer was tried first ...
+    assert result.failovers == 1  # ... its reply refused, the span re-routed ...
+    honest = next(p for p, (_a, best) in peers.items() if not best)
+    assert [h["peer_id"] for h in result.route] == [honest]
+    assert result.new_ids == reference(dtype)  # ... and the tokens are right
+    assert len(client.banned()) == 1
+
+
+async def test_a_generation_only_bad_peers_can_serve_fails_clearly(
+        whole_model: Stage, client_model: ClientModel) -> None:
+    opened: list[str] = []
+    async with fleet(whole_model, hostile_handler(int8_huge_scale, opened), honest=False) as (me, peers, _):
+        client = DirectClient(me, client_model, ClientConfig(wire_dtype="int8"), peers)
+        with pytest.raises(GenerationFailed, match="no route"):
+            await client.generate(PROMPT, max_new_tokens=NEW)  # never token 0 and empty text
+    assert opened == ["int8"]
+
+
+async def test_local_errors_are_raised_before_any_peer_is_contacted(
+        whole_model: Stage, client_model: ClientModel) -> None:
+    with pytest.raises(ConfigError, match="wire_dtype"):
+        ClientConfig(wire_dtype="bf16")
+    with pytest.raises(ConfigError, match="local_blocks"):
+        ClientConfig(local_blocks=-1)
+    with pytest.raises(ConfigError, match="local blocks"):
+        FleetClient(SimpleNamespace(), client_model, ClientConfig(local_blocks=2))  # type: ignore[arg-type]
+    opened: list[str] = []
+    async with fleet(whole_model, hostile_handler(int8_huge_scale, opened), honest=False) as (me, peers, _):
+        client = DirectClient(me, client_model, ClientConfig(), peers)
+        context = client_model.head.config.context_length
+        with pytest.raises(LocalProtocolError, match="context"):
+            await client.generate(PROMPT, max_new_tokens=context)
+        assert opened == []  # nobody was asked ...
+        assert client.banned() == frozenset()  # ... and nobody is blamed
+        assert not me.connected_peers()  # not even connected
+
+
+@pytest.fixture(scope="module")
+def client_model_2(model_path: Any) -> ClientModel:
+    return ClientModel.load(model_path, local_blocks=2)
+
+
+async def test_local_blocks_run_here_and_the_route_covers_the_rest(
+        whole_model: Stage, client_model_2: ClientModel, reference: Callable[[str], list[int]]) -> None:
+    async with fleet(whole_model, None) as (me, peers, events):
+        client = DirectClient(me, client_model_2, ClientConfig(local_blocks=2), peers)
+        result = await client.generate(PROMPT, max_new_tokens=NEW)
+    assert [h["blocks"] for h in result.route] == [[2, 30]]
+    assert [f["blocks"] for event, f in events if event == "session_opened"] == [[2, 30]]
+    assert result.new_ids == reference("float32")  # the same tokens as the whole model here
