@@ -41,6 +41,7 @@ from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.node import Node
 from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.loopback import loopback_pair
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import IdlefleetError, RemoteProtocolError, TensorError
 from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
@@ -177,9 +178,12 @@ class Pipeline:
     async def _open_hop(self, hop: _HopSession) -> None:
         client = self.client
         try:
-            await client.ensure_connected(hop.peer_id)
-            hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
-                                                            timeout=client.config.open_timeout_s)
+            if hop.peer_id == client.node.peer_id:
+                hop.stream = client.open_own_stage()
+            else:
+                await client.ensure_connected(hop.peer_id)
+                hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
+                                                                timeout=client.config.open_timeout_s)
             req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
                                 client.config.wire_dtype)
             await hop.stream.send("session_open", req.to_body(), timeout=client.config.open_timeout_s)
@@ -351,9 +355,10 @@ class FleetClient:
         typical = float(np.median(list(rtt.values()))) if rtt else None
         out = []
         for record in self.node.fleet():
-            if record.model_id != self.model.model_id or record.peer_id == self.node.peer_id:
+            own = record.peer_id == self.node.peer_id  # our own blocks: a loopback hop, no RTT
+            if record.model_id != self.model.model_id or (own and self.node.hosting is None):
                 continue
-            cand = Candidate.from_record(record, rtt.get(record.peer_id, typical))
+            cand = Candidate.from_record(record, 0.0 if own else rtt.get(record.peer_id, typical))
             if cand is not None:
                 mine = self.open_sessions[cand.peer_id]
                 if mine:
@@ -378,6 +383,25 @@ class FleetClient:
                     last = e
                 await trio.sleep(0.2)
         raise GenerationFailed(f"the fleet does not cover the model: {last}")
+
+    def open_own_stage(self) -> FramedStream:
+        """A session stream to this node's own stage server (libp2p cannot dial ourselves): the
+        server side runs in the node's nursery, exactly as for a peer's stream."""
+        hosting = self.node.hosting
+        if hosting is None:
+            raise NetworkError("this node hosts no blocks")
+        ours, theirs = loopback_pair(self.node.peer_id)
+
+        async def serve() -> None:
+            try:
+                await hosting.handle_stream(theirs)
+            except (NetworkError, RemoteProtocolError) as e:  # as the host's stream handler does
+                log.debug("own stage session: %s", e)
+            finally:
+                await theirs.aclose()
+
+        self.node.nursery.start_soon(serve)
+        return ours
 
     async def ensure_connected(self, peer_id: str) -> None:
         if peer_id in self.node.host.connected_peers():
