@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from idlefleet.node.metrics import LatencyHistogram
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
@@ -47,6 +48,9 @@ class ServerStatistics:
     bad_requests: int = 0
     idle_closed: int = 0
     compute_s: float = 0.0
+    step_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # compute per step
+    bytes_sent: int = 0  # framed bytes of finished sessions
+    bytes_received: int = 0
 
 
 class StageServer:
@@ -180,6 +184,8 @@ class StageServer:
         except NetworkError as e:
             log.info("session %d from %s: link lost: %s", sid, fs.peer_id[-8:], e)
         finally:
+            self.stats.bytes_sent += fs.bytes_sent
+            self.stats.bytes_received += fs.bytes_received
             if self._reserved.pop(sid, None) is not None:
                 log.info("session %d closed", sid)
                 self._on_event("session_closed", session=sid, client=fs.peer_id,
@@ -207,6 +213,7 @@ class StageServer:
         out = await trio.to_thread.run_sync(stage.forward, hidden, cache, step.position,
                                             limiter=self._limiter)
         self.stats.compute_s += time.perf_counter() - started
+        self.stats.step_latency.observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
         result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)
