@@ -21,7 +21,6 @@ stage servers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -455,8 +454,10 @@ class Completion(Response):
         self.scope = scope
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
-            with contextlib.suppress(OSError):  # the client went away while we were sending
+            try:
                 await (self._stream(send) if self.req.stream else self._whole(send))
+            except* OSError:  # the client went away while we were sending (trio wraps it)
+                log.debug("%s: the client went away", self.job.id)
             nursery.cancel_scope.cancel()
         job = self.job
         if nursery.cancel_scope.cancelled_caught and job.finish_reason is None and job.error is None:
