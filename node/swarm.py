@@ -236,9 +236,11 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
             write_json_atomic(state_file, swarm.state())
         started = time.monotonic()
         code = 0
-        if api_port is not None:
-            print(f"open http://127.0.0.1:{api_port}/ for the live dashboard "
-                  f"(OpenAI-compatible API: http://127.0.0.1:{api_port}/v1)", file=out, flush=True)
+        url = None
+        if api_port is not None:  # the URL the node reports (the real port, also for --api-port 0)
+            url = (swarm.nodes[0].status() or {}).get("api_url", f"http://127.0.0.1:{api_port}")
+            print(f"open {url}/ for the live dashboard (OpenAI-compatible API: {url}/v1)",
+                  file=out, flush=True)
         if prompt is not None:
             code = generate_across(swarm, prompt, max_new_tokens, out)
             if duration is None and api_port is None:
@@ -250,7 +252,7 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
                 out.write("\x1b[H\x1b[2J")
             print(f"idlefleet swarm: {n} nodes, {elapsed:5.1f}s"
                   f"{'' if duration is None else f' of {duration:.0f}s'}  (Ctrl-C to stop)"
-                  f"{'' if api_port is None else f'  open http://127.0.0.1:{api_port}/'}\n{table}\n",
+                  f"{'' if url is None else f'  open {url}/'}\n{table}\n",
                   file=out, flush=True)
             time.sleep(1.0 if live else 5.0)
     except KeyboardInterrupt:
