@@ -224,6 +224,8 @@ async def test_fleet_api_on_a_serving_node_metrics_and_disconnect(
         for role in ("client", "server"):
             assert after["idlefleet_stage_bytes_total", (("direction", "sent"), ("role", role))] > 0
         assert after["idlefleet_sessions_open", ()] == 0
+        assert after["idlefleet_gossip_accepted_total", ()] > 0  # the other nodes' records
+        assert after["idlefleet_node_state", (("reason", ""), ("state", "online"))] == 1
 
         fleet = await in_thread(lambda: httpx.get(f"{url}/api/fleet", timeout=30).json())
         assert sorted(p["peer_id"] for p in fleet["peers"]) == sorted(n.peer_id for n in nodes)
