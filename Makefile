@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+DEMO_API_PORT ?= 8000
+DEMO_SECONDS  ?= 120
 
 # One BLAS thread per process: several node processes share 2 cores.
 export OPENBLAS_NUM_THREADS ?= 1
@@ -22,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/idlefleet swarm --nodes 3 --generate "Once upon a time, in a city of parked electric cars," --max-new-tokens 48
+	$(VENV)/bin/idlefleet swarm --nodes 3 --api-port $(DEMO_API_PORT) --duration $(DEMO_SECONDS) \
+		--generate "Once upon a time, in a city of parked electric cars," --max-new-tokens 48
 
 test: venv
 	$(PY) -m pytest -q

@@ -53,6 +53,8 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--memory-budget-mb", type=float, help="memory for block weights (default: half free)")
     p.add_argument("--rebalance", dest="rebalance_s", type=float, help="mean seconds between rebalances")
     p.add_argument("--status-file", type=Path, help="keep a JSON status snapshot here (for supervisors)")
+    p.add_argument("--api-port", type=int, metavar="PORT",
+                   help="serve the OpenAI-compatible API, dashboard and metrics on 127.0.0.1:PORT")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -71,6 +73,8 @@ def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--generate", metavar="PROMPT",
                    help="once the swarm covers the model, generate across it (then stop, unless --duration)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--api-port", type=int, metavar="PORT",
+                   help="serve the HTTP API and dashboard on the first node (keeps the swarm running)")
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm(sub)
     _add_status(sub)
     _add_generate(sub)
+    from idlefleet.node.api_cli import add_api_parser
+
+    add_api_parser(sub)
     return parser
 
 
@@ -105,7 +112,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)
-    trio.run(lambda: run_node(config, status_file=args.status_file))
+    trio.run(lambda: run_node(config, status_file=args.status_file, api_port=args.api_port))
     return 0
 
 
@@ -124,7 +131,7 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         print("idlefleet: --nodes must be at least 1", file=sys.stderr)
         return 2
     return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir,
-                     prompt=args.generate, max_new_tokens=args.max_new_tokens)
+                     prompt=args.generate, max_new_tokens=args.max_new_tokens, api_port=args.api_port)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -170,6 +177,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from idlefleet.node.generate_cli import run_generate
 
         return run_generate(args)
+    if args.command == "api":
+        from idlefleet.node.api_cli import run_api_command
+
+        return run_api_command(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     return commands[args.command](args)
 

@@ -47,6 +47,7 @@ from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.node import Node
 from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.loopback import loopback_pair
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import (
     ConfigError,
@@ -230,9 +231,12 @@ class Pipeline:
     async def aclose(self) -> None:
         for hop in self.hops:
             self._release(hop)  # at once: the closes below may run out of time
+        # Every hop at once: a client that goes away frees its sessions on all stage servers
+        # within one round trip, not one per hop.
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-            for hop in self.hops:
-                await self._close(hop)
+            async with trio.open_nursery() as nursery:
+                for hop in self.hops:
+                    nursery.start_soon(self._close, hop)
 
     # -- one hop -------------------------------------------------------------------------------
     def _deadline(self, hop: _HopSession, tokens: int) -> float:
@@ -244,9 +248,12 @@ class Pipeline:
         req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
                             client.config.wire_dtype)  # checked in __init__: cannot fail here
         try:
-            await client.ensure_connected(hop.peer_id)
-            hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
-                                                            timeout=client.config.open_timeout_s)
+            if hop.peer_id == client.node.peer_id:
+                hop.stream = client.open_own_stage()
+            else:
+                await client.ensure_connected(hop.peer_id)
+                hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
+                                                                timeout=client.config.open_timeout_s)
             await hop.stream.send("session_open", req.to_body(), timeout=client.config.open_timeout_s)
             reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
             if reply.kind != "session_opened":
@@ -441,9 +448,10 @@ class FleetClient:
         typical = float(np.median(list(rtt.values()))) if rtt else None
         out = []
         for record in self.node.fleet():
-            if record.model_id != self.model.model_id or record.peer_id == self.node.peer_id:
+            own = record.peer_id == self.node.peer_id  # our own blocks: a loopback hop, no RTT
+            if record.model_id != self.model.model_id or (own and self.node.hosting is None):
                 continue
-            cand = Candidate.from_record(record, rtt.get(record.peer_id, typical))
+            cand = Candidate.from_record(record, 0.0 if own else rtt.get(record.peer_id, typical))
             if cand is not None:
                 mine = self.open_sessions[cand.peer_id]
                 if mine:
@@ -470,6 +478,25 @@ class FleetClient:
                     last = e
                 await trio.sleep(0.2)
         raise GenerationFailed(f"the fleet does not cover the model: {last}")
+
+    def open_own_stage(self) -> FramedStream:
+        """A session stream to this node's own stage server (libp2p cannot dial ourselves): the
+        server side runs in the node's nursery, exactly as for a peer's stream."""
+        hosting = self.node.hosting
+        if hosting is None:
+            raise NetworkError("this node hosts no blocks")
+        ours, theirs = loopback_pair(self.node.peer_id)
+
+        async def serve() -> None:
+            try:
+                await hosting.handle_stream(theirs)
+            except (NetworkError, RemoteProtocolError) as e:  # as the host's stream handler does
+                log.debug("own stage session: %s", e)
+            finally:
+                await theirs.aclose()
+
+        self.node.nursery.start_soon(serve)
+        return ours
 
     async def ensure_connected(self, peer_id: str) -> None:
         if peer_id in self.node.host.connected_peers():

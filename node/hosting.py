@@ -156,6 +156,10 @@ class BlockHosting:
                 self.node.load = self.server.load
             await trio.sleep(1.0)
 
+    async def handle_stream(self, fs: FramedStream) -> None:
+        """Serve one stage session on ``fs`` (a peer's stream, or a loopback from our own client)."""
+        await self._handle(fs)
+
     async def _handle(self, fs: FramedStream) -> None:
         if self.server is None:
             await fs.send_error(S.ERR_BUSY, "still loading blocks")

@@ -99,6 +99,7 @@ class Node:
         self.vehicle = vehicle
         self.view = FleetView()
         self.rejected: Counter[str] = Counter()
+        self.gossip_accepted = 0  # gossip messages from peers that passed validation
         self.load = 0.0  # fraction of serving capacity in use (set by the model server)
         self.model_id = ""
         self.blocks: tuple[int, int] | None = None
@@ -248,6 +249,12 @@ class Node:
             log.debug("DHT put of record %d: %s", seq, e)
         except Exception as e:  # py-libp2p's DHT raises assorted errors when peers vanish
             log.debug("DHT put of record %d failed: %r", seq, e)
+
+    def _on_gossip(self, origin: str, data: bytes) -> bool:
+        """Topic validator: ``_validate_gossip``, counting what it accepts from peers."""
+        accepted = self._validate_gossip(origin, data)
+        self.gossip_accepted += accepted and origin != self.peer_id
+        return accepted
 
     def _validate_gossip(self, origin: str, data: bytes) -> bool:
         """Topic validator: only valid, fresh, correctly attributed messages enter the view and
@@ -507,7 +514,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         try:
             host.register_dht_namespace("idlefleet", _dht_validate, _dht_select)
             host.set_request_handler(STATUS_PROTOCOL, "status_request", node._handle_status)
-            await host.subscribe(node._topic, node._validate_gossip, still_current=node._still_current)
+            await host.subscribe(node._topic, node._on_gossip, still_current=node._still_current)
             await node._bootstrap()
             await nursery.start(node.liveness.run)
             await nursery.start(node._publisher)

@@ -52,11 +52,12 @@ def node_status(node: Node) -> dict[str, Any]:
 
 
 async def run_node(config: NodeConfig, *, status_file: Path | None = None,
-                   status_interval_s: float = 1.0, drain_s: float = 8.0) -> None:
+                   status_interval_s: float = 1.0, drain_s: float = 8.0, api_port: int | None = None) -> None:
     """Run until SIGINT/SIGTERM/SIGHUP (or the launcher's lifeline closes), then leave cleanly:
     drain (sessions move elsewhere), publish
     ``offline``, stop. A signal during start-up stops the node as soon as it is up; a second
-    signal cuts the drain short."""
+    signal cuts the drain short. With ``api_port`` the node also serves the HTTP API, dashboard
+    and metrics on 127.0.0.1 (``node.api``)."""
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as outer:
@@ -77,7 +78,13 @@ async def run_node(config: NodeConfig, *, status_file: Path | None = None,
                 outer.start_soon(_watch_lifeline, lifeline, stop)
             async with open_node(config) as node, trio.open_nursery() as nursery:
                 log.info("node %s listening on %s", node.peer_id, " ".join(node.multiaddrs))
-                nursery.start_soon(_write_status, node, status_file, status_interval_s)
+                extra = {}
+                if api_port is not None:
+                    from idlefleet.node.api import ApiConfig, serve_node_api
+
+                    extra["api_url"] = await nursery.start(serve_node_api, node, ApiConfig(port=api_port),
+                                                           config.model)
+                nursery.start_soon(_write_status, node, status_file, status_interval_s, extra)
                 await stop.wait()
                 with drain_scope, trio.move_on_after(drain_s):
                     await node.drain(timeout=drain_s)
@@ -107,8 +114,9 @@ async def _watch_lifeline(fd: int, stop: trio.Event) -> None:
         stop.set()
 
 
-async def _write_status(node: Node, status_file: Path | None, interval_s: float) -> None:
+async def _write_status(node: Node, status_file: Path | None, interval_s: float,
+                        extra: dict[str, Any] | None = None) -> None:
     while True:
         if status_file is not None:
-            write_json_atomic(status_file, node_status(node))
+            write_json_atomic(status_file, {**node_status(node), **(extra or {})})
         await trio.sleep(interval_s)

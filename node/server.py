@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from idlefleet.node.metrics import LatencyHistogram
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
@@ -61,6 +62,9 @@ class ServerStatistics:
     invalid_closed: int = 0
     chunks: int = 0
     compute_s: float = 0.0
+    step_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # compute per step
+    bytes_sent: int = 0  # framed bytes of finished sessions
+    bytes_received: int = 0
 
 
 class StageServer:
@@ -236,6 +240,8 @@ class StageServer:
                 limiter = self._inflight.get(fs.peer_id)
                 if limiter is not None and limiter.borrowed_tokens == 0:
                     del self._inflight[fs.peer_id]
+            self.stats.bytes_sent += fs.bytes_sent
+            self.stats.bytes_received += fs.bytes_received
             if self._reserved.pop(sid, None) is not None:
                 log.info("session %d closed", sid)
                 self._on_event("session_closed", session=sid, client=fs.peer_id,
@@ -273,6 +279,7 @@ class StageServer:
                 self.stats.chunks += 1
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.stats.compute_s += time.perf_counter() - started
+        self.stats.step_latency.observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
         result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)

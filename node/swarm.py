@@ -67,7 +67,8 @@ class Swarm:
     """Starts, watches and stops the node processes. Use as a context manager."""
 
     def __init__(self, n: int, workdir: Path, extra_args: Sequence[str] = (), *,
-                 env: dict[str, str] | None = None, vehicles: Sequence[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, vehicles: Sequence[str] | None = None,
+                 first_args: Sequence[str] = ()) -> None:
         if n < 1:
             raise ValueError("a swarm needs at least one node")
         if vehicles is not None and len(vehicles) != n:
@@ -76,6 +77,7 @@ class Swarm:
         self.n = n
         self.workdir = workdir
         self.extra_args = list(extra_args)
+        self.first_args = list(first_args)  # node 0 only (e.g. --api-port)
         self.nodes: list[SwarmNode] = []
         self.env = dict(os.environ if env is None else env)
         # Several processes share the cores: one BLAS thread each, or they collapse (DESIGN.md).
@@ -87,7 +89,8 @@ class Swarm:
         status_file = self.workdir / f"node{index}.status.json"
         status_file.unlink(missing_ok=True)
         with open(log_file, "ab") as logf:
-            cmd = node_command(index, self.workdir, bootstrap, self.extra_args, self.vehicles[index])
+            extra = self.extra_args + (self.first_args if index == 0 else [])
+            cmd = node_command(index, self.workdir, bootstrap, extra, self.vehicles[index])
             # Its own session (a terminal's Ctrl-C reaches only us; we stop it cleanly), tied to
             # this process: it leaves when we end, however we end (node.procs).
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
@@ -215,17 +218,19 @@ def generate_across(swarm: Swarm, prompt: str, max_new_tokens: int, out: TextIO)
 
 def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdir: Path | None,
               extra_args: Sequence[str] = (), out: TextIO = sys.stdout, prompt: str | None = None,
-              max_new_tokens: int = 48) -> int:
+              max_new_tokens: int = 48, api_port: int | None = None) -> int:
     """The ``idlefleet swarm`` command. Returns the exit code.
 
     With ``prompt``, once the swarm covers the model it generates text across it (showing the
-    route), then stops unless a ``duration`` was given.
+    route), then stops unless a ``duration`` or an ``api_port`` was given. With ``api_port`` the
+    first node serves the HTTP API and the dashboard on 127.0.0.1:``api_port``.
     """
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="idlefleet-swarm-")
         workdir = Path(tmp.name)
-    swarm = Swarm(n, workdir, extra_args)
+    swarm = Swarm(n, workdir, extra_args,
+                  first_args=() if api_port is None else ("--api-port", str(api_port)))
     live = out.isatty() and prompt is None
     started = time.monotonic()
     code = 0
@@ -237,9 +242,14 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
             write_json_atomic(state_file, swarm.state())
         started = time.monotonic()
         code = 0
+        url = None
+        if api_port is not None:  # the URL the node reports (the real port, also for --api-port 0)
+            url = (swarm.nodes[0].status() or {}).get("api_url", f"http://127.0.0.1:{api_port}")
+            print(f"open {url}/ for the live dashboard (OpenAI-compatible API: {url}/v1)",
+                  file=out, flush=True)
         if prompt is not None:
             code = generate_across(swarm, prompt, max_new_tokens, out)
-            if duration is None:
+            if duration is None and api_port is None:
                 return code
         while duration is None or time.monotonic() - started < duration:
             table = render_table(swarm)
@@ -247,7 +257,8 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
             if live:
                 out.write("\x1b[H\x1b[2J")
             print(f"idlefleet swarm: {n} nodes, {elapsed:5.1f}s"
-                  f"{'' if duration is None else f' of {duration:.0f}s'}  (Ctrl-C to stop)\n{table}\n",
+                  f"{'' if duration is None else f' of {duration:.0f}s'}  (Ctrl-C to stop)"
+                  f"{'' if url is None else f'  open {url}/'}\n{table}\n",
                   file=out, flush=True)
             time.sleep(1.0 if live else 5.0)
     except KeyboardInterrupt:
