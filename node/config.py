@@ -53,6 +53,10 @@ class NodeConfig:
     heartbeat_misses: int = 3
     target_peers: int = 8
     event_log: Path | None = None
+    # Discovery: peers seen are saved here and tried as entry points on the next start (None: off);
+    # the DHT routing table is refreshed (self + random lookup) about this often.
+    peers_file: Path | None = None
+    dht_refresh_s: float = 60.0
     # Serving model blocks (only with consent): which model, how much memory for weights.
     serve: bool = True
     model: str | None = None
@@ -82,7 +86,7 @@ class NodeConfig:
             raise ConfigError("refresh_s must be positive and at most half of record_ttl_s")
         if not 0 < self.record_ttl_s <= 600:
             raise ConfigError("record_ttl_s must be in (0, 600]")
-        for name in ("vehicle_poll_s", "heartbeat_s", "heartbeat_timeout_s"):
+        for name in ("vehicle_poll_s", "heartbeat_s", "heartbeat_timeout_s", "dht_refresh_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 600:
                 raise ConfigError(f"{name} must be a number of seconds in [0.05, 600], got {value!r}")
@@ -118,7 +122,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> NodeConfig:
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     try:  # a wrong type anywhere (Path(5), tuple(5), 5 <= "x") is the user's error, not a crash
-        for name in ("key_file", "event_log"):
+        for name in ("key_file", "event_log", "peers_file"):
             if values.get(name) is not None:
                 values[name] = Path(values[name])
         if "bootstrap" in values:
