@@ -9,7 +9,8 @@ One ``Discovery`` per node (``node.discovery``), started with ``await nursery.st
   a random one); while the node has fewer than ``target_peers`` connections it fetches, validates
   and connects to routing-table peers of its region it did not know;
 - the blocks the node hosts are announced as providers of their CIDs (``protocols.dhtkeys``),
-  paced under the receivers' ADD_PROVIDER rate limit, and re-announced every ``reprovide_s``;
+  at most 9 per 10.5 s (receivers accept 10 ADD_PROVIDER per 10 s), re-announced every
+  ``reprovide_s``;
 - ``lookup_block_hosts`` (used by the client when gossip does not cover a block: another region,
   a node that just joined) finds providers by CID, fetches each provider's record by peer id and
   validates it before it enters the fleet view;
@@ -49,7 +50,9 @@ MAX_PEERS_FILE_BYTES = 256 * 1024
 class DiscoveryConfig:
     refresh_s: float = 60.0  # mean interval between routing-table refreshes (randomised +-50%)
     put_interval_s: float = 5.0  # at most one record put this often
-    provide_pace_s: float = 1.1  # py-libp2p accepts 10 ADD_PROVIDER per sender per 10 s
+    # py-libp2p accepts 10 ADD_PROVIDER per sender per 10 s: at most this many per window.
+    provide_burst: int = 9
+    provide_window_s: float = 10.5
     reprovide_s: float = 300.0
     save_peers_s: float = 30.0
     op_timeout_s: float = 10.0  # one DHT operation (put, get, provide, find, refresh)
@@ -96,6 +99,12 @@ def save_peers_file(path: Path, records: Iterable[CapacityRecord]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"version": PEERS_FILE_VERSION, "saved_at": time.time(), "peers": peers})
     return len(peers)
+
+
+def spread_order(start: int, end: int, stride: int) -> list[int]:
+    """``range(start, end)`` reordered so each run of ``stride`` blocks spans the whole range
+    (0, 9, 18, 27, 1, 10, ...): a lookup of any block succeeds after the first paced burst."""
+    return sorted(range(start, end), key=lambda b: ((b - start) % stride, b))
 
 
 class Discovery:
@@ -243,16 +252,19 @@ class Discovery:
             model_id, blocks = self.node.model_id, self.node.blocks
             if not model_id or blocks is None:
                 continue
-            for block in range(*blocks):
+            sent: list[float] = []
+            for block in spread_order(*blocks, self.config.provide_burst):
                 if self._provide_wanted.is_set():
                     break  # the range changed meanwhile: announce the new one
+                if len(sent) >= self.config.provide_burst:
+                    await trio.sleep_until(sent[-self.config.provide_burst] + self.config.provide_window_s)
+                sent.append(trio.current_time())
                 try:
                     await self.node.host.dht_provide(block_provider_cid(model_id, block),
                                                      timeout=self.config.op_timeout_s)
                     self.stats["provides"] += 1
                 except NetworkError as e:
                     log.debug("DHT provide block %d: %s", block, e)
-                await trio.sleep(self.config.provide_pace_s)
 
     async def _save_peers(self) -> None:
         path = self.config.peers_file

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 STATUS_PROTOCOL = "/idlefleet/status/1.0.0"
 BOOTSTRAP_TIMEOUT_S = 5.0  # one entry point: connect and status reply
 MAX_ENTRY_POINTS = 16  # saved peers tried at once besides the configured bootstrap addresses
+ALONE_IN_REGION_S = 5.0  # a node with no peer on its region's topic goes online after this
 wire.register_kind("capacity", 8 * 1024)
 wire.register_kind("peer_down", 4 * 1024)
 
@@ -365,9 +366,11 @@ class Node:
                 if self._last_vehicle is None:
                     continue
             if self._state == "joining" and not self.hold_joining and (
-                    not self.config.bootstrap or self.host.gossip_peers(self._topic)):
+                    not self.config.bootstrap or self.host.gossip_peers(self._topic)
+                    or now - self._started > ALONE_IN_REGION_S):
                 # Online once someone will hear us: the "online" record is then published into a
-                # formed topic, so every node learns of us without waiting for a refresh.
+                # formed topic, so every node learns of us without waiting for a refresh. The
+                # first node of a region has no topic peers: clients find it through the DHT.
                 self._state = "online"
             candidate = self._build_record(now, self._last_vehicle)
             reason = "forced" if forced else should_publish(self._last_record, candidate, now, self._policy)
