@@ -13,9 +13,9 @@ from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.discovery import load_peers_file
 from idlefleet.node.node import open_node
+from tests.factories import running_fleet
 from tests.test_node import node_config, wait_converged
 from tests.test_pipeline import PROMPT, serving_config
-from tests.factories import running_fleet
 
 
 async def test_a_client_finds_hosts_of_another_region_through_the_dht(
