@@ -103,7 +103,8 @@ def save_peers_file(path: Path, records: Iterable[CapacityRecord]) -> int:
 
 def spread_order(start: int, end: int, stride: int) -> list[int]:
     """``range(start, end)`` reordered so each run of ``stride`` blocks spans the whole range
-    (0, 9, 18, 27, 1, 10, ...): a lookup of any block succeeds after the first paced burst."""
+    (0, 9, 18, 27, 1, 10, ...): a client looking up the blocks it misses (``lookup_block_hosts``
+    tries each in turn) finds this host after the first paced burst, not after the last."""
     return sorted(range(start, end), key=lambda b: ((b - start) % stride, b))
 
 

@@ -128,7 +128,8 @@ class Node:
             config.event_log.parent.mkdir(parents=True, exist_ok=True)
             self._events = open(config.event_log, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self.discovery = Discovery(self, DiscoveryConfig(refresh_s=config.dht_refresh_s,
-                                                         peers_file=config.peers_file))
+                                                         peers_file=config.peers_file and
+                                                         config.peers_file.expanduser()))
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
             misses=config.heartbeat_misses))

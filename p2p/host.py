@@ -390,8 +390,6 @@ class Host:
             values.append(bytes(local.value))
         me = self._host.get_id()
         peers = [p for p in await self._dht.peer_routing.find_closest_peers_network(key_bytes) if p != me]
-        best_record: list[Any] = []
-
         async def ask(peer: ID) -> None:
             with trio.move_on_after(DHT_PEER_TIMEOUT_S):
                 try:
@@ -407,7 +405,6 @@ class Host:
                     log.debug("DHT get %s: invalid value from %s: %s", key, peer, e)
                     return
                 values.append(bytes(reply.value))
-                best_record.append(reply)
 
         async with trio.open_nursery() as nursery:
             for peer in peers[:20]:

@@ -11,7 +11,7 @@ import trio
 
 from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.discovery import load_peers_file
+from idlefleet.node.discovery import load_peers_file, spread_order
 from idlefleet.node.node import open_node
 from tests.factories import running_fleet
 from tests.test_node import node_config, wait_converged
@@ -81,3 +81,9 @@ async def test_bootstrap_addresses_are_tried_in_parallel(tmp_path: Path) -> None
         cfg = node_config(tmp_path, 7, (dead, nodes[1].multiaddrs[0]))
         async with open_node(cfg) as me:
             assert {r.peer_id for r in me.fleet()} >= {n.peer_id for n in nodes}
+
+
+def test_provider_announcements_spread_over_the_range() -> None:
+    order = spread_order(10, 30, 9)
+    assert sorted(order) == list(range(10, 30))
+    assert order[:9] == [10, 19, 28, 11, 20, 29, 12, 21, 13]  # the first burst spans the range
