@@ -36,6 +36,8 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, help="TCP port (default 0 = any free port)")
     p.add_argument("--bootstrap", action="append", metavar="MULTIADDR",
                    help="a peer to join through (repeatable), e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...")
+    p.add_argument("--peers-file", type=Path, metavar="FILE",
+                   help="remember peers seen here and re-join through them on the next start")
     p.add_argument("--region", help="geohash prefix of where the device is (default u33d)")
     p.add_argument("--vehicle", metavar="SPEC",
                    help="state provider: sim:PROFILE[:seed=N][:scale=X] | file:PATH | sysfs[:ROOT]")
@@ -108,7 +110,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
         "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log",
-        "serve", "model", "memory_budget_mb", "rebalance_s")}
+        "serve", "model", "memory_budget_mb", "rebalance_s", "peers_file")}
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)

@@ -84,6 +84,8 @@ class ClientConfig:
     ban_s: float = 60.0  # how long a failed peer is avoided
     max_failovers: int = 8  # per generation
     route_wait_s: float = 30.0  # how long to wait for the fleet to cover every block
+    dht_lookup_after_s: float = 1.0  # gossip first; then look uncovered blocks up in the DHT ...
+    dht_lookup_every_s: float = 5.0  # ... this often while they stay uncovered
     # Decoding one token through one SmolLM2 block in numpy takes ~1 ms, far more than its FLOPs
     # at a node's measured matmul rate suggest (it is memory-bound): count that as overhead, so
     # compute, not RTT noise, dominates route costs.
@@ -467,15 +469,34 @@ class FleetClient:
                           now=time.time(), my_region=self.node.config.region,
                           banned=self.banned(), costs=self.config.costs)
 
+    def uncovered_blocks(self) -> list[int]:
+        """Blocks no usable host in the fleet view serves."""
+        banned = self.banned()
+        covered = [False] * self.model.n_blocks
+        for cand in self.candidates():
+            if cand.peer_id not in banned:
+                for b in range(cand.start, min(cand.end, self.model.n_blocks)):
+                    covered[b] = True
+        return [b for b, c in enumerate(covered) if not c]
+
     async def wait_ready(self, timeout: float | None = None) -> list[Hop]:
-        """Wait until some route covers every block. Raises GenerationFailed on timeout."""
+        """Wait until some route covers every block. Blocks that gossip does not cover (hosts in
+        another region, a node that just joined) are looked up in the DHT every few seconds:
+        providers of their CIDs, then the providers' validated records. Raises GenerationFailed
+        on timeout."""
         last: Exception | None = None
+        next_lookup = trio.current_time() + self.config.dht_lookup_after_s
         with trio.move_on_after(timeout if timeout is not None else self.config.route_wait_s):
             while True:
                 try:
                     return self.find_route()
                 except NoRoute as e:
                     last = e
+                missing = self.uncovered_blocks()
+                if missing and trio.current_time() >= next_lookup:
+                    await self.node.discovery.lookup_block_hosts(self.model.model_id, missing)
+                    next_lookup = trio.current_time() + self.config.dht_lookup_every_s
+                    continue
                 await trio.sleep(0.2)
         raise GenerationFailed(f"the fleet does not cover the model: {last}")
 

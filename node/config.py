@@ -56,6 +56,10 @@ class NodeConfig:
     heartbeat_misses: int = 3
     target_peers: int = 8
     event_log: Path | None = None
+    # Discovery: peers seen are saved here and tried as entry points on the next start (None: off);
+    # the DHT routing table is refreshed (self + random lookup) about this often.
+    peers_file: Path | None = None
+    dht_refresh_s: float = 60.0
     # Serving model blocks (only with consent): which model, how much memory for weights.
     serve: bool = True
     model: str | None = None
@@ -67,7 +71,7 @@ class NodeConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("key_file", "event_log"):  # a path given as a string is a path
+        for name in ("key_file", "event_log", "peers_file"):  # a path given as a string is a path
             value = getattr(self, name)
             if isinstance(value, str) and value:
                 object.__setattr__(self, name, Path(value))
@@ -90,7 +94,7 @@ class NodeConfig:
             raise ConfigError("refresh_s must be positive and at most half of record_ttl_s")
         if not 0 < self.record_ttl_s <= 600:
             raise ConfigError("record_ttl_s must be in (0, 600]")
-        for name in ("vehicle_poll_s", "heartbeat_s", "heartbeat_timeout_s"):
+        for name in ("vehicle_poll_s", "heartbeat_s", "heartbeat_timeout_s", "dht_refresh_s"):
             value = getattr(self, name)
             if not 0.05 <= value <= 600:
                 raise ConfigError(f"{name} must be a number of seconds in [0.05, 600], got {value!r}")

