@@ -49,7 +49,11 @@ if not os.environ.get("LIBP2P_DEBUG"):
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
-DHT_PROTOCOL_PREFIX = TProtocol("/idlefleet")  # DHT speaks /idlefleet/kad/1.0.0: our own namespace
+DHT_PROTOCOL_PREFIX = TProtocol("/idlefleet")
+# py-libp2p 0.8.1 ignores the prefix for its stream protocol: the DHT is served and dialled on the
+# standard /ipfs/kad/1.0.0 whatever the prefix. What keeps foreign records out is the strict
+# validator (only our registered namespaces are stored), not the protocol ID.
+DHT_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
 
 RequestHandler = Callable[[str, Envelope], Awaitable[tuple[str, dict[str, Any]]]]
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
