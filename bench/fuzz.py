@@ -8,7 +8,8 @@ python -m bench.fuzz --protocols gossip,dht --seconds 120
 
 One process holds a real node (``open_node``, with a StageServer on blocks [0, 2) of the default
 model) and an attacker host with a fresh key and one real libp2p connection to it. For each
-protocol (heartbeat, status, stage, gossip RPC on /meshsub/1.1.0, Kademlia on /ipfs/kad/1.0.0)
+protocol (heartbeat, status, stage, gossip RPC on /meshsub/1.1.0, Kademlia on /ipfs/kad/1.0.0,
+identify push, ping)
 the attacker takes valid frames (seeds), applies 1-4 random byte mutations (bit flips, random
 bytes, inserts, deletions, duplicated or cut ranges, huge length prefixes, splices of two seeds),
 writes each result on a new stream, closes its side and reads whatever comes back within a short
@@ -35,13 +36,14 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-PROTOCOLS = ("heartbeat", "status", "stage", "gossip", "dht")
+PROTOCOLS = ("heartbeat", "status", "stage", "gossip", "dht", "identify", "ping")
 HEARTBEAT = "/idlefleet/heartbeat/1.0.0"
 STATUS = "/idlefleet/status/1.0.0"
 STAGE = "/idlefleet/stage/1.0.0"
 MESHSUB = "/meshsub/1.1.0"
 KAD = "/ipfs/kad/1.0.0"  # p2p.host.DHT_PROTOCOL: py-libp2p 0.8.1 ignores the DHT prefix
-PROTOCOL_IDS = {"heartbeat": HEARTBEAT, "status": STATUS, "stage": STAGE, "gossip": MESHSUB, "dht": KAD}
+PROTOCOL_IDS = {"heartbeat": HEARTBEAT, "status": STATUS, "stage": STAGE, "gossip": MESHSUB, "dht": KAD,
+                "identify": "/ipfs/id/push/1.0.0", "ping": "/ipfs/ping/1.0.0"}
 INTERESTING = (0x00, 0x01, 0x7F, 0x80, 0xC0, 0xC1, 0xDE, 0xDF, 0xFF)
 
 
@@ -182,6 +184,25 @@ def dht_seeds(key: Ed25519PrivateKey, record: bytes, node_peer: str) -> list[byt
                          providerPeers=[Message.Peer(id=me_bytes, addrs=[addr])])),
         prefixed(Message(type=Message.PING)),
     ]
+
+
+def identify_seeds(key: Ed25519PrivateKey) -> list[bytes]:
+    from libp2p.identity.identify.pb.identify_pb2 import Identify
+    from libp2p.utils.varint import encode_uvarint
+
+    from idlefleet.p2p.identity import libp2p_key_pair
+
+    msg = Identify(protocol_version="ipfs/0.1.0", agent_version="fuzz",
+                   public_key=libp2p_key_pair(key).public_key.serialize(),
+                   listen_addrs=[bytes.fromhex("047f000001060fa1")],
+                   observed_addr=bytes.fromhex("047f000001060fa2"),
+                   protocols=["/meshsub/1.1.0", "/idlefleet/status/1.0.0"])
+    body = msg.SerializeToString()
+    return [bytes(encode_uvarint(len(body))) + body]
+
+
+def ping_seeds() -> list[bytes]:
+    return [bytes(32), bytes(range(32)), bytes(64)]
 
 
 # --- the campaign -------------------------------------------------------------------------------
@@ -338,6 +359,10 @@ async def campaign(work: Path, protocols: Sequence[str], *, frames: int, seconds
                     seeds = gossip_seeds(key, capacity_topic(node.config.region), record)
                 elif protocol == "dht":
                     seeds = dht_seeds(key, record, node.peer_id)
+                elif protocol == "identify":
+                    seeds = identify_seeds(key)
+                elif protocol == "ping":
+                    seeds = ping_seeds()
                 else:
                     seeds = framed_seeds(protocol)
                 current[:] = [ProtocolResult(protocol)]

@@ -106,12 +106,12 @@ def test_mutation_is_deterministic_and_changes_frames() -> None:
 
 async def test_mutated_frames_on_every_protocol_neither_crash_nor_hang_a_node(
         tmp_path: Path, two_blocks: Stage) -> None:  # noqa: F811
-    results = await campaign(tmp_path, PROTOCOLS, frames=80, seconds=15, seed=8, stage=two_blocks,
-                             probe_every=40)
+    results = await campaign(tmp_path, PROTOCOLS, frames=60, seconds=15, seed=8, stage=two_blocks,
+                             probe_every=30)
     assert [r.protocol for r in results] == list(PROTOCOLS), results
     for r in results:
         assert (r.crashes, r.hangs) == (0, 0), (r.protocol, r.errors)
-        assert r.frames >= 40, r  # at least half the quota within the time limit, even on a busy machine
+        assert r.frames >= 30, r  # at least half the quota within the time limit, even on a busy machine
         assert r.rss_after_mb - r.rss_before_mb < 64, r
     gossip = next(r for r in results if r.protocol == "gossip")
     assert gossip.handler_crashes_caught > 0  # truncated RPCs raise inside py-libp2p: caught
