@@ -160,6 +160,7 @@ class Node:
             "published": self.host.stats.gossip_published,
             "rejected": dict(self.rejected),
             "evictions": self.host.stats.evictions,
+            "misbehaviour": self.host.misbehaviour.statistics(),  # per reason, worst peers
             "seq": self._seq,
         }
 

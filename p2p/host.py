@@ -366,6 +366,7 @@ class Host:
 
         async def _handle(stream: INetStream) -> None:
             fs = FramedStream(stream, max_frame=limit)
+            crashed = False
             try:
                 await handler(fs)
             except RemoteProtocolError as e:
@@ -376,10 +377,10 @@ class Host:
             except NetworkError as e:
                 log.debug("stream %s from %s: %s", protocol, fs.peer_id[-8:], e)
             except Exception as e:
+                crashed = True
                 self._boundary.crashed(fs.peer_id, protocol, e)
-                await fs.reset()
-                return
-            await fs.aclose()
+            finally:
+                await (fs.reset() if crashed else fs.aclose())
 
         self._host.set_stream_handler(TProtocol(protocol), _handle)
 

@@ -75,6 +75,7 @@ async def test_truncated_protobuf_on_meshsub_does_not_kill_the_node(tmp_path: Pa
                 await trio.sleep(0.05)
         assert node.host.misbehaviour.score(attacker.peer_id) >= 3 * 10
         assert any(r.startswith("crash:/meshsub") for r in node.host.misbehaviour.totals)
+        assert attacker.peer_id in node.statistics()["misbehaviour"]["worst"]
         await assert_still_serving(attacker, peer)
 
 
