@@ -22,6 +22,7 @@ from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.guard import Misbehaviour, TokenBuckets
 from idlefleet.p2p.host import GOSSIP_PROTOCOLS, Host, HostConfig, open_host
+from idlefleet.p2p.liveness import HEARTBEAT_PROTOCOL
 from idlefleet.protocols import session as S
 from idlefleet.protocols import wire
 from idlefleet.protocols.tensors import encode_hidden
@@ -59,14 +60,13 @@ async def assert_still_serving(client: Host, peer: str) -> None:
 # --- remote crashes -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("protocol", GOSSIP_PROTOCOLS)
-async def test_truncated_protobuf_on_meshsub_does_not_kill_the_node(tmp_path: Path, protocol: str) -> None:
+async def test_truncated_protobuf_on_meshsub_does_not_kill_the_node(tmp_path: Path) -> None:
     async with (
         open_node(node_config(tmp_path, 0)) as node,
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as attacker,
     ):
         peer = await attacker.connect(node.multiaddrs[0])
-        for _ in range(3):
+        for protocol in [*GOSSIP_PROTOCOLS, GOSSIP_PROTOCOLS[0]]:
             stream = await raw_stream(attacker, peer, protocol)
             await stream.write(MESHSUB_KILLER)
             await read_until_closed(stream, 2.0)  # the node resets the stream
@@ -154,22 +154,20 @@ async def test_a_step_whose_output_the_server_cannot_encode_gets_an_error_not_a_
 # --- limits at the door ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("protocol", "kind"), [(STATUS_PROTOCOL, "status_request"),
-                                                ("/idlefleet/heartbeat/1.0.0", "heartbeat")])
-async def test_small_kinds_refuse_a_big_frame_header_at_once(tmp_path: Path, protocol: str,
-                                                             kind: str) -> None:
-    assert wire.KINDS[kind] == 256
+async def test_small_kinds_refuse_a_big_frame_header_at_once(tmp_path: Path) -> None:
     async with (
         open_node(node_config(tmp_path, 0)) as node,
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as attacker,
     ):
         peer = await attacker.connect(node.multiaddrs[0])
-        stream = await raw_stream(attacker, peer, protocol)
-        await stream.write(struct.pack(">I", 257))  # the header alone, no payload ever follows
-        with trio.fail_after(2.0):  # well under the 5 s request deadline: no waiting for bytes
-            reply = await read_until_closed(stream, 2.0)
-        env = wire.decode_envelope(reply[4:])
-        assert env.kind == "error" and "limit 256" in env.body["message"]
+        for protocol, kind in ((STATUS_PROTOCOL, "status_request"), (HEARTBEAT_PROTOCOL, "heartbeat")):
+            assert wire.KINDS[kind] == 256
+            stream = await raw_stream(attacker, peer, protocol)
+            await stream.write(struct.pack(">I", 257))  # the header alone, no payload ever follows
+            with trio.fail_after(2.0):  # well under the 5 s request deadline: no waiting for bytes
+                reply = await read_until_closed(stream, 2.0)
+            env = wire.decode_envelope(reply[4:])
+            assert env.kind == "error" and "limit 256" in env.body["message"], protocol
         await assert_still_serving(attacker, peer)
 
 
@@ -229,10 +227,6 @@ async def test_dht_stores_only_validated_namespaces_and_a_bounded_count(tmp_path
 
 
 # --- gossip budget and aggregated logging -------------------------------------------------------
-
-
-async def heartbeat_ack(peer_id: str, env: wire.Envelope) -> tuple[str, dict[str, Any]]:
-    return "heartbeat_ack", {"nonce": env.body["nonce"]}
 
 
 def publish_rpc(topic: str, origin: bytes, datas: list[bytes], first_seqno: int) -> bytes:
