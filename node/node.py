@@ -168,6 +168,7 @@ class Node:
             "published": self.host.stats.gossip_published,
             "rejected": dict(self.rejected),
             "evictions": self.host.stats.evictions,
+            "misbehaviour": self.host.misbehaviour.statistics(),  # per reason, worst peers
             "seq": self._seq,
         }
 
@@ -334,11 +335,12 @@ class Node:
 
     def _count_rejection(self, reason: str, origin: str, detail: str) -> None:
         self.rejected[reason] += 1
-        # GossipSub replays its recent-message cache to new peers: stale records are routine.
-        # (Expired ones too, when a replay arrives late on a loaded machine.)
-        (log.debug if reason in ("stale_sequence", "expired") else log.info)(
-            "dropped gossip from %s: %s", origin[-8:], detail)
-        self.event("rejected", peer=origin, reason=reason)
+        # Aggregated (issue 8): the host's misbehaviour log writes one summary line per interval
+        # instead of a log line and an event per message. GossipSub replays its recent-message
+        # cache to new peers, so stale (and, late on a loaded machine, expired) records are
+        # routine: counted, not held against the peer.
+        routine = reason in ("stale_sequence", "expired")
+        self.host.misbehaviour.note(origin, f"gossip_{reason}", penalty=0 if routine else 1, detail=detail)
 
     def connect_soon(self, record: CapacityRecord) -> None:
         """Connect to the peer of ``record`` in the background if we want more connections."""

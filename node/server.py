@@ -31,7 +31,7 @@ from idlefleet.node.model.stage import Stage
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
-from idlefleet.protocols.errors import RemoteProtocolError, TensorError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, TensorError
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,14 @@ class StageServer:
         self.stats.step_latency.observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
-        result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)
+        try:
+            encoded = encode_hidden(out, req.dtype)
+        except LocalProtocolError as e:
+            # Finite but extreme inputs can overflow inside the blocks (inf/NaN out): the client's
+            # values caused it, so refuse the step (the session survives) instead of dying.
+            self.stats.bad_requests += 1
+            await fs.send_error(S.ERR_BAD_TENSOR, f"step output is not encodable ({e}); input out of range")
+            return 0
+        result = S.StepResult(step.position, encoded, self.draining)
         await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
         return int(hidden.shape[0])

@@ -29,14 +29,17 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.records.validator import Validator
+from libp2p.rcmgr import ResourceLimits, new_resource_manager
+from libp2p.rcmgr.connection_limits import ConnectionLimits
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from idlefleet.protocols.errors import RemoteProtocolError
-from idlefleet.protocols.wire import Envelope
+from idlefleet.protocols.wire import KINDS, MAX_FRAME, Envelope
 
 from .errors import DeadlineExceeded, NetworkError, PeerUnreachable, StreamClosed
 from .framing import FramedStream
+from .guard import Misbehaviour, TokenBuckets
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,25 @@ class HostConfig:
     request_timeout_s: float = 5.0
     dht_timeout_s: float = 10.0
     reused_stream_idle_s: float = 60.0  # a server keeps a reused request stream this long
-    max_frame: int = 16 * 1024 * 1024
+    max_frame: int = MAX_FRAME  # request/response protocols lower it to their request kind's limit
+    # Limits at the door (issue 8). Streams: py-libp2p's resource manager only enforces a global
+    # stream count (its per-peer scopes are never consulted by the 0.8.1 swarm), so the per-peer
+    # cap on concurrent inbound streams is enforced by our crash boundary (_Boundary).
+    max_inbound_streams_per_peer: int = 64
+    max_streams: int = 4096  # all streams, all peers (rcmgr; the library default is 10,000)
+    max_connections: int = 512  # rcmgr, all peers
+    # Gossip validation budget, spent before py-libp2p checks a message's signature: per
+    # connected sender (the forwarder, authenticated by Noise) and per (sender, claimed origin).
+    gossip_sender_rate: float = 200.0
+    gossip_sender_burst: float = 1000.0
+    gossip_origin_rate: float = 5.0
+    gossip_origin_burst: float = 30.0
+    # DHT store bounds: values only under registered namespaces (their validators bound the
+    # size); provider keys only in the form of our block CIDs (sha2-256 multihashes).
+    dht_max_values: int = 4096
+    dht_max_provider_keys: int = 16384
+    dht_max_key_bytes: int = 256
+    rejection_log_interval_s: float = 10.0
 
 
 class _DisconnectNotifee(INotifee):
@@ -119,9 +140,104 @@ class _CallbackValidator(Validator):
 class HostStatistics:
     gossip_published: int = 0
     gossip_rejected: dict[str, int] = field(default_factory=dict)
+    gossip_checked: int = 0  # received gossip messages handed to py-libp2p's checks (signature first)
+    gossip_rate_limited: int = 0  # dropped by the per-sender budget before any check
     requests_served: int = 0
     requests_rejected: int = 0
     evictions: int = 0
+    handler_crashes: int = 0  # unexpected exceptions caught by the crash boundary
+    streams_refused: int = 0  # over the per-peer inbound stream cap
+    dht_refused: int = 0  # DHT values or provider records refused by our bounds
+
+
+#: Penalties added to a peer's misbehaviour score (Misbehaviour.note).
+PENALTY_CRASH = 10  # its input raised something no handler expected
+PENALTY_REJECTED = 1  # invalid input, refused with a reason
+
+
+class _Boundary:
+    """The crash boundary under every inbound stream and every gossip message.
+
+    No exception raised while handling a peer's input (by our handlers or inside py-libp2p:
+    pubsub RPC parsing, Kademlia, identify, ping, the muxer) leaves here: the stream is reset,
+    the peer's misbehaviour score goes up, and the event is counted and logged in the aggregated
+    summary line. It also enforces the per-peer inbound stream cap and the gossip budget.
+    """
+
+    def __init__(self, config: HostConfig, stats: HostStatistics, misbehaviour: Misbehaviour,
+                 my_id: ID) -> None:
+        self._config = config
+        self.stats = stats
+        self.misbehaviour = misbehaviour
+        self._my_id = my_id
+        self._inbound: dict[str, int] = {}  # peer id -> inbound streams being handled
+        self._senders = TokenBuckets(config.gossip_sender_rate, config.gossip_sender_burst)
+        self._origins = TokenBuckets(config.gossip_origin_rate, config.gossip_origin_burst)
+
+    def inbound_streams(self, peer_id: str) -> int:
+        return self._inbound.get(peer_id, 0)
+
+    def crashed(self, peer_id: str, where: str, e: BaseException) -> None:
+        self.stats.handler_crashes += 1
+        self.misbehaviour.note(peer_id, f"crash:{where}", penalty=PENALTY_CRASH, detail=repr(e)[:200])
+        log.debug("crash boundary: %s from %s", where, peer_id[-8:], exc_info=e)
+
+    def wrap_streams(self, inner: Callable[[INetStream], Awaitable[None]]
+                     ) -> Callable[[INetStream], Awaitable[None]]:
+        """Wrap py-libp2p's common inbound stream handler (negotiation, then the protocol's)."""
+
+        async def guarded(stream: INetStream) -> None:
+            try:
+                peer = stream.muxed_conn.peer_id.to_base58()
+            except Exception:
+                peer = "unknown"
+            active = self._inbound.get(peer, 0)
+            if active >= self._config.max_inbound_streams_per_peer:
+                self.stats.streams_refused += 1
+                self.misbehaviour.note(peer, "stream_limit", penalty=PENALTY_REJECTED)
+                await _reset_quietly(stream)
+                return
+            self._inbound[peer] = active + 1
+            try:
+                await inner(stream)
+            except Exception as e:
+                self.crashed(peer, str(stream.get_protocol() or "negotiation"), e)
+                await _reset_quietly(stream)
+            finally:
+                left = self._inbound.get(peer, 1) - 1
+                if left > 0:
+                    self._inbound[peer] = left
+                else:
+                    self._inbound.pop(peer, None)
+
+        return guarded
+
+    def wrap_push_msg(self, inner: Callable[[ID, Any], Awaitable[None]]
+                      ) -> Callable[[ID, Any], Awaitable[None]]:
+        """Wrap ``Pubsub.push_msg``: budget first (before the signature check), never raise."""
+
+        async def guarded(forwarder: ID, msg: Any) -> None:
+            if forwarder != self._my_id:
+                sender = forwarder.to_base58()
+                if not (self._senders.take(sender) and self._origins.take((sender, bytes(msg.from_id)))):
+                    self.stats.gossip_rate_limited += 1
+                    self.misbehaviour.note(sender, "gossip_rate_limited", penalty=0)
+                    return
+                self.stats.gossip_checked += 1
+            try:
+                await inner(forwarder, msg)
+            except Exception as e:
+                self.crashed(forwarder.to_base58(), "pubsub push_msg", e)
+
+        return guarded
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await stream.reset()
+        except Exception as e:  # resetting a dead stream may raise anything
+            log.debug("reset after crash: %r", e)
 
 
 def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
@@ -143,7 +259,7 @@ class Host:
     """What idlefleet needs from libp2p, with deadlines. Created by ``open_host``."""
 
     def __init__(self, host: Any, pubsub: Pubsub, dht: KadDHT, config: HostConfig,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, boundary: _Boundary) -> None:
         self._host = host
         self._pubsub = pubsub
         self._dht = dht
@@ -151,9 +267,13 @@ class Host:
         self._nursery = nursery
         self._disconnect_callbacks: list[DisconnectCallback] = []
         self._reusable: dict[tuple[str, str], FramedStream] = {}
+        self._boundary = boundary
+        self.stats = boundary.stats
+        #: Per-peer misbehaviour scores and the aggregated rejection log; other components add
+        #: their own rejections with ``note`` and consult ``score``.
+        self.misbehaviour = boundary.misbehaviour
         self._replay_filters: dict[str, Callable[[bytes], bool]] = {}
         _filter_replays(pubsub.router, self._replay_filters)
-        self.stats = HostStatistics()
         self.peer_id: str = host.get_id().to_base58()
         host.get_network().register_notifee(_DisconnectNotifee(self._on_disconnected))
 
@@ -236,26 +356,43 @@ class Host:
                 log.debug("disconnect %s: %r", pid, e)
 
     # -- streams -----------------------------------------------------------------------------
-    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
-        """Serve ``protocol``: ``handler`` gets a FramedStream; the stream is closed after it returns."""
+    def set_stream_handler(self, protocol: str, handler: StreamHandler, *,
+                           max_frame: int | None = None) -> None:
+        """Serve ``protocol``: ``handler`` gets a FramedStream; the stream is closed after it returns.
+
+        Frames announcing more than ``max_frame`` bytes (default ``config.max_frame``) are refused
+        as soon as their 4-byte header arrives. A RemoteProtocolError is answered ``bad_request``;
+        any other exception is caught by the crash boundary, which resets the stream and scores
+        the peer down: nothing a peer sends ends the process.
+        """
+        limit = max_frame or self._config.max_frame
 
         async def _handle(stream: INetStream) -> None:
-            fs = FramedStream(stream, max_frame=self._config.max_frame)
+            fs = FramedStream(stream, max_frame=limit)
+            crashed = False
             try:
                 await handler(fs)
             except RemoteProtocolError as e:
                 self.stats.requests_rejected += 1
-                log.info("rejected input from %s on %s: %s", fs.peer_id[-8:], protocol, e)
+                self.misbehaviour.note(fs.peer_id, f"bad_request:{protocol}", penalty=PENALTY_REJECTED,
+                                       detail=str(e))
                 await fs.send_error("bad_request", str(e))
             except NetworkError as e:
                 log.debug("stream %s from %s: %s", protocol, fs.peer_id[-8:], e)
+            except Exception as e:
+                crashed = True
+                self._boundary.crashed(fs.peer_id, protocol, e)
             finally:
-                await fs.aclose()
+                await (fs.reset() if crashed else fs.aclose())
 
         self._host.set_stream_handler(TProtocol(protocol), _handle)
 
     def set_request_handler(self, protocol: str, kind: str, handler: RequestHandler) -> None:
-        """Serve one-request-one-reply on ``protocol``; requests of any other kind get an error."""
+        """Serve one-request-one-reply on ``protocol``; requests of any other kind get an error.
+
+        The stream's frame limit is the request kind's envelope limit (``wire.KINDS``): a header
+        announcing more is refused at once, without reading or waiting for the payload.
+        """
 
         async def _serve(fs: FramedStream) -> None:
             # A client may keep the stream for further requests (``request(..., reuse=True)``):
@@ -273,7 +410,7 @@ class Host:
                 await fs.send(reply_kind, body, timeout=self._config.request_timeout_s)
                 wait = self._config.reused_stream_idle_s
 
-        self.set_stream_handler(protocol, _serve)
+        self.set_stream_handler(protocol, _serve, max_frame=KINDS[kind])
 
     async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> FramedStream:
         """Open a framed stream. Raises PeerUnreachable or DeadlineExceeded."""
@@ -340,7 +477,11 @@ class Host:
                 origin = ID(msg.from_id).to_base58()
             except Exception:
                 return False
-            return validator(origin, bytes(msg.data))
+            try:
+                return validator(origin, bytes(msg.data))
+            except Exception as e:  # a validator bug must not end the pubsub service
+                self._boundary.crashed(source.to_base58(), f"gossip validator {topic}", e)
+                return False
 
         self._pubsub.set_topic_validator(topic, _validate, False)
         sub = await self._pubsub.subscribe(topic)
@@ -475,6 +616,10 @@ class Host:
     def dht_routing_table_size(self) -> int:
         return int(self._dht.get_routing_table_size())
 
+    def dht_store_sizes(self) -> tuple[int, int]:
+        """(values stored, provider keys stored) in this node's DHT server."""
+        return len(self._dht.value_store.store), len(self._dht.provider_store.providers)
+
 
 async def _no_auto_connect() -> None:
     return None
@@ -514,6 +659,41 @@ def _filter_replays(router: Any, filters: dict[str, Callable[[bytes], bool]]) ->
         await flush(peer_id)
 
     router.flush_pending_messages = filtered_flush
+def _bound_dht_stores(dht: KadDHT, config: HostConfig, stats: HostStatistics,
+                      misbehaviour: Misbehaviour) -> None:
+    """Bound what remote peers can make this DHT server store.
+
+    Values: the strict validator already refuses keys outside registered namespaces and values
+    their validator rejects; here the number of stored keys is capped (updates of a stored key
+    always pass). Provider records: only sha2-256 multihash keys (the form of our block CIDs), at
+    most ``dht_max_provider_keys`` keys (py-libp2p already caps providers per key).
+    """
+    values, providers = dht.value_store, dht.provider_store
+    put_record, add_provider = values.put_record, providers.add_provider
+
+    def bounded_put_record(key: bytes, record: Any) -> None:
+        if key not in values.store and (len(key) > config.dht_max_key_bytes
+                                        or len(values.store) >= config.dht_max_values):
+            stats.dht_refused += 1
+            misbehaviour.note("dht", "dht_value_refused", penalty=0, detail=f"{len(values.store)} stored")
+            raise ValueError("DHT value store full")  # py-libp2p answers the PUT with a reset
+        put_record(key, record)
+
+    def bounded_add_provider(key: bytes, provider: PeerInfo) -> None:
+        # Block keys are CIDs: on the wire their sha2-256 multihash (protocols/dhtkeys.py).
+        if not (isinstance(key, bytes) and len(key) == 34 and key.startswith(b"\x12\x20")):
+            stats.dht_refused += 1
+            misbehaviour.note(str(provider.peer_id), "dht_provider_key", penalty=PENALTY_REJECTED,
+                              detail=repr(key[:40]))
+            return
+        if key not in providers.providers and len(providers.providers) >= config.dht_max_provider_keys:
+            stats.dht_refused += 1
+            misbehaviour.note(str(provider.peer_id), "dht_provider_full", penalty=0)
+            return
+        add_provider(key, provider)
+
+    values.put_record = bounded_put_record  # type: ignore[method-assign]
+    providers.add_provider = bounded_add_provider  # type: ignore[method-assign]
 
 
 @asynccontextmanager
@@ -525,9 +705,16 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
     from .identity import libp2p_key_pair
 
     key_pair = libp2p_key_pair(key)
+    resource_manager = new_resource_manager(
+        limits=ResourceLimits(max_connections=config.max_connections, max_streams=config.max_streams),
+        connection_limits=ConnectionLimits(max_established_per_peer=1,
+                                           max_established_total=config.max_connections),
+        enable_metrics=False,
+    )
     lhost = new_host(
         key_pair=key_pair,
         connection_config=ConnectionConfig(max_connections_per_peer=1),  # 250 ms -> ~5 ms connects
+        resource_manager=resource_manager,
     )
     router = GossipSub(
         protocols=GOSSIP_PROTOCOLS,
@@ -544,7 +731,18 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
     if hasattr(network, "auto_connector"):
         network.auto_connector.maybe_connect = _no_auto_connect
     pubsub = Pubsub(lhost, router, strict_signing=True)
-    dht = KadDHT(lhost, DHTMode.SERVER)  # speaks DHT_PROTOCOL (/ipfs/kad/1.0.0) whatever the prefix
+    # Speaks DHT_PROTOCOL (/ipfs/kad/1.0.0) whatever the prefix. Only namespaces we register (with
+    # validators that bound size and check signatures) are stored: no default pk/ipns namespaces.
+    dht = KadDHT(lhost, DHTMode.SERVER, validator=NamespacedValidator({}, strict_validation=True),
+                 validator_changed=True, strict_validation=True)
+    stats = HostStatistics()
+    boundary = _Boundary(config, stats, Misbehaviour(), lhost.get_id())
+    _bound_dht_stores(dht, config, stats, boundary.misbehaviour)
+    # The crash boundary: py-libp2p routes every inbound stream (every protocol, negotiation
+    # included) through the network's one common handler, and every received gossip message
+    # through Pubsub.push_msg (run as a detached task: an exception there ends the service).
+    network.set_stream_handler(boundary.wrap_streams(network.common_stream_handler))  # type: ignore[attr-defined]
+    pubsub.push_msg = boundary.wrap_push_msg(pubsub.push_msg)  # type: ignore[method-assign,assignment]
     listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")
 
     async with trio.open_nursery() as nursery:
@@ -562,8 +760,9 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
 
         started = time.monotonic()
         await nursery.start(_run)
+        await nursery.start(boundary.misbehaviour.run, config.rejection_log_interval_s)
         log.debug("host up in %.3fs", time.monotonic() - started)
         try:
-            yield Host(lhost, pubsub, dht, config, nursery)
+            yield Host(lhost, pubsub, dht, config, nursery, boundary)
         finally:
             nursery.cancel_scope.cancel()

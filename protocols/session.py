@@ -77,6 +77,9 @@ class SessionMachine:
             self.state = SessionState.AWAIT_OPEN
 
 
+_OPEN_FIELDS = frozenset({"model_id", "start", "end", "max_length", "dtype"})
+
+
 @dataclass(frozen=True)
 class OpenRequest:
     model_id: str
@@ -95,7 +98,8 @@ class OpenRequest:
             raise RemoteProtocolError(f"session_open: bad block range [{self.start}, {self.end})")
         if not 0 < self.max_length <= MAX_LENGTH_LIMIT:
             raise RemoteProtocolError(f"session_open: max_length must be in [1, {MAX_LENGTH_LIMIT}]")
-        if self.dtype not in WIRE_DTYPES:
+        # isinstance first: an unhashable value (a list) must not reach the dict lookup.
+        if not isinstance(self.dtype, str) or self.dtype not in WIRE_DTYPES:
             raise RemoteProtocolError(f"session_open: dtype must be one of {sorted(WIRE_DTYPES)}")
 
     def to_body(self) -> dict[str, Any]:
@@ -104,11 +108,18 @@ class OpenRequest:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> OpenRequest:
-        try:
-            return cls(body["model_id"], body["start"], body["end"], body["max_length"],
-                       body.get("dtype", "float32"))
-        except KeyError as e:
-            raise RemoteProtocolError(f"session_open: missing field {e}") from None
+        """Parse a peer's ``session_open`` body; every field's type is checked by the constructor.
+
+        Raises RemoteProtocolError for a missing or unknown field or a value of the wrong type.
+        """
+        missing = _OPEN_FIELDS - {"dtype"} - body.keys()
+        if missing:
+            raise RemoteProtocolError(f"session_open: missing field(s) {sorted(missing)}")
+        extra = body.keys() - _OPEN_FIELDS
+        if extra:
+            raise RemoteProtocolError(f"session_open: unknown field(s) {sorted(extra)[:8]}")
+        return cls(body["model_id"], body["start"], body["end"], body["max_length"],
+                   body.get("dtype", "float32"))
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,9 @@ class Step:
         """Parse a step; raises RemoteProtocolError (TensorError for the tensor part)."""
         if "position" not in body or "hidden" not in body:
             raise RemoteProtocolError("step: needs position and hidden")
+        extra = body.keys() - {"position", "hidden"}
+        if extra:
+            raise RemoteProtocolError(f"step: unknown field(s) {sorted(extra)[:8]}")
         return cls(body["position"], EncodedTensor.from_dict(body["hidden"]))
 
 

@@ -154,7 +154,8 @@ def encode_hidden(x: npt.ArrayLike, dtype: str = FLOAT32) -> EncodedTensor:
 def decode_hidden(t: EncodedTensor, limits: TensorLimits) -> npt.NDArray[np.float32]:
     """Decode to a fresh, writable float32 ``[tokens, hidden]`` array.
 
-    Raises :class:`TensorError` if the shape breaks ``limits`` or a value is not finite.
+    Raises :class:`TensorError` if the shape breaks ``limits`` or a decoded value is not finite
+    (including int8 values whose ``q x scale`` overflows float32).
     """
     limits.check_shape(t.shape)
     raw = np.frombuffer(t.data, dtype=WIRE_DTYPES[t.dtype]).reshape(t.shape)
@@ -165,8 +166,11 @@ def decode_hidden(t: EncodedTensor, limits: TensorLimits) -> npt.NDArray[np.floa
         scales = np.frombuffer(t.scales, dtype=_SCALE_DTYPE).astype(np.float32)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise TensorError("int8 scales must be finite and non-negative")
-        out *= scales[:, None]
-    elif not np.isfinite(out).all():
+        with np.errstate(over="ignore"):  # q x scale may overflow float32: caught just below
+            out *= scales[:, None]
+    if not np.isfinite(out).all():
+        # For int8 a finite scale times q can still overflow (127 x 3e38): the decoded values,
+        # not just the wire fields, must be finite.
         raise TensorError("hidden state contains NaN or inf")
     return out
 

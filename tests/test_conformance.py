@@ -20,7 +20,6 @@ from typing import Any
 import base58
 import msgpack
 import numpy as np
-import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.custom_types import TProtocol
@@ -278,7 +277,6 @@ async def test_stage_session_by_hand(tmp_path: Path, model_file: Any) -> None:
             assert await s.receive() == ("session_closed", {})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 10: the header limit lands with the hardening work")
 async def test_oversized_header_is_refused_at_once(tmp_path: Path) -> None:
     # §2.1 and §2.4: a header announcing more than the stream's largest kind (256 bytes for
     # heartbeat and status requests) is refused at the header, long before any deadline.
