@@ -31,7 +31,78 @@ back-off after failures, each address at most once per back-off period whoever c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
+
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError
+from idlefleet.protocols.messages import MAX_NONCE
+from idlefleet.protocols.peerid import MAX_PEER_ID_LEN
+
+# --- indirect probes (SWIM ping-req) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """"Heartbeat ``target`` for me and tell me if it answered" (SWIM's ping-req)."""
+
+    KIND: ClassVar[str] = "probe_request"
+    nonce: int
+    target: str
+
+    def __post_init__(self) -> None:
+        if type(self.nonce) is not int or not 0 <= self.nonce <= MAX_NONCE:
+            raise LocalProtocolError(f"probe_request: nonce must be an int in 0..{MAX_NONCE}")
+        if not (isinstance(self.target, str) and 0 < len(self.target) <= MAX_PEER_ID_LEN
+                and all("!" <= c <= "~" for c in self.target)):
+            raise LocalProtocolError(f"probe_request: target must be 1..{MAX_PEER_ID_LEN} printable chars")
+
+    def to_body(self) -> dict[str, Any]:
+        return {"nonce": self.nonce, "target": self.target}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ProbeRequest:
+        """Raises ``RemoteProtocolError`` for a malformed body."""
+        if body.keys() != {"nonce", "target"}:
+            raise RemoteProtocolError(f"probe_request body keys {sorted(body)}, expected nonce, target")
+        try:
+            return cls(body["nonce"], body["target"])
+        except LocalProtocolError as e:
+            raise RemoteProtocolError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The answer to a ``probe_request``: did ``target`` answer a heartbeat in time."""
+
+    KIND: ClassVar[str] = "probe_result"
+    nonce: int
+    alive: bool
+
+    def __post_init__(self) -> None:
+        if type(self.nonce) is not int or not 0 <= self.nonce <= MAX_NONCE:
+            raise LocalProtocolError(f"probe_result: nonce must be an int in 0..{MAX_NONCE}")
+        if type(self.alive) is not bool:
+            raise LocalProtocolError("probe_result: alive must be a bool")
+
+    def to_body(self) -> dict[str, Any]:
+        return {"nonce": self.nonce, "alive": self.alive}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ProbeResult:
+        """Raises ``RemoteProtocolError`` for a malformed body."""
+        if body.keys() != {"nonce", "alive"}:
+            raise RemoteProtocolError(f"probe_result body keys {sorted(body)}, expected alive, nonce")
+        try:
+            return cls(body["nonce"], body["alive"])
+        except LocalProtocolError as e:
+            raise RemoteProtocolError(str(e)) from None
+
+
+wire.register_kind(ProbeRequest.KIND, 512)
+wire.register_kind(ProbeResult.KIND, 256)
+
+
+# --- notices --------------------------------------------------------------------------------------
 
 Verdict = Literal["rate_limited", "refute", "unknown", "stale", "checking", "busy", "check"]
 FORWARD: frozenset[Verdict] = frozenset({"refute", "unknown", "stale", "checking", "busy", "check"})
