@@ -249,7 +249,7 @@ class Liveness:
         if await self._first_true(calls):
             return True
         if connected and peer_id in self._host.connected_peers():
-            self._declare_dead(peer_id, f"failed a check: no ack directly or through {len(calls) - 1} peer(s)")
+            self._declare_dead(peer_id, f"failed a check: no ack directly or via {len(calls) - 1} peer(s)")
         return False
 
     def _declare_dead(self, peer_id: str, reason: str) -> None:
