@@ -9,7 +9,8 @@ A disconnect that an immediate re-probe cannot repair (connection refused) is de
 
 A busy event loop must not look like a dead peer: the heartbeat loop measures its own lateness, and
 a failure of a heartbeat that was in flight while this process was stalled (``stall_s``) does not
-count as a miss.
+count as a miss; and a suspect that itself sent us a heartbeat within the last ``misses * timeout_s``
+is slow, not frozen (a frozen process sends nothing), so it is not evicted.
 
 ``check(peer)`` is the same test on demand (direct and indirect probes at once), used to verify a
 peer-down notice before believing it. Round-trip times are kept (EWMA, minimum) for route choice.
@@ -67,6 +68,7 @@ class Liveness:
         self._config = config
         self._probes_served = 0
         self._stalled_at = -float("inf")  # when the heartbeat loop last woke up late
+        self._heard_at: dict[str, float] = {}  # peer -> when it last sent us a heartbeat
         self._misses: dict[str, int] = {}
         self._probing: set[str] = set()
         self._reprobe: set[str] = set()  # disconnected while a probe was in flight: probe again after it
@@ -75,6 +77,7 @@ class Liveness:
         self.min_rtt_s: dict[str, float] = {}  # lowest round trip seen
         self.dead_reported = 0
         self.indirect_saves = 0  # suspects that an indirect probe showed alive
+        self.slow_saves = 0  # suspects that were heartbeating us themselves
         host.set_request_handler(HEARTBEAT_PROTOCOL, "heartbeat", self._handle)
         host.set_request_handler(PROBE_PROTOCOL, ProbeRequest.KIND, self._handle_probe)
         host.on_disconnect(self._disconnected)
@@ -83,6 +86,8 @@ class Liveness:
     async def _handle(self, peer_id: str, env: Envelope) -> tuple[str, dict[str, Any]]:
         beat = message_from_envelope(env)  # RemoteProtocolError for a bad body
         assert isinstance(beat, Heartbeat)  # the host checked the kind
+        if peer_id in self._heard_at or len(self._heard_at) < 4096:
+            self._heard_at[peer_id] = trio.current_time()
         ack = HeartbeatAck(beat.nonce)
         return ack.KIND, ack.to_body()
 
@@ -178,6 +183,11 @@ class Liveness:
                 if peer_id not in self._host.connected_peers():
                     return
             why = f"{'disconnected, ' if after_disconnect else ''}{misses} missed heartbeat(s): {error}"
+            if not after_disconnect and self._heard_recently(peer_id):
+                log.info("peer %s is slow (%s) but heartbeats us: not dead", peer_id[-8:], why)
+                self.slow_saves += 1
+                self._misses.pop(peer_id, None)
+                return
             if not after_disconnect:
                 if await self._indirect(peer_id, exclude=()):
                     log.info("peer %s suspected (%s) but answered an indirect probe", peer_id[-8:], why)
@@ -193,6 +203,11 @@ class Liveness:
             if peer_id in self._reprobe:
                 self._reprobe.discard(peer_id)
                 self._disconnected(peer_id)
+
+    def _heard_recently(self, peer_id: str) -> bool:
+        heard = self._heard_at.get(peer_id)
+        window = self._config.misses * self._config.timeout_s
+        return heard is not None and trio.current_time() - heard < window
 
     def _helpers(self, target: str, exclude: Collection[str]) -> list[str]:
         """Connected peers that answered us (have an RTT) and may probe ``target`` for us."""
@@ -237,6 +252,8 @@ class Liveness:
         ``indirect`` other peers (never through ``exclude``), all at once. True on the first ack;
         False if every probe failed (a connected peer is then evicted and reported dead); None if
         there was nobody to ask (not connected, no helpers)."""
+        if self._heard_recently(peer_id):
+            return True
         calls: list[tuple[Any, ...]] = []
         connected = peer_id in self._host.connected_peers()
         if connected:
@@ -255,6 +272,7 @@ class Liveness:
     def _declare_dead(self, peer_id: str, reason: str) -> None:
         log.info("peer %s is dead: %s", peer_id[-8:], reason)
         self._misses.pop(peer_id, None)
+        self._heard_at.pop(peer_id, None)
         self.rtt_s.pop(peer_id, None)
         self.min_rtt_s.pop(peer_id, None)
         self.dead_reported += 1

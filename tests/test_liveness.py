@@ -518,3 +518,22 @@ async def test_probe_handler_rejects_malformed_requests(body: dict[str, Any]) ->
     Liveness(host, Deaths())  # type: ignore[arg-type]
     with pytest.raises(RemoteProtocolError):
         await host.handler(PROBE_PROTOCOL)(PEER, Envelope(PROTOCOL_VERSION, "probe_request", body))
+
+
+async def test_a_slow_peer_that_heartbeats_us_is_not_evicted(autojump_clock: trio.abc.Clock) -> None:
+    # An overloaded peer answers our heartbeats late, but its own heartbeats still reach us: it is
+    # slow, not frozen (a frozen process sends nothing). No eviction, however late its answers.
+    host = host_with(peer=frozen)
+    async with running(host) as (liveness, deaths):
+        for _ in range(30):
+            await host.handler()(PEER, Envelope(PROTOCOL_VERSION, "heartbeat", {"nonce": 1}))
+            await trio.sleep(1.0)
+        assert deaths.calls == []
+        assert liveness.slow_saves >= 1
+        assert await liveness.check(PEER) is True
+        # It stops heartbeating us too (frozen now): gone within the usual bound.
+        stopped = trio.current_time()
+        await trio.sleep(20.0)
+    assert deaths.peers() == [PEER]
+    took = deaths.calls[0][0] - stopped
+    assert took <= CONFIG.interval_s + (CONFIG.misses + 1) * CONFIG.timeout_s, took
