@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,10 +14,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.node import Node
 from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.p2p.liveness import Liveness
 from idlefleet.protocols import wire
 from idlefleet.protocols.gossip import capacity_topic
 from idlefleet.protocols.notices import PeerDownNotice, encode_notice
-from tests.factories import running_fleet
+from idlefleet.protocols.records import encode_signed
+from tests.factories import capacity_record, running_fleet
 
 MAX_SEQ = 2**63 - 1
 TOPIC = capacity_topic("u33d")
@@ -79,6 +82,9 @@ async def test_a_notice_flood_is_rate_limited_and_refutations_keep_the_publish_i
                 await rogue.publish(TOPIC, notice_about(key, rogue.peer_id, victim.peer_id, i))
                 await trio.sleep(4.0 / 300)
             await trio.sleep(max(0.0, 5.0 - (trio.current_time() - start)))
+            with trio.move_on_after(20):  # a loaded machine may still be delivering the flood
+                while victim.rejected["rate_limited"] < 290:
+                    await trio.sleep(0.1)
             forced = victim.host.stats.gossip_published - published
             elapsed = trio.current_time() - start
             # Before: one forced record per notice (300 in 4 s). Now the reporter's budget (5) and
@@ -87,3 +93,22 @@ async def test_a_notice_flood_is_rate_limited_and_refutations_keep_the_publish_i
             assert victim.rejected["rate_limited"] >= 100  # (the rest may still be in flight)
             assert other.rejected["rate_limited"] >= 1  # not forwarded past its budget
         assert victim.peer_id in {r.peer_id for r in other.fleet()}
+
+
+async def test_records_earn_routability_by_a_liveness_round_trip(tmp_path: Path) -> None:
+    # Issue 8, finding 3: a valid self-signed record alone made a peer a routing candidate.
+    async with running_fleet(lambda i, boot: node_config(tmp_path, i, boot), 1) as (node,):
+        for serves_heartbeats in (False, True):
+            async with hostile([node]) as (rogue, key):
+                if serves_heartbeats:
+                    Liveness(rogue, lambda peer, reason: None)
+                now = time.time()
+                record = dataclasses.replace(capacity_record(key, issued_at=now, seq=int(now * 1000)),
+                                             model_id="m", blocks=(0, 30), compute_gflops=999_999.0)
+                raw = encode_signed(record, key)
+                await rogue.publish(TOPIC, wire.encode_envelope("capacity", {"record": raw}))
+                await node.wait_for(lambda f: rogue.peer_id in {r.peer_id for r in f}, timeout=10)
+                await trio.sleep(1.5)  # a heartbeat round (1 s) has run
+                routable = {r.peer_id for r in node.routable()}
+                assert (rogue.peer_id in routable) is serves_heartbeats
+                assert node.peer_id in routable
