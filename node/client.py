@@ -360,7 +360,7 @@ class FleetClient:
         by seconds, so the sessions this client has open on it count too: concurrent generations
         spread over the fleet instead of all taking the one best route."""
         rtt = self.node.liveness.min_rtt_s
-        # A peer we have not measured yet (not connected) is assumed typical, not far away.
+        # Routable peers all have a measured RTT; were one missing, it would be assumed typical.
         typical = float(np.median(list(rtt.values()))) if rtt else None
         out = []
         for record in self.node.routable():
