@@ -278,6 +278,7 @@ class Pipeline:
         deadline = self._deadline(hop, x.shape[0])
         try:
             before_s, before_r = hop.stream.bytes_sent, hop.stream.bytes_received
+            started = time.monotonic()
             await hop.stream.send("step", body, timeout=deadline)
             reply = await hop.stream.receive_reply(timeout=deadline)
             self.bytes_sent += hop.stream.bytes_sent - before_s
@@ -289,6 +290,8 @@ class Pipeline:
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
+        if x.shape[0] == 1:  # decode steps only: comparable across peers and prompts
+            self.client.record_step(hop.peer_id, time.monotonic() - started, hop.end - hop.start)
         return out
 
     def _check_reply(self, result: S.StepResult, position: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -422,6 +425,15 @@ class FleetClient:
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
+        self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
+
+    def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
+        """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):
+        the measurement that replaces the peer's claimed compute and load in route choice."""
+        rtt = self.node.liveness.min_rtt_s.get(peer_id, 0.0)
+        sample = max(0.0, seconds - rtt) / max(1, blocks)
+        old = self.block_s.get(peer_id)
+        self.block_s[peer_id] = sample if old is None else 0.7 * old + 0.3 * sample
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,
@@ -442,18 +454,20 @@ class FleetClient:
         return frozenset(p for p, until in self._avoid_until.items() if until > now)
 
     def candidates(self) -> list[Candidate]:
-        """Hosts of our model from the fleet view, with measured RTTs. A peer's gossiped load lags
+        """Hosts of our model among the peers this node completed a liveness round trip with
+        (``Node.routable``), with measured RTTs and step times. A peer's gossiped load lags
         by seconds, so the sessions this client has open on it count too: concurrent generations
         spread over the fleet instead of all taking the one best route."""
         rtt = self.node.liveness.min_rtt_s
-        # A peer we have not measured yet (not connected) is assumed typical, not far away.
+        # Routable peers all have a measured RTT; were one missing, it would be assumed typical.
         typical = float(np.median(list(rtt.values()))) if rtt else None
         out = []
-        for record in self.node.fleet():
+        for record in self.node.routable():
             own = record.peer_id == self.node.peer_id  # our own blocks: a loopback hop, no RTT
             if record.model_id != self.model.model_id or (own and self.node.hosting is None):
                 continue
-            cand = Candidate.from_record(record, 0.0 if own else rtt.get(record.peer_id, typical))
+            cand = Candidate.from_record(record, 0.0 if own else rtt.get(record.peer_id, typical),
+                                         self.block_s.get(record.peer_id))
             if cand is not None:
                 mine = self.open_sessions[cand.peer_id]
                 if mine:

@@ -51,9 +51,9 @@ class NodeConfig:
     refresh_s: float = 20.0
     record_ttl_s: float = 60.0
     vehicle_poll_s: float = 1.0
-    heartbeat_s: float = 2.0
-    heartbeat_timeout_s: float = 4.0
-    heartbeat_misses: int = 3
+    heartbeat_s: float = 1.0
+    heartbeat_timeout_s: float = 2.0
+    heartbeat_misses: int = 2
     target_peers: int = 8
     event_log: Path | None = None
     # Discovery: peers seen are saved here and tried as entry points on the next start (None: off);

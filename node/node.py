@@ -38,13 +38,23 @@ from idlefleet.p2p.liveness import Liveness, LivenessConfig
 from idlefleet.protocols import dhtkeys, wire
 from idlefleet.protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
 from idlefleet.protocols.fleet import FleetView
+from idlefleet.protocols.gossip import (
+    PEER_DOWN_KIND,
+    NoticeGossip,
+    RecordGossip,
+    capacity_topic,
+    check_gossip,
+    claimed_peer,
+    still_current,
+)
+from idlefleet.protocols.membership import FORWARD, DialBudget, NoticeGate
 from idlefleet.protocols.messages import (
     MAX_STATUS_RECORDS,
     StatusRequest,
     StatusResponse,
     message_from_envelope,
 )
-from idlefleet.protocols.notices import PeerDownNotice, decode_notice, encode_notice
+from idlefleet.protocols.notices import PeerDownNotice, encode_notice, notice_reason
 from idlefleet.protocols.publish import PublishPolicy, should_publish
 from idlefleet.protocols.records import CapacityRecord, encode_signed, record_to_dict, validate_record
 
@@ -54,13 +64,7 @@ STATUS_PROTOCOL = "/idlefleet/status/1.0.0"
 BOOTSTRAP_TIMEOUT_S = 5.0  # one entry point: connect and status reply
 MAX_ENTRY_POINTS = 16  # saved peers tried at once besides the configured bootstrap addresses
 ALONE_IN_REGION_S = 5.0  # a node with no peer on its region's topic goes online after this
-wire.register_kind("capacity", 8 * 1024)
-wire.register_kind("peer_down", 4 * 1024)
-
-
-def capacity_topic(region: str) -> str:
-    """GossipSub topic carrying capacity records and peer-down notices of one region."""
-    return f"/idlefleet/v1/capacity/{region}"
+__all__ = ["STATUS_PROTOCOL", "Node", "capacity_topic", "fetch_status", "open_node", "request_status"]
 
 
 def dht_record_key(peer_id: str) -> str:
@@ -131,9 +135,11 @@ class Node:
         self.discovery = Discovery(self, DiscoveryConfig(refresh_s=config.dht_refresh_s,
                                                          peers_file=config.peers_file and
                                                          config.peers_file.expanduser()))
+        self.notices = NoticeGate(self.peer_id)
+        self.dials = DialBudget()
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
-            misses=config.heartbeat_misses))
+            misses=config.heartbeat_misses), on_alive=self._on_peer_alive)
 
     # -- embedding API ---------------------------------------------------------------------------
     @property
@@ -143,6 +149,12 @@ class Node:
     def fleet(self) -> list[CapacityRecord]:
         """The current validated view: every peer considered alive (this node included)."""
         return [e.record for e in self.view.alive(time.time())]
+
+    def routable(self) -> list[CapacityRecord]:
+        """Live peers this node completed a liveness round trip with (and itself): records earn
+        routability, a signed record alone proves only that someone holds a key."""
+        measured = self.liveness.min_rtt_s
+        return [r for r in self.fleet() if r.peer_id in measured or r.peer_id == self.peer_id]
 
     async def wait_for_peers(self, n: int, *, timeout: float = 30.0) -> list[CapacityRecord]:
         """Wait until at least ``n`` other peers are alive in the view. Raises trio.TooSlowError."""
@@ -237,6 +249,7 @@ class Node:
         record = dataclasses.replace(self._build_record(now, vehicle), seq=self._next_seq())
         raw = encode_signed(record, self._key)
         self.view.accept(record, raw, now)
+        self.view.mark_verified(self.peer_id, now)
         self._last_record = record
         envelope = wire.encode_envelope("capacity", {"record": raw})
         try:
@@ -257,81 +270,74 @@ class Node:
 
     def _validate_gossip(self, origin: str, data: bytes) -> bool:
         """Topic validator: only valid, fresh, correctly attributed messages enter the view and
-        get forwarded. Every rejection is logged with its reason and counted."""
+        get forwarded (``protocols.gossip.check_gossip``). Every rejection is counted by reason."""
         if origin == self.peer_id:
             return True
         now = time.time()
         try:
-            env = wire.decode_envelope(data)
-            if env.kind == "capacity":
-                raw = env.body.get("record")
-                if not isinstance(raw, bytes):
-                    raise RecordRejected("malformed", "capacity message without record bytes")
-                pid = _claimed_peer(raw)
-                known = self.view.get(pid) if pid else None
-                if known is not None and known.raw == raw:
-                    return False  # a duplicate (gossip replays its cache to new peers): not an attack
-                record = validate_record(raw, now, last_seq=self.view.last_seq(pid) if pid else None)
-                if record.peer_id != origin:
-                    raise RecordRejected("source_mismatch",
-                                         f"{origin[-8:]} published a record of {record.peer_id[-8:]}")
-                if record.peer_id == self.peer_id:
-                    raise RecordRejected("source_mismatch", "a record claiming to be us")
-                was_alive = self.view.is_alive(record.peer_id, now)
-                self.view.accept(record, raw, now)
-                if not was_alive:
-                    self.event("peer_up", peer=record.peer_id, seq=record.seq)
-                self.event("record", peer=record.peer_id, seq=record.seq,
-                            battery_soc=record.battery_soc, state=record.state)
-                self._notify_changed()
-                self._maybe_connect(record)
-                return True
-            if env.kind == "peer_down":
-                raw = env.body.get("notice")
-                if not isinstance(raw, bytes):
-                    raise RemoteProtocolError("peer_down message without notice bytes")
-                try:
-                    notice = decode_notice(raw, now)
-                except RemoteProtocolError as e:
-                    raise RecordRejected("bad_notice", str(e)) from None
-                if notice.reporter != origin:
-                    raise RecordRejected("source_mismatch", "notice relayed under another identity")
-                if notice.subject == self.peer_id:
-                    log.info("peer %s reported us dead (%s); refuting", origin[-8:], notice.reason)
-                    self._publish_now.set()
-                    return True
-                if self.view.mark_down(notice.subject, notice.subject_seq, now):
-                    self.event("peer_down", peer=notice.subject, by=origin, reason=notice.reason)
-                    self._notify_changed()
-                return True
-            raise RemoteProtocolError(f"unexpected kind {env.kind!r} on the capacity topic")
+            message = check_gossip(data, origin, self.peer_id, now, last_seq=self.view.last_seq,
+                                   held=self._held_raw)
         except RecordRejected as e:
             self._count_rejection(e.reason, origin, str(e))
-        except RemoteProtocolError as e:
-            self._count_rejection("malformed", origin, str(e))
-        return False
+            return False
+        if message is None:
+            return False  # a duplicate (gossip replays its cache to new peers): not an attack
+        if isinstance(message, RecordGossip):
+            return self._take_record(message, origin, now)
+        assert isinstance(message, NoticeGossip)
+        return self._take_notice(message.notice, now)
+
+    def _held_raw(self, peer_id: str) -> bytes | None:
+        entry = self.view.get(peer_id)
+        return None if entry is None else entry.raw
+
+    def _take_record(self, message: RecordGossip, origin: str, now: float) -> bool:
+        record = message.record
+        was_alive = self.view.is_alive(record.peer_id, now)
+        self.view.accept(record, message.raw, now)
+        if self.view.get(record.peer_id) is None:
+            self._count_rejection("view_full", origin, "fleet view full of live, verified peers")
+            return False
+        if not was_alive:
+            self.event("peer_up", peer=record.peer_id, seq=record.seq)
+        self.event("record", peer=record.peer_id, seq=record.seq,
+                   battery_soc=record.battery_soc, state=record.state)
+        self._notify_changed()
+        self._maybe_connect(record)
+        return True
+
+    def _take_notice(self, notice: PeerDownNotice, now: float) -> bool:
+        """A peer-down notice is a hint: rate-limited per reporter, checked before believed."""
+        verdict, _ = self.notices.on_notice(notice.reporter, notice.subject, notice.subject_seq,
+                                             now, last_seen_seq=self.view.last_seq(notice.subject))
+        if verdict == "rate_limited":
+            self._count_rejection("rate_limited", notice.reporter, "too many peer-down notices")
+        elif verdict == "refute":
+            log.info("peer %s reported us dead (%s); refuting", notice.reporter[-8:], notice.reason)
+            self._publish_now.set()  # the publisher keeps its minimum interval
+        elif verdict == "check":
+            self._nursery.start_soon(self._check_notice, notice)
+        return verdict in FORWARD
+
+    async def _check_notice(self, notice: PeerDownNotice) -> None:
+        """Probe the subject (directly and through others, never through the reporter); evict
+        it only if nobody gets an answer. Nobody to ask: keep it (its record expires anyway)."""
+        alive = await self.liveness.check(notice.subject, exclude={notice.reporter})
+        covered = self.notices.on_check_done(notice.subject, alive is not False, time.time())
+        if covered is not None and self.view.mark_down(notice.subject, covered, time.time()):
+            self.event("peer_down", peer=notice.subject, by=notice.reporter, reason=notice.reason)
+            self._notify_changed()
+        elif covered is None:
+            self.event("notice_refuted", peer=notice.subject, by=notice.reporter,
+                       checked="alive" if alive else "unverifiable")
 
     def _still_current(self, data: bytes) -> bool:
-        """Would a receiver still accept this gossip message now? GossipSub re-sends its cache and
-        its identify-pending queue to new peers; a record superseded by a newer one, an expired
-        record, or a notice near the end of its freshness window would only be rejected there."""
-        now = time.time()
-        env = wire.decode_envelope(data)
-        if env.kind == "capacity":
-            raw = env.body.get("record")
-            pid = _claimed_peer(raw) if isinstance(raw, bytes) else None
-            entry = self.view.get(pid) if pid else None  # our own latest record is in the view too
-            return entry is not None and entry.raw == raw and now < entry.record.expires_at
-        if env.kind == "peer_down":
-            raw = env.body.get("notice")
-            if not isinstance(raw, bytes):
-                return False
-            try:  # accepted for 60 s after observed_at: re-send only with 10 s of it left to travel
-                decode_notice(raw, now + 10.0)
-            except RemoteProtocolError:
-                return False
-            return True
-        return False
+        """GossipSub re-sends only what a receiver would still accept (``protocols.gossip``)."""
+        return still_current(data, time.time(), held=self._held_record)
+
+    def _held_record(self, peer_id: str) -> tuple[bytes, float] | None:
+        entry = self.view.get(peer_id)  # our own latest record is in the view too
+        return None if entry is None else (entry.raw, entry.record.expires_at)
 
     def _count_rejection(self, reason: str, origin: str, detail: str) -> None:
         self.rejected[reason] += 1
@@ -347,16 +353,27 @@ class Node:
         self._maybe_connect(record)
 
     def _maybe_connect(self, record: CapacityRecord) -> None:
+        """Dial a record's peer if we want more connections, within the dial budget (one dial
+        per peer at a time, back-off after failures, each address once per period, rate-limited)."""
         connected = self.host.connected_peers()
         if (record.peer_id not in connected and record.state != "offline"
                 and len(connected) < self.config.target_peers):
-            self._nursery.start_soon(self._connect_quietly, record.peer_id, list(record.addrs))
+            addrs = self.dials.plan(record.peer_id, record.addrs, time.monotonic())
+            if addrs:
+                self._nursery.start_soon(self._connect_quietly, record.peer_id, addrs)
 
     async def _connect_quietly(self, peer_id: str, addrs: list[str]) -> None:
+        ok = False
         try:
             await self.host.connect_peer(peer_id, addrs, timeout=3.0)
+            ok = True
         except NetworkError as e:
             log.debug("could not connect to %s: %s", peer_id[-8:], e)
+        finally:
+            self.dials.done(peer_id, ok, time.monotonic(), addrs)
+
+    def _on_peer_alive(self, peer_id: str) -> None:
+        self.view.mark_verified(peer_id, time.time())
 
     def _on_peer_dead(self, peer_id: str, reason: str) -> None:
         now = time.time()
@@ -368,9 +385,8 @@ class Node:
             self._nursery.start_soon(self._announce_down, peer_id, seq, reason)
 
     async def _announce_down(self, peer_id: str, seq: int, reason: str) -> None:
-        printable = "".join(c if " " <= c <= "~" else "?" for c in reason)[:200]
-        notice = PeerDownNotice(self.peer_id, peer_id, seq, time.time(), printable)
-        data = wire.encode_envelope("peer_down", {"notice": encode_notice(notice, self._key)})
+        notice = PeerDownNotice(self.peer_id, peer_id, seq, time.time(), notice_reason(reason))
+        data = wire.encode_envelope(PEER_DOWN_KIND, {"notice": encode_notice(notice, self._key)})
         try:
             await self.host.publish(self._topic, data)
         except (NetworkError, trio.TooSlowError) as e:
@@ -378,7 +394,8 @@ class Node:
 
     async def _handle_status(self, peer_id: str, env: wire.Envelope) -> tuple[str, dict[str, Any]]:
         message_from_envelope(env)  # a status_request has an empty body; anything else is refused
-        raws = tuple(e.raw for e in self.view.alive(time.time()))[:MAX_STATUS_RECORDS]
+        # Live peers seen alive by this node first: strangers' records cannot crowd them out.
+        raws = tuple(e.raw for e in self.view.preferred(time.time(), MAX_STATUS_RECORDS))
         reply = StatusResponse(raws)
         return reply.KIND, reply.to_body()
 
@@ -390,6 +407,11 @@ class Node:
                 await self._publish_now.wait()
             forced = self._publish_now.is_set()
             self._publish_now = trio.Event()
+            if forced and self._last_record is not None:
+                # A forced publish (a refutation, new blocks) still keeps the minimum interval:
+                # a flood of notices about us must not make us flood the topic.
+                await trio.sleep_until(trio.current_time() + max(
+                    0.0, self._last_record.issued_at + self._policy.min_interval_s - time.time()))
             now = time.time()
             try:
                 self._last_vehicle = self.vehicle.read(now)
@@ -417,6 +439,7 @@ class Node:
             now = time.time()
             before = {e.record.peer_id for e in self.view.alive(now)}
             self.view.prune(now)
+            self.notices.prune(now)
             for gone in before - {e.record.peer_id for e in self.view.alive(now)}:
                 self.event("peer_expired", peer=gone)
                 self._notify_changed()
@@ -461,7 +484,7 @@ class Node:
     def _accept_relayed(self, raw: bytes) -> CapacityRecord | None:
         now = time.time()
         try:
-            pid = _claimed_peer(raw)
+            pid = claimed_peer(raw)
             record = validate_record(raw, now, last_seq=self.view.last_seq(pid) if pid else None)
         except RecordRejected as e:
             if e.reason != "stale_sequence":
@@ -469,10 +492,15 @@ class Node:
             return None
         if record.peer_id == self.peer_id:
             return None
-        if not self.view.is_alive(record.peer_id, now):
-            self.event("peer_up", peer=record.peer_id, seq=record.seq)
+        was_alive = self.view.is_alive(record.peer_id, now)
         self.view.accept(record, raw, now)
+        if self.view.get(record.peer_id) is None:
+            self._count_rejection("view_full", "status", "fleet view full of live, verified peers")
+            return None
+        if not was_alive:
+            self.event("peer_up", peer=record.peer_id, seq=record.seq)
         self._notify_changed()
+        self._maybe_connect(record)
         return record
 
     async def _goodbye(self) -> None:
@@ -486,17 +514,6 @@ class Node:
         if self._events is not None:
             self._events.close()
             self._events = None
-
-
-def _claimed_peer(raw: bytes) -> str | None:
-    """The peer id a record claims (unverified), only to look up its sequence floor."""
-    try:
-        outer = wire.unpack(raw, what="record")
-        body = wire.unpack(outer["body"], what="record body")
-        pid = body.get("peer_id")
-        return pid if isinstance(pid, str) else None
-    except Exception:
-        return None
 
 
 def _dht_validate(key: str, value: bytes) -> None:

@@ -2,10 +2,13 @@
 
 A node whose heartbeats to a connected peer fail evicts it and publishes a notice signed with its
 own key: "I, *reporter*, saw *subject* (whose latest record I had was *subject_seq*) go dead at
-*observed_at*". Receivers drop the subject from their view unless they hold a newer record of it.
-A subject that is in fact alive refutes the notice by publishing a fresh record (higher sequence),
-as in SWIM. Wire form: msgpack ``{"body": bin, "sig": bin(64)}``, signature = Ed25519 over
-``NOTICE_DOMAIN + body`` by the reporter's key (derived from the reporter peer id).
+*observed_at*". A notice is a hint, not a verdict (``protocols.membership.NoticeGate``): receivers
+check the subject themselves before evicting it, and never evict records newer than the latest one
+they had seen. A subject that is in fact alive refutes the notice by publishing a fresh record
+(higher sequence), as in SWIM. ``reason`` is 0..200 characters of printable ASCII including space
+(0x20..0x7e); ``notice_reason`` makes any text fit. Wire form: msgpack ``{"body": bin, "sig":
+bin(64)}``, signature = Ed25519 over ``NOTICE_DOMAIN + body`` by the reporter's key (derived from
+the reporter peer id).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ NOTICE_DOMAIN = b"idlefleet/peer-down/v1\x00"
 NOTICE_VERSION = 1
 MAX_NOTICE_SIZE = 1024
 MAX_REASON_LEN = 200
+
+
+def notice_reason(text: str) -> str:
+    """``text`` made a valid notice reason: other characters become ``?``, cut to 200."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:MAX_REASON_LEN]
 
 
 @dataclass(frozen=True)

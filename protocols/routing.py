@@ -5,6 +5,11 @@ compute (``blocks * (block_flops / flops + block_overhead_s) / (1 - load)``) and
 risk (low battery while unplugged, draining, leaving soon, metered link, far away). ``find_route``
 is a shortest path over block boundaries; a peer may serve any sub-range of what it hosts, so the
 same function re-routes a lost span of a running route. Fewer hops win through their round trips.
+
+A record's claims cost its signer nothing, so they are trusted only so far: ``from_record`` caps the
+claimed compute at ``MAX_CLAIMED_GFLOPS``, and as soon as the client has timed decode steps on a
+peer (``block_s``: measured seconds per block per token, queueing included) that measurement
+replaces the claimed compute and load.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Protocol
 from idlefleet.protocols.errors import IdlefleetError, LocalProtocolError
 
 __all__ = [
+    "MAX_CLAIMED_GFLOPS",
     "ROUTABLE_STATES",
     "Candidate",
     "CapacityLike",
@@ -31,6 +37,9 @@ __all__ = [
 
 #: States in which a peer takes new sessions (draining ones only at a penalty).
 ROUTABLE_STATES = ("online", "draining")
+
+#: The most compute a record may claim for routing (GFLOP/s); claims above count as this much.
+MAX_CLAIMED_GFLOPS = 1000.0
 
 
 class NoRoute(IdlefleetError):
@@ -91,6 +100,7 @@ class Candidate:
     expected_departure: float | None
     link_metered: bool
     region: str
+    block_s: float | None = None  # measured seconds per block per decode token; replaces the claims
 
     def __post_init__(self) -> None:
         ints = all(isinstance(b, int) and not isinstance(b, bool) for b in (self.start, self.end))
@@ -101,14 +111,17 @@ class Candidate:
             "compute_gflops": _finite_in(self.compute_gflops, 0.0, math.inf),
             "load": _finite_in(self.load, 0.0, 1.0),
             "battery_soc": _finite_in(self.battery_soc, 0.0, 1.0),
+            "block_s": self.block_s is None or _finite_in(self.block_s, 0.0, math.inf),
         }
         for name, ok in checks.items():
             if not ok:
                 raise LocalProtocolError(f"candidate {self.peer_id}: bad {name} {getattr(self, name)!r}")
 
     @classmethod
-    def from_record(cls, record: CapacityLike, rtt_s: float | None) -> Candidate | None:
-        """The candidate a capacity record describes, or None if it hosts no blocks.
+    def from_record(cls, record: CapacityLike, rtt_s: float | None,
+                    block_s: float | None = None) -> Candidate | None:
+        """The candidate a capacity record describes, or None if it hosts no blocks. Its claimed
+        compute is capped at ``MAX_CLAIMED_GFLOPS``; ``block_s`` is this client's measurement.
 
         The caller keeps only records of the wanted model. Raises ``LocalProtocolError`` like the
         constructor.
@@ -121,7 +134,7 @@ class Candidate:
             start=start,
             end=end,
             rtt_s=rtt_s,
-            compute_gflops=record.compute_gflops,
+            compute_gflops=min(record.compute_gflops, MAX_CLAIMED_GFLOPS),
             load=record.load,
             battery_soc=record.battery_soc,
             plugged_in=record.plugged_in,
@@ -214,6 +227,8 @@ def _fixed_s(candidate: Candidate, *, now: float, my_region: str, costs: RouteCo
 
 
 def _per_block_s(candidate: Candidate, costs: RouteCosts) -> float:
+    if candidate.block_s is not None:
+        return candidate.block_s
     compute = costs.block_flops / (candidate.compute_gflops * 1e9) + costs.block_overhead_s
     return compute / (1.0 - candidate.load)
 

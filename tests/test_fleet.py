@@ -140,11 +140,15 @@ def test_mark_down_covering_the_latest_record_kills_the_peer_once() -> None:
     assert view.last_seq(A) == 5
 
 
-def test_mark_down_covering_a_higher_seq_also_kills() -> None:
+def test_mark_down_is_bounded_by_the_highest_seq_seen() -> None:
+    # Finding 2 of issue 8: a notice with subject_seq = 2**63 - 1 made every later record of its
+    # subject dead for 600 s. The cover is bounded by what the view has seen: the next record refutes.
     view = FleetView()
     accept(view, T0, seq=5)
-    assert view.mark_down(A, 9, T0 + 1) is True
+    assert view.mark_down(A, 2**63 - 1, T0 + 1) is True
     assert not view.is_alive(A, T0 + 1)
+    accept(view, T0 + 2, seq=6, issued_at=T0 + 2)
+    assert view.is_alive(A, T0 + 2)
 
 
 def test_stale_notice_for_an_older_record_does_not_kill() -> None:
@@ -168,21 +172,19 @@ def test_higher_seq_record_refutes_a_notice() -> None:
     assert view.is_alive(A, T0 + 3)
 
 
-def test_record_with_the_covered_seq_does_not_refute() -> None:
-    # A notice seen before the record it covers (gossip reordering): the record stays dead.
+def test_notice_about_an_unknown_peer_covers_nothing() -> None:
+    # Nothing seen, nothing to cover: a notice cannot pre-emptively bury a peer's future records.
     view = FleetView()
-    assert view.mark_down(A, 5, T0) is False  # unknown peer: nothing alive left
+    assert view.mark_down(A, 2**63 - 1, T0) is False
     accept(view, T0 + 1, seq=5)
-    assert not view.is_alive(A, T0 + 1)
-    accept(view, T0 + 2, seq=6, issued_at=T0 + 2)
-    assert view.is_alive(A, T0 + 2)
+    assert view.is_alive(A, T0 + 1)
 
 
 def test_notices_keep_the_highest_covered_seq() -> None:
     view = FleetView()
+    accept(view, T0, seq=8)
     view.mark_down(A, 8, T0)
     view.mark_down(A, 3, T0 + 1)  # an older notice arriving late must not lower the cover
-    accept(view, T0 + 2, seq=7)
     assert not view.is_alive(A, T0 + 2)
     accept(view, T0 + 3, seq=9, issued_at=T0 + 3)
     assert view.is_alive(A, T0 + 3)
@@ -217,10 +219,11 @@ def test_prune_drops_expired_entries_and_their_floors() -> None:
 
 def test_prune_keeps_notices_until_their_hold_ends() -> None:
     view = FleetView()
+    raw = encode_signed(make_record(seq=5, expires_at=T0 + 300), KEY_A)
+    view.accept(validate_record(raw, T0), raw, T0)
     view.mark_down(A, 5, T0, hold_s=100.0)
 
     view.prune(T0 + 99)
-    accept(view, T0 + 99, seq=5, issued_at=T0 + 90)
     assert not view.is_alive(A, T0 + 99)
 
     view.prune(T0 + 100)  # notice forgotten: the same record is no longer covered
@@ -263,3 +266,66 @@ def test_prune_on_an_empty_view_is_harmless() -> None:
     view = FleetView()
     view.prune(T0)
     assert view.alive(T0) == []
+
+
+# --- bound, verification and preference (finding 3 of issue 8) ---------------------------------------
+
+
+def fresh_keys(n: int) -> list[Ed25519PrivateKey]:
+    return [Ed25519PrivateKey.from_private_bytes(i.to_bytes(2, "big") * 16) for i in range(1, n + 1)]
+
+
+def test_view_is_bounded_and_strangers_only_displace_strangers() -> None:
+    view = FleetView(max_entries=4)
+    honest = fresh_keys(2)
+    for key in honest:
+        accept(view, T0, key, seq=1)
+        view.mark_verified(peer_of(key), T0)
+    for i, key in enumerate(fresh_keys(40)[2:]):
+        accept(view, T0 + 1 + i / 100, key, seq=1)
+    assert len(view) == 4
+    alive = {e.record.peer_id for e in view.alive(T0 + 2)}
+    assert {peer_of(k) for k in honest} <= alive
+
+
+def test_full_view_of_verified_live_peers_refuses_a_stranger() -> None:
+    view = FleetView(max_entries=2)
+    for key in (KEY_A, KEY_B):
+        accept(view, T0, key, seq=1)
+        view.mark_verified(peer_of(key), T0)
+    stranger = fresh_keys(1)[0]
+    raw = encode_signed(make_record(stranger, seq=1), stranger)
+    assert view.accept(validate_record(raw, T0), raw, T0) is False
+    assert view.get(peer_of(stranger)) is None
+    assert {e.record.peer_id for e in view.alive(T0)} == {A, B}
+
+
+def test_full_view_evicts_a_dead_entry_before_an_unverified_live_one() -> None:
+    view = FleetView(max_entries=2)
+    accept(view, T0, KEY_A, seq=1, state="offline")
+    accept(view, T0, KEY_B, seq=1)
+    stranger = fresh_keys(1)[0]
+    accept(view, T0 + 1, stranger, seq=1)
+    assert view.get(A) is None
+    assert view.get(B) is not None
+
+
+def test_preferred_puts_verified_peers_before_sort_order() -> None:
+    view = FleetView()
+    keys = fresh_keys(30)
+    for key in keys:
+        accept(view, T0, key, seq=1)
+    honest = sorted(peer_of(k) for k in keys)[-2:]  # last in peer id order
+    view.mark_verified(honest[0], T0 + 1)
+    view.mark_verified(honest[1], T0 + 2)
+    top = [e.record.peer_id for e in view.preferred(T0 + 3, limit=3)]
+    assert top[:2] == [honest[1], honest[0]]
+    assert len(view.preferred(T0 + 3, limit=1000)) == 30
+
+
+def test_mark_down_clears_verification() -> None:
+    view = FleetView()
+    accept(view, T0, seq=1)
+    view.mark_verified(A, T0)
+    view.mark_down(A, 1, T0 + 1)
+    assert view.verified_at(A) is None

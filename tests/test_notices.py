@@ -17,6 +17,7 @@ from idlefleet.protocols.notices import (
     PeerDownNotice,
     decode_notice,
     encode_notice,
+    notice_reason,
 )
 from idlefleet.protocols.peerid import peer_id_from_public_key
 
@@ -252,3 +253,24 @@ def test_fuzz_random_bytes_and_bit_flips_only_raise_remote_protocol_error() -> N
         assert result == notice()
         accepted += 1
     assert accepted < 10
+
+
+# --- reason charset (issue 15 item 7): printable ASCII including space, <= 200, senders make it fit ---
+
+
+def test_reason_with_spaces_and_quotes_is_accepted() -> None:
+    text = 'disconnected, 2 missed heartbeat(s): peer replied "bad_request": x ~'
+    assert decode_notice(encode_notice(notice(reason=text), REPORTER_KEY), NOW).reason == text
+
+
+@pytest.mark.parametrize("bad", ["tab\there", "new\nline", "caf\u00e9", "\x7f", "x" * (MAX_REASON_LEN + 1)])
+def test_reason_outside_the_charset_or_too_long_is_rejected(bad: str) -> None:
+    rejected(sign_body(good_body(reason=bad)))
+
+
+def test_notice_reason_makes_any_text_fit() -> None:
+    raw = "peer \u00e9t\u00e9 gone:\n" + "y" * 500
+    fitted = notice_reason(raw)
+    assert len(fitted) == MAX_REASON_LEN
+    assert fitted.startswith("peer ?t? gone:?yyy")
+    assert decode_notice(encode_notice(notice(reason=fitted), REPORTER_KEY), NOW).reason == fitted

@@ -12,7 +12,15 @@ from typing import Any
 import pytest
 
 from idlefleet.protocols.errors import IdlefleetError, LocalProtocolError
-from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route, hop_cost
+from idlefleet.protocols.routing import (
+    MAX_CLAIMED_GFLOPS,
+    Candidate,
+    Hop,
+    NoRoute,
+    RouteCosts,
+    find_route,
+    hop_cost,
+)
 
 NOW = 1_700_000_000.0
 N = 30
@@ -275,3 +283,31 @@ def test_two_hundred_random_candidates() -> None:
         start = rng.randrange(N)
         end = rng.randint(start + 1, N)
         assert_valid(route(candidates, start, end), candidates, start, end)
+
+
+# --- claims are capped; measurements replace them (finding 3 of issue 8) ----------------------------
+
+
+def test_claimed_compute_is_capped() -> None:
+    record = SimpleNamespace(
+        peer_id="fake", blocks=(0, 30), compute_gflops=999_999.0, load=0.0, battery_soc=1.0, plugged_in=True,
+        state="online", expected_departure=None, link_metered=False, region="u33d", model_id="m",
+    )  # fmt: skip
+    c = Candidate.from_record(record, 0.001)
+    assert c is not None
+    assert c.compute_gflops == MAX_CLAIMED_GFLOPS
+
+
+def test_a_measured_peer_beats_a_fantastic_claim_it_cannot_back() -> None:
+    # An honest peer measured at 0.7 ms per block; a stranger claims 999,999 GFLOPS, measured at
+    # 50 ms per block (it is slow, or it stalls): the measurement decides, not the claim.
+    honest = cand("honest", compute_gflops=1.0, block_s=0.0007)
+    boaster = cand("boaster", compute_gflops=MAX_CLAIMED_GFLOPS, block_s=0.05)
+    assert peers(route([honest, boaster])) == ["honest"]
+    assert hop_cost(boaster, 30, now=NOW) == pytest.approx(boaster.rtt_s + 30 * 0.05)
+
+
+def test_bad_measurement_is_refused() -> None:
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(LocalProtocolError, match="block_s"):
+            cand("a", block_s=bad)

@@ -97,7 +97,7 @@ async def test_sigkill_and_sigstop_peers_leave_every_view(tmp_path: Path) -> Non
             stop_times = [gone_at.get((o, ids[4]), 99.0) for o in ids[:3]]
             print(f"SIGKILL left views after {kill_times} s; SIGSTOP after {stop_times} s")
             assert max(kill_times) <= 10.0, kill_times
-            assert max(stop_times) <= 20.0, stop_times
+            assert max(stop_times) <= 10.0, stop_times  # issue 8: was 14.7 s
 
             # The frozen car wakes up: it refutes the peer-down notices and rejoins every view.
             os.kill(frozen.proc.pid, signal.SIGCONT)
