@@ -82,16 +82,22 @@ async def test_a_notice_flood_is_rate_limited_and_refutations_keep_the_publish_i
                 await rogue.publish(TOPIC, notice_about(key, rogue.peer_id, victim.peer_id, i))
                 await trio.sleep(4.0 / 300)
             await trio.sleep(max(0.0, 5.0 - (trio.current_time() - start)))
+            def dropped(node: Node) -> int:
+                # Two budgets: the host's per-sender gossip budget drops most of a flood before any
+                # signature check; the notice gate rate-limits each reporter among the rest.
+                return node.rejected["rate_limited"] + node.host.stats.gossip_rate_limited
+
             with trio.move_on_after(20):  # a loaded machine may still be delivering the flood
-                while victim.rejected["rate_limited"] < 290:
+                while dropped(victim) < 290:
                     await trio.sleep(0.1)
             forced = victim.host.stats.gossip_published - published
             elapsed = trio.current_time() - start
             # Before: one forced record per notice (300 in 4 s). Now the reporter's budget (5) and
             # the 1 s minimum interval bound it; allow one ordinary publish on top.
             assert forced <= elapsed / 1.0 + 2, (forced, elapsed)
-            assert victim.rejected["rate_limited"] >= 100  # (the rest may still be in flight)
-            assert other.rejected["rate_limited"] >= 1  # not forwarded past its budget
+            assert dropped(victim) >= 100  # (the rest may still be in flight)
+            assert victim.rejected["rate_limited"] >= 1  # the gate saw some and refused them
+            assert dropped(other) >= 1  # not forwarded past its budget
         assert victim.peer_id in {r.peer_id for r in other.fleet()}
 
 
