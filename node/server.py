@@ -4,7 +4,9 @@ One stream is one session (``protocols.session``). Each session owns a KV cache 
 (``max_length`` positions) is reserved against the server's KV memory budget when it opens, so the
 server's memory stays within budget however clients behave. A session that stays silent longer than
 the idle timeout is closed and its cache freed. Compute runs in a worker thread (one at a time per
-process: the machine's cores are shared by several nodes), so heartbeats and gossip never stall.
+process: the machine's cores are shared by several nodes), so heartbeats and gossip never stall;
+steps of concurrent sessions arriving within a short window are computed together
+(``node.batcher``), so a stage holding 8 sessions reads its weights once per round, not 8 times.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import trio
 
+from idlefleet.node.batcher import StepBatcher
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
@@ -36,6 +39,7 @@ class ServerConfig:
     idle_timeout_s: float = 60.0
     max_step_tokens: int = 4096
     send_timeout_s: float = 10.0
+    batch_window_s: float = 0.002  # how long a step may wait for other sessions' steps (batching)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class ServerStatistics:
     bad_requests: int = 0
     idle_closed: int = 0
     compute_s: float = 0.0
+    batches: int = 0  # compute calls; steps / batches is the mean batch size
 
 
 class StageServer:
@@ -61,6 +66,10 @@ class StageServer:
         self.draining = False
         self.stats = ServerStatistics()
         self._limiter = limiter or trio.CapacityLimiter(1)
+        self._batcher = StepBatcher(self._limiter, lambda: self.active_sessions,
+                                    window_s=config.batch_window_s,
+                                    max_batch_tokens=config.max_step_tokens,
+                                    on_batch=self._on_batch)
         self._ids = itertools.count(1)
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
         self._idle = trio.Event()
@@ -95,6 +104,10 @@ class StageServer:
             self._busy = (1 - alpha) * self._busy + alpha * recent
         self._busy_at, self._busy_compute = now, self.stats.compute_s
         return self._busy
+
+    def _on_batch(self, seconds: float, steps: int) -> None:
+        self.stats.compute_s += seconds
+        self.stats.batches += 1
 
     async def wait_idle(self) -> None:
         """Return once no session is open (used when draining)."""
@@ -203,10 +216,8 @@ class StageServer:
             await fs.send_error(S.ERR_BAD_POSITION, f"position {step.position} (+{hidden.shape[0]}) "
                                 f"with {cache.length} cached, max_length {req.max_length}")
             return 0
-        started = time.perf_counter()
-        out = await trio.to_thread.run_sync(stage.forward, hidden, cache, step.position,
-                                            limiter=self._limiter)
-        self.stats.compute_s += time.perf_counter() - started
+        # Computed together with other sessions' steps that arrive within the batch window.
+        out = await self._batcher.forward(stage, hidden, cache, step.position)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
         result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)
