@@ -11,6 +11,9 @@ out the window, takes the queue (up to ``max_batch_tokens`` rows), runs it, hand
 result, and passes the lead to the oldest step still queued. The leader's batch runs shielded from
 cancellation (bounded: the window plus one compute call, which a thread cannot abandon anyway); a
 waiter cancelled before its batch starts is simply dropped from the queue.
+
+:class:`HeadBatcher` is the client's counterpart: the LM head rows of a client's concurrent
+generations, computed together off the event loop.
 """
 
 from __future__ import annotations
@@ -23,16 +26,16 @@ import numpy as np
 import trio
 
 from idlefleet.node.model.kvcache import KVCache
-from idlefleet.node.model.stage import Stage
+from idlefleet.node.model.stage import Head, Stage
 from idlefleet.protocols.errors import TensorError
 
 
 @dataclass(eq=False)
 class _Job:
-    stage: Stage
     hidden: np.ndarray  # [T, H]
-    cache: KVCache
-    position: int
+    stage: Stage | None = None  # None for LM head jobs (HeadBatcher)
+    cache: KVCache | None = None
+    position: int = 0
     wake: trio.Event = field(default_factory=trio.Event)  # set on a change of lead or finished
     lead: bool = False  # this job's waiter must lead the next batch
     taken: bool = False  # in a batch that has started
@@ -75,7 +78,9 @@ class StepBatcher:
 
         Raises :class:`TensorError` as ``forward`` would (for this step only). At most one step
         per cache may be in flight (a session's handler awaits each step)."""
-        job = _Job(stage, hidden, cache, position)
+        return await self._submit(_Job(hidden, stage, cache, position))
+
+    async def _submit(self, job: _Job) -> np.ndarray:
         self._queue.append(job)
         self._arrival.set()
         if not self._leading:
@@ -115,7 +120,7 @@ class StepBatcher:
                 batch.append(job)
                 rows += job.hidden.shape[0]
             started = time.perf_counter()
-            await trio.to_thread.run_sync(_compute, batch, limiter=self._limiter)
+            await trio.to_thread.run_sync(self._compute, batch, limiter=self._limiter)
             seconds = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.steps += len(batch)
@@ -135,25 +140,55 @@ class StepBatcher:
                 await self._arrival.wait()
 
 
-def _compute(batch: list[_Job]) -> None:
+    @staticmethod
+    def _compute(batch: list[_Job]) -> None:
+        _compute_steps(batch)
+
+
+class HeadBatcher(StepBatcher):
+    """A client's LM head for its concurrent generations, off the event loop: rows that arrive
+    while a batch computes (or within ``window_s``) go through the head together, in one matrix
+    product, in a worker thread. With the default window of 0 nothing ever waits."""
+
+    def __init__(self, head: Head, limiter: trio.CapacityLimiter | None = None, *,
+                 window_s: float = 0.0) -> None:
+        super().__init__(limiter or trio.CapacityLimiter(1), lambda: 0, window_s=window_s)
+        self.head = head
+
+    async def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits ``[V]`` of the last row of ``hidden [T, H]``."""
+        return await self._submit(_Job(hidden[-1:]))
+
+    def _compute(self, batch: list[_Job]) -> None:  # type: ignore[override]
+        try:
+            logits = self.head.logits(np.concatenate([job.hidden for job in batch]))  # [n, V]
+        except Exception as e:
+            for job in batch:
+                job.error = e
+            return
+        for job, row in zip(batch, logits, strict=True):
+            job.result = row
+
+
+def _compute_steps(batch: list[_Job]) -> None:
     """Worker thread: run each group of same-range steps as one ``forward_batch``. A step that
     does not fit gets its own error without spoiling the others (``forward_batch`` checks every
     step before changing any cache); an unexpected error fails only its group's steps."""
     groups: dict[tuple[int, int], list[_Job]] = {}
     for job in batch:
-        groups.setdefault((job.stage.start, job.stage.end), []).append(job)
+        groups.setdefault((_stage(job).start, _stage(job).end), []).append(job)
     for jobs in groups.values():
         try:
             try:
-                steps = [(j.hidden, j.cache, j.position) for j in jobs]
-                outs: list[np.ndarray | None] = [*jobs[0].stage.forward_batch(steps)]
+                steps = [(j.hidden, _cache(j), j.position) for j in jobs]
+                outs: list[np.ndarray | None] = [*_stage(jobs[0]).forward_batch(steps)]
             except TensorError:
                 if len(jobs) == 1:
                     raise
                 outs = []
                 for job in jobs:  # find the step that does not fit by running each alone
                     try:
-                        outs.append(job.stage.forward(job.hidden, job.cache, job.position))
+                        outs.append(_stage(job).forward(job.hidden, _cache(job), job.position))
                     except TensorError as e:
                         job.error = e
                         outs.append(None)
@@ -163,3 +198,13 @@ def _compute(batch: list[_Job]) -> None:
             continue
         for job, out in zip(jobs, outs, strict=True):
             job.result = out
+
+
+def _stage(job: _Job) -> Stage:
+    assert job.stage is not None  # StepBatcher.forward sets it
+    return job.stage
+
+
+def _cache(job: _Job) -> KVCache:
+    assert job.cache is not None  # StepBatcher.forward sets it
+    return job.cache

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from idlefleet.node.batcher import HeadBatcher
 from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.locate import find_default_model
@@ -325,6 +326,9 @@ class FleetClient:
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
+        # The LM head (~12 ms a row) runs in a worker thread, one matrix product for the rows of
+        # all concurrent generations that are ready at the same time.
+        self.head_batcher = HeadBatcher(model.head)
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,
@@ -445,7 +449,7 @@ class FleetGeneration:
             while not gen.done:
                 step = gen.next_input()
                 hidden = await pipeline.forward(step.hidden, step.position)
-                token = gen.feed(hidden)
+                token = gen.feed_logits(await client.head_batcher.logits(hidden))
                 yield token, text.push(token)
             tail = text.flush()
             if tail:

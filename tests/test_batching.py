@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import trio
 
-from idlefleet.node.batcher import StepBatcher
+from idlefleet.node.batcher import HeadBatcher, StepBatcher
 from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage
@@ -169,3 +169,21 @@ async def test_window_is_bounded_and_a_cancelled_waiter_leaves_the_queue(
     assert done == [0]
     assert batcher.stats.steps == 2
     assert not batcher._queue
+
+
+async def test_client_head_rows_queued_during_a_batch_go_through_the_head_together(head: Head) -> None:
+    batcher = HeadBatcher(head)
+    rows = np.random.default_rng(3).standard_normal((3, 2, 576)).astype(np.float32)
+    got: dict[int, np.ndarray] = {}
+
+    async def one(i: int) -> None:
+        got[i] = await batcher.logits(rows[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(one, i)
+    # The first row leads at once (no window); the other two queue while it computes.
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (2, 2)
+    want = head.logits(rows[:, -1])
+    for i in range(3):
+        np.testing.assert_allclose(got[i], want[i], rtol=0, atol=TOL * float(np.abs(want[i]).max()))
