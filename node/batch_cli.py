@@ -222,7 +222,7 @@ def run_local(args: argparse.Namespace, todo: list[Prompt], writer: ResultWriter
         writer.write(_result(p, ids, result.new_ids, tokenizer.decode(result.new_ids, skip_special=True)))
 
 
-async def run_fleet(args: argparse.Namespace, todo: list[Prompt], writer: ResultWriter) -> None:
+async def run_fleet(args: argparse.Namespace) -> int:
     """``--concurrency`` generations at a time across the fleet (their LM head rows batched)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -236,7 +236,7 @@ async def run_fleet(args: argparse.Namespace, todo: list[Prompt], writer: Result
         async with open_node(config, key=Ed25519PrivateKey.generate()) as node:
             client = await FleetClient.create(node, args.model)
             await client.wait_ready()
-            await run_with_client(client, args, todo, writer)
+            return await fleet_job(client, args)
 
 
 async def run_with_client(client: Any, args: argparse.Namespace, todo: list[Prompt],
@@ -253,31 +253,73 @@ async def run_with_client(client: Any, args: argparse.Namespace, todo: list[Prom
             for p in todo:
                 await send.send(p)
 
-    async def worker() -> None:
+    async def worker(rx: trio.MemoryReceiveChannel[Prompt]) -> None:
         ctx = client.model.head.config.context_length
-        async for p in receive:
-            try:
-                ids = _encode(client.model.tokenizer, p.prompt, args.chat)
-                if len(ids) + p.params.max_new_tokens > ctx:
-                    raise ValueError(f"prompt + max_new_tokens exceed the context of {ctx}")
-                r = await client.generate(p.prompt, max_new_tokens=p.params.max_new_tokens,
-                                          temperature=p.params.temperature, seed=p.params.seed,
-                                          chat=args.chat)
-            except (GenerationFailed, ValueError) as e:
-                writer.write(_result(p, [], [], "", error=str(e)))
-                continue
-            writer.write(_result(p, r.prompt_ids, r.new_ids, r.text, route=r.route))
+        async with rx:
+            async for p in rx:
+                try:
+                    ids = _encode(client.model.tokenizer, p.prompt, args.chat)
+                    if len(ids) + p.params.max_new_tokens > ctx:
+                        raise ValueError(f"prompt + max_new_tokens exceed the context of {ctx}")
+                    r = await client.generate(p.prompt, max_new_tokens=p.params.max_new_tokens,
+                                              temperature=p.params.temperature, seed=p.params.seed,
+                                              chat=args.chat)
+                except (GenerationFailed, ValueError) as e:
+                    writer.write(_result(p, [], [], "", error=str(e)))
+                    continue
+                writer.write(_result(p, r.prompt_ids, r.new_ids, r.text, route=r.route))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
         async with receive:
             for _ in range(max(1, args.concurrency)):
-                nursery.start_soon(worker)
+                nursery.start_soon(worker, receive.clone())
 
 
 def _encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     return list(tokenizer.encode(text))
+
+
+def start_job(args: argparse.Namespace, err: TextIO) -> tuple[list[Prompt], list[Prompt], ResultWriter]:
+    """Read the input (bad lines reported on ``err``) and the results so far; return every valid
+    prompt, those still to do, and the writer appending to ``args.out``."""
+    prompts, bad = read_input(args.input, args.max_new_tokens, err)
+    done = {obj["id"] for obj in read_results(args.out) if "error" not in obj}
+    todo = [p for p in prompts if p.id not in done]
+    progress = Progress(prompts=len(prompts) + bad, ok=len(prompts) - len(todo), failed=bad,
+                        todo=len(todo))
+    if len(todo) < len(prompts):
+        print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done", file=err)
+    bar = progress_bar(err) if not args.json else (lambda p: None)
+    return prompts, todo, ResultWriter(args.out, progress, bar)
+
+
+def finish_job(args: argparse.Namespace, prompts: list[Prompt], writer: ResultWriter,
+               out: TextIO, err: TextIO) -> int:
+    """Order the output, print the summary; 0 if nothing failed (bad lines count), else 1."""
+    compact(args.out, prompts)
+    s = writer.progress.summary()
+    if args.json:
+        print(json.dumps(s), file=out)
+    else:
+        if err.isatty():
+            err.write("\n")
+        print(f"{s['ok']}/{s['prompts']} ok, {s['failed']} failed, {s['tokens']} tokens in "
+              f"{s['elapsed_s']:.1f}s ({s['tokens_per_s']:.1f} tokens/s) -> {args.out}", file=err)
+    return 0 if s["failed"] == 0 else 1
+
+
+async def fleet_job(client: Any, args: argparse.Namespace, out: TextIO = sys.stdout,
+                    err: TextIO = sys.stderr) -> int:
+    """The whole job on ``client`` (a ready :class:`FleetClient`); returns the exit code.
+    Cancelled (Ctrl-C), it stops with every finished result already in ``args.out``."""
+    prompts, todo, writer = start_job(args, err)
+    try:
+        await run_with_client(client, args, todo, writer)
+    finally:
+        writer.close()
+    return finish_job(args, prompts, writer, out, err)
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -292,33 +334,13 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"error: no input file {args.input}", file=sys.stderr)
         return 2
     setup_logging("WARNING")
-    prompts, bad = read_input(args.input, args.max_new_tokens, sys.stderr)
-    done = {obj["id"] for obj in read_results(args.out) if "error" not in obj}
-    todo = [p for p in prompts if p.id not in done]
-    progress = Progress(prompts=len(prompts) + bad, ok=len(prompts) - len(todo), failed=bad,
-                        todo=len(todo))
-    if len(todo) < len(prompts):
-        print(f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts already done",
-              file=sys.stderr)
-    bar = progress_bar(sys.stderr) if not args.json else (lambda p: None)
-    writer = ResultWriter(args.out, progress, bar)
-    try:
-        if args.local:
-            run_local(args, todo, writer)
-        else:
-            import trio
+    if not args.local:
+        import trio
 
-            trio.run(run_fleet, args, todo, writer)
+        return trio.run(run_fleet, args)
+    prompts, todo, writer = start_job(args, sys.stderr)
+    try:
+        run_local(args, todo, writer)
     finally:
         writer.close()
-        bar(progress)
-        if not args.json and sys.stderr.isatty():
-            sys.stderr.write("\n")
-    compact(args.out, prompts)
-    if args.json:
-        print(json.dumps(progress.summary()))
-    else:
-        s = progress.summary()
-        print(f"{s['ok']}/{s['prompts']} ok, {s['failed']} failed, {s['tokens']} tokens in "
-              f"{s['elapsed_s']:.1f}s ({s['tokens_per_s']:.1f} tokens/s) -> {args.out}", file=sys.stderr)
-    return 0 if progress.failed == 0 else 1
+    return finish_job(args, prompts, writer, sys.stdout, sys.stderr)

@@ -112,7 +112,8 @@ class StepBatcher:
         """Gather, compute and deliver one batch (this task's own step is the queue's first)."""
         with trio.CancelScope(shield=True):
             await self._gather()
-            batch, rows = [], 0
+            batch: list[_Job] = []
+            rows = 0
             while self._queue and (not batch or rows + self._queue[0].hidden.shape[0]
                                    <= self.max_batch_tokens):
                 job = self._queue.pop(0)
