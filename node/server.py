@@ -5,12 +5,15 @@ One stream is one session (``protocols.session``). Each session owns a KV cache 
 server's memory stays within budget however clients behave. A session that sends no valid message
 for the idle timeout (invalid steps do not count), or sends ``max_invalid_steps`` invalid steps in
 a row, is closed and its cache freed. Compute runs in a worker thread (one at a time per process:
-the machine's cores are shared by several nodes), so heartbeats and gossip never stall.
+the machine's cores are shared by several nodes), so heartbeats and gossip never stall; steps of
+concurrent sessions arriving within a short window are computed together (``node.batcher``), so a
+stage holding 8 sessions reads its weights once per round, not 8 times.
 
 Fair shares: one peer may hold at most ``peer_share`` of the sessions and of the KV budget, and
 have at most ``max_inflight_per_peer`` steps queued or computing. A long step (a prefill) is
 computed in chunks of at most ``prefill_chunk_tokens`` positions whose attention and MLP working
-memory stays under ``workspace_bytes``; other sessions' steps run between chunks.
+memory stays under ``workspace_bytes``; other sessions' steps run between chunks (each chunk goes
+through the batcher like any step).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from idlefleet.node.batcher import StepBatcher
 from idlefleet.node.metrics import LatencyHistogram
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
@@ -49,6 +53,7 @@ class ServerConfig:
     max_invalid_steps: int = 3  # invalid steps in a row before the session is ended
     prefill_chunk_tokens: int = 128  # a step is computed in chunks of at most this many positions
     workspace_bytes: int = 32 * 1024 * 1024  # working memory (attention scores, MLP) of one chunk
+    batch_window_s: float = 0.002  # how long a step may wait for other sessions' steps (batching)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class ServerStatistics:
     step_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # compute per step
     bytes_sent: int = 0  # framed bytes of finished sessions
     bytes_received: int = 0
+    batches: int = 0  # compute calls; steps / batches is the mean batch size
 
 
 class StageServer:
@@ -79,6 +85,10 @@ class StageServer:
         self.draining = False
         self.stats = ServerStatistics()
         self._limiter = limiter or trio.CapacityLimiter(1)
+        self._batcher = StepBatcher(self._limiter, lambda: self.active_sessions,
+                                    window_s=config.batch_window_s,
+                                    max_batch_tokens=config.max_step_tokens,
+                                    on_batch=self._on_batch)
         self._ids = itertools.count(1)
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
         self._peer_of: dict[int, str] = {}  # session id -> the peer that opened it
@@ -115,6 +125,10 @@ class StageServer:
             self._busy = (1 - alpha) * self._busy + alpha * recent
         self._busy_at, self._busy_compute = now, self.stats.compute_s
         return self._busy
+
+    def _on_batch(self, seconds: float, steps: int) -> None:
+        self.stats.compute_s += seconds
+        self.stats.batches += 1
 
     async def wait_idle(self) -> None:
         """Return once no session is open (used when draining)."""
@@ -273,12 +287,12 @@ class StageServer:
             parts, done = [], 0
             while done < hidden.shape[0]:  # chunks: other sessions' steps run in between
                 n = self._chunk_tokens(step.position + done, hidden.shape[0] - done)
-                parts.append(await trio.to_thread.run_sync(
-                    stage.forward, hidden[done:done + n], cache, step.position + done, limiter=self._limiter))
+                # Computed together with other sessions' steps that arrive within the batch window.
+                parts.append(await self._batcher.forward(stage, hidden[done:done + n], cache,
+                                                         step.position + done))
                 done += n
                 self.stats.chunks += 1
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.stats.compute_s += time.perf_counter() - started
         self.stats.step_latency.observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]

@@ -79,8 +79,10 @@ async def test_session_steps_match_local_forward_and_sessions_run_concurrently(t
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, "a", a)
             nursery.start_soon(run, "b", b)
-        np.testing.assert_array_equal(got["a"], want1)
-        np.testing.assert_array_equal(got["b"], want1)
+        # The two sessions' steps may be computed together (stacked): equal up to float32
+        # rounding (docs/MODEL.md, tests/test_batching.py).
+        for name in "ab":
+            np.testing.assert_allclose(got[name], want1, rtol=0, atol=2e-5 * np.abs(want1).max())
         # A retried step (same position) is idempotent: the cache is truncated first.
         np.testing.assert_array_equal(await step(a, x0, 0), want0)
         await a.send("session_close", {}, timeout=5)

@@ -169,3 +169,47 @@ def block_forward(
     h = rms_norm(x, w.ffn_norm, cfg.rms_eps)  # [T, H]
     out: np.ndarray = x + swiglu(h @ w.w_gate_up) @ w.w_down  # [T, H]
     return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One session's rows in a batch: ``t`` tokens at ``start``, its block's K/V buffers and mask."""
+
+    k_cache: np.ndarray  # [nkv, capacity, d]
+    v_cache: np.ndarray  # [nkv, capacity, d]
+    start: int
+    t: int
+    mask: np.ndarray | None  # [t, start + t] or None
+
+
+def block_forward_batch(
+    x: np.ndarray,
+    w: BlockWeights,
+    cfg: ModelConfig,
+    segments: list[Segment],
+    rope: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """One block on the stacked rows ``x [N, H]`` of several sessions (``N = sum of t``).
+
+    Every weight is applied once to the whole stack (one matrix product per weight: a decode
+    step reads each weight once for all sessions); only attention runs per session, against that
+    session's own cache. ``rope`` holds each row's own position tables, stacked ``[N, 1, 2, d/2]``.
+    """
+    n = x.shape[0]
+    nq, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    h = rms_norm(x, w.attn_norm, cfg.rms_eps)  # [N, H]
+    qkv = h @ w.wqkv  # [N, (nq + 2 nkv) d]
+    qk = apply_rope(qkv[:, : (nq + nkv) * d].reshape(n, nq + nkv, d), *rope)  # [N, nq+nkv, d]
+    v = qkv[:, (nq + nkv) * d :].reshape(n, nkv, d)  # [N, nkv, d]
+    a = np.empty((n, nq * d), dtype=F32)  # [N, nq d]
+    row = 0
+    for s in segments:
+        end, rows = s.start + s.t, slice(row, row + s.t)
+        s.k_cache[:, s.start : end] = qk[rows, nq:].transpose(1, 0, 2)  # [nkv, t, d]
+        s.v_cache[:, s.start : end] = v[rows].transpose(1, 0, 2)  # [nkv, t, d]
+        a[rows] = attention(qk[rows, :nq], s.k_cache[:, :end], s.v_cache[:, :end], s.mask)
+        row += s.t
+    x = x + a @ w.wo  # [N, H]
+    h = rms_norm(x, w.ffn_norm, cfg.rms_eps)  # [N, H]
+    out: np.ndarray = x + swiglu(h @ w.w_gate_up) @ w.w_down  # [N, H]
+    return out

@@ -10,7 +10,7 @@ synchronous driver; an async client writes the same five-line loop with ``await`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +79,13 @@ class Generation:
         step = self.next_input()
         if hidden.shape != step.hidden.shape:
             raise ValueError(f"blocks returned {hidden.shape}, expected {step.hidden.shape}")
-        token = self._sample(self.head.logits(hidden[-1:])[0])
+        return self.feed_logits(self.head.logits(hidden[-1:])[0])
+
+    def feed_logits(self, logits: np.ndarray) -> int:
+        """Like :meth:`feed`, given the logits ``[V]`` of the step's last row (computed by the
+        caller, e.g. for several generations in one matrix product)."""
+        step = self.next_input()
+        token = self._sample(logits)
         self.new_ids.append(token)
         if token in self.stop_ids:
             self.stop_reason = "stop_token"
@@ -122,3 +128,58 @@ def generate(
         prefill_s=prefill_s,
         elapsed_s=time.perf_counter() - t0,
     )
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One prompt of a batch job: ``key`` comes back with its result."""
+
+    key: object
+    prompt_ids: Sequence[int]
+    params: SamplingParams
+
+
+def generate_many(
+    head: Head,
+    stage: Stage,
+    items: Iterable[BatchItem],
+    stop_ids: frozenset[int] = frozenset(),
+    concurrency: int = 8,
+) -> Iterator[tuple[object, GenerationResult]]:
+    """Generate every item locally, up to ``concurrency`` at a time, yielding ``(key, result)``
+    as each finishes (continuous batching: a finished generation's slot is refilled at once).
+
+    Each round runs one step of every active generation through :meth:`Stage.forward_batch` and
+    their last rows through the LM head in one matrix product, so the weights are read once per
+    round, not once per generation. Greedy tokens equal :func:`generate`'s (docs/MODEL.md).
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    pending = iter(items)
+    active: list[tuple[BatchItem, Generation, KVCache, float, list[float]]] = []
+    while True:
+        while len(active) < concurrency and (item := next(pending, None)) is not None:
+            gen = Generation(head, item.prompt_ids, item.params, stop_ids)
+            if gen.done:  # max_new_tokens == 0
+                yield item.key, GenerationResult(gen.prompt_ids, [], "length", 0.0, 0.0)
+                continue
+            cache = stage.new_cache(capacity=len(item.prompt_ids) + item.params.max_new_tokens)
+            active.append((item, gen, cache, time.perf_counter(), []))
+        if not active:
+            return
+        steps = [(gen.next_input(), cache) for _, gen, cache, _, _ in active]
+        outs = stage.forward_batch([(s.hidden, cache, s.position) for s, cache in steps])
+        logits = head.logits(np.concatenate([out[-1:] for out in outs]))  # [sessions, V]
+        still = []
+        for (item, gen, cache, t0, prefill), row in zip(active, logits, strict=True):
+            gen.feed_logits(row)
+            if not prefill:
+                prefill.append(time.perf_counter() - t0)
+            if not gen.done:
+                still.append((item, gen, cache, t0, prefill))
+                continue
+            yield item.key, GenerationResult(
+                prompt_ids=gen.prompt_ids, new_ids=gen.new_ids,
+                stop_reason=gen.stop_reason or "length", prefill_s=prefill[0],
+                elapsed_s=time.perf_counter() - t0)
+        active = still

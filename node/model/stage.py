@@ -88,13 +88,10 @@ class Stage:
             len(self.blocks), c.n_kv_heads, c.head_dim, max_len=c.context_length, capacity=capacity
         )
 
-    def forward(self, hidden: np.ndarray, cache: KVCache, position: int | None = None) -> np.ndarray:
-        """Run ``hidden [T, H]`` (positions ``position..position+T-1``) through the blocks.
-
-        ``position`` defaults to ``cache.length``; a smaller value first truncates the cache, so
-        resending a step is idempotent. Raises :class:`TensorError` if the input does not fit
-        (shape, dtype, a gap in positions, context length, cache of another stage).
-        """
+    def check(self, hidden: np.ndarray, cache: KVCache, position: int | None = None) -> int:
+        """Check that ``hidden`` at ``position`` fits ``cache`` on this stage; return the start
+        position. Raises :class:`TensorError` (shape, dtype, a gap in positions, context length,
+        cache of another stage). Changes nothing."""
         c = self.config
         if not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32:
             raise TensorError("hidden state must be a float32 numpy array")
@@ -103,8 +100,23 @@ class Stage:
         if cache.n_layers != len(self.blocks):
             raise TensorError(f"cache has {cache.n_layers} layers, stage has {len(self.blocks)}")
         start = cache.length if position is None else position
+        if start < 0:
+            raise TensorError(f"negative position {start}")
         if start > cache.length:
             raise TensorError(f"position {start} skips ahead of the cache ({cache.length})")
+        if start + hidden.shape[0] > cache.max_len:
+            raise TensorError(f"sequence of {start + hidden.shape[0]} positions exceeds the "
+                              f"context of {cache.max_len}")
+        return start
+
+    def forward(self, hidden: np.ndarray, cache: KVCache, position: int | None = None) -> np.ndarray:
+        """Run ``hidden [T, H]`` (positions ``position..position+T-1``) through the blocks.
+
+        ``position`` defaults to ``cache.length``; a smaller value first truncates the cache, so
+        resending a step is idempotent. Raises :class:`TensorError` if the input does not fit
+        (see :meth:`check`).
+        """
+        start = self.check(hidden, cache, position)
         cache.truncate(start)
         t = hidden.shape[0]
         cache.reserve(start + t)
@@ -112,10 +124,44 @@ class Stage:
         mask = B.causal_mask(t, start)
         x = hidden
         for i, w in enumerate(self.blocks):
-            x = B.block_forward(x, w, c, cache.k[i], cache.v[i], start, rope, mask)
+            x = B.block_forward(x, w, self.config, cache.k[i], cache.v[i], start, rope, mask)
         cache.length = start + t
         return x
 
+    def forward_batch(self, steps: Sequence[tuple[np.ndarray, KVCache, int | None]]) -> list[np.ndarray]:
+        """Run several sessions' steps ``(hidden [T_i, H], cache_i, position_i)`` together.
+
+        The hidden states are stacked so each weight is read once for all of them; attention
+        runs per session against its own cache. Returns each step's output ``[T_i, H]``, equal to
+        :meth:`forward` on that step alone up to float32 rounding (docs/MODEL.md). Every step is
+        checked before any cache changes; raises :class:`TensorError` if one does not fit or a
+        cache appears twice. One step is exactly :meth:`forward`.
+        """
+        if len(steps) == 1:
+            return [self.forward(*steps[0])]
+        if len({id(cache) for _, cache, _ in steps}) != len(steps):
+            raise TensorError("a KV cache appears twice in one batch")
+        starts = [self.check(hidden, cache, position) for hidden, cache, position in steps]
+        spans = []  # (cache, start, t, mask) per session
+        for (hidden, cache, _), start in zip(steps, starts, strict=True):
+            t = hidden.shape[0]
+            cache.truncate(start)
+            cache.reserve(start + t)  # may reallocate: take block views only after this
+            spans.append((cache, start, t, B.causal_mask(t, start)))
+        tables = [self.rope.tables(start, t) for _, start, t, _ in spans]
+        rope = (np.concatenate([cos for cos, _ in tables]),  # [N, 1, 2, d/2]
+                np.concatenate([sin for _, sin in tables]))  # [N, 1, 2, d/2]
+        x = np.concatenate([hidden for hidden, _, _ in steps])  # [N, H]
+        for i, w in enumerate(self.blocks):
+            segments = [B.Segment(cache.k[i], cache.v[i], start, t, mask)
+                        for cache, start, t, mask in spans]
+            x = B.block_forward_batch(x, w, self.config, segments, rope)
+        outs, row = [], 0
+        for cache, start, t, _ in spans:
+            cache.length = start + t
+            outs.append(x[row : row + t])
+            row += t
+        return outs
 
 def load_head(mf: ModelFile) -> Head:
     """Dequantize the embedding, final norm and LM head (tied unless ``output.weight`` exists)."""

@@ -1,0 +1,251 @@
+"""Throughput benchmark: batched concurrent sessions, locally and across a 6-node swarm.
+
+(a) local engine: ``n`` = 1, 2, 4, 8 sessions in this process, each prefilled with its own prompt,
+    then ``--tokens`` greedy decode rounds, each round one ``Stage.forward_batch`` over every
+    session plus one LM head product (``generate_many``'s inner loop). Aggregate decode tokens/s
+    per ``n``, and its ratio to ``n = 1`` measured in the same repeat (the sizes alternate inside
+    each repeat, so both sides of a ratio see the same machine load); goal: 8 sessions >= 5x.
+    Memory per extra session: the KV cache it allocates for this run's length, and the worst case
+    a stage server reserves for it (``max_length`` positions).
+(b) 6-node swarm (``idlefleet node`` processes, every block hosted twice), this process as a
+    client-only node: one stream, then 8 concurrent streams (8 trio tasks sharing one
+    ``FleetClient``: their LM head rows are batched, stage servers batch their steps), paired in
+    each repeat; aggregate decode tokens/s over the single stream; goal >= 4x. Every swarm
+    generation is checked token-identical to local greedy.
+
+The machine may be shared: only ratios measured in the same run mean anything. Medians over
+``--repeats``; one final JSON line. Every wait is bounded, only 127.0.0.1 is used, and the swarm
+(processes this script started, by PID) is stopped in ``finally``.
+
+    python -m bench.throughput               # ~5-10 minutes on 2 loaded cores
+    python -m bench.throughput --quick       # 1 repeat, 16 tokens
+    python -m bench.throughput --skip swarm  # local engine only
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy loads BLAS: one thread, as each node runs
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from contextlib import aclosing  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import trio  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import work_root  # noqa: E402
+from bench.pipeline import Run, make_swarm, med, start_swarm, with_client  # noqa: E402
+from idlefleet.node.client import ClientModel, FleetClient, GenerationFailed  # noqa: E402
+from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
+from idlefleet.node.model.locate import find_default_model  # noqa: E402
+from idlefleet.node.model.stage import Head, Stage, load_stage  # noqa: E402
+from idlefleet.node.run import setup_logging  # noqa: E402
+
+PROMPTS = ["Once upon a time,", "The capital of France is", "In a city of parked cars,",
+           "The best way to learn", "Electric cars have", "My favourite recipe is",
+           "The weather today", "Scientists have found"]
+SIZES = (1, 2, 4, 8)
+STREAMS = 8
+GOAL_LOCAL_8, GOAL_SWARM_8 = 5.0, 4.0
+
+
+def local_decode(stage: Stage, head: Head, prompts: list[list[int]], tokens: int) -> tuple[float, int]:
+    """Prefill every prompt (one batch), then ``tokens`` greedy rounds over all of them; returns
+    (aggregate decode tokens/s, KV bytes allocated per session)."""
+    n = len(prompts)
+    caches = [stage.new_cache(capacity=len(p) + tokens) for p in prompts]
+    outs = stage.forward_batch([(head.embed(p), c, 0) for p, c in zip(prompts, caches, strict=True)])
+    last = np.argmax(head.logits(np.concatenate([o[-1:] for o in outs])), axis=-1)  # [n]
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        steps = [(head.embed([int(t)]), c, None) for t, c in zip(last, caches, strict=True)]
+        outs = stage.forward_batch(steps)  # n x [1, H]
+        last = np.argmax(head.logits(np.concatenate(outs)), axis=-1)  # [n]
+    return n * tokens / (time.perf_counter() - t0), caches[0].nbytes
+
+
+def phase_local(args: argparse.Namespace, stage: Stage, head: Head, prompt_ids: list[list[int]],
+                log: Any) -> dict[str, Any]:
+    rates: dict[int, list[float]] = {n: [] for n in SIZES}
+    ratios: dict[int, list[float]] = {n: [] for n in SIZES}
+    kv_bytes = 0
+    local_decode(stage, head, prompt_ids[:2], 2)  # warm-up
+    for i in range(args.repeats):
+        row = {}
+        for n in SIZES:
+            rate, kv_bytes = local_decode(stage, head, prompt_ids[:n], args.tokens)
+            row[n] = rate
+            rates[n].append(rate)
+        for n in SIZES:
+            ratios[n].append(row[n] / row[1])
+        log(f"  #{i + 1}: " + ", ".join(f"{n}: {row[n]:.1f} tok/s (x{row[n] / row[1]:.2f})" for n in SIZES))
+    cfg = stage.config
+    per_pos = len(stage.blocks) * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    return {"tokens_per_s": {n: round(med(rates[n]), 2) for n in SIZES},
+            "over_one_session": {n: round(med(ratios[n]), 3) for n in SIZES},
+            "kv_bytes_per_session": kv_bytes,
+            "kv_bytes_per_position": per_pos,
+            "server_reservation_per_session_2048_positions": 2048 * per_pos}
+
+
+def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, list[int]],
+                root: Path, log: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    swarm = make_swarm(6, root / "swarm6")
+    mismatches: list[str] = []
+    single: list[float] = []
+    agg: list[float] = []
+    ratio: list[float] = []
+
+    def check(what: str, prompt: str, r: Run) -> None:
+        if r.new_ids != want[prompt]:
+            mismatches.append(what)
+
+    async def streams(client: FleetClient, n: int) -> float:
+        runs: list[Run | None] = [None] * n
+
+        async def one(k: int) -> None:
+            runs[k] = await swarm_run_prompt(client, PROMPTS[k % len(PROMPTS)], args.tokens, args.gen_timeout)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(n):
+                nursery.start_soon(one, k)
+        done = [x for x in runs if x is not None]
+        for k, x in enumerate(done):
+            check(f"stream {k} of {n}", PROMPTS[k % len(PROMPTS)], x)
+        first, last = min(x.token_times[0] for x in done), max(x.token_times[-1] for x in done)
+        return sum(x.n - 1 for x in done) / (last - first)
+
+    async def body(client: FleetClient) -> None:
+        for i in range(args.repeats):
+            one = await streams(client, 1)
+            many = await streams(client, STREAMS)
+            single.append(one)
+            agg.append(many)
+            ratio.append(many / one)
+            log(f"  #{i + 1}: 1 stream {one:.1f} tok/s decode; {STREAMS} streams {many:.1f} aggregate "
+                f"(x{many / one:.2f})")
+
+    try:
+        out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
+        trio.run(with_client, swarm, model, root / "swarm6", args.start_timeout, args.settle, body)
+        out.update({"single_decode_tokens_per_s": round(med(single), 2),
+                    f"x{STREAMS}_aggregate_decode_tokens_per_s": round(med(agg), 2),
+                    f"x{STREAMS}_over_single": round(med(ratio), 3),
+                    "ratios": [round(r, 3) for r in ratio],
+                    "identical_to_local": not mismatches, "mismatches": mismatches})
+    except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
+        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        log(f"  6-node swarm failed: {out['error']}")
+    finally:
+        out["exit_codes"] = sorted(set(swarm.stop().values()), key=str)
+    return out
+
+
+async def swarm_run_prompt(client: FleetClient, prompt: str, tokens: int, timeout: float) -> Run:
+    """One generation of ``prompt`` across the fleet, timing each token as the client gets it."""
+    generation = client.stream(prompt, max_new_tokens=tokens)
+    times: list[float] = []
+    t0 = time.perf_counter()
+    with trio.fail_after(timeout):
+        async with aclosing(generation.run()) as stream:
+            async for token, _piece in stream:
+                if token >= 0:  # (-1 is a final flush of held-back text)
+                    times.append(time.perf_counter())
+    assert generation.result is not None  # set when run() completes
+    return Run(generation.result.new_ids, t0, times, route=generation.result.route)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 3)")
+    p.add_argument("--tokens", type=int, default=None, help="decode tokens per session (default 32)")
+    p.add_argument("--quick", action="store_true", help="1 repeat, 16 tokens")
+    p.add_argument("--start-timeout", type=float, default=180.0, help="swarm start + coverage, seconds")
+    p.add_argument("--gen-timeout", type=float, default=300.0, help="per generation, seconds")
+    p.add_argument("--settle", type=float, default=3.0, help="pause after the warm-up, seconds")
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: local, swarm")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="keep node keys and logs under DIR")
+    p.add_argument("--json", action="store_true", help="print only the final JSON line")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.tokens = args.tokens or (16 if args.quick else 32)
+    if args.repeats < 1 or args.tokens < 2:
+        p.error("--repeats must be >= 1 and --tokens >= 2")
+    return args
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds through the swarm's finally (stop by PID)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    setup_logging("WARNING")
+
+    def log(msg: str) -> None:
+        if not args.json:
+            print(msg, file=sys.stderr, flush=True)
+
+    t_start = time.monotonic()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    model = ClientModel.load()
+    with open_model(find_default_model()) as mf:
+        stage = load_stage(mf, 0, mf.config.n_blocks)
+    prompt_ids = [model.tokenizer.encode(p) for p in PROMPTS]
+    local: dict[str, Any] = {}
+    swarm: dict[str, Any] = {}
+    interrupted = False
+    with contextlib.ExitStack() as stack:
+        root = work_root(stack, args.keep)
+        try:
+            if "local" not in skip:
+                log(f"[{time.monotonic() - t_start:5.1f}s] (a) local engine, sessions {SIZES}, "
+                    f"{args.tokens} decode tokens x {args.repeats}")
+                local = phase_local(args, stage, model.head, prompt_ids, log)
+            if "swarm" not in skip:
+                from idlefleet.node.model.generate import BatchItem, generate_many
+                from idlefleet.node.model.sampling import SamplingParams
+
+                items = [BatchItem(p, ids, SamplingParams(max_new_tokens=args.tokens))
+                         for p, ids in zip(PROMPTS, prompt_ids, strict=True)]
+                want = {str(k): r.new_ids for k, r in generate_many(
+                    model.head, stage, items, model.tokenizer.stop_ids, concurrency=8)}
+                log(f"[{time.monotonic() - t_start:5.1f}s] (b) 6-node swarm, 1 vs {STREAMS} streams")
+                swarm = phase_swarm(args, model, want, root, log)
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: reporting what was measured")
+    goal = {"local_x8_over_x1": local.get("over_one_session", {}).get(8),
+            "local_goal": GOAL_LOCAL_8,
+            "swarm_x8_over_x1": swarm.get(f"x{STREAMS}_over_single"), "swarm_goal": GOAL_SWARM_8}
+    elapsed = time.monotonic() - t_start
+    if not args.json:
+        for k, v in goal.items():
+            log(f"  {k}: {v}")
+        log(f"total {elapsed:.0f}s, load average at end {os.getloadavg()[0]:.1f}")
+    print(json.dumps({"bench": "throughput", "interrupted": interrupted,
+                      "config": {"tokens": args.tokens, "repeats": args.repeats, "sizes": SIZES,
+                                 "streams": STREAMS},
+                      "local": local, "swarm6": swarm, "goal": goal,
+                      "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                      "elapsed_s": round(elapsed, 1)}))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

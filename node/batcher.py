@@ -1,0 +1,211 @@
+"""Cross-session batching of stage steps: the stage server's compute path.
+
+Session handlers submit their steps to one :class:`StepBatcher`. Steps that arrive within a short
+window (``window_s``, at most a few ms, cut short as soon as every active session has a step
+queued) are computed together in one worker-thread call (:meth:`Stage.forward_batch`): each
+weight is read from memory once for all of them. A lone session never waits: with one active
+session (or every active session already queued) the batch starts at once.
+
+There is no background task: the first submitter that finds no batch running *leads* — it waits
+out the window, takes the queue (up to ``max_batch_tokens`` rows), runs it, hands each waiter its
+result, and passes the lead to the oldest step still queued. The leader's batch runs shielded from
+cancellation (bounded: the window plus one compute call, which a thread cannot abandon anyway); a
+waiter cancelled before its batch starts is simply dropped from the queue.
+
+:class:`HeadBatcher` is the client's counterpart: the LM head rows of a client's concurrent
+generations, computed together off the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import trio
+
+from idlefleet.node.model.kvcache import KVCache
+from idlefleet.node.model.stage import Head, Stage
+from idlefleet.protocols.errors import TensorError
+
+
+@dataclass(eq=False)
+class _Job:
+    hidden: np.ndarray  # [T, H]
+    stage: Stage | None = None  # None for LM head jobs (HeadBatcher)
+    cache: KVCache | None = None
+    position: int = 0
+    wake: trio.Event = field(default_factory=trio.Event)  # set on a change of lead or finished
+    lead: bool = False  # this job's waiter must lead the next batch
+    taken: bool = False  # in a batch that has started
+    finished: bool = False
+    result: np.ndarray | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class BatcherStatistics:
+    batches: int = 0
+    steps: int = 0
+    max_batch: int = 0  # most steps computed together
+    compute_s: float = 0.0
+
+
+class StepBatcher:
+    """Computes the steps of concurrent sessions together; see the module docstring.
+
+    ``active()`` says how many sessions could submit a step now (the window ends early once that
+    many are queued). ``on_batch(seconds, steps)`` is called after each batch (on the event loop).
+    """
+
+    def __init__(self, limiter: trio.CapacityLimiter, active: Callable[[], int], *,
+                 window_s: float = 0.002, max_batch_tokens: int = 4096,
+                 on_batch: Callable[[float, int], None] | None = None) -> None:
+        self._limiter = limiter
+        self._active = active
+        self.window_s = window_s
+        self.max_batch_tokens = max_batch_tokens
+        self._on_batch = on_batch or (lambda seconds, steps: None)
+        self._queue: list[_Job] = []
+        self._leading = False
+        self._arrival = trio.Event()
+        self.stats = BatcherStatistics()
+
+    async def forward(self, stage: Stage, hidden: np.ndarray, cache: KVCache,
+                      position: int) -> np.ndarray:
+        """``stage.forward(hidden, cache, position)``, batched with other sessions' steps.
+
+        Raises :class:`TensorError` as ``forward`` would (for this step only). At most one step
+        per cache may be in flight (a session's handler awaits each step)."""
+        return await self._submit(_Job(hidden, stage, cache, position))
+
+    async def _submit(self, job: _Job) -> np.ndarray:
+        self._queue.append(job)
+        self._arrival.set()
+        if not self._leading:
+            self._leading = job.lead = True
+        try:
+            while not (job.finished or job.lead):
+                await job.wake.wait()
+                job.wake = trio.Event()
+        except BaseException:  # cancelled while waiting: leave the queue, pass on a lead
+            if not job.taken:
+                self._queue.remove(job)
+                if job.lead:
+                    self._pass_lead()
+            raise
+        if not job.finished:
+            await self._lead()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None  # set when finished unless error is
+        return job.result
+
+    def _pass_lead(self) -> None:
+        self._leading = bool(self._queue)
+        if self._queue:
+            self._queue[0].lead = True
+            self._queue[0].wake.set()
+
+    async def _lead(self) -> None:
+        """Gather, compute and deliver one batch (this task's own step is the queue's first)."""
+        with trio.CancelScope(shield=True):
+            await self._gather()
+            batch: list[_Job] = []
+            rows = 0
+            while self._queue and (not batch or rows + self._queue[0].hidden.shape[0]
+                                   <= self.max_batch_tokens):
+                job = self._queue.pop(0)
+                job.taken = True
+                batch.append(job)
+                rows += job.hidden.shape[0]
+            started = time.perf_counter()
+            await trio.to_thread.run_sync(self._compute, batch, limiter=self._limiter)
+            seconds = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.steps += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.stats.compute_s += seconds
+        self._on_batch(seconds, len(batch))
+        for job in batch:
+            job.finished = True
+            job.wake.set()
+        self._pass_lead()
+
+    async def _gather(self) -> None:
+        """Wait up to ``window_s`` for more steps, or until every active session has one queued."""
+        with trio.move_on_after(self.window_s):
+            while len(self._queue) < self._active():
+                self._arrival = trio.Event()
+                await self._arrival.wait()
+
+
+    @staticmethod
+    def _compute(batch: list[_Job]) -> None:
+        _compute_steps(batch)
+
+
+class HeadBatcher(StepBatcher):
+    """A client's LM head for its concurrent generations, off the event loop: rows that arrive
+    while a batch computes (or within ``window_s``) go through the head together, in one matrix
+    product, in a worker thread. With the default window of 0 nothing ever waits."""
+
+    def __init__(self, head: Head, limiter: trio.CapacityLimiter | None = None, *,
+                 window_s: float = 0.0) -> None:
+        super().__init__(limiter or trio.CapacityLimiter(1), lambda: 0, window_s=window_s)
+        self.head = head
+
+    async def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits ``[V]`` of the last row of ``hidden [T, H]``."""
+        return await self._submit(_Job(hidden[-1:]))
+
+    def _compute(self, batch: list[_Job]) -> None:  # type: ignore[override]
+        try:
+            logits = self.head.logits(np.concatenate([job.hidden for job in batch]))  # [n, V]
+        except Exception as e:
+            for job in batch:
+                job.error = e
+            return
+        for job, row in zip(batch, logits, strict=True):
+            job.result = row
+
+
+def _compute_steps(batch: list[_Job]) -> None:
+    """Worker thread: run each group of same-range steps as one ``forward_batch``. A step that
+    does not fit gets its own error without spoiling the others (``forward_batch`` checks every
+    step before changing any cache); an unexpected error fails only its group's steps."""
+    groups: dict[tuple[int, int], list[_Job]] = {}
+    for job in batch:
+        groups.setdefault((_stage(job).start, _stage(job).end), []).append(job)
+    for jobs in groups.values():
+        try:
+            try:
+                steps = [(j.hidden, _cache(j), j.position) for j in jobs]
+                outs: list[np.ndarray | None] = [*_stage(jobs[0]).forward_batch(steps)]
+            except TensorError:
+                if len(jobs) == 1:
+                    raise
+                outs = []
+                for job in jobs:  # find the step that does not fit by running each alone
+                    try:
+                        outs.append(_stage(job).forward(job.hidden, _cache(job), job.position))
+                    except TensorError as e:
+                        job.error = e
+                        outs.append(None)
+        except Exception as e:
+            for job in jobs:
+                job.error = e
+            continue
+        for job, out in zip(jobs, outs, strict=True):
+            job.result = out
+
+
+def _stage(job: _Job) -> Stage:
+    assert job.stage is not None  # StepBatcher.forward sets it
+    return job.stage
+
+
+def _cache(job: _Job) -> KVCache:
+    assert job.cache is not None  # StepBatcher.forward sets it
+    return job.cache

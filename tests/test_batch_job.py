@@ -1,0 +1,116 @@
+"""``idlefleet batch``: input checking, output ordering, and a whole job on a real in-process fleet
+(interrupted, then resumed)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from idlefleet.node.batch_cli import Prompt, compact, fleet_job, parse_line, read_input, read_results
+from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.config import NodeConfig
+from idlefleet.node.model.sampling import SamplingParams
+from idlefleet.node.node import open_node
+from tests.test_pipeline import serving_fleet
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("{oops", "not JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"prompt": "hi"}', '"id"'),
+    ('{"id": true, "prompt": "hi"}', '"id"'),
+    ('{"id": 1, "prompt": ""}', '"prompt"'),
+    ('{"id": 1, "prompt": 7}', '"prompt"'),
+    ('{"id": 1, "prompt": "hi", "max_new_tokens": -1}', '"max_new_tokens"'),
+    ('{"id": 1, "prompt": "hi", "max_new_tokens": 1.5}', '"max_new_tokens"'),
+    ('{"id": 1, "prompt": "hi", "temperature": "hot"}', '"temperature"'),
+    ('{"id": 1, "prompt": "hi", "temperature": NaN}', '"temperature"'),
+    ('{"id": 1, "prompt": "hi", "seed": "x"}', '"seed"'),
+    ('{"id": 1, "prompt": "hi", "extra": 1}', "unknown field"),
+])
+def test_bad_input_lines_are_named(line: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_line(1, line, 32)
+
+
+def test_input_reports_line_numbers_and_duplicate_ids(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": "a", "prompt": "x", "max_new_tokens": 2, "temperature": 0.5, "seed": 3}\n'
+                    "\n"
+                    '{"id": "a", "prompt": "y"}\n'
+                    "garbage\n"
+                    '{"id": 7, "prompt": "z"}\n')
+    err = io.StringIO()
+    prompts, bad = read_input(path, 9, err)
+    assert [(p.line, p.id, p.params) for p in prompts] == [
+        (1, "a", SamplingParams(max_new_tokens=2, temperature=0.5, seed=3)),
+        (5, 7, SamplingParams(max_new_tokens=9))]
+    assert bad == 2
+    assert f"{path}:3: skipped: duplicate id 'a'" in err.getvalue()
+    assert f"{path}:4: skipped: not JSON" in err.getvalue()
+
+
+def test_compact_orders_by_input_and_keeps_one_line_per_id(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 2, "new_ids": [1]}\n{"id": 1, "error": "x"}\n{"id": 1, "new_ids": [2]}\n'
+                   '{"id": 3, "error": "y"}\n{"id": 2, "error": "late"}\n{"id": 1, "new_')  # torn tail
+    prompts = [Prompt(i, i, "p", SamplingParams()) for i in (1, 2, 3)]
+    compact(out, prompts)
+    assert read_results(out) == [{"id": 1, "new_ids": [2]}, {"id": 2, "new_ids": [1]},
+                                 {"id": 3, "error": "y"}]
+
+
+async def test_batch_job_on_a_fleet_is_interrupted_resumed_and_equals_greedy(
+        tmp_path: Path, client_model: ClientModel, local_greedy: Any) -> None:
+    words = ["rain", "tea", "bikes", "maps", "owls", "jazz", "snow", "bread", "ferns", "clocks",
+             "kites", "moss", "lamps", "figs", "wool", "bees", "salt", "ink", "oak", "dunes"]
+    prompts = [f"Note {i}: the best thing about {word} is" for i, word in enumerate(words)]
+    lines = [json.dumps({"id": i, "prompt": p}) for i, p in enumerate(prompts)]
+    lines.insert(7, '{"id": 99, "prompt": 5}')  # line 8 is malformed
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    args = argparse.Namespace(input=src, out=out, concurrency=4, max_new_tokens=2, chat=False,
+                              json=True, local=False, bootstrap=None, model=None)
+    async with serving_fleet(tmp_path, 3) as nodes:
+        client_cfg = NodeConfig(key_file=tmp_path / "client.key", bootstrap=(nodes[0].multiaddrs[0],),
+                                vehicle="sim:parked")
+        async with open_node(client_cfg) as me:
+            client = FleetClient(me, client_model, ClientConfig())
+            await client.wait_ready(timeout=60)
+
+            async def interrupt_after(n: int, scope: trio.CancelScope) -> None:
+                while len(read_results(out)) < n:
+                    await trio.sleep(0.05)
+                scope.cancel()  # like Ctrl-C: generations in flight are abandoned
+
+            with trio.fail_after(240):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(interrupt_after, 5, nursery.cancel_scope)
+                    await fleet_job(client, args, io.StringIO(), io.StringIO())
+            first = [r["id"] for r in read_results(out)]
+            assert 5 <= len(first) < 20
+            assert not [r["error"] for r in read_results(out) if "error" in r]
+            assert len(set(first)) == len(first)
+
+            stdout, stderr = io.StringIO(), io.StringIO()
+            with trio.fail_after(240):
+                code = await fleet_job(client, args, stdout, stderr)
+    assert code == 1  # the malformed line counts as failed
+    assert f"{src}:8: skipped" in stderr.getvalue()
+    assert f"resuming: {len(first)} of 20 prompts already done" in stderr.getvalue()
+    summary = json.loads(stdout.getvalue())
+    assert {k: summary[k] for k in ("prompts", "ok", "failed")} == {"prompts": 21, "ok": 20, "failed": 1}
+    assert summary["tokens"] <= 2 * (20 - len(first))  # finished prompts were not redone
+    results = read_results(out)
+    assert [r["id"] for r in results] == list(range(20))  # complete, in input order, once each
+    for r in results:
+        assert "error" not in r
+        assert r["new_ids"] == list(local_greedy(prompts[r["id"]], 2))
+        assert r["prompt_ids"] == client_model.tokenizer.encode(prompts[r["id"]])
+        assert (r["route"][0]["blocks"][0], r["route"][-1]["blocks"][1]) == (0, 30)

@@ -1,0 +1,189 @@
+"""Batched multi-session forward: stacked sessions equal each session run alone.
+
+Tolerance (docs/MODEL.md): a stacked matrix product may sum in a different order than a lone
+one, so hidden states agree to within ``TOL`` of the step's largest magnitude; greedy tokens are
+identical on the reference prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from idlefleet.node.batcher import HeadBatcher, StepBatcher
+from idlefleet.node.model.generate import BatchItem, generate_many
+from idlefleet.node.model.sampling import SamplingParams
+from idlefleet.node.model.stage import Head, Stage
+from idlefleet.protocols.errors import TensorError
+
+TOL = 2e-5  # of max |hidden| of the step
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL * float(np.abs(want).max()))
+
+
+def test_stacked_steps_equal_lone_steps_for_mixed_lengths_joining_and_leaving(
+    head: Head, whole_model: Stage
+) -> None:
+    stage = whole_model.sub_stage(0, 6)  # enough blocks to carry rounding through; cheaper
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 49152, n).tolist() for n in (5, 17, 1, 40)]
+    alone = [stage.new_cache() for _ in prompts]
+    stacked = [stage.new_cache() for _ in prompts]
+    # Rounds of (session, tokens): prefills of different lengths mixed with decode steps;
+    # session 3 joins late, session 0 leaves early, session 1 sends a 6-token chunk mid-way.
+    rounds = [[(0, None), (1, None)], [(0, 1), (1, 1), (2, None)], [(1, 6), (2, 1), (3, None)],
+              [(1, 1), (2, 1), (3, 1)], [(3, 1)]]
+    for step in rounds:
+        xs = [head.embed(prompts[i] if n is None else rng.integers(0, 49152, n).tolist())
+              for i, n in step]
+        want = [stage.forward(x, alone[i]) for x, (i, _) in zip(xs, step, strict=True)]
+        got = stage.forward_batch([(x, stacked[i], None) for x, (i, _) in zip(xs, step, strict=True)])
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            _close(g, w)
+    for a, b in zip(alone, stacked, strict=True):
+        assert a.length == b.length
+        _close(b.k[:, :, : b.length], a.k[:, :, : a.length])
+        _close(b.v[:, :, : b.length], a.v[:, :, : a.length])
+
+
+def test_one_step_batch_is_exactly_forward(head: Head, whole_model: Stage) -> None:
+    x = head.embed([504, 3575, 282])
+    (got,) = whole_model.forward_batch([(x, whole_model.new_cache(), 0)])
+    assert np.array_equal(got, whole_model.forward(x, whole_model.new_cache()))
+
+
+def test_a_bad_step_fails_the_batch_before_any_cache_changes(head: Head, whole_model: Stage) -> None:
+    good, bad = whole_model.new_cache(), whole_model.new_cache()
+    whole_model.forward(head.embed([504, 3575]), good)
+    x = head.embed([4649])
+    with pytest.raises(TensorError, match="skips ahead"):
+        whole_model.forward_batch([(x, good, None), (x, bad, 5)])
+    assert (good.length, bad.length) == (2, 0)
+    with pytest.raises(TensorError, match="twice"):
+        whole_model.forward_batch([(x, good, None), (x, good, None)])
+    bad.max_len = 1
+    with pytest.raises(TensorError, match="exceeds the context"):
+        whole_model.forward_batch([(x, good, None), (head.embed([1, 2]), bad, 0)])
+    assert (good.length, bad.length) == (2, 0)
+
+
+def test_continuous_batching_gives_the_same_greedy_tokens(
+    head: Head, whole_model: Stage, hf_reference: dict[str, Any]
+) -> None:
+    """Four reference prompts of 5..121 tokens, three at a time, with different numbers of
+    tokens to generate: sessions leave at different steps and the fourth joins mid-batch."""
+    eos = frozenset({hf_reference["eos_token_id"]})
+    items = [BatchItem(i, case["prompt_ids"], SamplingParams(max_new_tokens=n))
+             for i, (case, n) in enumerate(zip(hf_reference["greedy"], (6, 3, 8, 2), strict=True))]
+    got = dict(generate_many(head, whole_model, items, eos, concurrency=3))
+    assert sorted(got) == [0, 1, 2, 3]
+    for item in items:  # test_model.py proves unbatched greedy equals these reference ids
+        want = hf_reference["greedy"][item.key]["new_ids"][: item.params.max_new_tokens]
+        assert got[item.key].new_ids == want
+
+
+def test_generate_many_handles_zero_tokens_and_rejects_bad_concurrency(
+    head: Head, whole_model: Stage
+) -> None:
+    items = [BatchItem("a", [504, 3575], SamplingParams(max_new_tokens=0))]
+    assert [(k, r.new_ids) for k, r in generate_many(head, whole_model, items)] == [("a", [])]
+    with pytest.raises(ValueError, match="concurrency"):
+        list(generate_many(head, whole_model, items, concurrency=0))
+
+
+# -- the stage server's batcher -----------------------------------------------------------------
+def _batcher(active: int, window_s: float) -> StepBatcher:
+    return StepBatcher(trio.CapacityLimiter(1), lambda: active, window_s=window_s)
+
+
+@pytest.fixture(scope="module")
+def two_blocks(whole_model: Stage) -> Stage:
+    return whole_model.sub_stage(4, 6)
+
+
+async def test_a_lone_session_never_waits_for_the_window(
+    two_blocks: Stage, autojump_clock: trio.abc.Clock
+) -> None:
+    batcher = _batcher(active=1, window_s=1000.0)
+    cache = two_blocks.new_cache()
+    x = np.random.default_rng(1).standard_normal((3, 576)).astype(np.float32)
+    t0 = trio.current_time()
+    got = await batcher.forward(two_blocks, x, cache, 0)
+    assert trio.current_time() - t0 < 1.0  # virtual time: no wait at all
+    np.testing.assert_array_equal(got, two_blocks.forward(x, two_blocks.new_cache()))
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (1, 1)
+
+
+async def test_steps_of_all_active_sessions_are_computed_together_and_errors_stay_apart(
+    two_blocks: Stage, autojump_clock: trio.abc.Clock
+) -> None:
+    rng = np.random.default_rng(2)
+    n = 4
+    batcher = _batcher(active=n, window_s=1000.0)
+    caches = [two_blocks.new_cache() for _ in range(n)]
+    xs = [rng.standard_normal((k, 576)).astype(np.float32) for k in (1, 4, 2, 7)]
+    got: dict[int, Any] = {}
+
+    async def one(i: int, position: int) -> None:
+        try:
+            got[i] = await batcher.forward(two_blocks, xs[i], caches[i], position)
+        except TensorError as e:
+            got[i] = e
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):  # session 3 skips ahead: only its step fails
+            nursery.start_soon(one, i, 5 if i == 3 else 0)
+    assert trio.current_time() - t0 < 1.0  # the window ended when all 4 were queued
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (1, 4)
+    for i in range(3):
+        _close(got[i], two_blocks.forward(xs[i], two_blocks.new_cache()))
+    assert isinstance(got[3], TensorError)
+    assert caches[3].length == 0
+
+
+async def test_window_is_bounded_and_a_cancelled_waiter_leaves_the_queue(
+    two_blocks: Stage, autojump_clock: trio.abc.Clock
+) -> None:
+    batcher = _batcher(active=3, window_s=0.002)
+    x = np.ones((1, 576), np.float32)
+    t0 = trio.current_time()
+    await batcher.forward(two_blocks, x, two_blocks.new_cache(), 0)  # the others never come
+    assert 0.002 <= trio.current_time() - t0 < 0.01
+    done: list[int] = []
+
+    async def one(i: int, cancel_after: float | None) -> None:
+        with trio.move_on_after(cancel_after if cancel_after is not None else 1e9):
+            await batcher.forward(two_blocks, x, two_blocks.new_cache(), 0)
+            done.append(i)
+
+    async with trio.open_nursery() as nursery:  # the leader's batch starts after the window;
+        nursery.start_soon(one, 0, None)  # step 1 is cancelled in the queue before that
+        nursery.start_soon(one, 1, 0.001)
+    assert done == [0]
+    assert batcher.stats.steps == 2
+    assert not batcher._queue
+
+
+async def test_client_head_rows_queued_during_a_batch_go_through_the_head_together(head: Head) -> None:
+    batcher = HeadBatcher(head)
+    rows = np.random.default_rng(3).standard_normal((3, 2, 576)).astype(np.float32)
+    got: dict[int, np.ndarray] = {}
+
+    async def one(i: int) -> None:
+        got[i] = await batcher.logits(rows[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(one, i)
+    # The first row leads at once (no window); the other two queue while it computes.
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (2, 2)
+    want = head.logits(rows[:, -1])
+    for i in range(3):
+        np.testing.assert_allclose(got[i], want[i], rtol=0, atol=TOL * float(np.abs(want[i]).max()))
