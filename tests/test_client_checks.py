@@ -78,7 +78,9 @@ class DirectClient(FleetClient):
 
     def __init__(self, host: Host, model: ClientModel, config: ClientConfig,
                  peers: dict[str, tuple[str, bool]]) -> None:
-        super().__init__(SimpleNamespace(host=host, config=NodeConfig()), model, config)  # type: ignore[arg-type]
+        node = SimpleNamespace(host=host, config=NodeConfig(), peer_id=host.peer_id,
+                               liveness=SimpleNamespace(min_rtt_s={}))
+        super().__init__(node, model, config)  # type: ignore[arg-type]
         self.peers = peers  # peer id -> (multiaddr, claims to be best)
 
     def candidates(self) -> list[Candidate]:

@@ -31,7 +31,8 @@ async def test_a_client_finds_hosts_of_another_region_through_the_dht(
                                     vehicle="sim:parked")
             async with open_node(client_cfg) as me:
                 client = FleetClient(me, client_model, ClientConfig(route_wait_s=60))
-                await me.wait_for(lambda f: x.peer_id in {r.peer_id for r in f}, timeout=10)
+                # Routable once a heartbeat round trip with x completed (records earn routability).
+                await me.wait_for(lambda f: x.peer_id in {r.peer_id for r in me.routable()}, timeout=10)
                 assert y.peer_id not in {r.peer_id for r in me.fleet()}  # gossip does not carry it
                 assert client.uncovered_blocks() == list(range(10, 30))
                 await client.wait_ready()
