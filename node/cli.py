@@ -23,6 +23,8 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "int8"), default="float32",
                    help="hidden states on the wire (fleet only; float32 is exact)")
+    p.add_argument("--allow-regions", metavar="PREFIX[,PREFIX]",
+                   help="fleet only: every hop must be in one of these geohash prefixes (privacy)")
 
 
 def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,6 +52,13 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--memory-budget-mb", type=float, help="memory for block weights (default: half free)")
     p.add_argument("--rebalance", dest="rebalance_s", type=float, help="mean seconds between rebalances")
     p.add_argument("--status-file", type=Path, help="keep a JSON status snapshot here (for supervisors)")
+    p.add_argument("--data-dir", type=Path,
+                   help="key, consent log, event log, control socket (default ~/.idlefleet)")
+    p.add_argument("--owner", dest="owner_prefs", action="append", metavar="KEY=VALUE", default=[],
+                   help="an owner preference, e.g. require_plugged_in=false (repeatable; see README)")
+    p.add_argument("--power-w", type=float, help="compute power draw for the owner report (default 100)")
+    p.add_argument("--unload-grace", dest="unload_grace_s", type=float,
+                   help="unload block weights after not serving this many seconds (default 60)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -85,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm(sub)
     _add_status(sub)
     _add_generate(sub)
+    from idlefleet.node.owner_cli import add_owner_parser
+
+    add_owner_parser(sub)
     return parser
 
 
@@ -98,12 +110,38 @@ def _cmd_node(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
         "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log",
-        "serve", "model", "memory_budget_mb", "rebalance_s")}
+        "serve", "model", "memory_budget_mb", "rebalance_s", "data_dir", "power_w",
+        "unload_grace_s")}
+    if overrides["data_dir"] is None:
+        from idlefleet.node.owner import default_data_dir
+
+        overrides["data_dir"] = default_data_dir()
+    if args.owner_prefs:
+        overrides["owner"] = _owner_prefs(args.owner_prefs)
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)
     trio.run(lambda: run_node(config, status_file=args.status_file))
     return 0
+
+
+def _owner_prefs(items: list[str]) -> dict[str, object]:
+    """``["require_plugged_in=false", "allowed_hours=22:00-07:00"]`` -> typed values (TOML
+    literals where they parse, strings otherwise). Raises ConfigError on an item without '='."""
+    import tomllib
+
+    from idlefleet.protocols.errors import ConfigError
+
+    prefs: dict[str, object] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--owner {item!r}: expected KEY=VALUE")
+        try:
+            prefs[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            prefs[key.strip()] = value
+    return prefs
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -167,6 +205,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from idlefleet.node.generate_cli import run_generate
 
         return run_generate(args)
+    if args.command == "owner":
+        from idlefleet.node.owner_cli import run_owner
+
+        return run_owner(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     return commands[args.command](args)
 

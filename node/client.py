@@ -66,6 +66,9 @@ class ClientConfig:
     ban_s: float = 60.0  # how long a failed peer is avoided
     max_failovers: int = 8  # per generation
     route_wait_s: float = 30.0  # how long to wait for the fleet to cover every block
+    # Privacy by routing: every hop's region must start with one of these geohash prefixes
+    # (empty: anywhere). No route ever violates it; when none exists, NoRoute says so.
+    allow_regions: tuple[str, ...] = ()
     # Decoding one token through one SmolLM2 block in numpy takes ~1 ms, far more than its FLOPs
     # at a node's measured matmul rate suggest (it is memory-bound): count that as overhead, so
     # compute, not RTT noise, dominates route costs.
@@ -188,7 +191,8 @@ class Pipeline:
                 raise RemoteProtocolError(f"expected session_opened, got {reply.kind}")
         except RemoteError as e:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
-            raise StageFailure(hop, f"refused: {e}", ban=e.code not in (S.ERR_BUSY,)) from None
+            raise StageFailure(hop, f"refused: {e}",
+                               ban=e.code not in (S.ERR_BUSY, S.ERR_DRAINING)) from None
         except (NetworkError, RemoteProtocolError) as e:
             raise StageFailure(hop, f"open failed: {e}") from None
 
@@ -211,6 +215,9 @@ class Pipeline:
             if result.position != position or out.shape != x.shape:
                 raise RemoteProtocolError(f"step_result for position {result.position} shape "
                                           f"{out.shape}, expected {position} {x.shape}")
+        except RemoteError as e:  # an owner's "stop" ends sessions with draining: not a fault
+            raise StageFailure(hop, f"step at {position} failed: {e}",
+                               ban=e.code != S.ERR_DRAINING) from None
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
@@ -353,6 +360,11 @@ class FleetClient:
         for record in self.node.fleet():
             if record.model_id != self.model.model_id or record.peer_id == self.node.peer_id:
                 continue
+            if record.policy != "serve":  # its owner's policy says no: never open a session there
+                continue
+            regions = self.config.allow_regions
+            if regions and not record.region.startswith(regions):
+                continue
             cand = Candidate.from_record(record, rtt.get(record.peer_id, typical))
             if cand is not None:
                 mine = self.open_sessions[cand.peer_id]
@@ -363,9 +375,15 @@ class FleetClient:
 
     def find_route(self, start: int = 0, end: int | None = None) -> list[Hop]:
         """The best chain of peers for blocks ``[start, end)`` now. Raises NoRoute."""
-        return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
-                          now=time.time(), my_region=self.node.config.region,
-                          banned=self.banned(), costs=self.config.costs)
+        try:
+            return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
+                              now=time.time(), my_region=self.node.config.region,
+                              banned=self.banned(), costs=self.config.costs)
+        except NoRoute as e:
+            if self.config.allow_regions:
+                raise NoRoute(e.block, f"no route within the allowed regions "
+                              f"{','.join(self.config.allow_regions)}: {e}") from None
+            raise
 
     async def wait_ready(self, timeout: float | None = None) -> list[Hop]:
         """Wait until some route covers every block. Raises GenerationFailed on timeout."""

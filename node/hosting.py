@@ -41,6 +41,7 @@ class HostingConfig:
     memory_budget_mb: float | None = None  # for block weights; None = half the available memory
     rebalance_s: float = 20.0  # mean interval between coverage checks (randomised +-50%)
     settle_s: float = 1.0  # random delay before the first choice, so joiners see each other
+    unload_grace_s: float = 60.0  # unload the weights after the owner policy said no this long
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -55,6 +56,8 @@ class BlockHosting:
         self.moves = 0
         self._rng = random.Random(node.peer_id)
         self._limiter = trio.CapacityLimiter(1)  # one compute thread per process
+        self._policy_changed = trio.Event()
+        self.unloads = 0
 
     @property
     def blocks(self) -> tuple[int, int] | None:
@@ -76,21 +79,38 @@ class BlockHosting:
         return coverage(self.info.n_blocks, ranges)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Load and serve while the owner policy allows it; unload after ``unload_grace_s`` of
+        not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
         node = self.node
         node.hold_joining = True  # stay "joining" (unroutable) until our blocks are loaded
         path = self._path()
         self.info = await trio.to_thread.run_sync(lambda: _model_info(path))
         node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
-        await self._switch_to(await self._claim())
-        node.hold_joining = False
-        node.request_publish()
+        if node.owner.serving:
+            await self._load_claimed()
         task_status.started()
+        next_rebalance = trio.current_time() + self._rebalance_delay()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._load_reporter)
             while True:
-                await trio.sleep(self.config.rebalance_s * self._rng.uniform(0.5, 1.5))
+                with trio.move_on_at(min(next_rebalance, trio.current_time() + 1.0)):
+                    await self._policy_changed.wait()
+                self._policy_changed = trio.Event()
+                decision = node.owner.decision
+                if decision is None or not decision.serving:
+                    since = decision.since if decision is not None else time.time()
+                    if self.server is not None and time.time() - since >= self.config.unload_grace_s:
+                        self._unload(decision.reason if decision is not None else "starting")
+                    continue
+                if self.server is None:
+                    await self._load_claimed()
+                    next_rebalance = trio.current_time() + self._rebalance_delay()
+                    continue
+                if trio.current_time() < next_rebalance:
+                    continue
+                next_rebalance = trio.current_time() + self._rebalance_delay()
                 current = self.node.blocks
-                if current is None or self.server is None or self.server.draining:
+                if current is None or self.server.draining:
                     continue
                 better = should_move(self.info.n_blocks, self.info.block_bytes, self.budget_bytes(),
                                      self.coverage_without_me(), current)
@@ -98,6 +118,34 @@ class BlockHosting:
                     log.info("rebalancing: blocks %s -> %s", current, better)
                     self.moves += 1
                     await self._switch_to(better)
+
+    def _rebalance_delay(self) -> float:
+        return self.config.rebalance_s * self._rng.uniform(0.5, 1.5)
+
+    async def _load_claimed(self) -> None:
+        await self._switch_to(await self._claim())
+        self.node.hold_joining = False
+        self.node.request_publish()
+
+    def _unload(self, reason: str) -> None:
+        """Free the block weights (not serving for a while): announce no blocks."""
+        assert self.server is not None
+        log.info("unloading blocks %s: not serving (%s) for %.0fs", self.node.blocks, reason,
+                 self.config.unload_grace_s)
+        self.server.stop_sessions()
+        self.server = None
+        self.unloads += 1
+        self.node.blocks = None
+        self.node.hold_joining = True
+        self.node.event("unloaded", reason=reason)
+        self.node.request_publish()
+
+    def policy_changed(self, decision: Any) -> None:
+        """The owner decision's action changed: on ``stop`` end every session now (clients fail
+        over); on ``drain`` the server's gate refuses new sessions and flags step results."""
+        if decision.action == "stop" and self.server is not None:
+            self.server.stop_sessions()
+        self._policy_changed.set()
 
     async def _claim(self) -> tuple[int, int]:
         """Choose a range and announce it before loading, so joiners spread out. Nodes that start
@@ -137,7 +185,8 @@ class BlockHosting:
         stage = await trio.to_thread.run_sync(lambda: _load(path, *blocks), limiter=self._limiter)
         log.info("loaded blocks [%d, %d) (%.0f MB) in %.1fs", *blocks, stage.nbytes / 1e6,
                  time.perf_counter() - started)
-        self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event)
+        self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
+                                  gate=node.owner.not_serving_reason)
         node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
         node.nursery.start_soon(self._provide, blocks)
 

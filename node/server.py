@@ -54,8 +54,12 @@ class StageServer:
 
     def __init__(self, stage: Stage, config: ServerConfig = ServerConfig(),
                  limiter: trio.CapacityLimiter | None = None,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None,
+                 gate: Callable[[], str | None] | None = None) -> None:
         self.stage = stage
+        # The owner policy: None while this node may serve, else why not (no new sessions then).
+        self._gate = gate or (lambda: None)
+        self._sessions: set[trio.CancelScope] = set()
         self._on_event = on_event or (lambda event, **fields: None)  # the owner's audit log
         self.config = config
         self.draining = False
@@ -109,6 +113,9 @@ class StageServer:
         st = self.stage
         if self.draining:
             return self._refuse(S.ERR_DRAINING), "this node is draining; use another peer"
+        why = self._gate()
+        if why is not None:
+            return self._refuse(S.ERR_DRAINING), f"not serving (owner policy: {why}); use another peer"
         if req.model_id != st.model_id:
             return self._refuse(S.ERR_WRONG_MODEL), f"this node serves {st.model_id}"
         if not (st.start <= req.start < req.end <= st.end):
@@ -126,10 +133,26 @@ class StageServer:
                     f"{self.config.kv_budget_bytes} bytes)")
         return None
 
+    def stop_sessions(self) -> int:
+        """End every running session now (the owner policy says stop); returns how many."""
+        for scope in self._sessions:
+            scope.cancel()
+        return len(self._sessions)
+
     async def handle(self, fs: FramedStream) -> None:
-        """Serve one session on ``fs`` until the client closes it, it idles out, or the link dies."""
+        """Serve one session on ``fs`` until the client closes it, it idles out, the link dies,
+        or ``stop_sessions`` ends it."""
+        with trio.CancelScope() as scope:
+            self._sessions.add(scope)
+            try:
+                await self._handle(fs)
+            finally:
+                self._sessions.discard(scope)
+
+    async def _handle(self, fs: FramedStream) -> None:
         machine = S.SessionMachine()
         sid = steps = tokens = 0
+        busy = 0.0
         cache: KVCache | None = None
         stage: Stage | None = None
         req: S.OpenRequest | None = None
@@ -169,7 +192,9 @@ class StageServer:
                     assert stage is not None
                     assert cache is not None
                     assert req is not None
+                    started = time.perf_counter()
                     done = await self._step(fs, env.body, stage, cache, req)
+                    busy += time.perf_counter() - started
                     steps, tokens = steps + (done > 0), tokens + done
                 else:  # session_close
                     await fs.send("session_closed", {}, timeout=self.config.send_timeout_s)
@@ -183,7 +208,8 @@ class StageServer:
             if self._reserved.pop(sid, None) is not None:
                 log.info("session %d closed", sid)
                 self._on_event("session_closed", session=sid, client=fs.peer_id,
-                               steps=steps, tokens=tokens)
+                               steps=steps, tokens=tokens, busy_s=round(busy, 4),
+                               blocks=[req.start, req.end] if req is not None else None)
             if not self._reserved:
                 self._idle.set()
 
@@ -209,6 +235,7 @@ class StageServer:
         self.stats.compute_s += time.perf_counter() - started
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
-        result = S.StepResult(step.position, encode_hidden(out, req.dtype), self.draining)
+        draining = self.draining or self._gate() is not None
+        result = S.StepResult(step.position, encode_hidden(out, req.dtype), draining)
         await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
         return int(hidden.shape[0])
