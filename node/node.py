@@ -95,6 +95,11 @@ def available_memory_mb() -> int:
     return 0
 
 
+#: What a record says while no vehicle state was ever read (its policy says vehicle_unknown).
+UNKNOWN_VEHICLE = VehicleState(battery_soc=0.0, plugged_in=False, charging_kw=0.0, thermal_headroom_c=0.0,
+                               parked=False, parked_since=None, expected_departure=None)
+
+
 class Node:
     """A running node. Created by ``open_node``; its methods are the embedding API."""
 
@@ -118,6 +123,7 @@ class Node:
         self._state = "joining"
         self._last_record: CapacityRecord | None = None
         self._last_vehicle: VehicleState | None = None
+        self._vehicle_error = ""
         self._seq = 0
         self._started = time.time()
         self._compute_gflops = measure_compute_gflops()
@@ -249,7 +255,7 @@ class Node:
     async def publish_record(self, reason: str) -> CapacityRecord:
         """Sign and gossip a fresh record now; also store it in the DHT in the background."""
         now = time.time()
-        vehicle = self._last_vehicle or self.vehicle.read(now)
+        vehicle = self._last_vehicle or UNKNOWN_VEHICLE
         record = dataclasses.replace(self._build_record(now, vehicle), seq=self._next_seq())
         raw = encode_signed(record, self._key)
         self.view.accept(record, raw, now)
@@ -385,14 +391,12 @@ class Node:
             now = time.time()
             if self.evaluate_policy(now):
                 forced = True
-            if self._last_vehicle is None:
-                continue
             if self._state == "joining" and not self.hold_joining and (
                     not self.config.bootstrap or self.host.gossip_peers(self._topic)):
                 # Online once someone will hear us: the "online" record is then published into a
                 # formed topic, so every node learns of us without waiting for a refresh.
                 self._state = "online"
-            candidate = self._build_record(now, self._last_vehicle)
+            candidate = self._build_record(now, self._last_vehicle or UNKNOWN_VEHICLE)
             reason = "forced" if forced else should_publish(self._last_record, candidate, now, self._policy)
             if reason is not None:
                 await self.publish_record(reason)
@@ -403,7 +407,9 @@ class Node:
         try:
             self._last_vehicle = self.vehicle.read(now)
         except Exception as e:  # a broken sensor must not stop the node (it stops serving)
-            log.warning("reading vehicle state (%s) failed: %s", self.vehicle.name, e)
+            (log.warning if str(e) != self._vehicle_error else log.debug)(
+                "reading vehicle state (%s) failed: %s", self.vehicle.name, e)
+            self._vehicle_error = str(e)
             reading = None
         else:
             reading = vehicle_reading(self.vehicle, self._last_vehicle, now,

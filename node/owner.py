@@ -192,9 +192,9 @@ class ConsentLog:
             if op == "grant":
                 entry.update(start=now if start is None else start, expires=expires, scope=list(scope))
             entry["sig"] = self._key.sign(CONSENT_DOMAIN + _canonical(entry)).hex()
-            f.seek(0, os.SEEK_END)
-            if f.tell() and not self.path.read_bytes().endswith(b"\n"):
-                f.write(b"\n")  # terminate a half-written line so ours stays intact
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # drop a half-written line (a crash mid-write)
+                f.truncate(data.rfind(b"\n") + 1)
             f.write(_canonical(entry) + b"\n")
         return entry
 

@@ -9,6 +9,7 @@ process: the machine's cores are shared by several nodes), so heartbeats and gos
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -134,10 +135,11 @@ class StageServer:
         return None
 
     def stop_sessions(self) -> int:
-        """End every running session now (the owner policy says stop); returns how many."""
+        """End every session (and every stream not yet in one) now: the owner policy says stop.
+        Returns how many sessions were open."""
         for scope in self._sessions:
             scope.cancel()
-        return len(self._sessions)
+        return len(self._reserved)
 
     async def handle(self, fs: FramedStream) -> None:
         """Serve one session on ``fs`` until the client closes it, it idles out, the link dies,
@@ -148,6 +150,9 @@ class StageServer:
                 await self._handle(fs)
             finally:
                 self._sessions.discard(scope)
+        if scope.cancelled_caught:  # tell the client at once, so it moves without a timeout
+            with trio.move_on_after(1.0), contextlib.suppress(NetworkError):
+                await fs.send_error(S.ERR_DRAINING, "stopped by the owner policy; use another peer")
 
     async def _handle(self, fs: FramedStream) -> None:
         machine = S.SessionMachine()
