@@ -72,11 +72,17 @@ def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--nodes", type=int, default=3, metavar="N")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     p.add_argument("--state-file", type=Path, metavar="FILE",
-                   help='write {"nodes": [{"peer_id", "multiaddr", "pid"}, ...]} here, bootstrap first')
-    p.add_argument("--dir", type=Path, help="keep keys, logs and event logs here (default: a temp dir)")
+                   help='write {"nodes": [{"peer_id", "multiaddr", "pid", "data_dir"}, ...]} here, '
+                        'bootstrap first')
+    p.add_argument("--dir", type=Path,
+                   help="logs here, one data dir per node in DIR/nodeI (default: a temp dir)")
     p.add_argument("--generate", metavar="PROMPT",
                    help="once the swarm covers the model, generate across it (then stop, unless --duration)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--vehicle", metavar="SPEC", default="file",
+                   help="every node's vehicle: 'file' (default) = its DATA_DIR/vehicle.json, written "
+                        "parked, plugged in, 80%% at start and kept fresh; 'sims' = varied simulated "
+                        "vehicles (the owner policy then pauses some); or a spec like sim:taxi:scale=60")
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -159,7 +165,8 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         print("idlefleet: --nodes must be at least 1", file=sys.stderr)
         return 2
     return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir,
-                     prompt=args.generate, max_new_tokens=args.max_new_tokens)
+                     prompt=args.generate, max_new_tokens=args.max_new_tokens,
+                     vehicle=None if args.vehicle == "sims" else args.vehicle)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -189,6 +189,7 @@ class Pipeline:
             reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
             if reply.kind != "session_opened":
                 raise RemoteProtocolError(f"expected session_opened, got {reply.kind}")
+            client.sessions_opened[hop.peer_id] += 1
         except RemoteError as e:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
             raise StageFailure(hop, f"refused: {e}",
@@ -221,6 +222,7 @@ class Pipeline:
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
+        self.client.positions_computed[hop.peer_id] += x.shape[0]
         return out
 
     def _release(self, hop: _HopSession) -> None:
@@ -332,6 +334,10 @@ class FleetClient:
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
+        # What this client observed, per peer: sessions opened, positions computed (the owner
+        # report of each peer must agree).
+        self.sessions_opened: Counter[str] = Counter()
+        self.positions_computed: Counter[str] = Counter()
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,

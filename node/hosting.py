@@ -57,6 +57,7 @@ class BlockHosting:
         self._rng = random.Random(node.peer_id)
         self._limiter = trio.CapacityLimiter(1)  # one compute thread per process
         self._policy_changed = trio.Event()
+        self._retired: set[StageServer] = set()  # replaced servers whose sessions still run
         self.unloads = 0
 
     @property
@@ -132,7 +133,8 @@ class BlockHosting:
         assert self.server is not None
         log.info("unloading blocks %s: not serving (%s) for %.0fs", self.node.blocks, reason,
                  self.config.unload_grace_s)
-        self.server.stop_sessions()
+        for server in self.servers:
+            server.stop_sessions()
         self.server = None
         self.unloads += 1
         self.node.blocks = None
@@ -143,8 +145,9 @@ class BlockHosting:
     def policy_changed(self, decision: Any) -> None:
         """The owner decision's action changed: on ``stop`` end every session now (clients fail
         over); on ``drain`` the server's gate refuses new sessions and flags step results."""
-        if decision.action == "stop" and self.server is not None:
-            self.server.stop_sessions()
+        if decision.action == "stop":
+            for server in self.servers:
+                server.stop_sessions()
         self._policy_changed.set()
 
     async def _claim(self) -> tuple[int, int]:
@@ -175,20 +178,37 @@ class BlockHosting:
         self.node.request_publish()
 
     async def _switch_to(self, blocks: tuple[int, int]) -> None:
-        """Announce ``blocks``, load them (off the event loop) and serve them. Sessions already
-        open on the previous stage keep it until they close."""
+        """Load ``blocks`` (off the event loop), then serve and announce them. While they load the
+        record keeps announcing what we serve now (the claim was announced by ``_claim``), so no
+        client is sent here for blocks we do not have yet. Sessions open on the previous stage
+        keep it until they close; ``drain`` and ``stop`` reach them too (``servers``)."""
         assert self.info is not None
         node = self.node
-        self._announce(blocks)  # announce early: later joiners see the claim and pick elsewhere
         path = self._path()
         started = time.perf_counter()
         stage = await trio.to_thread.run_sync(lambda: _load(path, *blocks), limiter=self._limiter)
         log.info("loaded blocks [%d, %d) (%.0f MB) in %.1fs", *blocks, stage.nbytes / 1e6,
                  time.perf_counter() - started)
+        previous = self.server
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
                                   gate=node.owner.not_serving_reason)
+        if previous is not None:
+            self._retired.add(previous)
+            node.nursery.start_soon(self._retire, previous)
+        self._announce(blocks)
         node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
         node.nursery.start_soon(self._provide, blocks)
+
+    @property
+    def servers(self) -> list[StageServer]:
+        """The current server and every replaced one that still has sessions."""
+        return [s for s in (self.server, *self._retired) if s is not None]
+
+    async def _retire(self, server: StageServer) -> None:
+        try:
+            await server.wait_idle()
+        finally:
+            self._retired.discard(server)
 
     async def _provide(self, blocks: tuple[int, int]) -> None:
         assert self.info is not None
@@ -212,12 +232,14 @@ class BlockHosting:
         await self.server.handle(fs)
 
     async def drain(self, timeout: float) -> None:
-        """Take no new sessions; ask clients to move theirs; wait (bounded) until none is left."""
-        if self.server is None:
-            return
-        self.server.draining = True
+        """Take no new sessions; ask clients to move theirs (on the current stage and on any
+        replaced one); wait (bounded) until none is left."""
+        servers = self.servers
+        for server in servers:
+            server.draining = True
         with trio.move_on_after(timeout):
-            await self.server.wait_idle()
+            for server in servers:
+                await server.wait_idle()
 
 
 def _model_info(path: Path) -> ModelInfo:

@@ -235,8 +235,11 @@ class Node:
         decision = self.owner.decision
         policy, reason = (decision.action, decision.reason) if decision else ("stop", "starting")
         state = self._state
-        if state == "online" and self.hosting is not None and policy != "serve":
-            state = "draining"  # the owner's policy says no new sessions
+        if state == "online" and self.hosting is not None:
+            if self.hosting.server is None:
+                state = "joining"  # (re)loading blocks: not routable until they are served
+            elif policy != "serve":
+                state = "draining"  # the owner's policy says no new sessions
         addrs = tuple(a.split("/p2p/")[0] for a in self.host.multiaddrs())[:8]
         return CapacityRecord(
             peer_id=self.peer_id, public_key=self._public_key, addrs=addrs,
