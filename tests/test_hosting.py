@@ -90,6 +90,6 @@ async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(model_path: Pat
         old._idle.set()
         with trio.fail_after(5):
             await hosting.drain(10.0)
-        await trio.sleep(0)
+        await trio.sleep(0.05)  # let the retiring task see the server idle
         assert hosting.servers == [hosting.server]  # the old server is released once idle
         nursery.cancel_scope.cancel()
