@@ -14,20 +14,47 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from idlefleet.node.model.gguf_loader import ModelInfo, open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.stage import Stage, load_stage
-from idlefleet.node.node import Node, available_memory_mb
 from idlefleet.node.server import ServerConfig, StageServer
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
 from idlefleet.protocols.placement import choose_range, coverage, should_move
 
 log = logging.getLogger(__name__)
+
+
+def available_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+class HostingNode(Protocol):
+    """What hosting uses of its node (``node.node.Node``); hosting never imports the node."""
+
+    peer_id: str
+    host: Any
+    owner: Any  # node.owner.OwnerControl: the one owner of "may this node serve now"
+
+    def event(self, event: str, **fields: Any) -> None: ...
+
+    @property
+    def nursery(self) -> trio.Nursery: ...
+
+    def request_publish(self) -> None: ...
+
+    def fleet(self) -> list[Any]: ...
 
 
 def provider_key(model_id: str, block: int) -> str:
@@ -46,10 +73,17 @@ class HostingConfig:
 
 
 class BlockHosting:
-    """Owns this node's stage and stage server. Start with ``await nursery.start(hosting.run)``."""
+    """Owns this node's stage, stage server and serving status: ``model_id`` and ``blocks`` (what
+    the record announces), ``load`` and ``ready`` (blocks loaded and served). The node reads them
+    when it builds its record; nothing else writes them. Start with
+    ``await nursery.start(hosting.run)``."""
 
-    def __init__(self, node: Node, config: HostingConfig) -> None:
+    def __init__(self, node: HostingNode, config: HostingConfig) -> None:
         self.node = node
+        self.model_id = ""
+        self.blocks: tuple[int, int] | None = None
+        self.load = 0.0  # fraction of serving capacity in use
+        self.ready = False  # blocks loaded and served: the node may leave "joining"
         self.config = config
         self.server: StageServer | None = None
         self.info: ModelInfo | None = None
@@ -59,10 +93,6 @@ class BlockHosting:
         self._policy_changed = trio.Event()
         self._retired: set[StageServer] = set()  # replaced servers whose sessions still run
         self.unloads = 0
-
-    @property
-    def blocks(self) -> tuple[int, int] | None:
-        return self.node.blocks
 
     def _path(self) -> Path:
         return Path(self.config.model) if self.config.model else find_default_model()
@@ -83,7 +113,6 @@ class BlockHosting:
         """Load and serve while the owner policy allows it; unload after ``unload_grace_s`` of
         not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
         node = self.node
-        node.hold_joining = True  # stay "joining" (unroutable) until our blocks are loaded
         path = self._path()
         self.info = await trio.to_thread.run_sync(lambda: _model_info(path))
         node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
@@ -110,7 +139,7 @@ class BlockHosting:
                 if trio.current_time() < next_rebalance:
                     continue
                 next_rebalance = trio.current_time() + self._rebalance_delay()
-                current = self.node.blocks
+                current = self.blocks
                 if current is None or self.server.draining:
                     continue
                 better = should_move(self.info.n_blocks, self.info.block_bytes, self.budget_bytes(),
@@ -125,20 +154,20 @@ class BlockHosting:
 
     async def _load_claimed(self) -> None:
         await self._switch_to(await self._claim())
-        self.node.hold_joining = False
+        self.ready = True
         self.node.request_publish()
 
     def _unload(self, reason: str) -> None:
         """Free the block weights (not serving for a while): announce no blocks."""
         assert self.server is not None
-        log.info("unloading blocks %s: not serving (%s) for %.0fs", self.node.blocks, reason,
+        log.info("unloading blocks %s: not serving (%s) for %.0fs", self.blocks, reason,
                  self.config.unload_grace_s)
         for server in self.servers:
             server.stop_sessions()
         self.server = None
         self.unloads += 1
-        self.node.blocks = None
-        self.node.hold_joining = True
+        self.blocks = None
+        self.ready = False
         self.node.event("unloaded", reason=reason)
         self.node.request_publish()
 
@@ -174,7 +203,7 @@ class BlockHosting:
 
     def _announce(self, blocks: tuple[int, int]) -> None:
         assert self.info is not None
-        self.node.model_id, self.node.blocks = self.info.model_id, blocks
+        self.model_id, self.blocks = self.info.model_id, blocks
         self.node.request_publish()
 
     async def _switch_to(self, blocks: tuple[int, int]) -> None:
@@ -222,7 +251,7 @@ class BlockHosting:
         while True:
             if self.server is not None:
                 self.server.sample_busy(time.perf_counter())
-                self.node.load = self.server.load
+                self.load = self.server.load
             await trio.sleep(1.0)
 
     async def _handle(self, fs: FramedStream) -> None:

@@ -27,6 +27,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
+from idlefleet.node.hosting import BlockHosting, HostingConfig, available_memory_mb
 from idlefleet.node.owner import (
     ConsentLog,
     DataDir,
@@ -84,17 +85,6 @@ def measure_compute_gflops(size: int = 256, repeats: int = 5) -> float:
     return round(2 * size**3 / max(best, 1e-9) / 1e9, 2)
 
 
-def available_memory_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
-
-
 #: What a record says while no vehicle state was ever read (its policy says vehicle_unknown).
 UNKNOWN_VEHICLE = VehicleState(battery_soc=0.0, plugged_in=False, charging_kw=0.0, thermal_headroom_c=0.0,
                                parked=False, parked_since=None, expected_departure=None)
@@ -112,14 +102,10 @@ class Node:
         self.vehicle = vehicle
         self.view = FleetView()
         self.rejected: Counter[str] = Counter()
-        self.load = 0.0  # fraction of serving capacity in use (set by the model server)
-        self.model_id = ""
-        self.blocks: tuple[int, int] | None = None
         self._key = key
         self._public_key = raw_public_key(key)
         self._nursery = nursery
-        self.hosting: Any = None  # node.hosting.BlockHosting when this node serves blocks
-        self.hold_joining = False  # set while blocks load: stay "joining" (not routable)
+        self.hosting: BlockHosting | None = None  # owns blocks, model_id, load when serving
         self._state = "joining"
         self._last_record: CapacityRecord | None = None
         self._last_vehicle: VehicleState | None = None
@@ -186,6 +172,19 @@ class Node:
             "seq": self._seq,
             "policy": None if self.owner.decision is None else self.owner.decision.action,
         }
+
+    # What this node serves: owned and published by its hosting component (None: serves nothing).
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        return self.hosting.blocks if self.hosting is not None else None
+
+    @property
+    def model_id(self) -> str:
+        return self.hosting.model_id if self.hosting is not None else ""
+
+    @property
+    def load(self) -> float:
+        return self.hosting.load if self.hosting is not None else 0.0
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -394,7 +393,7 @@ class Node:
             now = time.time()
             if self.evaluate_policy(now):
                 forced = True
-            if self._state == "joining" and not self.hold_joining and (
+            if self._state == "joining" and (self.hosting is None or self.hosting.ready) and (
                     not self.config.bootstrap or self.host.gossip_peers(self._topic)):
                 # Online once someone will hear us: the "online" record is then published into a
                 # formed topic, so every node learns of us without waiting for a refresh.
@@ -584,7 +583,6 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await nursery.start(node._maintain)
             node.request_publish()
             if config.serve:  # loads and serves blocks only while the owner policy allows it
-                from idlefleet.node.hosting import BlockHosting, HostingConfig
                 from idlefleet.node.server import ServerConfig
 
                 node.hosting = BlockHosting(node, HostingConfig(

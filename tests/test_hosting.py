@@ -27,10 +27,6 @@ class StandInNode:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.peer_id = "12D3KooWStandIn"
-        self.blocks: tuple[int, int] | None = None
-        self.model_id = ""
-        self.hold_joining = False
-        self.load = 0.0
         self.nursery = nursery
         self.host = StandInHost()
         self.events: list[str] = []
@@ -53,35 +49,35 @@ async def test_rebalancing_keeps_announcing_the_old_range_until_the_new_one_is_l
         model_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         node = StandInNode(nursery)
-        hosting = BlockHosting(node, HostingConfig(model=str(model_path)))  # type: ignore[arg-type]
+        hosting = BlockHosting(node, HostingConfig(model=str(model_path)))
         hosting.info = _model_info(model_path)
-        await hosting._switch_to((0, 2))
-        assert node.blocks == (0, 2) and hosting.server is not None
+        await hosting._switch_to((0, 1))
+        assert hosting.blocks == (0, 1) and hosting.server is not None
         old = hosting.server
         async with hosting._limiter:  # the compute thread is busy: the new range cannot load yet
-            nursery.start_soon(hosting._switch_to, (2, 4))
+            nursery.start_soon(hosting._switch_to, (1, 2))
             await trio.sleep(0.5)
-            # Clients routed here now must find what the record says: still blocks 0-2.
-            assert node.blocks == (0, 2)
+            # Clients routed here now must find what the record says: still block 0.
+            assert hosting.blocks == (0, 1)
             assert hosting.server is old
         with trio.fail_after(60):
             while hosting.server is old:
                 await trio.sleep(0.05)
-        assert node.blocks == (2, 4)
+        assert hosting.blocks == (1, 2)
         nursery.cancel_scope.cancel()
 
 
 async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(model_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         node = StandInNode(nursery)
-        hosting = BlockHosting(node, HostingConfig(model=str(model_path)))  # type: ignore[arg-type]
+        hosting = BlockHosting(node, HostingConfig(model=str(model_path)))
         hosting.info = _model_info(model_path)
-        await hosting._switch_to((0, 2))
+        await hosting._switch_to((0, 1))
         old = hosting.server
         assert old is not None
         old._reserved[1] = 1  # a session still open on the old stage
         old._idle = trio.Event()
-        await hosting._switch_to((2, 4))
+        await hosting._switch_to((1, 2))
         assert hosting.servers == [hosting.server, old]
         with trio.move_on_after(0.2):
             await hosting.drain(10.0)
@@ -93,3 +89,15 @@ async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(model_path: Pat
         await trio.sleep(0.05)  # let the retiring task see the server idle
         assert hosting.servers == [hosting.server]  # the old server is released once idle
         nursery.cancel_scope.cancel()
+
+
+def test_hosting_does_not_import_the_node() -> None:
+    """One direction only: the node builds on hosting (no import cycle, no shared loose fields)."""
+    import ast
+
+    import idlefleet.node.hosting as hosting
+
+    tree = ast.parse(Path(hosting.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "idlefleet.node.node" not in imported
