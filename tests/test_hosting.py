@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from idlefleet.node.hosting import BlockHosting, HostingConfig, _model_info
+import idlefleet.node.hosting as hosting_module
+from idlefleet.node.hosting import BlockHosting, HostingConfig
+from idlefleet.node.model.stage import load_stage
 from idlefleet.node.owner import OwnerControl
 from idlefleet.protocols.policy import Consent, Preferences, VehicleReading
 
@@ -45,12 +48,19 @@ class StandInNode:
         return []
 
 
+@pytest.fixture
+def shared_model_file(model_file: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Load stages from the session's open model file (opening the GGUF again costs seconds)."""
+    monkeypatch.setattr(hosting_module, "_load", lambda path, start, end: load_stage(model_file, start, end))
+    return model_file
+
+
 async def test_rebalancing_keeps_announcing_the_old_range_until_the_new_one_is_loaded(
-        model_path: Path) -> None:
+        model_path: Path, shared_model_file: Any) -> None:
     async with trio.open_nursery() as nursery:
         node = StandInNode(nursery)
         hosting = BlockHosting(node, HostingConfig(model=str(model_path)))
-        hosting.info = _model_info(model_path)
+        hosting.info = shared_model_file.info()
         await hosting._switch_to((0, 1))
         assert hosting.blocks == (0, 1) and hosting.server is not None
         old = hosting.server
@@ -67,11 +77,12 @@ async def test_rebalancing_keeps_announcing_the_old_range_until_the_new_one_is_l
         nursery.cancel_scope.cancel()
 
 
-async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(model_path: Path) -> None:
+async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(
+        model_path: Path, shared_model_file: Any) -> None:
     async with trio.open_nursery() as nursery:
         node = StandInNode(nursery)
         hosting = BlockHosting(node, HostingConfig(model=str(model_path)))
-        hosting.info = _model_info(model_path)
+        hosting.info = shared_model_file.info()
         await hosting._switch_to((0, 1))
         old = hosting.server
         assert old is not None
@@ -95,9 +106,7 @@ def test_hosting_does_not_import_the_node() -> None:
     """One direction only: the node builds on hosting (no import cycle, no shared loose fields)."""
     import ast
 
-    import idlefleet.node.hosting as hosting
-
-    tree = ast.parse(Path(hosting.__file__).read_text())
+    tree = ast.parse(Path(hosting_module.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert "idlefleet.node.node" not in imported
