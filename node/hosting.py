@@ -113,12 +113,20 @@ class BlockHosting:
         """Load and serve while the owner policy allows it; unload after ``unload_grace_s`` of
         not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
         node = self.node
+        node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
+        started = not node.owner.serving
+        if started:  # touch no model file (seconds of CPU) until allowed to serve
+            task_status.started()
+            while not node.owner.serving:
+                with trio.move_on_after(1.0):
+                    await self._policy_changed.wait()
+                self._policy_changed = trio.Event()
         path = self._path()
         self.info = await trio.to_thread.run_sync(lambda: _model_info(path))
-        node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
         if node.owner.serving:
             await self._load_claimed()
-        task_status.started()
+        if not started:
+            task_status.started()
         next_rebalance = trio.current_time() + self._rebalance_delay()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._load_reporter)
