@@ -582,7 +582,10 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await nursery.start(node._publisher)
             await nursery.start(node._maintain)
             node.request_publish()
-            if config.serve:  # loads and serves blocks only while the owner policy allows it
+            # Loads and serves blocks only while the owner policy allows it. Without consent at
+            # start and without a data dir (no control socket: consent cannot arrive later) there
+            # is nothing to host: an embedded client node stays out of it.
+            if config.serve and (config.consent or data_dir is not None):
                 from idlefleet.node.server import ServerConfig
 
                 node.hosting = BlockHosting(node, HostingConfig(
