@@ -338,3 +338,39 @@ async def test_refusal_names_the_policy_reason(two_blocks: Stage) -> None:  # no
         with pytest.raises(RemoteError) as err:
             await fs.receive_reply(timeout=5)
         assert err.value.code == S.ERR_DRAINING and "battery_floor" in str(err.value)
+
+
+# -- routing: policy and regions -------------------------------------------------------------------
+
+class RoutingStandIn:
+    """What FleetClient's routing reads of a node: its view, RTTs, peer id and region."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self.records = records
+        self.peer_id = "12D3KooWClient"
+        self.config = NodeConfig(region="u33d")
+        self.liveness = type("L", (), {"min_rtt_s": {}})()
+
+    def fleet(self) -> list[Any]:
+        return self.records
+
+
+def test_routing_skips_peers_whose_policy_says_no_and_honours_allowed_regions(client_model: Any) -> None:
+    from idlefleet.node.client import ClientConfig, FleetClient
+    from idlefleet.protocols.routing import NoRoute
+    from tests.factories import T0, capacity_record
+
+    def rec(region: str, **kw: Any) -> Any:
+        return capacity_record(Ed25519PrivateKey.generate(), region=region, model_id=client_model.model_id,
+                               blocks=(0, client_model.n_blocks), issued_at=time.time(), **kw)
+
+    near, stopped, far = rec("u33d"), rec("u33d", policy="stop", policy_reason="driving"), rec("u28x")
+    assert time.time() > T0
+    node = RoutingStandIn([near, stopped, far])
+    client = FleetClient(node, client_model, ClientConfig())  # type: ignore[arg-type]
+    assert {c.peer_id for c in client.candidates()} == {near.peer_id, far.peer_id}
+    only_u28 = FleetClient(node, client_model, ClientConfig(allow_regions=("u28",)))  # type: ignore[arg-type]
+    assert [h.peer_id for h in only_u28.find_route()] == [far.peer_id]
+    node.records = [near, stopped]
+    with pytest.raises(NoRoute, match="no route within the allowed regions u28"):
+        only_u28.find_route()
