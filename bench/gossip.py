@@ -179,7 +179,7 @@ class Bench:
         if policy == "naive":
             extra += ["--publish-policy", "naive"]
         self.swarm = Swarm(n, workdir, extra, env=env, vehicles=[f"file:{p}" for p in self.files])
-        self.tails = [EventTail(workdir / f"node{i}.events.jsonl") for i in range(n)]
+        self.tails = [EventTail(workdir / f"node{i}" / "events.jsonl") for i in range(n)]
         self.peer_ids: list[str] = []
         self.result = PhaseResult(n, policy)
 

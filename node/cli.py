@@ -26,6 +26,8 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--local-blocks", type=int, default=0, metavar="K",
                    help="run the first K blocks here, so the first hop sees hidden states after K "
                         "blocks instead of token embeddings (fleet only; see README, Privacy)")
+    p.add_argument("--allow-regions", metavar="PREFIX[,PREFIX]",
+                   help="fleet only: every hop must be in one of these geohash prefixes (privacy)")
 
 
 def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,6 +75,13 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--status-file", type=Path, help="keep a JSON status snapshot here (for supervisors)")
     p.add_argument("--api-port", type=int, metavar="PORT",
                    help="serve the OpenAI-compatible API, dashboard and metrics on 127.0.0.1:PORT")
+    p.add_argument("--data-dir", type=Path,
+                   help="key, consent log, event log, control socket (default ~/.idlefleet)")
+    p.add_argument("--owner", dest="owner_prefs", action="append", metavar="KEY=VALUE", default=[],
+                   help="an owner preference, e.g. require_plugged_in=false (repeatable; see README)")
+    p.add_argument("--power-w", type=float, help="compute power draw for the owner report (default 100)")
+    p.add_argument("--unload-grace", dest="unload_grace_s", type=float,
+                   help="unload block weights after not serving this many seconds (default 60)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -86,13 +95,19 @@ def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--nodes", type=int, default=3, metavar="N")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
     p.add_argument("--state-file", type=Path, metavar="FILE",
-                   help='write {"nodes": [{"peer_id", "multiaddr", "pid"}, ...]} here, bootstrap first')
-    p.add_argument("--dir", type=Path, help="keep keys, logs and event logs here (default: a temp dir)")
+                   help='write {"nodes": [{"peer_id", "multiaddr", "pid", "data_dir"}, ...]} here, '
+                        'bootstrap first')
+    p.add_argument("--dir", type=Path,
+                   help="logs here, one data dir per node in DIR/nodeI (default: a temp dir)")
     p.add_argument("--generate", metavar="PROMPT",
                    help="once the swarm covers the model, generate across it (then stop, unless --duration)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--api-port", type=int, metavar="PORT",
                    help="serve the HTTP API and dashboard on the first node (keeps the swarm running)")
+    p.add_argument("--vehicle", metavar="SPEC", default="file",
+                   help="every node's vehicle: 'file' (default) = its DATA_DIR/vehicle.json, written "
+                        "parked, plugged in, 80%% at start and kept fresh; 'sims' = varied simulated "
+                        "vehicles (the owner policy then pauses some); or a spec like sim:taxi:scale=60")
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -114,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_api_parser(sub)
     _add_batch(sub)
+    from idlefleet.node.owner_cli import add_owner_parser
+
+    add_owner_parser(sub)
     return parser
 
 
@@ -127,12 +145,38 @@ def _cmd_node(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (
         "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
         "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log",
-        "serve", "model", "memory_budget_mb", "rebalance_s", "peers_file")}
+        "serve", "model", "memory_budget_mb", "rebalance_s", "peers_file", "data_dir", "power_w",
+        "unload_grace_s")}
+    if overrides["data_dir"] is None:
+        from idlefleet.node.owner import default_data_dir
+
+        overrides["data_dir"] = default_data_dir()
+    if args.owner_prefs:
+        overrides["owner"] = _owner_prefs(args.owner_prefs)
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)
     trio.run(lambda: run_node(config, status_file=args.status_file, api_port=args.api_port))
     return 0
+
+
+def _owner_prefs(items: list[str]) -> dict[str, object]:
+    """``["require_plugged_in=false", "allowed_hours=22:00-07:00"]`` -> typed values (TOML
+    literals where they parse, strings otherwise). Raises ConfigError on an item without '='."""
+    import tomllib
+
+    from idlefleet.protocols.errors import ConfigError
+
+    prefs: dict[str, object] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--owner {item!r}: expected KEY=VALUE")
+        try:
+            prefs[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            prefs[key.strip()] = value
+    return prefs
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -150,7 +194,8 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         print("idlefleet: --nodes must be at least 1", file=sys.stderr)
         return 2
     return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir,
-                     prompt=args.generate, max_new_tokens=args.max_new_tokens, api_port=args.api_port)
+                     prompt=args.generate, max_new_tokens=args.max_new_tokens, api_port=args.api_port,
+                     vehicle=None if args.vehicle == "sims" else args.vehicle)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -204,6 +249,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from idlefleet.node.batch_cli import run_batch
 
         return run_batch(args)
+    if args.command == "owner":
+        from idlefleet.node.owner_cli import run_owner
+
+        return run_owner(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     return commands[args.command](args)
 

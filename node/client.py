@@ -87,6 +87,9 @@ class ClientConfig:
     route_wait_s: float = 30.0  # how long to wait for the fleet to cover every block
     dht_lookup_after_s: float = 1.0  # gossip first; then look uncovered blocks up in the DHT ...
     dht_lookup_every_s: float = 5.0  # ... this often while they stay uncovered
+    # Privacy by routing: every hop's region must start with one of these geohash prefixes
+    # (empty: anywhere). No route ever violates it; when none exists, NoRoute says so.
+    allow_regions: tuple[str, ...] = ()
     # Decoding one token through one SmolLM2 block in numpy takes ~1 ms, far more than its FLOPs
     # at a node's measured matmul rate suggest (it is memory-bound): count that as overhead, so
     # compute, not RTT noise, dominates route costs.
@@ -265,9 +268,11 @@ class Pipeline:
             if hidden != client.model.head.config.hidden_size:
                 raise RemoteProtocolError(f"session_opened says hidden size {hidden!r}, the model has "
                                           f"{client.model.head.config.hidden_size}")
+            client.sessions_opened[hop.peer_id] += 1
         except RemoteError as e:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
-            raise StageFailure(hop, f"refused: {e}", ban=e.code not in (S.ERR_BUSY,)) from None
+            raise StageFailure(hop, f"refused: {e}",
+                               ban=e.code not in (S.ERR_BUSY, S.ERR_DRAINING)) from None
         except (NetworkError, RemoteProtocolError) as e:
             raise StageFailure(hop, f"open failed: {e}") from None
 
@@ -288,9 +293,13 @@ class Pipeline:
                 raise RemoteProtocolError(f"expected step_result, got {reply.kind}")
             result = S.StepResult.from_body(reply.body)
             out = self._check_reply(result, position, x.shape)
+        except RemoteError as e:  # an owner's "stop" ends sessions with draining: not a fault
+            raise StageFailure(hop, f"step at {position} failed: {e}",
+                               ban=e.code != S.ERR_DRAINING) from None
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
+        self.client.positions_computed[hop.peer_id] += x.shape[0]
         if x.shape[0] == 1:  # decode steps only: comparable across peers and prompts
             self.client.record_step(hop.peer_id, time.monotonic() - started, hop.end - hop.start)
         return out
@@ -438,6 +447,10 @@ class FleetClient:
         sample = max(0.0, seconds - rtt) / max(1, blocks)
         old = self.block_s.get(peer_id)
         self.block_s[peer_id] = sample if old is None else 0.7 * old + 0.3 * sample
+        # What this client observed, per peer: sessions opened, positions computed (the owner
+        # report of each peer must agree).
+        self.sessions_opened: Counter[str] = Counter()
+        self.positions_computed: Counter[str] = Counter()
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,
@@ -470,6 +483,11 @@ class FleetClient:
             own = record.peer_id == self.node.peer_id  # our own blocks: a loopback hop, no RTT
             if record.model_id != self.model.model_id or (own and self.node.hosting is None):
                 continue
+            if record.policy != "serve":  # its owner's policy says no: never open a session there
+                continue
+            regions = self.config.allow_regions
+            if regions and not record.region.startswith(regions):
+                continue
             cand = Candidate.from_record(record, 0.0 if own else rtt.get(record.peer_id, typical),
                                          self.block_s.get(record.peer_id))
             if cand is not None:
@@ -483,9 +501,15 @@ class FleetClient:
         """The best chain of peers for blocks ``[start, end)`` now (default: every block not run
         locally). Raises NoRoute."""
         start = self.model.local_blocks if start is None else start
-        return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
-                          now=time.time(), my_region=self.node.config.region,
-                          banned=self.banned(), costs=self.config.costs)
+        try:
+            return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
+                              now=time.time(), my_region=self.node.config.region,
+                              banned=self.banned(), costs=self.config.costs)
+        except NoRoute as e:
+            if self.config.allow_regions:
+                raise NoRoute(e.block, f"no route within the allowed regions "
+                              f"{','.join(self.config.allow_regions)}: {e}") from None
+            raise
 
     def uncovered_blocks(self) -> list[int]:
         """Blocks no usable host in the fleet view serves."""

@@ -10,8 +10,13 @@ Example ``node.toml``::
     vehicle = "sim:commuter:seed=3"   # or "file:/run/car/state.json", or "sysfs"
     consent = true             # the owner opts in to serving work ...
     consent_hours = 8          # ... for this long from start (omit: until revoked)
+    data_dir = "~/.idlefleet"  # key, consent log, event log, control socket (owner-only)
     link_kind = "wifi"         # ethernet | wifi | cellular
     link_metered = false
+
+    [owner]                    # owner preferences (protocols/policy.py Preferences)
+    require_plugged_in = true
+    allowed_hours = "22:00-07:00"
 """
 
 from __future__ import annotations
@@ -26,17 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from idlefleet.protocols.errors import ConfigError
+from idlefleet.protocols.policy import Preferences
 
 GEOHASH_ALPHABET = set("0123456789bcdefghjkmnpqrstuvwxyz")
 LINK_KINDS = ("ethernet", "wifi", "cellular")
 PUBLISH_POLICIES = ("adaptive", "naive")
+DEFAULT_KEY_FILE = Path("~/.idlefleet/node.key")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything one node needs. Validated on construction (ConfigError says what to fix)."""
 
-    key_file: Path = Path("~/.idlefleet/node.key")
+    key_file: Path = DEFAULT_KEY_FILE
     listen_host: str = "127.0.0.1"
     port: int = 0
     bootstrap: tuple[str, ...] = ()
@@ -68,10 +75,16 @@ class NodeConfig:
     max_sessions: int = 16
     kv_budget_mb: float = 256.0
     session_idle_s: float = 60.0
+    # The owner's data directory (key, consent log, event log, control socket); None = none
+    # (embedded use: consent only from ``consent``/``consent_hours``, events only to event_log).
+    data_dir: Path | None = None
+    owner: dict[str, Any] = field(default_factory=dict)  # owner preferences (policy.Preferences)
+    power_w: float = 100.0  # compute power draw, for the owner report's energy estimate
+    unload_grace_s: float = 60.0  # unload block weights after not serving this long
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("key_file", "event_log", "peers_file"):  # a path given as a string is a path
+        for name in ("key_file", "event_log", "peers_file", "data_dir"):  # a path given as a string is a path
             value = getattr(self, name)
             if isinstance(value, str) and value:
                 object.__setattr__(self, name, Path(value))
@@ -104,7 +117,8 @@ class NodeConfig:
             if not lo <= value <= hi:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         for name, low, high in (("rebalance_s", 0.1, 86400.0), ("session_idle_s", 0.1, 86400.0),
-                                ("kv_budget_mb", 1.0, 2.0**20), ("memory_budget_mb", 1.0, 2.0**24)):
+                                ("kv_budget_mb", 1.0, 2.0**20), ("memory_budget_mb", 1.0, 2.0**24),
+                                ("power_w", 0.0, 1e6), ("unload_grace_s", 0.0, 1e6)):
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
                 raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
@@ -114,6 +128,10 @@ class NodeConfig:
             raise ConfigError("vehicle must not be empty (sim:PROFILE, file:PATH or sysfs[:ROOT])")
         if self.model is not None and not self.model:
             raise ConfigError("model must be a GGUF path (omit it for the default model)")
+        try:
+            Preferences.from_mapping(self.owner)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"owner preferences: {e}") from None
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")
@@ -123,7 +141,20 @@ class NodeConfig:
 
     @property
     def key_path(self) -> Path:
+        if self.data_dir is not None and self.key_file == DEFAULT_KEY_FILE:
+            return self.data_dir.expanduser() / "node.key"
         return self.key_file.expanduser()
+
+    @property
+    def events_path(self) -> Path | None:
+        """The event log: ``event_log``, else ``DATA_DIR/events.jsonl`` (on by default)."""
+        if self.event_log is not None:
+            return self.event_log
+        return None if self.data_dir is None else self.data_dir.expanduser() / "events.jsonl"
+
+    @property
+    def preferences(self) -> Preferences:
+        return Preferences.from_mapping(self.owner)
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> NodeConfig:

@@ -17,9 +17,22 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.client import ClientConfig, FleetClient, GenerationFailed
-from idlefleet.node.config import NodeConfig
+from idlefleet.node.config import GEOHASH_ALPHABET, NodeConfig
 from idlefleet.node.node import open_node
 from idlefleet.node.run import setup_logging
+
+
+def parse_regions(spec: str | None) -> tuple[str, ...]:
+    """``"u33,u28"`` -> ``("u33", "u28")``; None -> ``()``. Raises ValueError on a bad prefix."""
+    if spec is None:
+        return ()
+    regions = tuple(r.strip() for r in spec.split(",") if r.strip())
+    for r in regions:
+        if not (1 <= len(r) <= 12 and set(r) <= GEOHASH_ALPHABET):
+            raise ValueError(f"--allow-regions: {r!r} is not a geohash prefix")
+    if not regions:
+        raise ValueError("--allow-regions needs at least one geohash prefix")
+    return regions
 
 
 async def fleet_generate(args: argparse.Namespace) -> int:
@@ -27,8 +40,9 @@ async def fleet_generate(args: argparse.Namespace) -> int:
         config = NodeConfig(key_file=Path(tmp) / "client.key", bootstrap=(args.bootstrap,),
                             consent=False, serve=False, vehicle="sysfs")
         async with open_node(config, key=Ed25519PrivateKey.generate()) as node:
-            client = await FleetClient.create(
-                node, args.model, ClientConfig(wire_dtype=args.wire_dtype, local_blocks=args.local_blocks))
+            client = await FleetClient.create(node, args.model, ClientConfig(
+                wire_dtype=args.wire_dtype, local_blocks=args.local_blocks,
+                allow_regions=parse_regions(args.allow_regions)))
 
             def on_token(_token: int, piece: str) -> None:
                 if not args.json:

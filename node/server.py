@@ -18,6 +18,7 @@ through the batcher like any step).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -78,8 +79,12 @@ class StageServer:
 
     def __init__(self, stage: Stage, config: ServerConfig = ServerConfig(),
                  limiter: trio.CapacityLimiter | None = None,
-                 on_event: Callable[..., None] | None = None) -> None:
+                 on_event: Callable[..., None] | None = None,
+                 gate: Callable[[], str | None] | None = None) -> None:
         self.stage = stage
+        # The owner policy: None while this node may serve, else why not (no new sessions then).
+        self._gate = gate or (lambda: None)
+        self._sessions: set[trio.CancelScope] = set()
         self._on_event = on_event or (lambda event, **fields: None)  # the owner's audit log
         self.config = config
         self.draining = False
@@ -143,6 +148,9 @@ class StageServer:
         st = self.stage
         if self.draining:
             return self._refuse(S.ERR_DRAINING), "this node is draining; use another peer"
+        why = self._gate()
+        if why is not None:
+            return self._refuse(S.ERR_DRAINING), f"not serving (owner policy: {why}); use another peer"
         if req.model_id != st.model_id:
             return self._refuse(S.ERR_WRONG_MODEL), f"this node serves {st.model_id}"
         if not (st.start <= req.start < req.end <= st.end):
@@ -180,11 +188,30 @@ class StageServer:
         while n > 1 and n * (4 * (2 * c.n_heads + 1) * (position + n) + per_row) > budget:
             n //= 2
         return n
+    def stop_sessions(self) -> int:
+        """End every session (and every stream not yet in one) now: the owner policy says stop.
+        Returns how many sessions were open."""
+        for scope in self._sessions:
+            scope.cancel()
+        return len(self._reserved)
 
     async def handle(self, fs: FramedStream) -> None:
-        """Serve one session on ``fs`` until the client closes it, it idles out, or the link dies."""
+        """Serve one session on ``fs`` until the client closes it, it idles out, the link dies,
+        or ``stop_sessions`` ends it."""
+        with trio.CancelScope() as scope:
+            self._sessions.add(scope)
+            try:
+                await self._handle(fs)
+            finally:
+                self._sessions.discard(scope)
+        if scope.cancelled_caught:  # tell the client at once, so it moves without a timeout
+            with trio.move_on_after(1.0), contextlib.suppress(NetworkError):
+                await fs.send_error(S.ERR_DRAINING, "stopped by the owner policy; use another peer")
+
+    async def _handle(self, fs: FramedStream) -> None:
         machine = S.SessionMachine()
         sid = steps = tokens = invalid = 0
+        busy = 0.0
         cache: KVCache | None = None
         stage: Stage | None = None
         req: S.OpenRequest | None = None
@@ -229,7 +256,9 @@ class StageServer:
                     assert stage is not None
                     assert cache is not None
                     assert req is not None
+                    started = time.perf_counter()
                     done = await self._step(fs, env.body, stage, cache, req)
+                    busy += time.perf_counter() - started
                     steps, tokens = steps + (done > 0), tokens + done
                     if done:
                         invalid, valid_at = 0, trio.current_time()
@@ -259,7 +288,8 @@ class StageServer:
             if self._reserved.pop(sid, None) is not None:
                 log.info("session %d closed", sid)
                 self._on_event("session_closed", session=sid, client=fs.peer_id,
-                               steps=steps, tokens=tokens)
+                               steps=steps, tokens=tokens, busy_s=round(busy, 4),
+                               blocks=[req.start, req.end] if req is not None else None)
             if not self._reserved:
                 self._idle.set()
 
@@ -304,6 +334,7 @@ class StageServer:
             self.stats.bad_requests += 1
             await fs.send_error(S.ERR_BAD_TENSOR, f"step output is not encodable ({e}); input out of range")
             return 0
-        result = S.StepResult(step.position, encoded, self.draining)
+        draining = self.draining or self._gate() is not None
+        result = S.StepResult(step.position, encoded, draining)
         await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
         return int(hidden.shape[0])

@@ -24,6 +24,11 @@ from idlefleet.node.procs import tied_popen_kwargs
 from idlefleet.node.run import write_json_atomic
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
+#: ``--vehicle file``: every node reads DATA_DIR/vehicle.json, written with this state at start
+#: (parked, plugged in, 80% charged); rewrite one file to change one car (``Swarm.write_vehicle``).
+FILE_VEHICLE = "file"
+START_VEHICLE = {"battery_soc": 0.8, "plugged_in": True, "charging_kw": 7.4, "thermal_headroom_c": 40.0,
+                 "parked": True, "parked_since": None, "expected_departure": None}
 # Room for 10 of SmolLM2's 30 blocks (14.2 MB each in fp32; 140 MiB = 146.8 MB):
 # 3 nodes cover the model, 6 cover it twice.
 SWARM_BUDGET_MB = 140
@@ -49,15 +54,23 @@ def default_vehicle(index: int) -> str:
     return f"sim:{PROFILES[index % len(PROFILES)]}:seed={index}:scale=60"
 
 
+def node_data_dir(workdir: Path, index: int) -> Path:
+    """Node ``index``'s own data directory (key, consent log, event log, control socket)."""
+    return workdir / f"node{index}"
+
+
 def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequence[str],
                  vehicle: str | None = None) -> list[str]:
+    data_dir = node_data_dir(workdir, index)
+    if vehicle == FILE_VEHICLE:
+        vehicle = f"file:{data_dir / 'vehicle.json'}"
     cmd = [sys.executable, "-m", "idlefleet.node.cli", "node",
-           "--key-file", str(workdir / f"node{index}.key"),
+           "--data-dir", str(data_dir),
            "--listen-host", "127.0.0.1", "--port", "0",
            "--vehicle", vehicle or default_vehicle(index),
            "--consent", "--memory-budget-mb", str(SWARM_BUDGET_MB), "--rebalance", "10",
            "--status-file", str(workdir / f"node{index}.status.json"),
-           "--event-log", str(workdir / f"node{index}.events.jsonl")]
+           ]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
     return cmd + list(extra)
@@ -88,6 +101,9 @@ class Swarm:
         log_file = self.workdir / f"node{index}.log"
         status_file = self.workdir / f"node{index}.status.json"
         status_file.unlink(missing_ok=True)
+        node_data_dir(self.workdir, index).mkdir(mode=0o700, exist_ok=True)
+        if self.vehicles[index] == FILE_VEHICLE:
+            self.write_vehicle(index)
         with open(log_file, "ab") as logf:
             extra = self.extra_args + (self.first_args if index == 0 else [])
             cmd = node_command(index, self.workdir, bootstrap, extra, self.vehicles[index])
@@ -100,9 +116,29 @@ class Swarm:
         self.nodes.append(node)
         return node
 
+    def write_vehicle(self, index: int, **changes: Any) -> dict[str, Any]:
+        """(Re)write node ``index``'s vehicle.json atomically: the start state (parked_since =
+        now) with ``changes``. Returns what was written."""
+        state = {**START_VEHICLE, "parked_since": time.time(), **changes}
+        if not state["parked"]:
+            state["parked_since"] = None
+        write_json_atomic(node_data_dir(self.workdir, index) / "vehicle.json", state)
+        return state
+
+    def touch_vehicles(self) -> None:
+        """Keep ``--vehicle file`` states fresh (the swarm plays the car daemon for the demo)."""
+        for i, spec in enumerate(self.vehicles):
+            path = node_data_dir(self.workdir, i) / "vehicle.json"
+            if spec == FILE_VEHICLE and path.exists():
+                os.utime(path)
+
     def _wait_status(self, node: SwarmNode, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        touched = 0.0
         while time.monotonic() < deadline:
+            if time.monotonic() - touched >= 1.0:  # loading takes a while: keep the states fresh
+                self.touch_vehicles()
+                touched = time.monotonic()
             st = node.status()
             if st is not None:
                 return st
@@ -125,12 +161,12 @@ class Swarm:
             self._wait_status(node, timeout)
 
     def state(self) -> dict[str, Any]:
-        """``{"nodes": [{"peer_id", "multiaddr", "pid"}, ...]}``, bootstrap node first."""
+        """``{"nodes": [{"peer_id", "multiaddr", "pid", "data_dir"}, ...]}``, bootstrap first."""
         out = []
         for node in self.nodes:
             st = node.status() or {}
             out.append({"peer_id": st.get("peer_id"), "multiaddr": st.get("multiaddr"),
-                        "pid": node.proc.pid})
+                        "pid": node.proc.pid, "data_dir": str(node_data_dir(self.workdir, node.index))})
         return {"nodes": out}
 
     def stop(self, *, timeout: float = 20.0) -> dict[int, int | None]:
@@ -218,7 +254,7 @@ def generate_across(swarm: Swarm, prompt: str, max_new_tokens: int, out: TextIO)
 
 def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdir: Path | None,
               extra_args: Sequence[str] = (), out: TextIO = sys.stdout, prompt: str | None = None,
-              max_new_tokens: int = 48, api_port: int | None = None) -> int:
+              max_new_tokens: int = 48, api_port: int | None = None, vehicle: str | None = None) -> int:
     """The ``idlefleet swarm`` command. Returns the exit code.
 
     With ``prompt``, once the swarm covers the model it generates text across it (showing the
@@ -229,7 +265,7 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="idlefleet-swarm-")
         workdir = Path(tmp.name)
-    swarm = Swarm(n, workdir, extra_args,
+    swarm = Swarm(n, workdir, extra_args, vehicles=None if vehicle is None else [vehicle] * n,
                   first_args=() if api_port is None else ("--api-port", str(api_port)))
     live = out.isatty() and prompt is None
     started = time.monotonic()
@@ -260,6 +296,7 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
                   f"{'' if duration is None else f' of {duration:.0f}s'}  (Ctrl-C to stop)"
                   f"{'' if url is None else f'  open {url}/'}\n{table}\n",
                   file=out, flush=True)
+            swarm.touch_vehicles()
             time.sleep(1.0 if live else 5.0)
     except KeyboardInterrupt:
         print("\ninterrupted", file=out)

@@ -26,6 +26,8 @@ __all__ = [
     "LINK_KINDS",
     "MAX_RECORD_SIZE",
     "MAX_TTL",
+    "OPTIONAL_FIELDS",
+    "POLICY_ACTIONS",
     "RECORD_FIELDS",
     "RECORD_VERSION",
     "REJECT_REASONS",
@@ -74,6 +76,10 @@ MAX_TIMESTAMP = 1e10
 MAX_CHARGING_KW = 350.0
 MAX_GFLOPS = 1e6
 MAX_FREE_MEMORY_MB = 10_000_000
+POLICY_ACTIONS = ("serve", "drain", "stop")
+MAX_POLICY_REASON_LEN = 32
+#: Fields a record body may omit, with the value an omitted field means.
+OPTIONAL_FIELDS: dict[str, Any] = {"policy": "serve", "policy_reason": "ok"}
 
 
 def _reject(reason: str, detail: str) -> NoReturn:
@@ -118,6 +124,10 @@ class CapacityRecord:
     seq: int
     issued_at: float
     expires_at: float
+    # The owner policy's decision (protocols/policy.py): "serve", "drain" or "stop", and why.
+    # Optional on the wire: omitted when ("serve", "ok"), so older records stay byte-identical.
+    policy: str = "serve"
+    policy_reason: str = "ok"
 
     def __post_init__(self) -> None:
         # Identity first: public_key, then the peer id that must derive from it.
@@ -167,6 +177,10 @@ class CapacityRecord:
         self._int("seq", 0, MAX_SEQ)
         self._float("issued_at", 0.0, MAX_TIMESTAMP)
         self._float("expires_at", 0.0, MAX_TIMESTAMP)
+        self._choice("policy", POLICY_ACTIONS)
+        reason = self._str("policy_reason", MAX_POLICY_REASON_LEN)
+        if not reason or not _printable_ascii(reason):
+            _reject("out_of_range", "policy_reason: must be 1..32 printable ASCII chars")
         if not self.issued_at < self.expires_at <= self.issued_at + MAX_TTL:
             _reject(
                 "out_of_range",
@@ -243,7 +257,9 @@ def encode_body(record: CapacityRecord) -> bytes:
     """The record body bytes (the signed part): msgpack map ``{"v": 1, <fields in order>}``."""
     body: dict[str, Any] = {"v": RECORD_VERSION}
     for name in RECORD_FIELDS:
-        body[name] = getattr(record, name)
+        value = getattr(record, name)
+        if name not in OPTIONAL_FIELDS or value != OPTIONAL_FIELDS[name]:
+            body[name] = value
     return wire.pack(body)
 
 
@@ -333,6 +349,9 @@ def validate_record(
 
     for name in RECORD_FIELDS:
         if name not in fields_in:
+            if name in OPTIONAL_FIELDS:
+                fields_in[name] = OPTIONAL_FIELDS[name]
+                continue
             _reject("missing_field", name)
     unknown = fields_in.keys() - set(RECORD_FIELDS)
     if unknown:

@@ -72,7 +72,8 @@ def verify_record(raw: bytes) -> dict[str, Any]:  # section 3.1 / 3.4 steps 2-10
     public_key = Ed25519PublicKey.from_public_bytes(fields["public_key"])
     public_key.verify(outer["sig"], RECORD_DOMAIN + outer["body"])  # raises InvalidSignature
     assert fields["peer_id"] == peer_id_of(fields["public_key"])
-    assert list(fields) == ["v", *RECORD_FIELDS]  # the reference encoder's order
+    # The reference encoder's order; the optional policy fields (§3.2) only when not default.
+    assert list(fields) in (["v", *RECORD_FIELDS], ["v", *RECORD_FIELDS, "policy", "policy_reason"])
     return fields
 
 

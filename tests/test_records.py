@@ -20,6 +20,7 @@ from idlefleet.protocols.records import (
     DOMAIN,
     MAX_RECORD_SIZE,
     MAX_TTL,
+    OPTIONAL_FIELDS,
     RECORD_FIELDS,
     REJECT_REASONS,
     CapacityRecord,
@@ -130,8 +131,24 @@ def test_vector_matches_docs() -> None:
 
 def test_body_is_fields_in_order_with_version_first() -> None:
     body = body_dict(make_record())
-    assert list(body) == ["v", *RECORD_FIELDS]
+    assert list(body) == ["v", *(f for f in RECORD_FIELDS if f not in OPTIONAL_FIELDS)]
     assert body["v"] == 1
+    # The owner decision is only on the wire when it is not the default (serve, ok).
+    body = body_dict(make_record(policy="drain", policy_reason="consent_revoked"))
+    assert list(body) == ["v", *RECORD_FIELDS]
+
+
+def test_policy_fields_round_trip_and_default_when_absent() -> None:
+    record = make_record(policy="stop", policy_reason="driving")
+    assert validate_record(encode_signed(record, VECTOR_KEY), NOW) == record
+    assert validate_record(encode_signed(make_record(), VECTOR_KEY), NOW).policy == "serve"
+    for changes, what in (({"policy": "pause"}, "policy"), ({"policy_reason": ""}, "policy_reason"),
+                          ({"policy_reason": "x" * 33}, "policy_reason"),
+                          ({"policy_reason": "bad\x1b"}, "policy_reason")):
+        body = body_dict(make_record())
+        body.update(changes)
+        err = rejected(sign_raw(body))
+        assert err.reason == "out_of_range" and what in err.detail
 
 
 def test_max_sized_record_fits() -> None:
@@ -364,7 +381,8 @@ def test_version_before_signature() -> None:
     assert rejected(sign_raw(body)).reason == "unknown_version"
 
 
-@pytest.mark.parametrize("field", ["v", "public_key", "peer_id", *RECORD_FIELDS])
+@pytest.mark.parametrize("field", ["v", "public_key", "peer_id",
+                                   *(f for f in RECORD_FIELDS if f not in OPTIONAL_FIELDS)])
 def test_missing_field(field: str) -> None:
     body = body_dict(make_record())
     del body[field]

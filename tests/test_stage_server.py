@@ -226,7 +226,10 @@ async def test_every_session_is_in_the_owners_audit_log(two_blocks: Stage) -> No
     assert [e for e, _ in events] == ["session_opened", "session_closed"]
     assert events[0][1]["client"] == client.peer_id
     assert events[0][1]["blocks"] == [4, 6]
-    assert events[1][1] | {"session": 0} == {"session": 0, "client": client.peer_id, "steps": 2, "tokens": 5}
+    closed = events[1][1]
+    assert closed["busy_s"] > 0
+    assert closed | {"session": 0, "busy_s": 0} == {"session": 0, "client": client.peer_id, "steps": 2,
+                                                    "tokens": 5, "blocks": [4, 6], "busy_s": 0}
 
 
 PER_SESSION = MAX_LEN * 2 * 2 * 3 * 64 * 4  # two blocks x K/V x kv heads x head dim x float32

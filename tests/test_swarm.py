@@ -133,6 +133,9 @@ def test_swarm_command_writes_state_file_and_stops_every_node(tmp_path: Path) ->
         for n in nodes:
             assert n["multiaddr"].endswith(f"/p2p/{n['peer_id']}")
             os.kill(n["pid"], 0)  # alive
+            data_dir = Path(n["data_dir"])  # its own: key, vehicle.json (--vehicle file), logs
+            assert data_dir.parent == tmp_path / "swarm"
+            assert {"node.key", "vehicle.json", "events.jsonl"} <= {p.name for p in data_dir.iterdir()}
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
