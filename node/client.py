@@ -439,6 +439,10 @@ class FleetClient:
         # The LM head (~12 ms a row) runs in a worker thread, one matrix product for the rows of
         # all concurrent generations that are ready at the same time.
         self.head_batcher = HeadBatcher(model.head)
+        # What this client observed, per peer: sessions opened, positions computed (the owner
+        # report of each peer must agree).
+        self.sessions_opened: Counter[str] = Counter()
+        self.positions_computed: Counter[str] = Counter()
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):
@@ -447,10 +451,6 @@ class FleetClient:
         sample = max(0.0, seconds - rtt) / max(1, blocks)
         old = self.block_s.get(peer_id)
         self.block_s[peer_id] = sample if old is None else 0.7 * old + 0.3 * sample
-        # What this client observed, per peer: sessions opened, positions computed (the owner
-        # report of each peer must agree).
-        self.sessions_opened: Counter[str] = Counter()
-        self.positions_computed: Counter[str] = Counter()
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,

@@ -141,11 +141,25 @@ async def test_a_plain_kademlia_get_value_returns_a_record_that_verifies(tmp_pat
         assert record.peer_id == target.peer_id and record.region == target.config.region
 
 
+class AnnouncedRange:
+    """Stands in for BlockHosting (``node.hosting``): a range announced, nothing loaded. Only the
+    DHT provider records of that range matter here."""
+
+    def __init__(self, model_id: str, blocks: tuple[int, int]) -> None:
+        self.model_id, self.blocks, self.load, self.ready, self.server = model_id, blocks, 0.0, True, None
+
+    def policy_changed(self, decision: object) -> None:
+        pass
+
+    async def drain(self, timeout: float) -> None:
+        pass
+
+
 async def test_provider_records_are_replicated_to_other_peers(tmp_path: Path) -> None:
     async with fleet(tmp_path, 3) as nodes, open_host(Ed25519PrivateKey.generate(), HostConfig()) as finder:
         await wait_converged(nodes)
         provider, holder = nodes[0], nodes[2]
-        provider.model_id, provider.blocks = MODEL_ID, (4, 6)  # as BlockHosting announces a range
+        provider.hosting = AnnouncedRange(MODEL_ID, (4, 6))  # as BlockHosting announces a range
         provider.discovery.blocks_changed()
         with trio.fail_after(30):
             while provider.discovery.stats["provides"] < 2:

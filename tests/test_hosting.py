@@ -25,6 +25,14 @@ class StandInHost:
         pass
 
 
+class StandInDiscovery:
+    def __init__(self) -> None:
+        self.announced = 0
+
+    def blocks_changed(self) -> None:
+        self.announced += 1
+
+
 class StandInNode:
     """What BlockHosting uses of ``node.node.Node``."""
 
@@ -32,6 +40,7 @@ class StandInNode:
         self.peer_id = "12D3KooWStandIn"
         self.nursery = nursery
         self.host = StandInHost()
+        self.discovery = StandInDiscovery()
         self.events: list[str] = []
         self.owner = OwnerControl(Preferences(), None, event=lambda e, **f: None)
         self.owner.grant(time.time(), None, by="test")

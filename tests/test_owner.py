@@ -351,7 +351,12 @@ class RoutingStandIn:
         self.config = NodeConfig(region="u33d")
         self.liveness = type("L", (), {"min_rtt_s": {}})()
 
+    hosting = None  # a client only: hosts nothing itself
+
     def fleet(self) -> list[Any]:
+        return self.records
+
+    def routable(self) -> list[Any]:
         return self.records
 
 

@@ -138,7 +138,6 @@ def test_record_fields_table_signs_to_the_documented_bytes() -> None:
     assert re.search(rf"the {len(DOMAIN)} `DOMAIN` bytes", section("3.7"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 2: the example is regenerated with the record changes")
 def test_record_example_model_id_has_the_session_form() -> None:
     # Section 6.3: a model id is gguf-sha256:<64 hex digits>; the example must be one.
     assert re.fullmatch(r"gguf-sha256:[0-9a-f]{64}", documented_record().model_id)
