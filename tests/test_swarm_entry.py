@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.node import open_node
-from idlefleet.node.swarm import Swarm
+from idlefleet.node.swarm import Swarm, node_data_dir
 from tests.test_swarm_pipeline import PROMPT, TOKENS, wait_coverage
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ async def test_new_nodes_join_and_generations_run_after_the_bootstrap_node_dies(
         # (its event log: a peer_up event per peer entering its view, from the first second).
         swarm.vehicles.append("sim:parked:seed=6")
         newcomer = swarm._spawn(6, second)
-        events = tmp_path / "node6.events.jsonl"
+        events = node_data_dir(tmp_path, 6) / "events.jsonl"
         with trio.fail_after(30):
             while not set(live) <= peers_up(events):
                 await trio.sleep(0.5)
