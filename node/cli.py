@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm(sub)
     _add_status(sub)
     _add_generate(sub)
+    from idlefleet.node.sim.command import add_parser as _add_simulate
+
+    _add_simulate(sub)
     return parser
 
 
@@ -167,6 +170,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from idlefleet.node.generate_cli import run_generate
 
         return run_generate(args)
+    if args.command == "simulate":
+        from idlefleet.node.sim.command import run_simulate
+
+        return run_simulate(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     return commands[args.command](args)
 
