@@ -152,7 +152,7 @@ class Simulation:
         self.progress = progress
         self.fleet = f = build_fleet(scn)
         self.rng = np.random.Generator(np.random.PCG64([scn.seed, 7]))
-        n, B = f.n, scn.model.blocks
+        B = scn.model.blocks
         self.B = B
         self.block_bytes = [int(scn.model.block_mb * MB)] * B
         self.n_fit = np.minimum(f.budget_bytes // self.block_bytes[0], B).astype(np.int64)
@@ -168,16 +168,16 @@ class Simulation:
                                      other_region_penalty_s=0.0)
         self.prefs = [scn.policy, replace(scn.policy, require_plugged_in=False)]
         self.record_bytes = record_sizes(scn)
+        self.size_table = np.array([self.record_bytes[(s, bool(b), bool(d))]
+                                    for s in range(len(STATES)) for b in (0, 1) for d in (0, 1)], dtype=float)
         # Per-device per-block compute time (s/token) and fixed hop time, from routing.hop_cost.
-        self.per_block_s = np.empty(n)
-        self.hop_fixed_s = np.empty(n)
-        for g in np.unique(f.gflops.round(3)):
-            c = self._cand_proto(float(g))
-            fixed = hop_cost(c, 0, now=T0, costs=self.latency_costs)
-            per = hop_cost(c, 1, now=T0, costs=self.latency_costs) - fixed
-            sel = f.gflops.round(3) == g
-            self.per_block_s[sel] = per
-            self.hop_fixed_s[sel] = fixed
+        speeds, which = np.unique(f.gflops, return_inverse=True)
+        per, fixed = np.empty(len(speeds)), np.empty(len(speeds))
+        for k, g in enumerate(speeds.tolist()):
+            c = self._cand_proto(g)
+            fixed[k] = hop_cost(c, 0, now=T0, costs=self.latency_costs)
+            per[k] = hop_cost(c, 1, now=T0, costs=self.latency_costs) - fixed[k]
+        self.per_block_s, self.hop_fixed_s = per[which], fixed[which]
         # Sampled (routed) regions: evenly spread by index.
         R = f.regions
         k = scn.routing.sample_regions
@@ -219,7 +219,10 @@ class Simulation:
         self.since = np.full(n, self.t)
         self.blocked_at = np.full(n, np.nan)
         self.flags = np.full(n, -1, dtype=np.int64)
-        self.group = f.on_battery.astype(np.int8)
+        self.group = g = f.on_battery.astype(np.int8)
+        self.pref = {name: np.array([getattr(p, name) for p in self.prefs], dtype=float)[g]
+                     for name in ("hard_floor_pct", "min_battery_pct", "departure_margin_s", "revoke_drain_s",
+                                  "resume_cooldown_s", "min_headroom_c")}
         # hosting
         self.hosting = np.zeros(n, dtype=bool)
         self.h_start = np.zeros(n, dtype=np.int64)
@@ -320,7 +323,7 @@ class Simulation:
         batt_in = np.where(plugged, np.minimum(charge, plug - draw), -f.standby_kw - draw)
         batt_in = np.where(self.parked, batt_in, -f.drive_kw)
         # Serving on battery stops at the hard floor (the node samples every second).
-        floor = np.array([p.hard_floor_pct / 100.0 for p in self.prefs])[self.group]
+        floor = self.pref["hard_floor_pct"] / 100.0
         need = np.where(batt_in < 0, -batt_in * dt / HOUR_S, 0.0)
         room = np.maximum(0.0, (self.soc - floor) * f.battery_kwh)
         frac = np.where((draw > 0) & (need > room), np.clip(room / np.maximum(need, 1e-12), 0.0, 1.0), 1.0)
@@ -394,32 +397,38 @@ class Simulation:
         revoked = T0 + float(rv) if not math.isnan(rv) and T0 + rv <= now_u else None
         return Consent(granted_at=granted, expires_at=expires, revoked_at=revoked)
 
+    _COOL_BIT = 11  # position of the cool-down predicate in _policy_flags
+
+    def _cool(self, now: float) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            out: np.ndarray = now - self.blocked_at < self.pref["resume_cooldown_s"]
+        return out
+
     def _policy_flags(self, now: float) -> np.ndarray:
         """Every predicate ``decide`` reads, packed into one int per car: a car whose flags did not
         change since its last evaluation gets the same decision (checked by ``exact=True``)."""
         f, scn = self.fleet, self.scn
-        p = self.prefs
-        g = self.group
-        floor = np.array([x.hard_floor_pct for x in p])[g]
-        min_b = np.array([x.min_battery_pct for x in p])[g]
+        p, g, pref = self.prefs, self.group, self.pref
+        floor = pref["hard_floor_pct"]
+        min_b = pref["min_battery_pct"]
         pct = self.soc * 100.0
         head = f.limit_c - self.temp
         now_u = T0 + now
-        margin = np.array([x.departure_margin_s for x in p])[g]
+        margin = pref["departure_margin_s"]
         ann = self.announced
         with np.errstate(invalid="ignore"):
             dep_soon = (T0 + ann) - now_u < margin
             rv = f.revoke_at
             revoked = (T0 + rv) <= now_u
-            rv_over = now_u - (T0 + rv) >= np.array([x.revoke_drain_s for x in p])[g]
-            cool = now_u - (T0 + self.blocked_at) < np.array([x.resume_cooldown_s for x in p])[g]
+            rv_over = now_u - (T0 + rv) >= pref["revoke_drain_s"]
+            cool = self._cool(now)
         bits = [self.parked, self._plug_now() > 0, pct < floor, pct < min_b, head < 0,
-                head < np.array([x.min_headroom_c for x in p])[g], ~np.isnan(ann), dep_soon,
+                head < pref["min_headroom_c"], ~np.isnan(ann), dep_soon,
                 f.metered, revoked, rv_over, cool, f.opted_in]
         if scn.fleet.consent_hours > 0:
             exp = T0 + (scn.start_hour + scn.fleet.consent_hours) * HOUR_S
             bits += [np.full(f.n, now_u >= exp),
-                     np.full(f.n, now_u - exp >= np.array([x.revoke_drain_s for x in p])[g])]
+                     now_u - exp >= pref["revoke_drain_s"]]
         for k, pr in enumerate(p):
             if pr.allowed_hours:
                 within = _within(pr, now_u)
@@ -457,10 +466,11 @@ class Simulation:
         # A car still blocked by a vehicle condition gets the same decision with
         # vehicle_blocked_at = now (the policy's hysteresis): no call needed to know that.
         self.blocked_at = np.where(_COOLDOWN_CODES[self.reason], now, self.blocked_at)
-        self.flags = self._policy_flags(now)  # the cool-down flag depends on blocked_at
+        # the cool-down flag depends on blocked_at, which the decisions just moved
+        bit = np.int64(1) << self._COOL_BIT
+        self.flags = (self.flags & ~bit) | (self._cool(now).astype(np.int64) << self._COOL_BIT)
         serving = (self.action == SERVE) & self.parked
-        self.floor_violations += int(np.sum(serving & (self.soc * 100.0 < np.array(
-            [p.hard_floor_pct for p in self.prefs])[self.group])))
+        self.floor_violations += int(np.sum(serving & (self.soc * 100.0 < self.pref["hard_floor_pct"])))
         return np.flatnonzero(self.action != before)
 
     # -- hosting -----------------------------------------------------------------------------------
@@ -512,11 +522,19 @@ class Simulation:
             self._join(i)
         return lost_list
 
-    def _rebalance(self) -> None:
+    def _rebalance(self, *, gaps_only: bool = False) -> None:
+        """Hosts of regions whose coverage changed ask ``should_move``: ``rebalance_checks``
+        distinct (budget, range) groups per region in turn; in a region with a block nobody hosts
+        (``gaps_only``, every step) every group asks, as nodes checking every ~20 s would."""
         f = self.fleet
-        regions = np.flatnonzero(self.cov_dirty)
-        self.cov_dirty[:] = False
-        self.rebalance_round += 1
+        if gaps_only:
+            gap = self.cov_dirty & (self.cov.min(axis=1) == 0)
+            regions = np.flatnonzero(gap)
+            self.cov_dirty &= ~gap
+        else:
+            regions = np.flatnonzero(self.cov_dirty)
+            self.cov_dirty[:] = False
+            self.rebalance_round += 1
         if not len(regions):
             return
         hosts = np.flatnonzero(self.hosting)
@@ -533,7 +551,7 @@ class Simulation:
                 key = (int(self.n_fit[i]), int(self.h_start[i]), int(self.h_end[i]))
                 groups.setdefault(key, []).append(i)
             keys = sorted(groups)
-            k = self.scn.rebalance_checks
+            k = len(keys) if gaps_only else self.scn.rebalance_checks
             first = (self.rebalance_round * k) % len(keys)
             for key in (keys + keys)[first:first + min(k, len(keys))]:
                 fit, s, e = key
@@ -836,9 +854,11 @@ class Simulation:
         head = f.limit_c - self.temp
         plug = self._plug_now() > 0
         consent = f.opted_in & ~(T0 + np.nan_to_num(f.revoke_at, nan=np.inf) <= now_u)
-        cur = (state, plug, blk, self.announced, self.parked_since, consent, self.soc, head, load)
-        old = (self.pub_state, self.pub_plug, self.pub_blk, self.pub_ann, self.pub_since, self.pub_consent,
-               self.pub_soc, self.pub_head, self.pub_load)
+        cur: tuple[np.ndarray, ...] = (state, plug, blk, self.announced, self.parked_since, consent,
+                                       self.soc, head, load)
+        old: tuple[np.ndarray, ...] = (self.pub_state, self.pub_plug, self.pub_blk, self.pub_ann,
+                                       self.pub_since, self.pub_consent, self.pub_soc, self.pub_head,
+                                       self.pub_load)
         if self.exact:
             check = running
         else:  # a superset of the cars whose record changed significantly (the policy decides)
@@ -872,9 +892,7 @@ class Simulation:
         self.pub_t[published] = now
         self.pub_valid[stopped] = False
         # bytes: real signed record size + pubsub framing; each subscriber gets up to D copies
-        size = np.zeros(f.n)
-        for (s, b, dep), nbytes in self.record_bytes.items():
-            size[(state == s) & ((blk >= 0) == b) & (~np.isnan(self.announced) == dep)] = nbytes
+        size = self.size_table[state * 4 + (blk >= 0) * 2 + ~np.isnan(self.announced)]
         msg_bytes = pubs * (size + scn.pubsub_overhead_bytes)
         R = f.regions
         region_bytes = np.bincount(f.region, weights=msg_bytes, minlength=R)
@@ -908,6 +926,18 @@ class Simulation:
         C = np.cumsum(C.reshape(R, W), axis=1)[:, :B]
         populated = self.pop > 0
         cells = C[populated].ravel()
+        # Capacity: interactive requests per hour the online hosts could carry (the capacity bound
+        # with every host idle), in each region on its own.
+        d = self.scn.demand
+        ends, starts = self.h_end[hosts], self.h_start[hosts]
+        cnt = np.maximum(np.bincount(rr, minlength=R).astype(float), 1.0)
+        mpb = np.bincount(rr, weights=self.per_block_s[hosts], minlength=R) / cnt
+        mlen = np.bincount(rr, weights=(ends - starts).astype(float), minlength=R) / cnt
+        fixed = np.bincount(rr, weights=self.hop_fixed_s[hosts], minlength=R) / cnt
+        work = d.new_tokens + d.prompt_tokens * PREFILL_FRACTION
+        svc = work * (B * mpb + np.ceil(B / np.maximum(mlen, 1.0)) * fixed)
+        capacity = float(np.sum(np.where(C.min(axis=1) > 0, C.min(axis=1) * d.slots * HOUR_S
+                                         / np.maximum(svc, 1e-9), 0.0)))
         consenting = f.opted_in & self.parked & (self.reason != _REASON_CODE["consent_revoked"])
         run_s = self.hour_run_s
         has = run_s > 0
@@ -928,6 +958,7 @@ class Simulation:
             "coverage_median": _r(_pct(cells, 50)),
             "regions_uncovered": int(((C == 0).any(axis=1) & populated).sum()),
             "requests": h["arrived"],
+            "capacity_per_hour": _r(capacity),
             "served": served,
             "served_remote": h["served_remote"],
             "failed": dict(h["failed"]),
@@ -971,9 +1002,12 @@ class Simulation:
         self._decide(t1, changed)
         done("policy")
         lost = self._hosting(departed)
-        if scn.rebalance_s > 0 and t1 >= self.next_rebalance:
-            self._rebalance()
-            self.next_rebalance += scn.rebalance_s
+        if scn.rebalance_s > 0:
+            if t1 >= self.next_rebalance:
+                self._rebalance()
+                self.next_rebalance += scn.rebalance_s
+            else:
+                self._rebalance(gaps_only=True)
         done("placement")
         self._demand(t1, lost)
         done("demand")

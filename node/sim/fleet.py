@@ -192,7 +192,7 @@ def build_fleet(scn: Scenario) -> Fleet:
     standby_kw = per_kind((0.03, 0.03), (0.0001, 0.0001), (0.0015, 0.0015))
     compute_kw = per_kind((0.8, 1.2), (0.005, 0.007), (0.035, 0.05))
     idle_kw = compute_kw * 0.15
-    gflops = per_kind((1_500.0, 2_500.0), (60.0, 100.0), (250.0, 400.0))
+    gflops = np.round(per_kind((1_500.0, 2_500.0), (60.0, 100.0), (250.0, 400.0)), -1)  # 10 GFLOPS steps
     memory_mb = per_kind(m.car_memory_mb, m.phone_memory_mb, m.laptop_memory_mb)
     budget_bytes = (memory_mb * MB).astype(np.int64)
     limit_c = np.select([is_car, is_phone], [85.0, 45.0], 95.0)
