@@ -56,6 +56,7 @@ def summarise(report: dict[str, Any], rush_h: float) -> dict[str, Any]:
         "failovers_per_request": tot["failovers_per_request"],
         "failover_failed": tot["failed"]["failover_failed"],
         "no_coverage": tot["failed"]["no_coverage"],
+        "overloaded": tot["failed"]["overloaded"],
         "abrupt_stops": tot["abrupt_stops"],
         "migrations": tot["migrations"],
     }
@@ -85,7 +86,8 @@ def main() -> None:
                 print(f"{sweep:>20} {value!s:>18}  served {row['served_pct']:8.3f}%  from rush "
                       f"{row['served_pct_from_rush']:8.3f}%  cov after rush {cov:>10}  failovers/req "
                       f"{row['failovers_per_request']:.4f}  failover_failed {row['failover_failed']:4d}  "
-                      f"no_coverage {row['no_coverage']:5d}  abrupt {row['abrupt_stops']:4d}  "
+                      f"no_coverage {row['no_coverage']:5d}  overloaded {row['overloaded']:5d}  "
+                      f"abrupt {row['abrupt_stops']:4d}  "
                       f"migrations {row['migrations']:4d}  ({row['wall_s']:.0f} s)", flush=True)
     if args.json:
         print(json.dumps(rows))

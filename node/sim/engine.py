@@ -260,6 +260,7 @@ class Simulation:
         self.calls = {"decide": 0, "should_publish": 0, "choose_range": 0, "should_move": 0,
                       "find_route": 0, "hop_cost": 0}
         self.move_memo: dict[tuple[int, int, int, bytes], tuple[int, int] | None] = {}
+        self.publish_reasons: dict[str, int] = {}
         self.route_ms: list[float] = []
         self.route_cands: list[int] = []
         self.route_hops: list[int] = []
@@ -877,6 +878,7 @@ class Simulation:
             why = should_publish(cast(CapacityRecord, last), cast(CapacityRecord, cand), now_u, pol)
             if why is not None and why != "refresh":
                 published[i] = True
+                self.publish_reasons[why] = self.publish_reasons.get(why, 0) + 1
         self.calls["should_publish"] += int(check.sum())
         # Unchanged records refresh every refresh_s between samples (the node samples every second);
         # a refresh sends the current state.
@@ -884,6 +886,8 @@ class Simulation:
         n_ref = np.maximum(np.where(idle, np.floor((now - self.pub_t) / pol.refresh_s), 0.0), 0.0)
         refreshed = n_ref > 0
         self.pub_t = np.where(refreshed, self.pub_t + n_ref * pol.refresh_s, self.pub_t)
+        self.publish_reasons["refresh"] = self.publish_reasons.get("refresh", 0) + int(n_ref.sum())
+        self.publish_reasons["goodbye"] = self.publish_reasons.get("goodbye", 0) + int(stopped.sum())
         pubs = n_ref + published + stopped  # a node that leaves says goodbye (offline record)
         p = published | refreshed
         for dst, src in zip(old, cur, strict=True):
@@ -1062,6 +1066,7 @@ class Simulation:
                 "candidates": {"p50": _r(_pct(self.route_cands, 50)),
                                "max": max(self.route_cands, default=0)},
             },
+            "publishes_by_reason": dict(sorted(self.publish_reasons.items())),
             "record_bytes": {f"{STATES[s]}{'+blocks' if b else ''}{'+departure' if d else ''}": v
                              for (s, b, d), v in sorted(self.record_bytes.items())},
             "hourly": self.hours,

@@ -101,11 +101,12 @@ class DemandSpec:
 
 @dataclass(frozen=True)
 class RoutingSpec:
-    """How routes are computed. ``sample_regions`` = 0: every request in every region goes through
-    ``find_route``; N > 0: N regions (evenly spread) do, the others use the per-block capacity
-    bound (see ``engine.py``). ``max_calls`` caps ``find_route`` calls per region and step."""
+    """How routes are computed. ``sample_regions`` = N > 0: requests in N regions (evenly spread)
+    go through ``find_route``, the other regions use the per-block capacity bound (see
+    ``engine.py``); a fleet with at most N regions is routed everywhere. 0: every region.
+    ``max_calls`` caps ``find_route`` calls per region and step."""
 
-    sample_regions: int = 0
+    sample_regions: int = 8
     max_calls: int = 64
     rtt_s: float = 0.02  # round trip between two cars in one cell
     costs: RouteCosts = field(default_factory=RouteCosts)
