@@ -655,13 +655,23 @@ class Simulation:
         return done, None
 
     def _svc_s(self, members: np.ndarray, work_tokens: float) -> float:
-        """Service time of one request over a region's hosts: mean per-block compute and the
-        hop count of hosts of mean length (from ``hop_cost`` of each host)."""
-        mpb = float(self.per_block_s[members].mean())
-        length = float((self.h_end[members] - self.h_start[members]).mean())
-        hops = math.ceil(self.B / max(length, 1.0))
-        fixed = float(self.hop_fixed_s[members].mean())
-        return work_tokens * (self.B * mpb + hops * fixed)
+        """Service time of one request over one region's hosts (see ``_region_svc``)."""
+        rr = np.zeros(len(members), dtype=np.int64)
+        return float(self._region_svc(rr, members, 1, work_tokens)[0])
+
+    def _region_svc(self, rr: np.ndarray, hosts: np.ndarray, R: int, work_tokens: float) -> np.ndarray:
+        """Service time of one request per region: ``work_tokens`` times the per-token time of a
+        route through hosts of the region's typical speed — per-block compute averaged over the
+        blocks hosted (a route's blocks come mostly from the hosts with many of them), plus a round
+        trip per hop for hosts of the mean length. Per-host times come from ``routing.hop_cost``."""
+        length = (self.h_end[hosts] - self.h_start[hosts]).astype(float)
+        cnt = np.maximum(np.bincount(rr, minlength=R).astype(float), 1.0)
+        blocks = np.maximum(np.bincount(rr, weights=length, minlength=R), 1.0)
+        per_block = np.bincount(rr, weights=self.per_block_s[hosts] * length, minlength=R) / blocks
+        fixed = np.bincount(rr, weights=self.hop_fixed_s[hosts], minlength=R) / cnt
+        hops = np.ceil(self.B / np.maximum(blocks / cnt, 1.0))
+        out: np.ndarray = work_tokens * (self.B * per_block + hops * fixed)
+        return out
 
     def _fluid_one(self, r: int, members: np.ndarray, count: int, span: tuple[int, int],
                    work_tokens: float, tokens: tuple[int, int]) -> tuple[int, str | None]:
@@ -725,14 +735,7 @@ class Simulation:
         C = np.cumsum(C.reshape(R, W), axis=1)[:, :B]
         covered = (C > 0).all(axis=1)
         nocov = sel & ~covered
-        # service time per region (mean per-block compute and hop count of its hosts)
-        cnt = np.bincount(rr, minlength=R).astype(float)
-        safe = np.maximum(cnt, 1.0)
-        mpb = np.bincount(rr, weights=self.per_block_s[h], minlength=R) / safe
-        mlen = np.bincount(rr, weights=(e - s).astype(float), minlength=R) / safe
-        fixed = np.bincount(rr, weights=self.hop_fixed_s[h], minlength=R) / safe
-        hops = np.ceil(B / np.maximum(mlen, 1.0))
-        svc = work_tokens * (B * mpb + hops * fixed)
+        svc = self._region_svc(rr, h, R, work_tokens)
         ok = sel & covered & (svc > 0)
         fit = np.where(ok, np.floor(F.min(axis=1) / np.where(ok, svc, 1.0)), 0.0)
         served = np.where(ok, np.minimum(want, fit), 0).astype(np.int64)
@@ -933,13 +936,7 @@ class Simulation:
         # Capacity: interactive requests per hour the online hosts could carry (the capacity bound
         # with every host idle), in each region on its own.
         d = self.scn.demand
-        ends, starts = self.h_end[hosts], self.h_start[hosts]
-        cnt = np.maximum(np.bincount(rr, minlength=R).astype(float), 1.0)
-        mpb = np.bincount(rr, weights=self.per_block_s[hosts], minlength=R) / cnt
-        mlen = np.bincount(rr, weights=(ends - starts).astype(float), minlength=R) / cnt
-        fixed = np.bincount(rr, weights=self.hop_fixed_s[hosts], minlength=R) / cnt
-        work = d.new_tokens + d.prompt_tokens * PREFILL_FRACTION
-        svc = work * (B * mpb + np.ceil(B / np.maximum(mlen, 1.0)) * fixed)
+        svc = self._region_svc(rr, hosts, R, d.new_tokens + d.prompt_tokens * PREFILL_FRACTION)
         capacity = float(np.sum(np.where(C.min(axis=1) > 0, C.min(axis=1) * d.slots * HOUR_S
                                          / np.maximum(svc, 1e-9), 0.0)))
         consenting = f.opted_in & self.parked & (self.reason != _REASON_CODE["consent_revoked"])
@@ -1028,10 +1025,17 @@ class Simulation:
             if k % per_hour == 0 or k == steps:
                 self._snapshot(self.t)
                 if self.progress is not None:
-                    last = self.hours[-1]
-                    self.progress(f"hour {len(self.hours):3d}: {last['serving']} serving, "
-                                  f"{last['served_pct']:.2f}% served "
-                                  f"({time.perf_counter() - wall:.0f}s)")
+                    h = self.hours[-1]
+                    g = h["gossip_bytes_per_s_per_car"]
+                    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                    self.progress(
+                        f"{h['time_of_day']} parked {h['parked']} consenting {h['consenting']} serving "
+                        f"{h['serving']} cov {h['coverage_min']}/{h['coverage_p1']:g}/"
+                        f"{h['coverage_median']:g} "
+                        f"requests {h['requests']} served {h['served_pct']:.3f}% capacity/h "
+                        f"{h['capacity_per_hour']:.0f} tokens {h['tokens']} gossip B/s/car {g['mean']:.0f}/"
+                        f"{g['p99']:.0f} dht/car {h['dht_lookups_per_car']:.3f} "
+                        f"[wall {time.perf_counter() - wall:.0f}s, rss {rss:.0f} MB]")
         return SimResult(self._report(), self._timing(time.perf_counter() - wall))
 
     def _report(self) -> dict[str, Any]:

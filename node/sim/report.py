@@ -47,7 +47,8 @@ def to_text(result: SimResult) -> str:
         lines.append(
             f"{h['time_of_day']:>5} {h['parked']:>8,} {h['consenting']:>8,} {h['serving']:>8,} "
             f"{h['coverage_min']:>4}/{h['coverage_p1']:>4g}/{h['coverage_median']:>4g} "
-            f"{h['requests']:>9,} {h['capacity_per_hour']:>9,.0f} {h['served_pct']:>8.3f} {sum(h['failed'].values()):>7,} "
+            f"{h['requests']:>9,} {h['capacity_per_hour']:>9,.0f} {h['served_pct']:>8.3f} "
+            f"{sum(h['failed'].values()):>7,} "
             f"{h['failovers']:>8,} {h['tokens']:>11,} {g['mean']:>7.0f}/{g['p99']:<7.0f} "
             f"{h['dht_lookups_per_car']:>7.3f}")
     failed = ", ".join(f"{k} {tot['failed'][k]:,}" for k in FAIL_REASONS)
