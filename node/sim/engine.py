@@ -276,6 +276,7 @@ class Simulation:
                                        "batch_served": 0, "failovers": 0, "migrations": 0, "moves": 0,
                                        "joins": 0, "abrupt_stops": 0, "tokens": 0}
         self.failed = dict.fromkeys(FAIL_REASONS, 0)
+        self.by_method = {"routed": [0, 0], "bound": [0, 0]}  # [requests, served in their region]
         self.batch_failed = dict.fromkeys(FAIL_REASONS, 0)
 
     def _hour_reset(self) -> None:
@@ -794,6 +795,9 @@ class Simulation:
         left -= served
         reason = np.where(~self.routed & (left > 0), np.where(nocov, 0, 1), reason)
         served_home = int((arrivals - left).sum())
+        for key, mask in (("routed", self.routed), ("bound", ~self.routed)):
+            self.by_method[key][0] += int(arrivals[mask].sum())
+            self.by_method[key][1] += int((arrivals - left)[mask].sum())
         # 3. what is left tries the sibling region (the clients' routing penalty for another region)
         remote = 0
         sib = self.sibling
@@ -1066,6 +1070,9 @@ class Simulation:
                 "routed_regions": int(self.routed.sum()),
                 "capacity_bound_regions": int((~self.routed).sum()),
                 "route_calls": self.calls["find_route"],
+                # requests and the share served in their own region, by how they were placed
+                **{f"{k}_requests": v[0] for k, v in self.by_method.items()},
+                **{f"{k}_served_pct": _r(100.0 * v[1] / max(1, v[0]), 6) for k, v in self.by_method.items()},
                 "hops": {"p50": _r(_pct(self.route_hops, 50)), "max": max(self.route_hops, default=0)},
                 "candidates": {"p50": _r(_pct(self.route_cands, 50)),
                                "max": max(self.route_cands, default=0)},
