@@ -14,9 +14,11 @@ Each step of ``step_s`` seconds:
    and the tests check both give the same result).
 4. **Hosting**: a car that starts serving claims ``protocols.placement.choose_range`` of its
    region's coverage; a car that stops abruptly (drove off, battery floor, overheated) loses its
-   in-flight sessions, which fail over; a draining car's sessions migrate. Every ``rebalance_s``
-   the hosts of a region whose coverage changed ask ``placement.should_move`` (memoised: it is a
-   pure function of the coverage without the host, its range and how many blocks fit).
+   in-flight sessions, which fail over; a draining car's sessions migrate. Every ``rebalance_s``,
+   ``rebalance_checks`` hosts (distinct budget and range) of each region whose coverage changed
+   ask ``placement.should_move``; in a region with a block nobody hosts, every host asks at every
+   step. Answers are memoised (a pure function of the coverage without the host, its range and
+   how many blocks fit).
 5. **Demand**: Poisson arrivals per region from the daily curve, an overnight batch queue.
    In a routed region every request goes through ``protocols.routing.find_route`` over that
    region's online hosts (their load included; a found route takes as many requests as its
