@@ -263,6 +263,7 @@ class Simulation:
                       "find_route": 0, "hop_cost": 0}
         self.move_memo: dict[tuple[int, int, int, bytes], tuple[int, int] | None] = {}
         self.publish_reasons: dict[str, int] = {}
+        self.cand_cache: dict[int, tuple[tuple[Any, ...], Candidate]] = {}
         self.route_ms: list[float] = []
         self.route_cands: list[int] = []
         self.route_hops: list[int] = []
@@ -596,15 +597,27 @@ class Simulation:
         return hosts, bounds
 
     def _candidate(self, i: int, now_u: float, region: str) -> Candidate:
+        """Car ``i`` as a routing candidate. Candidates are cached per car: routing reads the
+        battery only as ``battery_soc < costs.low_battery_soc``, so a cached one whose other fields
+        and that predicate are unchanged routes exactly like a new one."""
         f = self.fleet
         ann = self.announced[i]
-        return Candidate(
-            peer_id=f"car{i:08d}", start=int(self.h_start[i]), end=int(self.h_end[i]),
-            rtt_s=self.scn.routing.rtt_s, compute_gflops=float(f.gflops[i]),
-            load=min(1.0, float(self.used[i]) / self.cap), battery_soc=min(1.0, max(0.0, float(self.soc[i]))),
-            plugged_in=bool(self._plug_kw_i(i) > 0), state="online",
+        soc = min(1.0, max(0.0, float(self.soc[i])))
+        used = float(self.used[i])
+        plugged = self._plug_kw_i(i) > 0
+        key = (int(self.h_start[i]), int(self.h_end[i]), soc < self.costs.low_battery_soc, plugged,
+               float(ann), used)
+        hit = self.cand_cache.get(i)
+        if hit is not None and (hit[0] == key or (math.isnan(ann) and _same_key(hit[0], key))):
+            return hit[1]
+        cand = Candidate(
+            peer_id=f"car{i:08d}", start=key[0], end=key[1], rtt_s=self.scn.routing.rtt_s,
+            compute_gflops=float(f.gflops[i]), load=min(1.0, used / self.cap), battery_soc=soc,
+            plugged_in=plugged, state="online",
             expected_departure=None if math.isnan(ann) else T0 + float(ann),
             link_metered=bool(f.metered[i]), region=region)
+        self.cand_cache[i] = (key, cand)
+        return cand
 
     def _plug_kw_i(self, i: int) -> float:
         return 0.0 if self.power_out[i] or not self.parked[i] else float(self.plug_kw[i])
@@ -1127,6 +1140,11 @@ class Simulation:
             "route_ms": {"p50": round(_pct(self.route_ms, 50), 4), "p99": round(_pct(self.route_ms, 99), 4),
                          "max": round(max(self.route_ms, default=0.0), 4), "calls": len(self.route_ms)},
         }
+
+
+def _same_key(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal candidate cache keys where the departure (index 4) may be NaN on both sides."""
+    return a[:4] == b[:4] and a[5:] == b[5:] and math.isnan(a[4]) and math.isnan(b[4])
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
