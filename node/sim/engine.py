@@ -547,20 +547,20 @@ class Simulation:
         hosts = hosts[order]
         hr = f.region[hosts]
         bounds = np.searchsorted(hr, np.arange(f.regions + 1))
+        # (blocks that fit, start, end) of every host as one sortable int
+        W = self.B + 1
+        codes = (self.n_fit[hosts] * W + self.h_start[hosts]) * W + self.h_end[hosts]
         for r in regions.tolist():
             members = hosts[bounds[r]:bounds[r + 1]]
             if not len(members):
                 continue
-            groups: dict[tuple[int, int, int], list[int]] = {}
-            for i in members.tolist():
-                key = (int(self.n_fit[i]), int(self.h_start[i]), int(self.h_end[i]))
-                groups.setdefault(key, []).append(i)
-            keys = sorted(groups)
+            mcodes = codes[bounds[r]:bounds[r + 1]]
+            keys = np.unique(mcodes).tolist()
             k = len(keys) if gaps_only else self.scn.rebalance_checks
             first = (self.rebalance_round * k) % len(keys)
-            for key in (keys + keys)[first:first + min(k, len(keys))]:
-                fit, s, e = key
-                cars = groups[key]
+            for code in (keys + keys)[first:first + min(k, len(keys))]:
+                fit, s, e = code // (W * W), code // W % W, code % W
+                cars = members[mcodes == code].tolist()
                 while cars:
                     wo = self.cov[r].copy()
                     wo[s:e] -= 1
