@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=int, help="random seed (default: the scenario's); same seed, same report")
     p.add_argument("--scenario", metavar="NAME|FILE", help=f"a built-in scenario ({names}) or a TOML file")
     p.add_argument("--route-sample", type=int, metavar="N",
-                   help="route with find_route in N regions only, the capacity bound elsewhere (0 = all)")
+                   help="route with find_route in N regions, the capacity bound elsewhere "
+                        "(default: the scenario's, 8; 0 = every region)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write report.json, report.txt and PNG charts here")
