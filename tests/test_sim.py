@@ -87,6 +87,20 @@ def test_a_policy_threshold_moves_the_node_decision_and_the_fleet_outcome() -> N
     assert stops[3600.0] <= stops[1800.0]
 
 
+def test_the_simulator_runs_the_node_functions_themselves() -> None:
+    from idlefleet.node.sim import engine
+    from idlefleet.protocols import placement, policy, publish, records, routing
+
+    assert engine.decide is policy.decide
+    assert engine.should_publish is publish.should_publish
+    assert (engine.choose_range, engine.should_move) == (placement.choose_range, placement.should_move)
+    assert (engine.find_route, engine.hop_cost) == (routing.find_route, routing.hop_cost)
+    assert engine.encode_signed is records.encode_signed
+    calls = run_simulation(small(cars=200, hours=1.0)).report["node_functions_called"]
+    assert all(calls[name] > 0 for name in ("decide", "should_publish", "choose_range", "find_route",
+                                            "hop_cost")), calls
+
+
 def test_routed_regions_call_find_route_and_sampling_limits_it() -> None:
     scn = small(cars=300, hours=1.0)
     routed = run_simulation(scn).report
