@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from idlefleet.node.owner_cli import add_owner_parser
 
     add_owner_parser(sub)
+    from idlefleet.node.sim.command import add_parser as _add_simulate
+
+    _add_simulate(sub)
     return parser
 
 
@@ -253,6 +256,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from idlefleet.node.owner_cli import run_owner
 
         return run_owner(args)
+    if args.command == "simulate":
+        from idlefleet.node.sim.command import run_simulate
+
+        return run_simulate(args)
     commands = {"node": _cmd_node, "keygen": _cmd_keygen, "swarm": _cmd_swarm, "status": _cmd_status}
     return commands[args.command](args)
 
