@@ -165,7 +165,7 @@ async def test_window_is_bounded_and_a_cancelled_waiter_leaves_the_queue(
 
     async with trio.open_nursery() as nursery:  # the leader's batch starts after the window;
         nursery.start_soon(one, 0, None)  # step 1 is cancelled in the queue before that
-        await trio.sleep(0)  # step 0 queues first and leads (trio starts tasks in any order)
+        await trio.lowlevel.checkpoint()  # step 0 queues first and leads (tasks start in any order)
         nursery.start_soon(one, 1, 0.001)
     assert done == [0]
     assert batcher.stats.steps == 2
