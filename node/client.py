@@ -57,6 +57,7 @@ from idlefleet.protocols.errors import (
     RemoteProtocolError,
     TensorError,
 )
+from idlefleet.protocols.receipts import WorkTally
 from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
 from idlefleet.protocols.tensors import WIRE_DTYPES, TensorLimits, decode_hidden, encode_hidden
 
@@ -170,6 +171,8 @@ class _HopSession:
     inputs: list[np.ndarray] = field(default_factory=list)  # every input sent, in position order
     draining: bool = False
     counted: bool = False  # in the client's open_sessions
+    tally: WorkTally = field(default_factory=WorkTally)  # this session's work, for its receipt
+    opened_at: float = field(default_factory=time.time)
 
     @property
     def length(self) -> int:
@@ -299,6 +302,7 @@ class Pipeline:
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
+        hop.tally.add(x.shape[0])
         self.client.positions_computed[hop.peer_id] += x.shape[0]
         if x.shape[0] == 1:  # decode steps only: comparable across peers and prompts
             self.client.record_step(hop.peer_id, time.monotonic() - started, hop.end - hop.start)

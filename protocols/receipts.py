@@ -41,6 +41,7 @@ __all__ = [
     "REPORT_DOMAIN",
     "MisbehaviourReport",
     "Receipt",
+    "WorkTally",
     "credits",
     "decode_receipt",
     "verify_report",
@@ -166,6 +167,31 @@ def credits(receipt: Receipt) -> dict[str, float]:
     per_token = receipt.flops / receipt.tokens / CREDIT_FLOPS if receipt.tokens else 0.0
     return {"verified": receipt.verified * per_token, "unverified": receipt.unverified * per_token,
             "rejected": receipt.rejected * per_token}
+
+
+@dataclass
+class WorkTally:
+    """One hop session's work as the client counts it, for that session's receipt. ``tokens`` counts
+    every position the server computed in the session (prefill, decode and failover replays).
+    The verifier moves tokens from unverified to ``verified`` as windows check out, and
+    :meth:`reject` marks everything not yet verified as rejected when the server is caught."""
+
+    tokens: int = 0
+    verified: int = 0
+    rejected: int = 0
+
+    @property
+    def unverified(self) -> int:
+        return self.tokens - self.verified - self.rejected
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def verify(self, tokens: int) -> None:
+        self.verified += max(0, min(tokens, self.unverified))
+
+    def reject(self) -> None:
+        self.rejected += self.unverified
 
 
 # --- misbehaviour reports -----------------------------------------------------------------------------

@@ -239,3 +239,17 @@ def test_report_signature_and_garbage() -> None:
         verify_report(data.replace(IDS[0].encode(), IDS[4].encode()))  # reporter swapped: sig fails
     with pytest.raises(RemoteProtocolError):
         verify_report(b"\x92\x01\x02")
+
+
+def test_work_tally_moves_tokens_between_outcomes() -> None:
+    from idlefleet.protocols.receipts import WorkTally
+
+    t = WorkTally()
+    t.add(10)
+    t.verify(4)
+    assert (t.tokens, t.verified, t.unverified, t.rejected) == (10, 4, 6, 0)
+    t.verify(100)  # never more than is unverified
+    assert (t.verified, t.unverified) == (10, 0)
+    t.add(5)
+    t.reject()  # what was not verified yet is rejected; verified work stays verified
+    assert (t.verified, t.unverified, t.rejected) == (10, 0, 5)
