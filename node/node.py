@@ -275,6 +275,14 @@ class Node:
             policy=policy, policy_reason=reason,
         )
 
+    async def report_misbehaviour(self, report: bytes) -> None:
+        """Act on a misbehaviour report this node's client made (see protocols/receipts.py).
+
+        Interface between the verifier (node/verifier.py, which calls it) and the report gossip
+        (which replaces this body: apply the report locally, then gossip it). For now: log it."""
+        log.warning("misbehaviour report (%d bytes) not gossiped: report gossip is not built yet",
+                    len(report))
+
     async def publish_record(self, reason: str) -> CapacityRecord:
         """Sign and gossip a fresh record now; also store it in the DHT (``Discovery``)."""
         now = time.time()
