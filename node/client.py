@@ -8,7 +8,10 @@ hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline expires), refuses or
 (another dtype, non-finite or out-of-range values), the peer is banned for a while, only that
 hop's span is re-routed, and the span's past inputs are replayed to rebuild the KV cache on the
 replacement; the tokens are the same as an undisturbed run. A hop that says it is draining is
-moved the same way, without an error. Our own mistakes (an invalid ``ClientConfig``, a prompt
+moved the same way, without an error. Every hop session that computed something ends with a
+receipt exchange (``Pipeline._exchange_receipt``): closed normally, moved, or abandoned after a
+failure (then in the background, bounded); the double-signed receipt, or the server's refusal,
+goes to the node's ledger. Our own mistakes (an invalid ``ClientConfig``, a prompt
 longer than the context) are raised as local errors before any peer is contacted.
 
 Embedding API::
@@ -27,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import math
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -39,6 +43,7 @@ import numpy as np
 import trio
 
 from idlefleet.node.batcher import HeadBatcher
+from idlefleet.node.ledger import ReceiptDesk
 from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.locate import find_default_model
@@ -46,10 +51,11 @@ from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
 from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.node import Node
-from idlefleet.p2p.errors import NetworkError, RemoteError
+from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.loopback import loopback_pair
 from idlefleet.protocols import session as S
+from idlefleet.protocols import wire
 from idlefleet.protocols.errors import (
     ConfigError,
     IdlefleetError,
@@ -57,7 +63,13 @@ from idlefleet.protocols.errors import (
     RemoteProtocolError,
     TensorError,
 )
-from idlefleet.protocols.receipts import WorkTally
+from idlefleet.protocols.receipts import (
+    Receipt,
+    WorkTally,
+    check_countersigned,
+    flops_per_token_block,
+    propose,
+)
 from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
 from idlefleet.protocols.tensors import WIRE_DTYPES, TensorLimits, decode_hidden, encode_hidden
 
@@ -75,6 +87,9 @@ class GenerationFailed(IdlefleetError):
 # A reply's hidden values beyond this are a bad reply (SmolLM2's largest activations are ~2.5e4);
 # far below where the next RMSNorm overflows float32 (~7e17) and turns every logit into NaN.
 MAX_HIDDEN_ABS = 1e6
+
+# The whole receipt exchange of one hop (proposal, countersigned reply, our ledger commit).
+RECEIPT_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,7 @@ class _HopSession:
     counted: bool = False  # in the client's open_sessions
     tally: WorkTally = field(default_factory=WorkTally)  # this session's work, for its receipt
     opened_at: float = field(default_factory=time.time)
+    session: int | None = None  # the server's session number (session_opened), for the receipt
 
     @property
     def length(self) -> int:
@@ -271,6 +287,10 @@ class Pipeline:
             if hidden != client.model.head.config.hidden_size:
                 raise RemoteProtocolError(f"session_opened says hidden size {hidden!r}, the model has "
                                           f"{client.model.head.config.hidden_size}")
+            session = reply.body.get("session")
+            if type(session) is not int or not 0 <= session < 2**63:
+                raise RemoteProtocolError(f"session_opened has a bad session number {session!r}")
+            hop.session = session
             client.sessions_opened[hop.peer_id] += 1
         except RemoteError as e:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
@@ -332,11 +352,26 @@ class Pipeline:
             self.client.open_sessions[hop.peer_id] -= 1
 
     async def _abandon(self, hop: _HopSession) -> None:
-        """Drop a failed hop's session without waiting on a peer that may be frozen."""
+        """Drop a failed hop's session without waiting on a peer that may be frozen. Its receipt
+        exchange is still attempted (a server caught by verification gets a receipt that says
+        rejected), in the node's nursery within ``RECEIPT_TIMEOUT_S``, so failover does not wait."""
         self._release(hop)
         stream, hop.stream = hop.stream, None
-        if stream is not None:
-            with trio.move_on_after(0.2):
+        if stream is None:
+            return
+        if self._wants_receipt(hop):
+            self.client.node.nursery.start_soon(self._settle_abandoned, hop, stream)
+            return
+        with trio.move_on_after(0.2):
+            await stream.reset()
+
+    async def _settle_abandoned(self, hop: _HopSession, stream: FramedStream) -> None:
+        self.client.receipts_pending += 1
+        try:
+            await self._exchange_receipt(hop, stream)
+        finally:
+            self.client.receipts_pending -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(0.2):
                 await stream.reset()
 
     async def _close(self, hop: _HopSession) -> None:
@@ -345,11 +380,76 @@ class Pipeline:
             return
         stream, hop.stream = hop.stream, None
         try:
+            await self._exchange_receipt(hop, stream)
             await stream.send("session_close", {}, timeout=1.0)
             await stream.receive(timeout=1.0)
         except (NetworkError, RemoteProtocolError):
             pass
         await stream.aclose()
+
+    # -- receipts ------------------------------------------------------------------------------
+    def _wants_receipt(self, hop: _HopSession) -> bool:
+        """A receipt is exchanged for a peer's session that computed something (not our own
+        stage: a receipt needs two parties)."""
+        desk = self.client.receipts
+        return (desk is not None and hop.peer_id != desk.peer_id and hop.session is not None
+                and hop.tally.tokens > 0)
+
+    def _receipt_of(self, hop: _HopSession, client_id: str) -> Receipt:
+        tally, blocks = hop.tally, hop.end - hop.start
+        assert hop.session is not None  # _wants_receipt
+        opened = float(hop.opened_at)
+        return Receipt(server=hop.peer_id, client=client_id, model_id=self.client.model.model_id,
+                       start=hop.start, end=hop.end, session=hop.session, opened_at=opened,
+                       closed_at=max(opened, time.time()), tokens=tally.tokens,
+                       block_steps=tally.tokens * blocks,
+                       flops=self.client.flops_per_token_block * (tally.tokens * blocks),
+                       verified=tally.verified, unverified=tally.unverified, rejected=tally.rejected)
+
+    async def _exchange_receipt(self, hop: _HopSession, stream: FramedStream) -> None:
+        """Propose ``hop``'s receipt (signed by us), check the server's countersigned reply and
+        store it in our ledger; or record why not (the server's error code, ``no_reply``,
+        ``link_lost``, ``bad_countersignature``). Bounded by ``RECEIPT_TIMEOUT_S``; never raises."""
+        client, desk = self.client, self.client.receipts
+        if desk is None or not self._wants_receipt(hop):
+            return
+        receipt = self._receipt_of(hop, desk.peer_id)
+        body = propose(receipt, desk.key)
+        reason = detail = ""
+        with trio.move_on_after(RECEIPT_TIMEOUT_S) as scope:
+            try:
+                await stream.send("receipt_proposal", body, timeout=RECEIPT_TIMEOUT_S)
+                reply = await stream.receive_reply(timeout=RECEIPT_TIMEOUT_S)
+                if reply.kind == "step_result":  # the late reply to a step we gave up on
+                    reply = await stream.receive_reply(timeout=RECEIPT_TIMEOUT_S)
+                if reply.kind != "receipt" or set(reply.body) != {"receipt"}:
+                    raise RemoteProtocolError(f"expected receipt, got {reply.kind}")
+                raw = reply.body["receipt"]
+                check_countersigned(raw, receipt)
+            except RemoteError as e:
+                reason, detail = e.code, e.message
+            except DeadlineExceeded as e:
+                reason, detail = "no_reply", str(e)
+            except NetworkError as e:
+                reason, detail = "link_lost", str(e)
+            except RemoteProtocolError as e:
+                reason, detail = "bad_countersignature", str(e)
+        if scope.cancelled_caught:
+            reason, detail = "no_reply", f"no receipt within {RECEIPT_TIMEOUT_S}s"
+        try:
+            if not reason:
+                client.receipts_stored += 1
+                if desk.ledger is not None:
+                    await trio.to_thread.run_sync(desk.ledger.add, raw, "client")
+                return
+            client.receipts_refused[reason] += 1
+            log.warning("no receipt from %s for session %d: %s %s", hop.peer_id[-8:], receipt.session,
+                        reason, detail)
+            if desk.ledger is not None:
+                await trio.to_thread.run_sync(functools.partial(
+                    desk.ledger.add_refused, hop.peer_id, receipt.session, reason, detail, wire.pack(body)))
+        except (sqlite3.Error, OSError, IdlefleetError) as e:  # our own disk: never end a generation
+            log.error("ledger: cannot record the receipt of session %d: %r", receipt.session, e)
 
     # -- routing and failover ------------------------------------------------------------------
     async def _open_span(self, start: int, end: int, history: list[np.ndarray],
@@ -447,6 +547,14 @@ class FleetClient:
         # report of each peer must agree).
         self.sessions_opened: Counter[str] = Counter()
         self.positions_computed: Counter[str] = Counter()
+        # Receipts: the node's key and ledger (stand-in nodes in tests may have none).
+        self.receipts: ReceiptDesk | None = getattr(node, "receipts", None)
+        cfg = model.head.config
+        self.flops_per_token_block = flops_per_token_block(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads,
+                                                           cfg.head_dim, cfg.ffn_size)
+        self.receipts_stored = 0  # countersigned receipts received
+        self.receipts_refused: Counter[str] = Counter()  # exchanges that failed, by reason
+        self.receipts_pending = 0  # exchanges of abandoned hops still running in the background
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):

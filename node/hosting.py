@@ -224,7 +224,8 @@ class BlockHosting:
                  time.perf_counter() - started)
         previous = self.server
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
-                                  gate=node.owner.not_serving_reason)
+                                  gate=node.owner.not_serving_reason,
+                                  receipts=getattr(node, "receipts", None))  # node.ledger.ReceiptDesk
         if previous is not None:
             self._retired.add(previous)
             node.nursery.start_soon(self._retire, previous)

@@ -29,10 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.discovery import Discovery, DiscoveryConfig
 from idlefleet.node.hosting import BlockHosting, HostingConfig, available_memory_mb
+from idlefleet.node.ledger import Ledger, ReceiptDesk
 from idlefleet.node.owner import (
     ConsentLog,
     DataDir,
     OwnerControl,
+    credits_report,
     grant_expiry,
     owner_report,
     serve_control,
@@ -146,6 +148,9 @@ class Node:
             self.owner.grant(self._started, grant_expiry(self._started, config.consent_hours, None),
                              by="node --consent")
         self.owner.on_change = self.request_publish  # later changes publish at once
+        # Signed work receipts, both as a server and as a client (DATA_DIR/ledger.sqlite).
+        self.ledger = Ledger(data_dir.ledger) if data_dir is not None else None
+        self.receipts = ReceiptDesk(key, self.peer_id, self.ledger)
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
             misses=config.heartbeat_misses), on_alive=self._on_peer_alive)
@@ -512,7 +517,9 @@ class Node:
             events = self.config.events_path
             if events is None:
                 raise ValueError("this node keeps no event log")
-            return {"ok": True, "report": owner_report(events, since=since, power_w=self.config.power_w)}
+            report = owner_report(events, since=since, power_w=self.config.power_w)
+            report["credits"] = credits_report(self.ledger, since=since)
+            return {"ok": True, "report": report}
         raise ValueError(f"unknown op {op!r}; expected consent, revoke, status or report")
 
     def owner_status(self, now: float) -> dict[str, Any]:
@@ -606,6 +613,8 @@ class Node:
             await trio.sleep(0.2)  # let the message leave before the sockets close
 
     def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
         if self._events is not None:
             self._events.close()
             self._events = None

@@ -6,6 +6,7 @@ Data directory (``idlefleet node --data-dir DIR``, default ``~/.idlefleet``; own
     node.key          the node's Ed25519 identity (0600)
     consent.jsonl     signed, hash-chained, append-only consent log (0600)
     events.jsonl      the event log: sessions, tokens, policy transitions (the owner report's source)
+    ledger.sqlite     signed work receipts, as server and as client (node.ledger; the credits)
     control.sock      Unix socket for ``idlefleet owner ...`` while the node runs (0600)
     vehicle.json      (``swarm --vehicle file``) the vehicle state file the node reads
 
@@ -42,6 +43,7 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from idlefleet.node.ledger import LEDGER_FILE, Ledger
 from idlefleet.protocols.errors import ConfigError, IdlefleetError
 from idlefleet.protocols.policy import (
     SCOPE_INFERENCE,
@@ -125,6 +127,10 @@ class DataDir:
     @property
     def vehicle(self) -> Path:
         return self.path / "vehicle.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / LEDGER_FILE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,3 +520,26 @@ def owner_report(events: Path, *, since: float | None = None, power_w: float = 1
         "battery_used_pct": round(battery_used, 3), "transitions": transitions, "consent": consent,
     }
 
+
+
+def credits_report(ledger: Ledger | Path | None, *, since: float | None = None) -> dict[str, Any]:
+    """The owner report's ``credits``: what this node earned as a server, from its ledger (a
+    running node's ``Ledger``, or the file when no node runs; a missing file is an empty ledger).
+
+    ``verified``, ``unverified``, ``rejected``: credits (``protocols.receipts.CREDIT_FLOPS`` FLOPs
+    each) by the clients' verdict (only ``verified`` is earned); ``receipts``, ``tokens``,
+    ``block_steps``, ``flops`` and ``tokens_verified`` / ``tokens_unverified`` / ``tokens_rejected``
+    are the counts behind them; ``refused``: our own client's exchanges that got no receipt."""
+    if ledger is None or (isinstance(ledger, Path) and not ledger.exists()):
+        totals = Ledger.empty_totals()
+        refused = 0
+    elif isinstance(ledger, Path):
+        with Ledger(ledger) as opened:
+            totals, refused = opened.totals(since=since), opened.refused_count(since=since)
+    else:
+        totals, refused = ledger.totals(since=since), ledger.refused_count(since=since)
+    c, n = totals["credits"], totals["token_counts"]
+    return {"verified": c["verified"], "unverified": c["unverified"], "rejected": c["rejected"],
+            "receipts": totals["sessions"], "tokens": totals["tokens"], "block_steps": totals["block_steps"],
+            "flops": totals["flops"], "tokens_verified": n["verified"], "tokens_unverified": n["unverified"],
+            "tokens_rejected": n["rejected"], "refused": refused}

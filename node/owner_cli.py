@@ -1,13 +1,15 @@
-"""``idlefleet owner consent|revoke|status|report``: the owner's controls and view of a node.
+"""``idlefleet owner consent|revoke|status|report|receipts``: the owner's controls and view of a node.
 
 Each command talks to the running node through ``DATA_DIR/control.sock``; when no node runs it
-works on the stored state (the consent log and the event log in the data directory). Exit codes:
-0 ok, 2 bad usage or a refused data directory / socket.
+works on the stored state (the consent log, the event log and the ledger in the data directory).
+``receipts`` always reads the ledger file itself (SQLite lets it read while the node writes).
+Exit codes: 0 ok, 2 bad usage or a refused data directory / socket.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import time
 from datetime import datetime
@@ -18,16 +20,19 @@ from idlefleet.node.owner import (
     ConsentLog,
     DataDir,
     control_request,
+    credits_report,
     default_data_dir,
     grant_expiry,
     owner_report,
     read_events,
 )
-from idlefleet.protocols.errors import ConfigError
+from idlefleet.protocols import wire
+from idlefleet.protocols.errors import ConfigError, RemoteProtocolError
+from idlefleet.protocols.receipts import credits, decode_receipt
 
 
 def add_owner_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("owner", help="the owner's controls: consent, revoke, status, report")
+    p = sub.add_parser("owner", help="the owner's controls: consent, revoke, status, report, receipts")
     cmds = p.add_subparsers(dest="owner_command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -49,6 +54,13 @@ def add_owner_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     q.add_argument("--json", action="store_true")
     q.add_argument("--power-w", type=float, default=100.0,
                    help="compute power draw for the energy estimate when no node runs (default 100)")
+    common(q)
+    q = cmds.add_parser("receipts", help="export the signed work receipts of the ledger (--json: for "
+                        "a third party to check every signature)")
+    q.add_argument("--since", metavar="TIME", help="receipts closed at/after TIME: unix time or ISO 8601")
+    q.add_argument("--role", choices=("server", "client"),
+                   help="only work this node did (server) or asked for (client)")
+    q.add_argument("--json", action="store_true")
     common(q)
 
 
@@ -77,6 +89,10 @@ def run_owner(args: argparse.Namespace) -> int:
     path = args.data_dir if args.data_dir is not None else default_data_dir()
     cmd = args.owner_command
     data_dir = DataDir.open(path, create=cmd == "consent")
+    if cmd == "receipts":
+        export = export_receipts(data_dir.ledger, since=_since(args.since), role=args.role)
+        _print_receipts(export, args.json)
+        return 0
     request: dict[str, Any] = {"op": cmd}
     if cmd == "consent":
         request.update(hours=args.hours, until=args.until)
@@ -106,8 +122,54 @@ def _offline(data_dir: DataDir, args: argparse.Namespace, request: dict[str, Any
         return {"ok": True, "entry": entry, **_offline_status(data_dir, now)}
     if cmd == "status":
         return {"ok": True, **_offline_status(data_dir, now)}
-    return {"ok": True, "report": owner_report(data_dir.events, since=request.get("since"),
-                                               power_w=args.power_w)}
+    report = owner_report(data_dir.events, since=request.get("since"), power_w=args.power_w)
+    report["credits"] = credits_report(data_dir.ledger, since=request.get("since"))
+    return {"ok": True, "report": report}
+
+
+def export_receipts(ledger: Path, *, since: float | None = None, role: str | None = None) -> dict[str, Any]:
+    """Every stored receipt (closed at/after ``since``) for a third party: ``raw`` is the
+    double-signed receipt (PROTOCOL.md 7.3) in base64, ``body`` the signed bytes in base64,
+    ``server_sig`` / ``client_sig`` hex, then the decoded fields and credits. Each is re-verified
+    here; a row that does not verify (a tampered file) raises ConfigError."""
+    from idlefleet.node.ledger import Ledger
+
+    out: dict[str, Any] = {"ledger": str(ledger), "receipts": [], "refused": []}
+    if not ledger.exists():
+        return out
+    with Ledger(ledger) as opened:
+        rows = opened.receipts(since=since, role=role)
+        refused = opened.refused(since=since) if role in (None, "client") else []
+    for row_role, raw in rows:
+        try:
+            receipt = decode_receipt(raw)
+        except RemoteProtocolError as e:
+            raise ConfigError(f"{ledger}: a stored receipt does not verify: {e}") from None
+        outer = wire.unpack(raw, what="receipt")
+        out["receipts"].append({
+            "role": row_role, "raw": base64.b64encode(raw).decode(),
+            "body": base64.b64encode(outer["body"]).decode(),
+            "server_sig": outer["server_sig"].hex(), "client_sig": outer["client_sig"].hex(),
+            "fields": receipt.to_dict(), "credits": credits(receipt)})
+    out["refused"] = refused
+    return out
+
+
+def _print_receipts(export: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(export))
+        return
+    receipts = export["receipts"]
+    print(f"{len(receipts)} receipt(s) in {export['ledger']}")
+    for r in receipts:
+        f = r["fields"]
+        print(f"  {_when(f['closed_at'])}  {r['role']:<6} server ..{f['server'][-8:]} "
+              f"client ..{f['client'][-8:]}"
+              f"  blocks {f['start']}-{f['end']}  tokens {f['tokens']} (verified {f['verified']}, "
+              f"unverified {f['unverified']}, rejected {f['rejected']})  "
+              f"{r['credits']['verified']:.6f} credits")
+    for x in export["refused"]:
+        print(f"  {_when(x['at'])}  refused by ..{x['peer'][-8:]} (session {x['session']}): {x['reason']}")
 
 
 def _offline_status(data_dir: DataDir, now: float) -> dict[str, Any]:
@@ -142,6 +204,11 @@ def _print(cmd: str, reply: dict[str, Any], as_json: bool) -> None:
         print(f"sessions {r['sessions']}  tokens {r['tokens']}  block-steps {r['block_steps']}")
         print(f"busy {r['busy_s']:.1f}s  energy {r['energy_wh']:.3f} Wh (at {r['power_w']:g} W)  "
               f"battery used {r['battery_used_pct']:.2f}%")
+        c = r.get("credits")
+        if c is not None:
+            print(f"credits {c['verified']:.6f} verified, {c['unverified']:.6f} unverified, "
+                  f"{c['rejected']:.6f} rejected  ({c['receipts']} receipts, tokens {c['tokens_verified']} "
+                  f"verified / {c['tokens_unverified']} unverified / {c['tokens_rejected']} rejected)")
         for t in r["transitions"]:
             detail = f" ({t['detail']})" if t.get("detail") else ""
             print(f"  {_when(t['t'])}  {t['action']:<5} {t['reason']}{detail}")

@@ -14,6 +14,11 @@ have at most ``max_inflight_per_peer`` steps queued or computing. A long step (a
 computed in chunks of at most ``prefill_chunk_tokens`` positions whose attention and MLP working
 memory stays under ``workspace_bytes``; other sessions' steps run between chunks (each chunk goes
 through the batcher like any step).
+
+Receipts: when the client proposes the session's receipt (``receipt_proposal``), the server checks
+it against its own count (``protocols.receipts.check_proposal``), countersigns it, commits it to its
+ledger (``node.ledger``, fsync) and only then replies with it: an acknowledged receipt survives a
+SIGKILL. One proposal per session; a server without a ledger refuses with ``receipts_unsupported``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ import numpy as np
 import trio
 
 from idlefleet.node.batcher import StepBatcher
+from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
 from idlefleet.node.metrics import LatencyHistogram
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
@@ -37,9 +44,15 @@ from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, TensorError
+from idlefleet.protocols.receipts import ReceiptRefused, SessionWork, check_proposal, flops_per_token_block
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
+
+# Session numbers are unique per node across restarts and re-loads (they name a session in its
+# receipt, and a ledger holds one receipt per session): one process-wide counter that starts at
+# the process's start time in microseconds.
+_SESSION_IDS = itertools.count(time.time_ns() // 1000)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class ServerStatistics:
     bytes_sent: int = 0  # framed bytes of finished sessions
     bytes_received: int = 0
     batches: int = 0  # compute calls; steps / batches is the mean batch size
+    receipts: int = 0  # receipts countersigned and stored
+    receipts_refused: dict[str, int] = field(default_factory=dict)  # proposals refused, by code
 
 
 class StageServer:
@@ -80,8 +95,10 @@ class StageServer:
     def __init__(self, stage: Stage, config: ServerConfig = ServerConfig(),
                  limiter: trio.CapacityLimiter | None = None,
                  on_event: Callable[..., None] | None = None,
-                 gate: Callable[[], str | None] | None = None) -> None:
+                 gate: Callable[[], str | None] | None = None,
+                 receipts: ReceiptDesk | None = None) -> None:
         self.stage = stage
+        self._receipts = receipts  # key + ledger: countersign and store receipts (None: refuse)
         # The owner policy: None while this node may serve, else why not (no new sessions then).
         self._gate = gate or (lambda: None)
         self._sessions: set[trio.CancelScope] = set()
@@ -94,7 +111,7 @@ class StageServer:
                                     window_s=config.batch_window_s,
                                     max_batch_tokens=config.max_step_tokens,
                                     on_batch=self._on_batch)
-        self._ids = itertools.count(1)
+        self._ids = _SESSION_IDS
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
         self._peer_of: dict[int, str] = {}  # session id -> the peer that opened it
         self._inflight: dict[str, trio.CapacityLimiter] = {}  # peer -> its steps in flight
@@ -107,6 +124,8 @@ class StageServer:
         self._limits = TensorLimits(max_tokens=config.max_step_tokens, hidden_size=cfg.hidden_size)
         # Worst-case KV bytes per position: layers x (K and V) x kv heads x head dim x float32.
         self._kv_bytes_per_pos = len(stage.blocks) * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+        self._flops_per_token_block = flops_per_token_block(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads,
+                                                            cfg.head_dim, cfg.ffn_size)
 
     @property
     def active_sessions(self) -> int:
@@ -215,6 +234,7 @@ class StageServer:
         cache: KVCache | None = None
         stage: Stage | None = None
         req: S.OpenRequest | None = None
+        opened_at = 0.0  # wall clock, for the receipt
         valid_at = trio.current_time()  # the idle timeout runs from the last valid message
         try:
             while machine.state is not S.SessionState.CLOSED:
@@ -227,7 +247,7 @@ class StageServer:
                     self.stats.idle_closed += 1
                     await fs.send_error(S.ERR_IDLE, f"no message for {self.config.idle_timeout_s}s")
                     return
-                machine.receive(env.kind)
+                state = machine.receive(env.kind)
                 if env.kind == "session_open":
                     req = S.OpenRequest.from_body(env.body)
                     refusal = self._admit(req, fs.peer_id)
@@ -235,7 +255,7 @@ class StageServer:
                         machine.fail_open()
                         await fs.send_error(*refusal)
                         continue
-                    sid = next(self._ids)
+                    sid, opened_at = next(self._ids), time.time()
                     self._reserved[sid] = req.max_length * self._kv_bytes_per_pos
                     self._peer_of[sid] = fs.peer_id
                     valid_at = trio.current_time()
@@ -269,6 +289,17 @@ class StageServer:
                             log.info("session %d from %s: %d invalid steps in a row; closed", sid,
                                      fs.peer_id[-8:], invalid)
                             return
+                elif env.kind == "receipt_proposal":
+                    assert req is not None  # the state machine guarantees an opened session
+                    if state is S.SessionState.CLOSED:  # a second proposal
+                        self._count_refused(S.ERR_DUPLICATE_RECEIPT)
+                        await fs.send_error(S.ERR_DUPLICATE_RECEIPT, "one receipt per session: this "
+                                            "session's proposal was already answered")
+                        return
+                    work = SessionWork(self._receipts.peer_id if self._receipts else "", fs.peer_id,
+                                       req.model_id, req.start, req.end, sid, opened_at, tokens,
+                                       self._flops_per_token_block)
+                    await self._receipt(fs, env.body, work)
                 else:  # session_close
                     await fs.send("session_closed", {}, timeout=self.config.send_timeout_s)
         except RemoteProtocolError as e:
@@ -292,6 +323,41 @@ class StageServer:
                                blocks=[req.start, req.end] if req is not None else None)
             if not self._reserved:
                 self._idle.set()
+
+    def _count_refused(self, code: str) -> None:
+        self.stats.receipts_refused[code] = self.stats.receipts_refused.get(code, 0) + 1
+
+    async def _receipt(self, fs: FramedStream, body: dict[str, Any], work: SessionWork) -> None:
+        """Answer a receipt proposal: check it against ``work``, countersign, commit it to the
+        ledger, then reply with it. A refusal is an ``error`` (the session stays, closing)."""
+        desk = self._receipts
+        if desk is None or desk.ledger is None:
+            self._count_refused(S.ERR_NO_RECEIPTS)
+            await fs.send_error(S.ERR_NO_RECEIPTS, "this node keeps no ledger and signs no receipts")
+            return
+        try:
+            receipt, client_sig = check_proposal(body, work, time.time())
+        except ReceiptRefused as e:
+            self._count_refused(e.code)
+            log.info("session %d from %s: receipt refused: %s", work.session, fs.peer_id[-8:], e)
+            await fs.send_error(e.code, str(e))
+            return
+        raw = receipt.encode(receipt.sign(desk.key), client_sig)
+        try:  # committed (fsync) before we acknowledge it; off the event loop
+            await trio.to_thread.run_sync(desk.ledger.add, raw, "server")
+        except DuplicateReceipt as e:
+            self._count_refused(S.ERR_DUPLICATE_RECEIPT)
+            await fs.send_error(S.ERR_DUPLICATE_RECEIPT, str(e))
+            return
+        except sqlite3.Error as e:  # a full or broken disk: our problem, not the client's
+            log.error("ledger %s: cannot store a receipt: %s", desk.ledger.path, e)
+            self._count_refused(S.ERR_NO_RECEIPTS)
+            await fs.send_error(S.ERR_NO_RECEIPTS, "this node cannot store receipts now")
+            return
+        self.stats.receipts += 1
+        self._on_event("receipt", session=work.session, client=fs.peer_id, tokens=receipt.tokens,
+                       verified=receipt.verified, unverified=receipt.unverified, rejected=receipt.rejected)
+        await fs.send("receipt", {"receipt": raw}, timeout=self.config.send_timeout_s)
 
     async def _step(self, fs: FramedStream, body: dict[str, Any], stage: Stage, cache: KVCache,
                     req: S.OpenRequest) -> int:

@@ -11,6 +11,13 @@ machine, i.e. one credit = 4.32e11 floating-point operations. Reusing the volunt
 keeps an owner's numbers comparable with two decades of public BOINC statistics; only the verified
 fraction of a receipt's FLOPs earns credit.
 
+**The exchange.** When a client closes a hop session it proposes the receipt (its own signature over
+the body, :func:`propose`); the stage server checks the proposal against its own account of the
+session (:class:`SessionWork`, :func:`check_proposal`: parties, model, blocks, session number,
+tokens, FLOPs, times within ``RECEIPT_SKEW_S``; it cannot judge ``verified``/``rejected``, which
+are the client's verdict), countersigns, stores and returns it; the client checks the countersigned
+receipt (:func:`check_countersigned`) and stores it. PROTOCOL.md 6.3 and 7.3.
+
 **Misbehaviour report.** A client that caught a server returning a wrong row (see
 :mod:`idlefleet.protocols.verification`) gossips the evidence: the accused's signed step commitment,
 two other hosts' commitments for the same inputs (the second host and the referee), and a
@@ -29,6 +36,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from idlefleet.protocols import session as S
 from idlefleet.protocols import wire
 from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.peerid import public_key_from_peer_id
@@ -38,12 +46,19 @@ from idlefleet.protocols.verification import TOLERANCE, RowProof, StepCommitment
 __all__ = [
     "CREDIT_FLOPS",
     "RECEIPT_DOMAIN",
+    "RECEIPT_SKEW_S",
     "REPORT_DOMAIN",
     "MisbehaviourReport",
     "Receipt",
+    "ReceiptRefused",
+    "SessionWork",
     "WorkTally",
+    "check_countersigned",
+    "check_proposal",
     "credits",
     "decode_receipt",
+    "flops_per_token_block",
+    "propose",
     "verify_report",
 ]
 
@@ -167,6 +182,109 @@ def credits(receipt: Receipt) -> dict[str, float]:
     per_token = receipt.flops / receipt.tokens / CREDIT_FLOPS if receipt.tokens else 0.0
     return {"verified": receipt.verified * per_token, "unverified": receipt.unverified * per_token,
             "rejected": receipt.rejected * per_token}
+
+
+# --- the exchange when a hop session closes -------------------------------------------------------
+
+#: How far a proposal's ``opened_at`` / ``closed_at`` may be from the server's own clock (seconds):
+#: the clock skew records tolerate (PROTOCOL.md 3.4).
+RECEIPT_SKEW_S = 30.0
+
+
+def flops_per_token_block(hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                          ffn_size: int) -> float:
+    """Estimated FLOPs of one llama block for one token: 2 per multiply-add of its weight matrices,
+    Q and O (``hidden x n_heads*head_dim`` each), K and V (``hidden x n_kv_heads*head_dim`` each),
+    gate, up and down (``hidden x ffn`` each). Attention over the cached positions
+    (``4 x n_heads x head_dim`` per cached position) and the norms are left out: they depend on the
+    context, which neither side can prove, and are a few percent at the lengths served.
+    SmolLM2-135M: 7,077,888."""
+    q = hidden_size * n_heads * head_dim
+    kv = hidden_size * n_kv_heads * head_dim
+    return float(2 * (2 * q + 2 * kv + 3 * hidden_size * ffn_size))
+
+
+class ReceiptRefused(RemoteProtocolError):
+    """A stage server refuses a receipt proposal; ``code`` is the ``error`` code it replies with
+    (``bad_receipt`` or ``receipt_mismatch``, ``protocols.session``)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        super().__init__(f"{code}: {detail}")
+
+
+@dataclass(frozen=True)
+class SessionWork:
+    """A stage server's own account of one session: what a receipt proposal must match."""
+
+    server: str  # this server's peer id
+    client: str  # the peer that opened the session (authenticated by the secure channel)
+    model_id: str
+    start: int
+    end: int
+    session: int
+    opened_at: float  # the server's clock
+    tokens: int  # positions computed and answered in the session
+    flops_per_token_block: float
+
+
+def propose(receipt: Receipt, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The client's ``receipt_proposal`` body: the receipt body and the client's signature."""
+    return {"body": receipt.body(), "client_sig": receipt.sign(key)}
+
+
+def check_proposal(body: dict[str, Any], work: SessionWork, now: float, *,
+                   skew_s: float = RECEIPT_SKEW_S) -> tuple[Receipt, bytes]:
+    """The server's decision on a ``receipt_proposal`` body, pure. Returns the receipt and the
+    client's signature; raises ReceiptRefused with ``bad_receipt`` (wrong fields or sizes, a body
+    that is not a valid canonical receipt, another server or client, a bad client signature) or
+    ``receipt_mismatch`` (model, blocks, session, tokens, FLOPs or times differ from ``work``, or
+    the session computed nothing). Checks run in that order; the signature before any count."""
+    if not isinstance(body, dict) or set(body) != {"body", "client_sig"}:
+        raise ReceiptRefused(S.ERR_BAD_RECEIPT, "receipt_proposal needs exactly body and client_sig")
+    raw, sig = body["body"], body["client_sig"]
+    if not isinstance(raw, bytes) or len(raw) > MAX_RECEIPT_SIZE:
+        raise ReceiptRefused(S.ERR_BAD_RECEIPT, f"body must be bin of at most {MAX_RECEIPT_SIZE} bytes")
+    if not isinstance(sig, bytes) or len(sig) != 64:
+        raise ReceiptRefused(S.ERR_BAD_RECEIPT, "client_sig must be 64 bytes")
+    try:
+        receipt = Receipt.from_body(raw)
+    except RemoteProtocolError as e:
+        raise ReceiptRefused(S.ERR_BAD_RECEIPT, str(e)) from None
+    if receipt.server != work.server or receipt.client != work.client:
+        raise ReceiptRefused(S.ERR_BAD_RECEIPT, "the receipt names another server or client than "
+                             "the two ends of this session")
+    try:
+        receipt.verify(client_sig=sig)
+    except RemoteProtocolError as e:
+        raise ReceiptRefused(S.ERR_BAD_RECEIPT, str(e)) from None
+    ours = (work.model_id, work.start, work.end, work.session)
+    theirs = (receipt.model_id, receipt.start, receipt.end, receipt.session)
+    if theirs != ours:
+        raise ReceiptRefused(S.ERR_RECEIPT_MISMATCH, f"model, blocks or session {theirs} != {ours}")
+    if work.tokens == 0:
+        raise ReceiptRefused(S.ERR_RECEIPT_MISMATCH, "this session computed nothing: no receipt")
+    if receipt.tokens != work.tokens:
+        raise ReceiptRefused(S.ERR_RECEIPT_MISMATCH,
+                             f"tokens {receipt.tokens}, this server computed {work.tokens}")
+    flops = work.flops_per_token_block * receipt.block_steps
+    if not math.isclose(receipt.flops, flops, rel_tol=1e-9):
+        raise ReceiptRefused(S.ERR_RECEIPT_MISMATCH, f"flops {receipt.flops!r}, expected {flops!r}")
+    if abs(receipt.opened_at - work.opened_at) > skew_s or abs(receipt.closed_at - now) > skew_s:
+        raise ReceiptRefused(S.ERR_RECEIPT_MISMATCH, f"opened_at/closed_at more than {skew_s:g}s "
+                             "from this server's clock")
+    return receipt, sig
+
+
+def check_countersigned(data: object, proposed: Receipt) -> Receipt:
+    """The client's check of a server's ``receipt`` reply: both signatures hold and the body is
+    exactly the one proposed. Raises RemoteProtocolError."""
+    if not isinstance(data, bytes):
+        raise RemoteProtocolError("receipt: must be bin")
+    receipt = decode_receipt(data)
+    if receipt != proposed:
+        raise RemoteProtocolError("receipt: the server countersigned another body than the proposal")
+    return receipt
 
 
 @dataclass

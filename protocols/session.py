@@ -10,7 +10,12 @@ Transitions (anything else is a ``RemoteProtocolError`` naming the state and kin
     state          received          -> state     reply
     AWAIT_OPEN     session_open      -> OPEN      session_opened | error (session stays AWAIT_OPEN)
     OPEN           step              -> OPEN      step_result | error
+    OPEN           receipt_proposal  -> CLOSING   receipt | error (no receipt: the client may still close)
     OPEN           session_close     -> CLOSED    session_closed
+    CLOSING        session_close     -> CLOSED    session_closed
+    CLOSING        receipt_proposal  -> CLOSED    error duplicate_receipt (one receipt per session)
+
+The receipt exchange (``receipt_proposal`` / ``receipt``) is checked by ``protocols.receipts``.
 """
 
 from __future__ import annotations
@@ -36,22 +41,32 @@ ERR_BAD_TENSOR = "bad_tensor"  # wrong dtype, shape, byte length or values
 ERR_BAD_POSITION = "bad_position"  # skips ahead of the cache or past max_length
 ERR_IDLE = "idle_timeout"  # no message within the idle timeout: session freed
 ERR_BAD_REQUEST = "bad_request"  # anything else malformed
+# Receipt exchange at the end of a session (protocols.receipts; PROTOCOL.md 6.3 and 7.3).
+ERR_BAD_RECEIPT = "bad_receipt"  # malformed proposal, wrong parties, bad client signature
+ERR_RECEIPT_MISMATCH = "receipt_mismatch"  # disagrees with the server's own count of the session
+ERR_DUPLICATE_RECEIPT = "duplicate_receipt"  # a second proposal in one session
+ERR_NO_RECEIPTS = "receipts_unsupported"  # this server keeps no ledger: it signs no receipts
 
 for _kind, _size in (("session_open", 1024), ("session_opened", 1024), ("session_close", 256),
-                     ("session_closed", 256), ("step", wire.MAX_FRAME), ("step_result", wire.MAX_FRAME)):
+                     ("session_closed", 256), ("step", wire.MAX_FRAME), ("step_result", wire.MAX_FRAME),
+                     ("receipt_proposal", 2048), ("receipt", 4096)):
     wire.register_kind(_kind, _size)
 
 
 class SessionState(enum.Enum):
     AWAIT_OPEN = "await_open"
     OPEN = "open"
+    CLOSING = "closing"  # a receipt was proposed: only session_close may follow
     CLOSED = "closed"
 
 
 TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
     (SessionState.AWAIT_OPEN, "session_open"): SessionState.OPEN,
     (SessionState.OPEN, "step"): SessionState.OPEN,
+    (SessionState.OPEN, "receipt_proposal"): SessionState.CLOSING,
     (SessionState.OPEN, "session_close"): SessionState.CLOSED,
+    (SessionState.CLOSING, "session_close"): SessionState.CLOSED,
+    (SessionState.CLOSING, "receipt_proposal"): SessionState.CLOSED,  # refused: duplicate_receipt
 }
 
 
