@@ -443,8 +443,9 @@ class Pipeline:
                     await trio.to_thread.run_sync(desk.ledger.add, raw, "client")
                 return
             client.receipts_refused[reason] += 1
-            log.warning("no receipt from %s for session %d: %s %s", hop.peer_id[-8:], receipt.session,
-                        reason, detail)
+            # A server that lied is worth a warning; a refusal, a dead link or no ledger is routine.
+            (log.warning if reason == "bad_countersignature" else log.info)(
+                "no receipt from %s for session %d: %s %s", hop.peer_id[-8:], receipt.session, reason, detail)
             if desk.ledger is not None:
                 await trio.to_thread.run_sync(functools.partial(
                     desk.ledger.add_refused, hop.peer_id, receipt.session, reason, detail, wire.pack(body)))
