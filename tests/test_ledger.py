@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from idlefleet.node.ledger import Ledger
+from idlefleet.node.ledger import DuplicateReceipt, Ledger
 from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.receipts import CREDIT_FLOPS
 from tests.test_verification import KEYS, receipt
@@ -53,13 +53,31 @@ def test_ledger_is_append_only(tmp_path: Path) -> None:
     db.close()
 
 
+def test_one_receipt_per_session_and_refusals_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.add(signed(session=1), "server")
+        with pytest.raises(DuplicateReceipt):  # another verdict for the same session
+            ledger.add(signed(session=1, verified=100, unverified=0, rejected=0), "server")
+        ledger.add(signed(session=2), "client")
+        ledger.add_refused("12D3KooWpeer", 7, "receipt_mismatch", "tokens 4, computed 3", b"proposal", at=5.0)
+        assert [role for role, _ in ledger.receipts()] == ["server", "client"]
+        assert ledger.refused() == [{"at": 5.0, "peer": "12D3KooWpeer", "session": 7,
+                                     "reason": "receipt_mismatch", "detail": "tokens 4, computed 3"}]
+        assert ledger.totals()["token_counts"] == {"verified": 90, "unverified": 6, "rejected": 4}
+    db = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM refused")
+    db.close()
+
+
 @pytest.mark.slow
 def test_sigkill_loses_no_acknowledged_receipt(tmp_path: Path) -> None:
     """A process that printed "stored N" has N receipts on disk, whenever it is killed."""
     path = tmp_path / "ledger.sqlite"
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from idlefleet.node.ledger import Ledger
+        from idlefleet.node.ledger import DuplicateReceipt, Ledger
         from tests.test_ledger import signed
         ledger = Ledger(Path({str(path)!r}))
         for i in range(10_000):
