@@ -360,13 +360,16 @@ class Pipeline:
         if stream is None:
             return
         if self._wants_receipt(hop):
-            self.client.node.nursery.start_soon(self._settle_abandoned, hop, stream)
-            return
+            self.client.receipts_pending += 1  # counted now: the task starts later
+            try:
+                self.client.node.nursery.start_soon(self._settle_abandoned, hop, stream)
+                return
+            except RuntimeError:  # the node is stopping: no exchange
+                self.client.receipts_pending -= 1
         with trio.move_on_after(0.2):
             await stream.reset()
 
     async def _settle_abandoned(self, hop: _HopSession, stream: FramedStream) -> None:
-        self.client.receipts_pending += 1
         try:
             await self._exchange_receipt(hop, stream)
         finally:
