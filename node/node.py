@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -149,7 +150,7 @@ class Node:
                              by="node --consent")
         self.owner.on_change = self.request_publish  # later changes publish at once
         # Signed work receipts, both as a server and as a client (DATA_DIR/ledger.sqlite).
-        self.ledger = Ledger(data_dir.ledger) if data_dir is not None else None
+        self.ledger = open_ledger(data_dir) if data_dir is not None else None
         self.receipts = ReceiptDesk(key, self.peer_id, self.ledger)
         self.liveness = Liveness(host, self._on_peer_dead, LivenessConfig(
             interval_s=config.heartbeat_s, timeout_s=config.heartbeat_timeout_s,
@@ -618,6 +619,15 @@ class Node:
         if self._events is not None:
             self._events.close()
             self._events = None
+
+
+def open_ledger(data_dir: DataDir) -> Ledger:
+    """The node's ledger; ConfigError (one line, exit 2) if the file is not a usable SQLite ledger."""
+    try:
+        return Ledger(data_dir.ledger)
+    except sqlite3.Error as e:
+        raise ConfigError(f"receipt ledger {data_dir.ledger} is unusable ({e}); move it aside to "
+                          "start a new one") from None
 
 
 def _dht_validate(key: str, value: bytes) -> None:
