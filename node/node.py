@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.discovery import Discovery, DiscoveryConfig
+from idlefleet.node.faults import FaultInjector
 from idlefleet.node.hosting import BlockHosting, HostingConfig, available_memory_mb
 from idlefleet.node.owner import (
     ConsentLog,
@@ -115,6 +116,7 @@ class Node:
         self._public_key = raw_public_key(key)
         self._nursery = nursery
         self.hosting: BlockHosting | None = None  # owns blocks, model_id, load when serving
+        self.fault: FaultInjector | None = None  # test tooling (--chaos-fault), set by open_node
         self._state = "joining"
         self._last_record: CapacityRecord | None = None
         self._last_vehicle: VehicleState | None = None
@@ -640,6 +642,8 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         vehicle = make_provider(config.vehicle, now=time.time())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # Test tooling: refused (ConfigError) unless IDLEFLEET_CHAOS=yes is in the environment too.
+    fault = FaultInjector(config.chaos_fault) if config.chaos_fault is not None else None
     data_dir = DataDir.open(config.data_dir) if config.data_dir is not None else None
     if key is None:
         key, created = load_or_create_key(config.key_path)
@@ -648,7 +652,12 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
     async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
         node = Node(config, key, host, vehicle, nursery, data_dir)
+        node.fault = fault
         try:
+            if fault is not None:
+                log.warning("CHAOS FAULT ON: this node returns WRONG outputs (%s on %.0f%% of steps); "
+                            "test tooling, never for real use", fault.kind, fault.rate * 100)
+                node.event("chaos_fault", kind=fault.kind, rate=fault.rate)
             node.evaluate_policy(time.time())  # reported at start-up: e.g. an unknown vehicle state
             if data_dir is not None:
                 await nursery.start(serve_control, data_dir.socket, node.control)
@@ -673,7 +682,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
                     server=ServerConfig(max_sessions=config.max_sessions,
                                         kv_budget_bytes=int(config.kv_budget_mb * 1024 * 1024),
                                         idle_timeout_s=config.session_idle_s),
-                    unload_grace_s=config.unload_grace_s))
+                    unload_grace_s=config.unload_grace_s, fault=fault))
                 await nursery.start(node.hosting.run)
             yield node
             node.discovery.save_peers()
