@@ -478,7 +478,8 @@ class FleetClient:
         """Hosts of our model among the peers this node completed a liveness round trip with
         (``Node.routable``), with measured RTTs and step times. A peer's gossiped load lags
         by seconds, so the sessions this client has open on it count too: concurrent generations
-        spread over the fleet instead of all taking the one best route."""
+        spread over the fleet instead of all taking the one best route. Peers that verified
+        misbehaviour reports accuse are marked (``Node.mark_accused``): routing uses them last."""
         rtt = self.node.liveness.min_rtt_s
         # Routable peers all have a measured RTT; were one missing, it would be assumed typical.
         typical = float(np.median(list(rtt.values()))) if rtt else None
@@ -499,7 +500,7 @@ class FleetClient:
                 if mine:
                     cand = dataclasses.replace(cand, load=min(0.9, cand.load + OWN_SESSION_LOAD * mine))
                 out.append(cand)
-        return out
+        return self.node.mark_accused(out)  # peers verified reports accuse: a last resort
 
     def find_route(self, start: int | None = None, end: int | None = None) -> list[Hop]:
         """The best chain of peers for blocks ``[start, end)`` now (default: every block not run
