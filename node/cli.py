@@ -112,6 +112,10 @@ def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="every node's vehicle: 'file' (default) = its DATA_DIR/vehicle.json, written "
                         "parked, plugged in, 80%% at start and kept fresh; 'sims' = varied simulated "
                         "vehicles (the owner policy then pauses some); or a spec like sim:taxi:scale=60")
+    p.add_argument("--faulty", metavar="K[:KIND[:RATE]]",
+                   help="TEST TOOLING: the last K nodes (never the first) return WRONG outputs "
+                        "(node --chaos-fault KIND, default corrupt; IDLEFLEET_CHAOS=yes set in their "
+                        'environment only); marked "faulty": true in the state file')
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -206,7 +210,7 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         return 2
     return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir,
                      prompt=args.generate, max_new_tokens=args.max_new_tokens, api_port=args.api_port,
-                     vehicle=None if args.vehicle == "sims" else args.vehicle)
+                     vehicle=None if args.vehicle == "sims" else args.vehicle, faulty=args.faulty)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

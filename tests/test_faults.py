@@ -104,3 +104,18 @@ async def test_node_passes_its_fault_to_the_stage_server(tmp_path: Path,
     logged = [json.loads(line) for line in events.read_text().splitlines()]
     assert {"event": "chaos_fault", "kind": "stale", "rate": 0.5} in [
         {k: e[k] for k in ("event", "kind", "rate") if k in e} for e in logged]
+
+
+# --- idlefleet swarm --faulty ---------------------------------------------------------------------
+
+def test_swarm_faulty_spec_picks_the_last_nodes_never_the_bootstrap() -> None:
+    from idlefleet.node.swarm import parse_faulty
+
+    assert parse_faulty("2", 6) == {4: "corrupt", 5: "corrupt"}
+    assert parse_faulty("1:stale:0.5", 3) == {2: "stale:0.5"}
+    for spec, n in (("0", 3), ("3", 3), ("x", 3), ("1:evil", 3), ("1:skip:7", 3)):
+        with pytest.raises(ConfigError):
+            parse_faulty(spec, n)
+    out = subprocess.run([*IDLEFLEET, "swarm", "--nodes", "2", "--faulty", "2"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "bootstrap node" in out.stderr  # refused before any node starts
