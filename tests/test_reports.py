@@ -3,6 +3,7 @@ routing uses it, and real in-process nodes gossiping reports built from real mod
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,14 @@ import numpy as np
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from idlefleet.node.faults import ENV_GUARD, FaultInjector
 from idlefleet.node.node import Node
 from idlefleet.p2p.identity import create_key_file, peer_id_of
 from idlefleet.protocols import wire
-from idlefleet.protocols.errors import RecordRejected
+from idlefleet.protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
 from idlefleet.protocols.receipts import MisbehaviourReport
 from idlefleet.protocols.reports import (
     MAX_AGE_S,
@@ -31,6 +34,7 @@ from idlefleet.protocols.routing import Candidate, find_route
 from idlefleet.protocols.tensors import encode_hidden
 from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
 from tests.factories import running_fleet
+from tests.test_fuzz import values
 from tests.test_notice_hints import node_config
 from tests.test_verification import proof
 
@@ -111,6 +115,34 @@ def test_a_valid_report_is_accepted_once_and_only_from_its_reporter(rows: dict[s
         assert reason(garbage) == "malformed"
     assert report_still_current(data, NOW) and not report_still_current(data, NOW + MAX_AGE_S - 30)
     assert not report_still_current(b"junk", NOW)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_reports_raise_only_remote_errors(rows: dict[str, np.ndarray], data: st.DataObject) -> None:
+    """A publisher's signature over any mutation of a real report reaches ``verify_report``: it
+    refuses every one with a remote error (never another exception)."""
+    key = KEYS[0]
+    report = bytearray(REPORT.get("bytes") or REPORT.setdefault("bytes", build_report(rows, key, KEYS[1])))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(report) - 1))
+        report[i] = data.draw(st.integers(0, 255))
+    body = data.draw(st.one_of(st.just({}), st.dictionaries(st.sampled_from(["report", "published_at", "sig",
+                                                                               "x"]), values, max_size=4)))
+    messages = [encode_report_gossip(bytes(report), key, NOW)]
+    with contextlib.suppress(LocalProtocolError):  # values msgpack cannot carry (ints >= 2**64)
+        messages.append(wire.encode_envelope("misbehaviour", body))
+    for message in messages:
+        try:
+            got = check(message, peer_id_of(key))
+        except RemoteProtocolError:
+            continue
+        assert got is None or got.accused == peer_id_of(KEYS[1])  # a mutation that changed nothing
+
+
+KEYS = [Ed25519PrivateKey.generate() for _ in range(2)]
+REPORT: dict[str, bytes] = {}
 
 
 def test_accusations_last_longer_with_more_reporters_and_stay_bounded() -> None:
