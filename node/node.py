@@ -76,7 +76,6 @@ from idlefleet.protocols.reports import (
     report_digest,
     report_still_current,
 )
-from idlefleet.protocols.routing import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -366,13 +365,6 @@ class Node:
         self._apply_report(gossip.accused, gossip.report.reporter, now)
         self.gossip_accepted += 1
         return True
-
-    def mark_accused(self, candidates: list[Candidate]) -> list[Candidate]:
-        """``candidates`` with ``accused`` set for the peers verified reports accuse now: routing
-        then costs them ``RouteCosts.accused_penalty_s`` more (a last resort)."""
-        now = time.time()
-        return [dataclasses.replace(c, accused=True) if self.accusations.is_accused(c.peer_id, now) else c
-                for c in candidates]
 
     async def publish_record(self, reason: str) -> CapacityRecord:
         """Sign and gossip a fresh record now; also store it in the DHT (``Discovery``)."""

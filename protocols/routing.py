@@ -15,9 +15,10 @@ replaces the claimed compute and load.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +35,7 @@ __all__ = [
     "exclusion",
     "find_route",
     "hop_cost",
+    "mark_accused",
 ]
 
 #: States in which a peer takes new sessions (draining ones only at a penalty).
@@ -145,6 +147,13 @@ class Candidate:
             link_metered=record.link_metered,
             region=record.region,
         )
+
+
+def mark_accused(candidates: Iterable[Candidate], accused: Callable[[str], bool]) -> list[Candidate]:
+    """``candidates`` with ``accused`` set where ``accused(peer_id)`` holds (a verified misbehaviour
+    report names the peer, ``protocols.reports.Accusations``): routing then charges them
+    ``RouteCosts.accused_penalty_s``."""
+    return [dataclasses.replace(c, accused=True) if accused(c.peer_id) else c for c in candidates]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from idlefleet.protocols.reports import (
     report_digest,
     report_still_current,
 )
-from idlefleet.protocols.routing import Candidate, find_route
+from idlefleet.protocols.routing import Candidate, find_route, mark_accused
 from idlefleet.protocols.tensors import encode_hidden
 from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
 from tests.factories import running_fleet
@@ -190,10 +190,12 @@ async def report_mesh(nodes: list[Node]) -> None:
 def rank_of(node: Node, accused: str, other: str) -> list[str]:
     """How ``node``'s client would order two equal hosts of every block (the accused has the lower
     round trip, so it wins unless accused)."""
-    cands = node.mark_accused([
+    now = time.time()
+    cands = mark_accused([  # as FleetClient.candidates marks them
         Candidate(accused, 0, 30, 0.001, 100.0, 0.1, 0.9, True, "online", None, False, "u33d"),
-        Candidate(other, 0, 30, 0.002, 100.0, 0.1, 0.9, True, "online", None, False, "u33d")])
-    first = find_route(cands, 0, 30, now=time.time())[0].peer_id
+        Candidate(other, 0, 30, 0.002, 100.0, 0.1, 0.9, True, "online", None, False, "u33d")],
+        lambda peer: node.accusations.is_accused(peer, now))
+    first = find_route(cands, 0, 30, now=now)[0].peer_id
     return [first, other if first == accused else accused]
 
 
