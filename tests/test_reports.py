@@ -212,6 +212,11 @@ async def test_a_gossiped_report_lowers_the_accused_everywhere_and_attacks_chang
         for i in receivers:
             assert rank_of(nodes[i], ids[accused], other) == [ids[accused], other]
         report = build_report(rows, keys[reporter], keys[accused])
+        # Our own client's bugs are ours: a report that does not verify, or that another key
+        # signed, is logged and not sent.
+        await nodes[reporter].report_misbehaviour(b"not a report")
+        await nodes[reporter].report_misbehaviour(build_report(rows, keys[1], keys[accused]))
+        assert len(nodes[reporter].accusations) == 0
         await nodes[reporter].report_misbehaviour(report)
         await nodes[reporter].report_misbehaviour(report)  # reported twice: applied and sent once
         await wait_until(lambda: all(nodes[i].accusations.is_accused(ids[accused], time.time())
