@@ -145,6 +145,14 @@ KEYS = [Ed25519PrivateKey.generate() for _ in range(2)]
 REPORT: dict[str, bytes] = {}
 
 
+def test_the_documented_gossip_vector() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    after = doc.split("<!-- test-vector: misbehaviour-gossip -->", 1)[1]
+    block = after.split("```text", 1)[1].split("```")[0]
+    key = Ed25519PrivateKey.from_private_bytes(b"\x01" * 32)
+    assert encode_report_gossip(b"example", key, 1_700_000_000.0) == bytes.fromhex("".join(block.split()))
+
+
 def test_accusations_last_longer_with_more_reporters_and_stay_bounded() -> None:
     acc = Accusations(base_s=600, max_s=3600, memory_s=7200, max_accused=3)
     assert not acc.is_accused("x", NOW)
