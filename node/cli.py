@@ -82,6 +82,10 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--power-w", type=float, help="compute power draw for the owner report (default 100)")
     p.add_argument("--unload-grace", dest="unload_grace_s", type=float,
                    help="unload block weights after not serving this many seconds (default 60)")
+    p.add_argument("--chaos-fault", metavar="KIND[:RATE]",
+                   help="TEST TOOLING, never for real use: return WRONG outputs (corrupt, skip or "
+                        "stale) on a fraction RATE of steps; refused unless IDLEFLEET_CHAOS=yes is "
+                        "set in the environment as well")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -108,6 +112,10 @@ def _add_swarm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="every node's vehicle: 'file' (default) = its DATA_DIR/vehicle.json, written "
                         "parked, plugged in, 80%% at start and kept fresh; 'sims' = varied simulated "
                         "vehicles (the owner policy then pauses some); or a spec like sim:taxi:scale=60")
+    p.add_argument("--faulty", metavar="K[:KIND[:RATE]]",
+                   help="TEST TOOLING: the last K nodes (never the first) return WRONG outputs "
+                        "(node --chaos-fault KIND, default corrupt; IDLEFLEET_CHAOS=yes set in their "
+                        'environment only); marked "faulty": true in the state file')
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -149,7 +157,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
         "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log",
         "serve", "model", "memory_budget_mb", "rebalance_s", "peers_file", "data_dir", "power_w",
-        "unload_grace_s")}
+        "unload_grace_s", "chaos_fault")}
     if overrides["data_dir"] is None:
         from idlefleet.node.owner import default_data_dir
 
@@ -159,6 +167,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)
+    if config.chaos_fault is not None:  # refused before anything starts (exit code 2)
+        from idlefleet.node.faults import FaultInjector
+
+        FaultInjector(config.chaos_fault)
     trio.run(lambda: run_node(config, status_file=args.status_file, api_port=args.api_port))
     return 0
 
@@ -198,7 +210,7 @@ def _cmd_swarm(args: argparse.Namespace) -> int:
         return 2
     return run_swarm(args.nodes, duration=args.duration, state_file=args.state_file, workdir=args.dir,
                      prompt=args.generate, max_new_tokens=args.max_new_tokens, api_port=args.api_port,
-                     vehicle=None if args.vehicle == "sims" else args.vehicle)
+                     vehicle=None if args.vehicle == "sims" else args.vehicle, faulty=args.faulty)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

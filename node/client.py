@@ -70,7 +70,7 @@ from idlefleet.protocols.receipts import (
     flops_per_token_block,
     propose,
 )
-from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route
+from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route, mark_accused
 from idlefleet.protocols.tensors import WIRE_DTYPES, TensorLimits, decode_hidden, encode_hidden
 
 log = logging.getLogger(__name__)
@@ -590,7 +590,8 @@ class FleetClient:
         """Hosts of our model among the peers this node completed a liveness round trip with
         (``Node.routable``), with measured RTTs and step times. A peer's gossiped load lags
         by seconds, so the sessions this client has open on it count too: concurrent generations
-        spread over the fleet instead of all taking the one best route."""
+        spread over the fleet instead of all taking the one best route. Peers that verified
+        misbehaviour reports accuse are marked (``Node.accusations``): routing uses them last."""
         rtt = self.node.liveness.min_rtt_s
         # Routable peers all have a measured RTT; were one missing, it would be assumed typical.
         typical = float(np.median(list(rtt.values()))) if rtt else None
@@ -611,7 +612,8 @@ class FleetClient:
                 if mine:
                     cand = dataclasses.replace(cand, load=min(0.9, cand.load + OWN_SESSION_LOAD * mine))
                 out.append(cand)
-        return out
+        now = time.time()  # peers verified misbehaviour reports accuse: a last resort
+        return mark_accused(out, lambda peer: self.node.accusations.is_accused(peer, now))
 
     def find_route(self, start: int | None = None, end: int | None = None) -> list[Hop]:
         """The best chain of peers for blocks ``[start, end)`` now (default: every block not run

@@ -81,6 +81,9 @@ class NodeConfig:
     owner: dict[str, Any] = field(default_factory=dict)  # owner preferences (policy.Preferences)
     power_w: float = 100.0  # compute power draw, for the owner report's energy estimate
     unload_grace_s: float = 60.0  # unload block weights after not serving this long
+    # TEST TOOLING ONLY (node/faults.py): return wrong outputs, "KIND[:RATE]". Refused unless
+    # IDLEFLEET_CHAOS=yes is in the environment too (checked by open_node).
+    chaos_fault: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +135,10 @@ class NodeConfig:
             Preferences.from_mapping(self.owner)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"owner preferences: {e}") from None
+        if self.chaos_fault is not None:
+            from idlefleet.node.faults import parse_fault
+
+            parse_fault(self.chaos_fault)  # raises ConfigError naming the kinds
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>")

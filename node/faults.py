@@ -22,6 +22,7 @@ import numpy.typing as npt
 from idlefleet.protocols.errors import ConfigError
 
 KINDS = ("corrupt", "skip", "stale")
+DEFAULT_KIND = "corrupt"  # idlefleet swarm --faulty K without a kind
 ENV_GUARD = "IDLEFLEET_CHAOS"
 
 

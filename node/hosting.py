@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import trio
 
+from idlefleet.node.faults import FaultInjector
 from idlefleet.node.model.gguf_loader import ModelInfo, open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.stage import Stage, load_stage
@@ -66,6 +67,8 @@ class HostingConfig:
     settle_s: float = 1.0  # random delay before the first choice, so joiners see each other
     unload_grace_s: float = 60.0  # unload the weights after the owner policy said no this long
     server: ServerConfig = field(default_factory=ServerConfig)
+    # TEST TOOLING (--chaos-fault): falsifies this node's stage outputs; shared by its servers.
+    fault: FaultInjector | None = None
 
 
 class BlockHosting:
@@ -225,7 +228,8 @@ class BlockHosting:
         previous = self.server
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
                                   gate=node.owner.not_serving_reason,
-                                  receipts=getattr(node, "receipts", None))  # node.ledger.ReceiptDesk
+                                  receipts=getattr(node, "receipts", None),  # node.ledger.ReceiptDesk
+                                  fault=self.config.fault)
         if previous is not None:
             self._retired.add(previous)
             node.nursery.start_soon(self._retire, previous)

@@ -18,7 +18,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.discovery import Discovery, DiscoveryConfig
+from idlefleet.node.faults import FaultInjector
 from idlefleet.node.hosting import BlockHosting, HostingConfig, available_memory_mb
 from idlefleet.node.ledger import Ledger, ReceiptDesk
 from idlefleet.node.owner import (
@@ -43,6 +44,7 @@ from idlefleet.node.owner import (
 )
 from idlefleet.node.vehicle import VehicleProvider, VehicleState, make_provider
 from idlefleet.p2p.errors import NetworkError
+from idlefleet.p2p.guard import TokenBuckets
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import load_or_create_key, peer_id_of, raw_public_key
 from idlefleet.p2p.liveness import Liveness, LivenessConfig
@@ -67,7 +69,16 @@ from idlefleet.protocols.messages import (
 )
 from idlefleet.protocols.notices import PeerDownNotice, encode_notice, notice_reason
 from idlefleet.protocols.publish import PublishPolicy, should_publish
+from idlefleet.protocols.receipts import verify_report
 from idlefleet.protocols.records import CapacityRecord, encode_signed, record_to_dict, validate_record
+from idlefleet.protocols.reports import (
+    REPORT_TOPIC,
+    Accusations,
+    check_report_gossip,
+    encode_report_gossip,
+    report_digest,
+    report_still_current,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +86,13 @@ STATUS_PROTOCOL = "/idlefleet/status/1.0.0"
 BOOTSTRAP_TIMEOUT_S = 5.0  # one entry point: connect and status reply
 MAX_ENTRY_POINTS = 16  # saved peers tried at once besides the configured bootstrap addresses
 ALONE_IN_REGION_S = 5.0  # a node with no peer on its region's topic goes online after this
+# Misbehaviour reports: each reporter may have 3 reports accepted at once and 1 more per 10 minutes
+# (catching a cheat is rare; a reporter accusing many peers is itself suspect); report digests are
+# remembered for a day (bounded), so a report is applied once however often it is replayed.
+REPORT_BURST = 3.0
+REPORT_RATE_PER_S = 1 / 600
+REPORT_MEMORY_S = 86400.0
+MAX_REPORTS_REMEMBERED = 4096
 __all__ = ["STATUS_PROTOCOL", "Node", "capacity_topic", "fetch_status", "open_node", "request_status"]
 
 
@@ -118,6 +136,7 @@ class Node:
         self._public_key = raw_public_key(key)
         self._nursery = nursery
         self.hosting: BlockHosting | None = None  # owns blocks, model_id, load when serving
+        self.fault: FaultInjector | None = None  # test tooling (--chaos-fault), set by open_node
         self._state = "joining"
         self._last_record: CapacityRecord | None = None
         self._last_vehicle: VehicleState | None = None
@@ -138,6 +157,11 @@ class Node:
                                                          peers_file=config.peers_file and
                                                          config.peers_file.expanduser()))
         self.notices = NoticeGate(self.peer_id)
+        # Misbehaviour reports (protocols/reports.py): who is accused, reports already applied
+        # (digest -> when), and each reporter's budget (a reporter accusing many peers is suspect).
+        self.accusations = Accusations()
+        self._reports_seen: OrderedDict[bytes, float] = OrderedDict()
+        self._report_budget = TokenBuckets(REPORT_RATE_PER_S, REPORT_BURST)
         self.dials = DialBudget()
         # The one owner of "may this node serve now" (consent, battery, driving, thermal, ...).
         self.data_dir = data_dir
@@ -187,6 +211,7 @@ class Node:
                 await self._wait_changed(1.0)
 
     def statistics(self) -> dict[str, Any]:
+        now = time.time()
         return {
             "peer_id": self.peer_id,
             "state": self._state,
@@ -198,6 +223,7 @@ class Node:
             "misbehaviour": self.host.misbehaviour.statistics(),  # per reason, worst peers
             "seq": self._seq,
             "policy": None if self.owner.decision is None else self.owner.decision.action,
+            "accused": {p: round(until - now, 1) for p, until in self.accusations.accused(now).items()},
         }
 
     # What this node serves: owned and published by its hosting component (None: serves nothing).
@@ -282,12 +308,69 @@ class Node:
         )
 
     async def report_misbehaviour(self, report: bytes) -> None:
-        """Act on a misbehaviour report this node's client made (see protocols/receipts.py).
+        """Act on a misbehaviour report this node's client made (``MisbehaviourReport.encode``):
+        check it as any receiver would, lower the accused in our own routing, and gossip it on
+        ``REPORT_TOPIC`` (docs/PROTOCOL.md section 7.5). A report that does not verify is our own
+        bug: logged, not sent. Never raises for a failed publish (logged; peers learn nothing)."""
+        now = time.time()
+        try:
+            parsed, accused = verify_report(report)
+        except RemoteProtocolError as e:
+            log.error("not reporting misbehaviour: our own report does not verify: %s", e)
+            return
+        if parsed.reporter != self.peer_id:
+            log.error("not reporting misbehaviour: the report is signed by %s, not by us", parsed.reporter)
+            return
+        digest = report_digest(report)
+        if self._seen_report(digest):
+            return  # already reported (and gossiped)
+        self._remember_report(digest, now)
+        self._apply_report(accused, parsed.reporter, now)
+        try:
+            await self.host.publish(REPORT_TOPIC, encode_report_gossip(report, self._key, now))
+        except (NetworkError, trio.TooSlowError) as e:
+            log.warning("gossiping a misbehaviour report about %s failed: %s", accused[-8:], e)
 
-        Interface between the verifier (node/verifier.py, which calls it) and the report gossip
-        (which replaces this body: apply the report locally, then gossip it). For now: log it."""
-        log.warning("misbehaviour report (%d bytes) not gossiped: report gossip is not built yet",
-                    len(report))
+    def _seen_report(self, digest: bytes) -> bool:
+        seen = self._reports_seen.get(digest)
+        return seen is not None and time.time() - seen < REPORT_MEMORY_S
+
+    def _remember_report(self, digest: bytes, now: float) -> None:
+        self._reports_seen[digest] = now
+        while len(self._reports_seen) > MAX_REPORTS_REMEMBERED:
+            self._reports_seen.popitem(last=False)
+
+    def _apply_report(self, accused: str, reporter: str, now: float) -> None:
+        """Lower ``accused`` in this node's routing (``accusations``); about ourselves: log only."""
+        if accused == self.peer_id:
+            log.warning("peer %s reports that this node returned wrong outputs (verified evidence); "
+                        "check this device's model file and hardware", reporter[-8:])
+            self.event("accused_us", by=reporter)
+            return
+        reporters = self.accusations.accuse(accused, reporter, now)
+        until = self.accusations.until(accused, now)
+        log.warning("peer %s accused of wrong outputs by %s (%d reporter(s)): avoided in routing",
+                    accused[-8:], reporter[-8:], reporters)
+        self.event("peer_accused", peer=accused, by=reporter, reporters=reporters, until=until)
+
+    def _on_report_gossip(self, origin: str, data: bytes) -> bool:
+        """Validator of ``REPORT_TOPIC`` (``protocols.reports.check_report_gossip``): only fully
+        verified, fresh, first-seen reports within their reporter's budget are applied and forwarded."""
+        if origin == self.peer_id:
+            return True  # our own (report_misbehaviour applied it already)
+        now = time.time()
+        try:
+            gossip = check_report_gossip(data, origin, now, seen=self._seen_report,
+                                         budget=self._report_budget.take)
+        except RecordRejected as e:
+            self._count_rejection(f"report_{e.reason}", origin, str(e))
+            return False
+        if gossip is None:
+            return False  # a copy of a report already applied: not an attack, not forwarded
+        self._remember_report(gossip.digest, now)
+        self._apply_report(gossip.accused, gossip.report.reporter, now)
+        self.gossip_accepted += 1
+        return True
 
     async def publish_record(self, reason: str) -> CapacityRecord:
         """Sign and gossip a fresh record now; also store it in the DHT (``Discovery``)."""
@@ -543,6 +626,7 @@ class Node:
             before = {e.record.peer_id for e in self.view.alive(now)}
             self.view.prune(now)
             self.notices.prune(now)
+            self.accusations.prune(now)
             for gone in before - {e.record.peer_id for e in self.view.alive(now)}:
                 self.event("peer_expired", peer=gone)
                 self._notify_changed()
@@ -659,6 +743,8 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         vehicle = make_provider(config.vehicle, now=time.time())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # Test tooling: refused (ConfigError) unless IDLEFLEET_CHAOS=yes is in the environment too.
+    fault = FaultInjector(config.chaos_fault) if config.chaos_fault is not None else None
     data_dir = DataDir.open(config.data_dir) if config.data_dir is not None else None
     if key is None:
         key, created = load_or_create_key(config.key_path)
@@ -667,13 +753,20 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
     async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
         node = Node(config, key, host, vehicle, nursery, data_dir)
+        node.fault = fault
         try:
+            if fault is not None:
+                log.warning("CHAOS FAULT ON: this node returns WRONG outputs (%s on %.0f%% of steps); "
+                            "test tooling, never for real use", fault.kind, fault.rate * 100)
+                node.event("chaos_fault", kind=fault.kind, rate=fault.rate)
             node.evaluate_policy(time.time())  # reported at start-up: e.g. an unknown vehicle state
             if data_dir is not None:
                 await nursery.start(serve_control, data_dir.socket, node.control)
             host.register_dht_namespace("idlefleet", _dht_validate, _dht_select)
             host.set_request_handler(STATUS_PROTOCOL, "status_request", node._handle_status)
             await host.subscribe(node._topic, node._on_gossip, still_current=node._still_current)
+            await host.subscribe(REPORT_TOPIC, node._on_report_gossip,
+                                 still_current=lambda data: report_still_current(data, time.time()))
             await node._bootstrap()
             await nursery.start(node.liveness.run)
             await nursery.start(node.discovery.run)
@@ -692,7 +785,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
                     server=ServerConfig(max_sessions=config.max_sessions,
                                         kv_budget_bytes=int(config.kv_budget_mb * 1024 * 1024),
                                         idle_timeout_s=config.session_idle_s),
-                    unload_grace_s=config.unload_grace_s))
+                    unload_grace_s=config.unload_grace_s, fault=fault))
                 await nursery.start(node.hosting.run)
             yield node
             node.discovery.save_peers()

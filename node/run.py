@@ -50,6 +50,9 @@ def node_status(node: Node) -> dict[str, Any]:
         "blocks": list(node.blocks) if node.blocks else None,
         "policy": rec.policy if rec else None,
         "policy_reason": rec.policy_reason if rec else None,
+        # Test tooling (--chaos-fault): the fault and how many steps it falsified so far.
+        "chaos_fault": node.config.chaos_fault,
+        "faulted": node.fault.faulted if node.fault is not None else 0,
     }
 
 

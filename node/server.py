@@ -37,6 +37,7 @@ import trio
 
 from idlefleet.node.batcher import StepBatcher
 from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
+from idlefleet.node.faults import FaultInjector
 from idlefleet.node.metrics import LatencyHistogram
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
@@ -96,9 +97,13 @@ class StageServer:
                  limiter: trio.CapacityLimiter | None = None,
                  on_event: Callable[..., None] | None = None,
                  gate: Callable[[], str | None] | None = None,
-                 receipts: ReceiptDesk | None = None) -> None:
+                 receipts: ReceiptDesk | None = None,
+                 fault: FaultInjector | None = None) -> None:
         self.stage = stage
         self._receipts = receipts  # key + ledger: countersign and store receipts (None: refuse)
+        # Test tooling (--chaos-fault): every step's output goes through fault.apply(x, y) before
+        # it is committed and sent, so a faulty server signs its wrong output as a cheat would.
+        self.fault = fault
         # The owner policy: None while this node may serve, else why not (no new sessions then).
         self._gate = gate or (lambda: None)
         self._sessions: set[trio.CancelScope] = set()

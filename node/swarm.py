@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from idlefleet.node.faults import DEFAULT_KIND, ENV_GUARD, parse_fault
 from idlefleet.node.procs import tied_popen_kwargs
 from idlefleet.node.run import write_json_atomic
+from idlefleet.protocols.errors import ConfigError
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
 #: ``--vehicle file``: every node reads DATA_DIR/vehicle.json, written with this state at start
@@ -47,6 +49,22 @@ class SwarmNode:
             return status
         except (OSError, ValueError):
             return None
+
+
+def parse_faulty(spec: str, n: int) -> dict[int, str]:
+    """``--faulty K[:KIND[:RATE]]`` -> {node index: fault spec} for the last K of ``n`` nodes (never
+    node 0, the bootstrap node). KIND defaults to ``corrupt``. Raises ConfigError."""
+    count, _, kind = spec.partition(":")
+    try:
+        k = int(count)
+    except ValueError:
+        raise ConfigError(f"--faulty must be K[:KIND[:RATE]], got {spec!r}") from None
+    if not 1 <= k <= n - 1:
+        raise ConfigError(f"--faulty K must be 1..{n - 1} (node 0, the bootstrap node, is never faulty), "
+                          f"got {k}")
+    kind = kind or DEFAULT_KIND
+    parse_fault(kind)
+    return {i: kind for i in range(n - k, n)}
 
 
 def default_vehicle(index: int) -> str:
@@ -81,7 +99,7 @@ class Swarm:
 
     def __init__(self, n: int, workdir: Path, extra_args: Sequence[str] = (), *,
                  env: dict[str, str] | None = None, vehicles: Sequence[str] | None = None,
-                 first_args: Sequence[str] = ()) -> None:
+                 first_args: Sequence[str] = (), faulty: dict[int, str] | None = None) -> None:
         if n < 1:
             raise ValueError("a swarm needs at least one node")
         if vehicles is not None and len(vehicles) != n:
@@ -93,6 +111,12 @@ class Swarm:
         self.first_args = list(first_args)  # node 0 only (e.g. --api-port)
         self.nodes: list[SwarmNode] = []
         self.env = dict(os.environ if env is None else env)
+        # Test tooling: node index -> its --chaos-fault spec. The chaos guard is set in those
+        # nodes' environment only, never inherited by the others.
+        self.faulty = dict(faulty or {})
+        if not all(0 < i < n for i in self.faulty):
+            raise ValueError("faulty nodes must be among 1..n-1 (node 0 bootstraps the swarm)")
+        self.env.pop(ENV_GUARD, None)
         # Several processes share the cores: one BLAS thread each, or they collapse (DESIGN.md).
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             self.env.setdefault(var, "1")
@@ -106,12 +130,16 @@ class Swarm:
             self.write_vehicle(index)
         with open(log_file, "ab") as logf:
             extra = self.extra_args + (self.first_args if index == 0 else [])
+            env = self.env
+            if index in self.faulty:
+                extra = [*extra, "--chaos-fault", self.faulty[index]]
+                env = {**self.env, ENV_GUARD: "yes"}
             cmd = node_command(index, self.workdir, bootstrap, extra, self.vehicles[index])
             # Its own session (a terminal's Ctrl-C reaches only us; we stop it cleanly), tied to
             # this process: it leaves when we end, however we end (node.procs).
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                    **tied_popen_kwargs(self.env))
+                                    **tied_popen_kwargs(env))
         node = SwarmNode(index, proc, status_file, log_file)
         self.nodes.append(node)
         return node
@@ -161,13 +189,29 @@ class Swarm:
             self._wait_status(node, timeout)
 
     def state(self) -> dict[str, Any]:
-        """``{"nodes": [{"peer_id", "multiaddr", "pid", "data_dir"}, ...]}``, bootstrap first."""
+        """``{"nodes": [{"peer_id", "multiaddr", "pid", "data_dir", "faulty"}, ...]}``, bootstrap
+        first; a faulty node (``--faulty``) also has ``"fault": "KIND[:RATE]"``."""
         out = []
         for node in self.nodes:
             st = node.status() or {}
-            out.append({"peer_id": st.get("peer_id"), "multiaddr": st.get("multiaddr"),
-                        "pid": node.proc.pid, "data_dir": str(node_data_dir(self.workdir, node.index))})
+            entry = {"peer_id": st.get("peer_id"), "multiaddr": st.get("multiaddr"),
+                     "pid": node.proc.pid, "data_dir": str(node_data_dir(self.workdir, node.index)),
+                     "faulty": node.index in self.faulty}
+            if node.index in self.faulty:
+                entry["fault"] = self.faulty[node.index]
+            out.append(entry)
         return {"nodes": out}
+
+    def faulty_summary(self) -> str | None:
+        """One line naming the faulty nodes (None if there are none)."""
+        if not self.faulty:
+            return None
+        names = []
+        for node in self.nodes:
+            if node.index in self.faulty:
+                peer = (node.status() or {}).get("peer_id") or "?"
+                names.append(f"#{node.index} ..{peer[-12:]} ({self.faulty[node.index]})")
+        return (f"FAULTY nodes (test tooling: they return WRONG outputs): {', '.join(names)}")
 
     def stop(self, *, timeout: float = 20.0) -> dict[int, int | None]:
         """SIGTERM every node we started (by PID), wait, SIGKILL stragglers. Returns exit codes."""
@@ -218,9 +262,10 @@ def render_table(swarm: Swarm) -> str:
         if st.get("plugged_in") is None:
             plugged = "-"
         blocks = st.get("blocks")
+        fault = f"  FAULTY ({swarm.faulty[node.index]})" if node.index in swarm.faulty else ""
         rows.append(f"{node.index:>2}  ..{st['peer_id'][-12:]:<12} {node.proc.pid:>7}  "
                     f"{st.get('state', '?'):<9} {batt:>7}  {plugged:<7} {st.get('peers_known', 0):>11}  "
-                    f"{'-' if not blocks else f'{blocks[0]}-{blocks[1]}':<9}")
+                    f"{'-' if not blocks else f'{blocks[0]}-{blocks[1]}':<9}{fault}")
     return "\n".join(rows)
 
 
@@ -254,19 +299,24 @@ def generate_across(swarm: Swarm, prompt: str, max_new_tokens: int, out: TextIO)
 
 def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdir: Path | None,
               extra_args: Sequence[str] = (), out: TextIO = sys.stdout, prompt: str | None = None,
-              max_new_tokens: int = 48, api_port: int | None = None, vehicle: str | None = None) -> int:
+              max_new_tokens: int = 48, api_port: int | None = None, vehicle: str | None = None,
+              faulty: str | None = None) -> int:
     """The ``idlefleet swarm`` command. Returns the exit code.
 
     With ``prompt``, once the swarm covers the model it generates text across it (showing the
     route), then stops unless a ``duration`` or an ``api_port`` was given. With ``api_port`` the
-    first node serves the HTTP API and the dashboard on 127.0.0.1:``api_port``.
+    first node serves the HTTP API and the dashboard on 127.0.0.1:``api_port``. With ``faulty``
+    (``K[:KIND[:RATE]]``, test tooling) the last K nodes run with ``--chaos-fault KIND``.
+    Raises ConfigError for a bad ``faulty``.
     """
+    faulty_nodes = parse_faulty(faulty, n) if faulty is not None else {}
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="idlefleet-swarm-")
         workdir = Path(tmp.name)
     swarm = Swarm(n, workdir, extra_args, vehicles=None if vehicle is None else [vehicle] * n,
-                  first_args=() if api_port is None else ("--api-port", str(api_port)))
+                  first_args=() if api_port is None else ("--api-port", str(api_port)),
+                  faulty=faulty_nodes)
     live = out.isatty() and prompt is None
     started = time.monotonic()
     code = 0
@@ -276,6 +326,8 @@ def run_swarm(n: int, *, duration: float | None, state_file: Path | None, workdi
         swarm.start()
         if state_file is not None:
             write_json_atomic(state_file, swarm.state())
+        if (line := swarm.faulty_summary()) is not None:
+            print(line, file=out, flush=True)
         started = time.monotonic()
         code = 0
         url = None

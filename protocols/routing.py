@@ -2,9 +2,10 @@
 
 Every cost here is an estimate in **seconds per decode token**. A hop costs its round trip, its
 compute (``blocks * (block_flops / flops + block_overhead_s) / (1 - load)``) and penalties for
-risk (low battery while unplugged, draining, leaving soon, metered link, far away). ``find_route``
-is a shortest path over block boundaries; a peer may serve any sub-range of what it hosts, so the
-same function re-routes a lost span of a running route. Fewer hops win through their round trips.
+risk (low battery while unplugged, draining, accused of wrong outputs, leaving soon, metered link,
+far away). ``find_route`` is a shortest path over block boundaries; a peer may serve any sub-range
+of what it hosts, so the same function re-routes a lost span of a running route. Fewer hops win
+through their round trips.
 
 A record's claims cost its signer nothing, so they are trusted only so far: ``from_record`` caps the
 claimed compute at ``MAX_CLAIMED_GFLOPS``, and as soon as the client has timed decode steps on a
@@ -14,9 +15,10 @@ replaces the claimed compute and load.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +35,7 @@ __all__ = [
     "exclusion",
     "find_route",
     "hop_cost",
+    "mark_accused",
 ]
 
 #: States in which a peer takes new sessions (draining ones only at a penalty).
@@ -101,6 +104,7 @@ class Candidate:
     link_metered: bool
     region: str
     block_s: float | None = None  # measured seconds per block per decode token; replaces the claims
+    accused: bool = False  # a verified misbehaviour report names it (protocols/reports.py)
 
     def __post_init__(self) -> None:
         ints = all(isinstance(b, int) and not isinstance(b, bool) for b in (self.start, self.end))
@@ -145,6 +149,13 @@ class Candidate:
         )
 
 
+def mark_accused(candidates: Iterable[Candidate], accused: Callable[[str], bool]) -> list[Candidate]:
+    """``candidates`` with ``accused`` set where ``accused(peer_id)`` holds (a verified misbehaviour
+    report names the peer, ``protocols.reports.Accusations``): routing then charges them
+    ``RouteCosts.accused_penalty_s``."""
+    return [dataclasses.replace(c, accused=True) if accused(c.peer_id) else c for c in candidates]
+
+
 @dataclass(frozen=True)
 class RouteCosts:
     """Cost model, in estimated seconds per decode token (penalties are in the same unit).
@@ -161,6 +172,7 @@ class RouteCosts:
     low_battery_soc: float = 0.2
     low_battery_penalty_s: float = 0.05
     draining_penalty_s: float = 1.0
+    accused_penalty_s: float = 2.0  # caught returning wrong outputs (a verified report): last resort
     departure_horizon_s: float = 600.0
     departure_penalty_s: float = 0.2
     metered_penalty_s: float = 0.01
@@ -209,6 +221,8 @@ def _penalty_s(candidate: Candidate, *, now: float, my_region: str, costs: Route
         penalty += costs.low_battery_penalty_s
     if candidate.state == "draining":
         penalty += costs.draining_penalty_s
+    if candidate.accused:
+        penalty += costs.accused_penalty_s
     departure = candidate.expected_departure
     if departure is not None and departure - now < costs.departure_horizon_s:
         penalty += costs.departure_penalty_s

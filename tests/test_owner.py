@@ -35,6 +35,7 @@ from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import ConfigError
 from idlefleet.protocols.policy import Consent, Preferences, decide
+from idlefleet.protocols.reports import Accusations
 from idlefleet.protocols.tensors import encode_hidden
 from tests.test_stage_server import MAX_LEN, hidden, open_session, step, two_blocks  # noqa: F401
 
@@ -350,6 +351,7 @@ class RoutingStandIn:
         self.peer_id = "12D3KooWClient"
         self.config = NodeConfig(region="u33d")
         self.liveness = type("L", (), {"min_rtt_s": {}})()
+        self.accusations = Accusations()  # nobody accused
 
     hosting = None  # a client only: hosts nothing itself
 
