@@ -36,8 +36,8 @@ import numpy as np
 import trio
 
 from idlefleet.node.batcher import StepBatcher
-from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
 from idlefleet.node.faults import FaultInjector
+from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
 from idlefleet.node.metrics import LatencyHistogram
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
