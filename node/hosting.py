@@ -53,6 +53,9 @@ class HostingNode(Protocol):
     @property
     def nursery(self) -> trio.Nursery: ...
 
+    @property
+    def key(self) -> Any: ...  # the node's Ed25519 key: the stage server signs its step results
+
     def request_publish(self) -> None: ...
 
     def fleet(self) -> list[Any]: ...
@@ -224,7 +227,7 @@ class BlockHosting:
                  time.perf_counter() - started)
         previous = self.server
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
-                                  gate=node.owner.not_serving_reason)
+                                  gate=node.owner.not_serving_reason, key=node.key)
         if previous is not None:
             self._retired.add(previous)
             node.nursery.start_soon(self._retire, previous)
