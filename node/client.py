@@ -525,6 +525,8 @@ class Pipeline:
             while i < len(self.hops):
                 hop = self.hops[i]
                 if hop.peer_id in banned:
+                    if hop.check is not None and hop.check.convicted:
+                        hop.tally.reject()  # what it returned after the window it was caught in, too
                     await self._abandon(hop)
                     replaced, _ = await self._open_span(hop.start, hop.end, hop.inputs)
                     self.hops[i:i + 1] = replaced

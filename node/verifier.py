@@ -82,7 +82,8 @@ class HopCheck:
     verifier: _HopSession | None = None  # a session on an independent host of the same blocks
     v_length: int = 0  # positions cached in the verifier session
     unverifiable: bool = False  # no independent host at the last attempt
-    dead: bool = False  # its server was caught: nothing more to check
+    dead: bool = False  # its server was caught (or could not be cleared): nothing more to check
+    convicted: bool = False  # its server was caught returning a wrong output
     retired: bool = False  # replaced in the route: check what it did, then stop
     lock: trio.Lock = field(default_factory=trio.Lock)
     wake: trio.Event = field(default_factory=trio.Event)
@@ -375,7 +376,7 @@ class Verifier:
             self.stats.detection_lags.append(check.end - d)
             await self._convict(primary.peer_id, accused_ex, witness, judge, d)
             primary.tally.reject()
-            check.dead = True
+            check.dead = check.convicted = True
             self._request_rollback(d)
             await self.pipeline._close(referee)
             return
