@@ -177,9 +177,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             trusted_client = trusted(make_client(on_cfg), peers)
             rates: dict[str, list[float]] = {"off": [], "new": [], "trusted": []}
             windows: dict[str, list[int]] = {"new": [], "trusted": []}
-            wrong = 0
-            for _ in range(args.repeats):
-                for mode in ("off", "new", "trusted"):
+            wrong = accusations = 0
+            modes = ["off", "new", "trusted"]
+            for round_ in range(args.repeats):
+                for mode in modes[round_ % 3:] + modes[:round_ % 3]:  # rotated: no mode always last
                     client = {"off": make_client(off_cfg), "new": make_client(on_cfg),
                               "trusted": trusted_client}[mode]
                     rate, ids, v = await decode_rate(client, args.tokens)
@@ -187,6 +188,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     rates[mode].append(rate)
                     if v is not None:
                         windows[mode].append(v["windows_checked"])
+                        accusations += v["mismatches"] + len(v["banned_peers"]) + v["reports"]
             ratio_new = statistics.median(n / o for n, o in zip(rates["new"], rates["off"], strict=True))
             ratio_trusted = statistics.median(
                 t / o for t, o in zip(rates["trusted"], rates["off"], strict=True))
@@ -198,6 +200,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             out["windows_checked_per_generation"] = {k: statistics.median(v) for k, v in windows.items() if v}
             out["verify_window"] = window
             out["wrong_generations"] = wrong
+            out["accusations_in_clean_runs"] = accusations  # honest peers only: must be 0
 
             # (b) signed work per decode step
             cost = signing_cost_us(hidden)
@@ -210,7 +213,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             bad_id = next(p for p, (_a, start, _e) in hosts.items() if start == 0)
             server = servers[bad_id]
             detection: dict[str, Any] = {}
-            for kind in KINDS:
+            for kind in KINDS if args.trials else ():
                 caught = lags = correct = 0
                 max_lag = 0
                 for trial in range(args.trials):
