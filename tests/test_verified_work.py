@@ -158,6 +158,21 @@ async def test_a_faulty_peer_is_caught_banned_reported_and_rolled_back(
         assert generation.result.verification["banned_peers"] == [bad_id]
         assert len(reports) == 4
 
+        # A lying verifier host: the referee sides with the primary; the verifier is banned and
+        # reported, the referee verifies from then on, and nothing is rolled back.
+        server.fault = None
+        liar, _referee, first = [p for p, (_a, start, _e) in hosts.items() if start == 0]
+        servers[liar].fault = chaos("corrupt")  # equal candidates: the first one verifies
+        client = FixedFleetClient(me, client_model, cfg, hosts, fast=first)
+        streamed, generation = await run(client)
+        v = generation.result.verification
+        assert streamed == want == generation.result.new_ids
+        assert v["banned_peers"] == [liar] and v["rolled_back_tokens"] == 0 and v["reports"] == 1, v
+        assert verify_report(reports[-1])[1] == liar
+        assert all(h.tally.verified >= len(generation.result.prompt_ids) + NEW - 1
+                   for h in generation.pipeline.hops)
+        servers[liar].fault = None
+
         # No fault: across several generations (trust grows), no honest peer is ever accused.
         server.fault = None
         client = FixedFleetClient(me, client_model, cfg, hosts)
@@ -169,7 +184,7 @@ async def test_a_faulty_peer_is_caught_banned_reported_and_rolled_back(
             accused += v["mismatches"] + len(v["banned_peers"]) + v["reports"]
             checked += v["windows_checked"]
         assert accused == 0 and checked >= 6, (accused, checked)
-        assert len(reports) == 4
+        assert len(reports) == 5
 
 
 def lying_handler(stage: Stage, key: Ed25519PrivateKey, peer_id: str, lie: str) -> Any:
