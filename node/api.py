@@ -172,7 +172,9 @@ class FleetBackend(Backend):
     async def generate(self, prompt_ids: list[int], params: SamplingParams, on_token: OnToken,
                        job: Job) -> str:
         assert self.client is not None  # check_ready passed
-        generation = FleetGeneration(self.client, prompt_ids, params)
+        # Strict: an HTTP client (streaming or not) only ever gets verified tokens; a stream holds
+        # each token until the remote work it depends on is verified (node/verifier.py).
+        generation = FleetGeneration(self.client, prompt_ids, params, strict=True)
         tokens = generation.run()
         try:
             async for token, _piece in tokens:  # text is assembled by the caller

@@ -28,6 +28,16 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "blocks instead of token embeddings (fleet only; see README, Privacy)")
     p.add_argument("--allow-regions", metavar="PREFIX[,PREFIX]",
                    help="fleet only: every hop must be in one of these geohash prefixes (privacy)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="fleet only: re-compute samples of every remote hop's work on an independent "
+                        "host; ban, report and roll back a peer caught returning wrong outputs (default on)")
+    p.add_argument("--verify-window", type=int, default=16, metavar="N",
+                   help="positions per verification window (default 16)")
+    p.add_argument("--verify-min-rate", type=float, default=0.1, metavar="R",
+                   help="lowest fraction of a trusted peer's windows still checked (default 0.1)")
+    p.add_argument("--strict", action="store_true",
+                   help="output only verified tokens: hold each token until its window is verified, "
+                        "and verify the last partial window before finishing")
 
 
 def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -51,6 +51,7 @@ from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
 from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.node import Node
+from idlefleet.node.verifier import Verifier
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.loopback import loopback_pair
@@ -71,7 +72,8 @@ from idlefleet.protocols.receipts import (
     propose,
 )
 from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route, mark_accused
-from idlefleet.protocols.tensors import WIRE_DTYPES, TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor, TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.verification import StepCommitment, TrustBook, row_digests, rows_root
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,16 @@ class ClientConfig:
     # that many blocks instead of token embeddings (README "Privacy"); routing covers the rest.
     local_blocks: int = 0
     max_hidden_abs: float = MAX_HIDDEN_ABS
+    # Verified work (node/verifier.py): re-compute remote hops' windows of ``verify_window``
+    # positions on an independent host; a trusted peer's windows are checked with a falling
+    # probability, never below ``verify_min_rate``. ``verify_strict``: a generation's tokens
+    # (its result and its stream) are only verified work; else the stream is not held back and
+    # the tail after the last sampled window may stay unverified.
+    verify: bool = True
+    verify_window: int = 16
+    verify_min_rate: float = 0.1
+    verify_strict: bool = False
+    verify_flush_s: float = 30.0  # how long the end of a generation waits for its checks
 
     def __post_init__(self) -> None:
         """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
@@ -130,6 +142,14 @@ class ClientConfig:
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if type(self.verify_window) is not int or not 1 <= self.verify_window <= 4096:
+            raise ConfigError(f"verify_window must be an integer in 1..4096, got {self.verify_window!r}")
+        value = self.verify_min_rate
+        if type(value) not in (int, float) or not 0 < value <= 1:
+            raise ConfigError(f"verify_min_rate must be in (0, 1], got {value!r}")
+        value = self.verify_flush_s
+        if type(value) not in (int, float) or not 0 < value < math.inf:
+            raise ConfigError(f"verify_flush_s must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +186,9 @@ class FleetResult:
     route: list[dict[str, Any]]
     failovers: int
     stop_reason: str
+    # windows_checked, mismatches, banned_peers, rolled_back_tokens, unverified_tokens, reports,
+    # undecided (node/verifier.py); None when verification is off.
+    verification: dict[str, Any] | None = None
 
 
 class StageFailure(Exception):
@@ -188,11 +211,31 @@ class _HopSession:
     counted: bool = False  # in the client's open_sessions
     tally: WorkTally = field(default_factory=WorkTally)  # this session's work, for its receipt
     opened_at: float = field(default_factory=time.time)
-    session: int | None = None  # the server's session number (session_opened), for the receipt
+    session: int | None = None  # the server's session number (session_opened): step commitments, receipt
+    check: Any = None  # the verifier's HopCheck for this hop (node/verifier.py), once it stepped
 
     @property
     def length(self) -> int:
         return sum(x.shape[0] for x in self.inputs)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One step as it travelled: the rows sent (``inputs``, encoded as ``sent``), the reply
+    (``received``, decoded as ``out``) and the server's signed commitment (None on our own
+    stage's loopback hop)."""
+
+    position: int
+    inputs: np.ndarray
+    sent: EncodedTensor
+    received: EncodedTensor
+    out: np.ndarray
+    commitment: StepCommitment | None
+    sig: bytes | None
+
+    def head(self, n: int) -> Exchange:
+        """The first ``n`` rows (``sent``, ``received`` and the commitment stay whole: evidence)."""
+        return dataclasses.replace(self, inputs=self.inputs[:n], out=self.out[:n])
 
 
 class Pipeline:
@@ -218,6 +261,7 @@ class Pipeline:
         except RemoteProtocolError as e:  # our own request: a local error
             raise LocalProtocolError(f"invalid session request: {e}") from None
         self._local_cache = client.model.local.new_cache() if client.model.local is not None else None
+        self.verifier = Verifier(self) if client.config.verify else None
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -254,6 +298,8 @@ class Pipeline:
         return x
 
     async def aclose(self) -> None:
+        if self.verifier is not None:
+            await self.verifier.aclose()
         for hop in self.hops:
             self._release(hop)  # at once: the closes below may run out of time
         # Every hop at once: a client that goes away frees its sessions on all stage servers
@@ -283,14 +329,13 @@ class Pipeline:
             reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
             if reply.kind != "session_opened":
                 raise RemoteProtocolError(f"expected session_opened, got {reply.kind}")
-            hidden = reply.body.get("hidden")
+            hidden, session = reply.body.get("hidden"), reply.body.get("session")
+            if type(session) is not int or not 0 <= session < 2**63:
+                raise RemoteProtocolError(f"session_opened: bad session number {session!r}")
+            hop.session = session
             if hidden != client.model.head.config.hidden_size:
                 raise RemoteProtocolError(f"session_opened says hidden size {hidden!r}, the model has "
                                           f"{client.model.head.config.hidden_size}")
-            session = reply.body.get("session")
-            if type(session) is not int or not 0 <= session < 2**63:
-                raise RemoteProtocolError(f"session_opened has a bad session number {session!r}")
-            hop.session = session
             client.sessions_opened[hop.peer_id] += 1
         except RemoteError as e:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
@@ -301,13 +346,26 @@ class Pipeline:
 
     async def _step(self, hop: _HopSession, x: np.ndarray, position: int) -> np.ndarray:
         """Send one step to ``hop``; return its output. Raises StageFailure."""
+        started = time.monotonic()
+        ex = await self._exchange(hop, x, position)
+        hop.tally.add(x.shape[0])
+        self.client.positions_computed[hop.peer_id] += x.shape[0]
+        if x.shape[0] == 1:  # decode steps only: comparable across peers and prompts
+            self.client.record_step(hop.peer_id, time.monotonic() - started, hop.end - hop.start)
+        if self.verifier is not None and ex.commitment is not None:
+            self.verifier.record(hop, ex)
+        return ex.out
+
+    async def _exchange(self, hop: _HopSession, x: np.ndarray, position: int) -> Exchange:
+        """Send one step to ``hop`` and check the reply, its signature included (the own-stage
+        loopback hop needs none). Raises StageFailure."""
         if hop.stream is None:
             raise StageFailure(hop, "no session")
-        body = S.Step(position, encode_hidden(x, self.client.config.wire_dtype)).to_body()
+        sent = encode_hidden(x, self.client.config.wire_dtype)
+        body = S.Step(position, sent).to_body()
         deadline = self._deadline(hop, x.shape[0])
         try:
             before_s, before_r = hop.stream.bytes_sent, hop.stream.bytes_received
-            started = time.monotonic()
             await hop.stream.send("step", body, timeout=deadline)
             reply = await hop.stream.receive_reply(timeout=deadline)
             self.bytes_sent += hop.stream.bytes_sent - before_s
@@ -316,17 +374,29 @@ class Pipeline:
                 raise RemoteProtocolError(f"expected step_result, got {reply.kind}")
             result = S.StepResult.from_body(reply.body)
             out = self._check_reply(result, position, x.shape)
+            commitment = None if hop.peer_id == self.client.node.peer_id else self._check_sig(
+                hop, result, sent, position, x.shape[0])
         except RemoteError as e:  # an owner's "stop" ends sessions with draining: not a fault
             raise StageFailure(hop, f"step at {position} failed: {e}",
                                ban=e.code != S.ERR_DRAINING) from None
         except (NetworkError, RemoteProtocolError, TensorError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
-        hop.tally.add(x.shape[0])
-        self.client.positions_computed[hop.peer_id] += x.shape[0]
-        if x.shape[0] == 1:  # decode steps only: comparable across peers and prompts
-            self.client.record_step(hop.peer_id, time.monotonic() - started, hop.end - hop.start)
-        return out
+        return Exchange(position, x, sent, result.hidden, out, commitment, result.sig)
+
+    def _check_sig(self, hop: _HopSession, result: S.StepResult, sent: EncodedTensor, position: int,
+                   tokens: int) -> StepCommitment:
+        """The commitment the server must have signed for this step, rebuilt from what we sent and
+        received; RemoteProtocolError if the signature is missing or does not verify."""
+        if result.sig is None:
+            raise RemoteProtocolError("step_result carries no commitment signature")
+        client = self.client
+        assert hop.session is not None  # set when the session opened, before any step
+        commitment = StepCommitment(hop.peer_id, client.node.peer_id, client.model.model_id, hop.start,
+                                    hop.end, hop.session, position, tokens, rows_root(row_digests(sent)),
+                                    rows_root(row_digests(result.hidden)))
+        commitment.verify(result.sig)
+        return commitment
 
     def _check_reply(self, result: S.StepResult, position: int, shape: tuple[int, ...]) -> np.ndarray:
         """The reply's hidden states, or RemoteProtocolError (a bad reply from that peer): another
@@ -507,6 +577,8 @@ class Pipeline:
         lost = self.hops[i]
         log.warning("hop failed, re-routing blocks [%d, %d): %s", lost.start, lost.end, failure)
         self.client.avoid(lost.peer_id, failure.ban)
+        if self.verifier is not None:
+            self.verifier.retire(lost)
         self.failovers += 1
         if self.failovers > self.client.config.max_failovers:
             raise GenerationFailed(f"too many failures; last: {failure}")
@@ -525,8 +597,57 @@ class Pipeline:
         except GenerationFailed:
             old.draining = False  # nowhere to go: keep using it while it still serves us
             return [old], None
+        if self.verifier is not None:
+            self.verifier.retire(old)
         await self._close(old)
         return hops, None
+
+    async def rollback(self, gen: Generation) -> int:
+        """Go back to the verifier's rollback position: discard the tokens computed from a wrong
+        output, rebuild hops whose peer is now banned (replay on good peers), and let the other
+        hops' next step truncate their caches. Returns how many new tokens were discarded."""
+        verifier = self.verifier
+        if verifier is None or verifier.rollback_to is None:
+            return 0
+        checks = await verifier.locked()
+        try:
+            position = verifier.rollback_to
+            verifier.rollback_to = None
+            before = len(gen.new_ids)
+            gen.rewind(position)
+            log.warning("rolling back to position %d: %d token(s) discarded", position,
+                        before - len(gen.new_ids))
+            verifier.truncate(position)
+            for hop in self.hops:
+                hop.inputs = _truncate_rows(hop.inputs, position)
+            banned = self.client.banned()
+            i = 0
+            while i < len(self.hops):
+                hop = self.hops[i]
+                if hop.peer_id in banned:
+                    if hop.check is not None and hop.check.convicted:
+                        hop.tally.reject()  # what it returned after the window it was caught in, too
+                    await self._abandon(hop)
+                    replaced, _ = await self._open_span(hop.start, hop.end, hop.inputs)
+                    self.hops[i:i + 1] = replaced
+                    i += len(replaced)
+                else:
+                    i += 1
+            return before - len(gen.new_ids)
+        finally:
+            for check in checks:
+                check.lock.release()
+
+
+def _truncate_rows(chunks: list[np.ndarray], position: int) -> list[np.ndarray]:
+    """The rows of positions ``[0, position)`` of ``chunks`` (consecutive arrays from 0)."""
+    out, at = [], 0
+    for x in chunks:
+        if at >= position:
+            break
+        out.append(x[:position - at])
+        at += x.shape[0]
+    return out
 
 
 class FleetClient:
@@ -559,6 +680,9 @@ class FleetClient:
         self.receipts_stored = 0  # countersigned receipts received
         self.receipts_refused: Counter[str] = Counter()  # exchanges that failed, by reason
         self.receipts_pending = 0  # exchanges of abandoned hops still running in the background
+        # How often each peer's windows are checked (BOINC-style adaptive replication), learned
+        # across this client's generations.
+        self.trust = TrustBook(min_rate=config.verify_min_rate)
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):
@@ -698,12 +822,16 @@ class FleetClient:
         return ids
 
     def stream(self, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> FleetGeneration:
+               top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+               strict: bool | None = None) -> FleetGeneration:
         """An async iterator of ``(token_id, text_piece)`` as tokens are generated; its ``result``
-        is set when it finishes. Raises ValueError for bad parameters (here, not when iterated)."""
+        is set when it finishes. ``strict`` (default ``config.verify_strict``): tokens are held
+        until every remote hop's work they depend on is verified. Raises ValueError for bad
+        parameters (here, not when iterated)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed)
-        return FleetGeneration(self, self.encode_prompt(prompt, chat=chat), params)
+        return FleetGeneration(self, self.encode_prompt(prompt, chat=chat), params,
+                               strict=self.config.verify_strict if strict is None else strict)
 
     async def generate(self, prompt: str, *, on_token: Callable[[int, str], None] | None = None,
                        **kwargs: Any) -> FleetResult:
@@ -721,10 +849,12 @@ class FleetClient:
 class FleetGeneration:
     """One generation across the fleet. ``async for token_id, piece in generation: ...``"""
 
-    def __init__(self, client: FleetClient, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, client: FleetClient, prompt_ids: list[int], params: SamplingParams, *,
+                 strict: bool = False) -> None:
         self.client = client
         self.prompt_ids = prompt_ids
         self.params = params
+        self.strict = strict
         self.result: FleetResult | None = None
         self.pipeline: Pipeline | None = None
 
@@ -733,29 +863,70 @@ class FleetGeneration:
 
     async def run(self) -> AsyncGenerator[tuple[int, str], None]:
         """Yield ``(token_id, text_piece)`` per new token (a final ``(-1, tail)`` may flush text
-        held back mid-character). Close it (``aclosing``) to end early; sessions are closed."""
+        held back mid-character). Close it (``aclosing``) to end early; sessions are closed.
+
+        Verification (node/verifier.py) runs behind the tokens. When it catches a wrong output the
+        generation rolls back to that position and continues on good peers, so ``result`` is the
+        same tokens as an undisturbed run. A strict generation yields a token only once the work
+        it depends on is verified (and verifies the last partial window before it ends); a
+        non-strict one yields tokens at once and never retracts one (``result`` is authoritative)."""
         client = self.client
         gen = Generation(client.model.head, self.prompt_ids, self.params, client.model.tokenizer.stop_ids)
         text = TextStream(client.model.tokenizer)
         pipeline = self.pipeline = Pipeline(client, len(self.prompt_ids) + max(1, self.params.max_new_tokens))
+        verifier = pipeline.verifier
+        strict = self.strict and verifier is not None
+        released = rollbacks = 0
         await client.wait_ready()
         t0 = time.perf_counter()
         try:
             await pipeline.open()
-            while not gen.done:
-                step = gen.next_input()
-                hidden = await pipeline.forward(step.hidden, step.position)
-                token = gen.feed_logits(await client.head_batcher.logits(hidden))
-                yield token, text.push(token)
+            while True:
+                if verifier is not None and verifier.rollback_to is not None:
+                    rollbacks += 1
+                    if rollbacks > client.config.max_failovers:
+                        raise GenerationFailed("too many rollbacks: wrong outputs keep coming")
+                    verifier.stats.rolled_back += await pipeline.rollback(gen)
+                    released = min(released, len(gen.new_ids))
+                finished = False
+                if not gen.done:
+                    step = gen.next_input()
+                    hidden = await pipeline.forward(step.hidden, step.position)
+                    gen.feed_logits(await client.head_batcher.logits(hidden))
+                elif verifier is None:
+                    finished = True
+                else:
+                    await verifier.flush(everything=strict, timeout=client.config.verify_flush_s)
+                    if verifier.rollback_to is not None:
+                        continue
+                    finished = True
+                ready = len(gen.new_ids)
+                if strict and not finished and verifier is not None:
+                    frontier = verifier.frontier()
+                    if verifier.rollback_to is not None:
+                        ready = released
+                    elif frontier is not None:
+                        ready = max(released, min(ready, frontier + 1 - len(self.prompt_ids)))
+                while released < ready:
+                    token = gen.new_ids[released]
+                    released += 1
+                    yield token, text.push(token)
+                if finished:
+                    break
             tail = text.flush()
             if tail:
                 yield -1, tail
         finally:
             await pipeline.aclose()
         elapsed = time.perf_counter() - t0
+        verification = None
+        if verifier is not None:
+            ids = len(self.prompt_ids) + len(gen.new_ids)
+            verifier.stats.unverified = max(0, ids - max(len(self.prompt_ids), verifier.verified_upto() + 1))
+            verification = verifier.stats.to_dict()
         self.result = FleetResult(
             prompt_ids=self.prompt_ids, new_ids=gen.new_ids,
             text=client.model.tokenizer.decode(gen.new_ids, skip_special=True),
             tokens_per_s=len(gen.new_ids) / elapsed if elapsed > 0 else 0.0,
             route=pipeline.route, failovers=pipeline.failovers,
-            stop_reason=gen.stop_reason or "length")
+            stop_reason=gen.stop_reason or "length", verification=verification)

@@ -42,7 +42,9 @@ async def fleet_generate(args: argparse.Namespace) -> int:
         async with open_node(config, key=Ed25519PrivateKey.generate()) as node:
             client = await FleetClient.create(node, args.model, ClientConfig(
                 wire_dtype=args.wire_dtype, local_blocks=args.local_blocks,
-                allow_regions=parse_regions(args.allow_regions)))
+                allow_regions=parse_regions(args.allow_regions), verify=args.verify,
+                verify_window=args.verify_window, verify_min_rate=args.verify_min_rate,
+                verify_strict=args.strict))
 
             def on_token(_token: int, piece: str) -> None:
                 if not args.json:
@@ -56,12 +58,20 @@ async def fleet_generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "prompt_ids": result.prompt_ids, "new_ids": result.new_ids, "text": result.text,
             "tokens_per_s": round(result.tokens_per_s, 3), "route": result.route,
-            "failovers": result.failovers,
+            "failovers": result.failovers, "verification": result.verification,
         }))
     else:
         route = " -> ".join(f"{h['peer_id'][-8:]}[{h['blocks'][0]}:{h['blocks'][1]}]" for h in result.route)
         print(f"\n[{len(result.new_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, route {route}"
               f"{f', {result.failovers} failover(s)' if result.failovers else ''}]", file=sys.stderr)
+        v = result.verification
+        if v is not None:
+            banned = ", ".join(p[-8:] for p in v["banned_peers"])
+            print(f"[verified {v['windows_checked']} window(s); {v['unverified_tokens']} token(s) unverified"
+                  f"{'; banned ' + banned if banned else ''}]", file=sys.stderr)
+            if v["rolled_back_tokens"]:  # the stream above showed tokens that were then discarded
+                print(f"[{v['rolled_back_tokens']} token(s) rolled back after a wrong output; the text is:]\n"
+                      f"{result.text}", file=sys.stderr)
     return 0
 
 

@@ -54,6 +54,9 @@ class HostingNode(Protocol):
     @property
     def nursery(self) -> trio.Nursery: ...
 
+    @property
+    def key(self) -> Any: ...  # the node's Ed25519 key: the stage server signs its step results
+
     def request_publish(self) -> None: ...
 
     def fleet(self) -> list[Any]: ...
@@ -227,7 +230,7 @@ class BlockHosting:
                  time.perf_counter() - started)
         previous = self.server
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
-                                  gate=node.owner.not_serving_reason,
+                                  gate=node.owner.not_serving_reason, key=node.key,
                                   receipts=getattr(node, "receipts", None),  # node.ledger.ReceiptDesk
                                   fault=self.config.fault)
         if previous is not None:

@@ -307,6 +307,11 @@ class Node:
             policy=policy, policy_reason=reason,
         )
 
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        """This node's Ed25519 identity: it signs records, step commitments and reports."""
+        return self._key
+
     async def report_misbehaviour(self, report: bytes) -> None:
         """Act on a misbehaviour report this node's client made (``MisbehaviourReport.encode``):
         check it as any receiver would, lower the accused in our own routing, and gossip it on

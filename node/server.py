@@ -19,6 +19,12 @@ Receipts: when the client proposes the session's receipt (``receipt_proposal``),
 it against its own count (``protocols.receipts.check_proposal``), countersigns it, commits it to its
 ledger (``node.ledger``, fsync) and only then replies with it: an acknowledged receipt survives a
 SIGKILL. One proposal per session; a server without a ledger refuses with ``receipts_unsupported``.
+
+Signed work: a server with an identity (``key``, the node's Ed25519 key) signs every step it returns:
+the ``step_result`` carries its signature over the step's commitment (``protocols.verification``:
+server, client, model, blocks, session number, positions, and the roots of the input and output
+rows exactly as they travel), so a wrong output is evidence against it. ``fault`` (test tooling,
+``node.faults``) falsifies outputs *before* they are committed to, as a cheat would.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.batcher import StepBatcher
 from idlefleet.node.faults import FaultInjector
@@ -45,8 +52,10 @@ from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, TensorError
+from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.receipts import ReceiptRefused, SessionWork, check_proposal, flops_per_token_block
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +107,12 @@ class StageServer:
                  on_event: Callable[..., None] | None = None,
                  gate: Callable[[], str | None] | None = None,
                  receipts: ReceiptDesk | None = None,
+                 key: Ed25519PrivateKey | None = None,
                  fault: FaultInjector | None = None) -> None:
         self.stage = stage
         self._receipts = receipts  # key + ledger: countersign and store receipts (None: refuse)
+        self._key = key
+        self.peer_id = peer_id_from_public_key(key.public_key().public_bytes_raw()) if key else None
         # Test tooling (--chaos-fault): every step's output goes through fault.apply(x, y) before
         # it is committed and sent, so a faulty server signs its wrong output as a cheat would.
         self.fault = fault
@@ -282,7 +294,7 @@ class StageServer:
                     assert cache is not None
                     assert req is not None
                     started = time.perf_counter()
-                    done = await self._step(fs, env.body, stage, cache, req)
+                    done = await self._step(fs, env.body, stage, cache, req, sid)
                     busy += time.perf_counter() - started
                     steps, tokens = steps + (done > 0), tokens + done
                     if done:
@@ -365,7 +377,7 @@ class StageServer:
         await fs.send("receipt", {"receipt": raw}, timeout=self.config.send_timeout_s)
 
     async def _step(self, fs: FramedStream, body: dict[str, Any], stage: Stage, cache: KVCache,
-                    req: S.OpenRequest) -> int:
+                    req: S.OpenRequest, sid: int) -> int:
         """Serve one step; returns the number of positions computed (0 if refused)."""
         try:
             step = S.Step.from_body(body)
@@ -394,6 +406,8 @@ class StageServer:
                 done += n
                 self.stats.chunks += 1
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if self.fault is not None:
+            out = self.fault.apply(hidden, out)
         self.stats.step_latency.observe(time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
@@ -406,6 +420,12 @@ class StageServer:
             await fs.send_error(S.ERR_BAD_TENSOR, f"step output is not encodable ({e}); input out of range")
             return 0
         draining = self.draining or self._gate() is not None
-        result = S.StepResult(step.position, encoded, draining)
+        sig = None
+        if self._key is not None and self.peer_id is not None:
+            commitment = StepCommitment(self.peer_id, fs.peer_id, req.model_id, req.start, req.end, sid,
+                                        step.position, int(hidden.shape[0]),
+                                        rows_root(row_digests(step.hidden)), rows_root(row_digests(encoded)))
+            sig = commitment.sign(self._key)
+        result = S.StepResult(step.position, encoded, draining, sig)
         await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
         return int(hidden.shape[0])

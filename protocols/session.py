@@ -167,13 +167,23 @@ class StepResult:
     position: int
     hidden: EncodedTensor
     draining: bool = False  # the server asks the client to move this session elsewhere
+    # The server's Ed25519 signature over the step's commitment (protocols.verification,
+    # docs/PROTOCOL.md 7.2); None only from a server without an identity (never on the wire today).
+    sig: bytes | None = None
 
     def to_body(self) -> dict[str, Any]:
-        return {"position": self.position, "hidden": self.hidden.to_dict(), "draining": self.draining}
+        body = {"position": self.position, "hidden": self.hidden.to_dict(), "draining": self.draining}
+        if self.sig is not None:
+            body["sig"] = self.sig
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> StepResult:
-        position, draining = body.get("position"), body.get("draining", False)
+        """Raises RemoteProtocolError (TensorError for the tensor); an absent ``sig`` is None
+        here, and the client decides whether that is a fault."""
+        position, draining, sig = body.get("position"), body.get("draining", False), body.get("sig")
         if type(position) is not int or not isinstance(draining, bool):
             raise RemoteProtocolError("step_result: bad position or draining flag")
-        return cls(position, EncodedTensor.from_dict(body.get("hidden")), draining)
+        if sig is not None and not (isinstance(sig, bytes) and len(sig) == 64):
+            raise RemoteProtocolError("step_result: sig must be 64 bytes")
+        return cls(position, EncodedTensor.from_dict(body.get("hidden")), draining, sig)

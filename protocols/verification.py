@@ -24,6 +24,7 @@ is checked on every window; each consecutive valid window lowers the rate, never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -91,10 +92,17 @@ def rows_root(digests: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(peer_id: str) -> Ed25519PublicKey:
+    """The Ed25519 key of ``peer_id``, cached: a client checks every step's commitment, always
+    from the same few peers. Raises RemoteProtocolError for anything but an Ed25519 peer id."""
+    return Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(peer_id))
+
+
 def _check_peer(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise RemoteProtocolError(f"step commitment: {what} must be a peer id string")
-    public_key_from_peer_id(value)  # raises RemoteProtocolError for anything but an Ed25519 id
+    _public_key(value)
     return value
 
 
@@ -144,9 +152,8 @@ class StepCommitment:
         """Raise RemoteProtocolError unless ``sig`` is ``server``'s signature over this commitment."""
         if not isinstance(sig, bytes) or len(sig) != 64:
             raise RemoteProtocolError("step commitment: signature must be 64 bytes")
-        key = Ed25519PublicKey.from_public_bytes(public_key_from_peer_id(self.server))
         try:
-            key.verify(sig, COMMITMENT_DOMAIN + self.body())
+            _public_key(self.server).verify(sig, COMMITMENT_DOMAIN + self.body())
         except InvalidSignature:
             raise RemoteProtocolError("step commitment: bad signature") from None
 

@@ -4,6 +4,7 @@ finding 6): a bad reply is that peer's fault (fail over); a local error is nobod
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
@@ -80,6 +81,9 @@ class DirectClient(FleetClient):
                  peers: dict[str, tuple[str, bool]]) -> None:
         node = SimpleNamespace(host=host, config=NodeConfig(), peer_id=host.peer_id,
                                liveness=SimpleNamespace(min_rtt_s={}))
+        # One honest host: there is no independent host to verify against (the verifier has its
+        # own tests, tests/test_verified_work.py); signatures are still checked.
+        config = dataclasses.replace(config, verify=False)
         super().__init__(node, model, config)  # type: ignore[arg-type]
         self.peers = peers  # peer id -> (multiaddr, claims to be best)
 
@@ -93,18 +97,22 @@ class DirectClient(FleetClient):
 
 @asynccontextmanager
 async def fleet(whole_model: Stage, hostile: Any | None, *, honest: bool = True,
+                hostile_key: Ed25519PrivateKey | None = None,
                 ) -> AsyncIterator[tuple[Host, dict[str, tuple[str, bool]], list[Any]]]:
-    """An honest StageServer (every block) and/or a hostile peer, each on its own libp2p host."""
+    """An honest StageServer (every block) and/or a hostile peer (with ``hostile_key``, if given),
+    each on its own libp2p host."""
     events: list[Any] = []
     async with AsyncExitStack() as stack:
         peers: dict[str, tuple[str, bool]] = {}
         if honest:
-            server = StageServer(whole_model, on_event=lambda event, **f: events.append((event, f)))
-            host = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+            key = Ed25519PrivateKey.generate()  # the server signs its step results with its host's key
+            server = StageServer(whole_model, on_event=lambda event, **f: events.append((event, f)), key=key)
+            host = await stack.enter_async_context(open_host(key, HostConfig()))
             host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
             peers[host.peer_id] = (host.multiaddrs()[0], False)
         if hostile is not None:
-            bad = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+            bad = await stack.enter_async_context(open_host(hostile_key or Ed25519PrivateKey.generate(),
+                                                            HostConfig()))
             bad.set_stream_handler(S.STAGE_PROTOCOL, hostile)
             peers[bad.peer_id] = (bad.multiaddrs()[0], True)
         me = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))

@@ -9,6 +9,7 @@ streams, not our framed wrapper.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -263,6 +264,7 @@ async def test_stage_session_by_hand(tmp_path: Path, model_file: Any) -> None:
             kind, body = await s.receive()
             assert kind == "session_opened"
             assert body["start"] == start and body["end"] == end and body["hidden"] == 576
+            session = body["session"]
 
             # "scales" MUST be absent for float32; a step past the cache is bad_position. Both
             # leave the session as it was.
@@ -273,9 +275,23 @@ async def test_stage_session_by_hand(tmp_path: Path, model_file: Any) -> None:
 
             await s.send("step", {"position": 0, "hidden": f32_tensor(x)})
             kind, body = await s.receive()
-            assert kind == "step_result" and set(body) == {"position", "hidden", "draining"}
+            assert kind == "step_result" and set(body) == {"position", "hidden", "draining", "sig"}
             assert body["position"] == 0 and body["draining"] is False
             out = body["hidden"]
+            # §6.3 / §7.2: "sig" is the server's signature over the step commitment, rebuilt here
+            # from what was sent and received.
+            def rows_root(t: dict[str, Any]) -> bytes:  # §7.1, float32
+                width = t["shape"][1] * 4
+                prefix = b"idlefleet/row/v1\x00float32\x00"
+                digests = [hashlib.sha256(prefix + t["data"][i * width:(i + 1) * width]).digest()
+                           for i in range(t["shape"][0])]
+                return hashlib.sha256(b"idlefleet/rows/v1\x00" + b"".join(digests)).digest()
+            commitment = msgpack.packb({
+                "v": 1, "server": node.peer_id, "client": host.peer_id, "model_id": model_id, "start": start,
+                "end": end, "session": session, "position": 0, "tokens": 2,
+                "input_root": rows_root(f32_tensor(x)), "output_root": rows_root(out)}, use_bin_type=True)
+            Ed25519PublicKey.from_public_bytes(mine["public_key"]).verify(
+                body["sig"], b"idlefleet/step-commitment/v1\x00" + commitment)  # raises InvalidSignature
             assert set(out) == {"dtype", "shape", "data"} and out["dtype"] == "float32"
             assert out["shape"] == [2, 576] and len(out["data"]) == 2 * 576 * 4
             got = np.frombuffer(out["data"], dtype="<f4").reshape(2, 576)

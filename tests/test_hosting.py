@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import idlefleet.node.hosting as hosting_module
 from idlefleet.node.hosting import BlockHosting, HostingConfig
@@ -38,6 +39,7 @@ class StandInNode:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.peer_id = "12D3KooWStandIn"
+        self.key = Ed25519PrivateKey.generate()  # the stage server signs its step results with it
         self.nursery = nursery
         self.host = StandInHost()
         self.discovery = StandInDiscovery()

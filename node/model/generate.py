@@ -97,6 +97,23 @@ class Generation:
         return token
 
 
+    def rewind(self, position: int) -> None:
+        """Go back to the state before position ``position`` was run through the blocks: keep the
+        ids ``[0, position]`` (prompt ids always stay) and run from ``position`` next. Used when the
+        blocks' outputs from ``position`` on are found wrong. Raises ValueError if ``position`` was
+        never run (there is nothing to rewind to there)."""
+        ids = self.prompt_ids + self.new_ids
+        if not 0 <= position <= len(ids) - 2:
+            raise ValueError(f"cannot rewind to position {position} of {len(ids)} ids")
+        prompt = len(self.prompt_ids)
+        self.new_ids = self.new_ids[:max(0, position + 1 - prompt)]
+        self.stop_reason = None
+        if position < prompt:
+            self._pending = StepInput(self.head.embed(self.prompt_ids[position:]), position)
+        else:
+            self._pending = StepInput(self.head.embed([ids[position]]), position)
+
+
 def local_middle(stage: Stage, cache: KVCache) -> Middle:
     """A middle that runs ``stage`` (all blocks) in this process with ``cache``."""
     return lambda hidden, position: stage.forward(hidden, cache, position)

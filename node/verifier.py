@@ -1,0 +1,426 @@
+"""The client's verifier: re-computes samples of every remote hop's work on an independent host.
+
+Every remote hop of a generation gets a :class:`HopCheck`: the steps the hop's server returned
+(inputs as sent, outputs as received, the server's signed commitment) and a background task, owned
+by the verifier and run in the node's nursery, that re-runs them on a second host of the same
+blocks (the *verifier host*). Verification **lags**: decode never waits for it.
+
+- Windows. Positions are grouped into windows of at least ``verify_window`` positions (aligned to
+  steps; the prompt's prefill is in the first window). When a window completes, the
+  :class:`~idlefleet.protocols.verification.TrustBook` decides whether it is checked: a peer new to
+  this client always, a trusted one with a falling probability, never less than ``verify_min_rate``.
+- One prefill per check. The verifier host's session must hold every earlier position of the hop
+  (KV cache), so a check sends, as ONE step, every input from where the verifier session's cache
+  ends up to the end of the window: windows that were not sampled are fed then, batched into the
+  same prefill, and their rows are compared too (free once computed). Trade-off chosen: a trusted
+  peer costs fewer verification round trips and weight passes (one prefill for several windows,
+  which costs far less than decoding them), not fewer re-computed positions; the positions after
+  the last sampled window are never re-computed (they stay "unverified"), unless the generation is
+  strict. The alternative, a fresh verifier session that replays the whole prefix when a sampled
+  window comes, costs O(position) per check and is never cheaper.
+- Compare. Every row with :func:`~idlefleet.protocols.verification.row_mismatch` against
+  :data:`~idlefleet.protocols.verification.TOLERANCE` of the wire dtype.
+- Mismatch. A third host (the *referee*) runs the prefix up to the first disputed position ``d``
+  and then row ``d`` as its own one-row step; two of three within tolerance decide. The wrong
+  peer is banned by this client (``FleetClient.avoid``) and a signed
+  :class:`~idlefleet.protocols.receipts.MisbehaviourReport` goes to ``Node.report_misbehaviour``.
+  A wrong primary: its hop's tally is rejected and the generation **rolls back** to ``d`` (the
+  tokens after it are discarded; the hop is rebuilt on good peers by replay). A wrong verifier
+  host: the referee's session becomes the verifier and the window is checked again. No referee,
+  or no majority: the generation rolls back to ``d`` and both are avoided (no report: there is no
+  evidence which one lied).
+- No independent host of a hop's blocks: its positions stay unverified; the generation goes on.
+
+Cancellation: :meth:`Verifier.aclose` cancels every check and closes the verifier sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+
+from idlefleet.protocols.errors import IdlefleetError
+from idlefleet.protocols.receipts import MisbehaviourReport
+from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor
+from idlefleet.protocols.verification import TOLERANCE, RowProof, row_digests, row_mismatch
+
+if TYPE_CHECKING:
+    from idlefleet.node.client import Exchange, Pipeline, _HopSession
+
+log = logging.getLogger(__name__)
+
+MAX_VERIFIER_ATTEMPTS = 3  # verifier hosts tried for one check before the window stays unverified
+
+
+def row_of(t: EncodedTensor, i: int) -> EncodedTensor:
+    """Row ``i`` of an encoded ``[T, H]`` tensor, as a ``[1, H]`` tensor with the same bytes."""
+    hidden = t.shape[1]
+    width = hidden * WIRE_DTYPES[t.dtype].itemsize
+    scales = t.scales[4 * i:4 * i + 4] if t.scales is not None else None
+    return EncodedTensor(t.dtype, (1, hidden), t.data[i * width:(i + 1) * width], scales)
+
+
+def proof(ex: Exchange, position: int) -> RowProof:
+    """The row proof of ``position`` in step ``ex``."""
+    i = position - ex.position
+    return RowProof(i, tuple(row_digests(ex.sent)), tuple(row_digests(ex.received)), row_of(ex.received, i))
+
+
+@dataclass
+class HopCheck:
+    """What is known about one primary hop session's work, and how far it is verified."""
+
+    hop: _HopSession
+    records: list[Exchange] = field(default_factory=list)  # contiguous from position 0
+    checked: int = 0  # positions [0, checked) verified
+    due: int = 0  # verification asked for up to here
+    window_start: int = 0
+    verifier: _HopSession | None = None  # a session on an independent host of the same blocks
+    v_length: int = 0  # positions cached in the verifier session
+    unverifiable: bool = False  # no independent host at the last attempt
+    dead: bool = False  # its server was caught (or could not be cleared): nothing more to check
+    convicted: bool = False  # its server was caught returning a wrong output
+    retired: bool = False  # replaced in the route: check what it did, then stop
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    wake: trio.Event = field(default_factory=trio.Event)
+    idle: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def end(self) -> int:
+        return self.records[-1].position + self.records[-1].inputs.shape[0] if self.records else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.dead or (self.retired and self.checked >= self.end)
+
+    def rows(self, attr: str, start: int, stop: int) -> np.ndarray:
+        """``inputs`` or ``out`` rows of positions ``[start, stop)`` from the records."""
+        parts = []
+        for ex in self.records:
+            n = ex.inputs.shape[0]
+            lo, hi = max(start, ex.position), min(stop, ex.position + n)
+            if lo < hi:
+                parts.append(getattr(ex, attr)[lo - ex.position:hi - ex.position])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def record_at(self, position: int) -> Exchange:
+        for ex in self.records:
+            if ex.position <= position < ex.position + ex.inputs.shape[0]:
+                return ex
+        raise KeyError(position)
+
+    def truncate(self, position: int) -> None:
+        """Forget positions ``>= position`` (a rollback): a step straddling it is cut to the rows
+        before it (its commitment stays the evidence for those)."""
+        kept = []
+        for ex in self.records:
+            if ex.position >= position:
+                continue
+            if ex.position + ex.inputs.shape[0] > position:
+                ex = ex.head(position - ex.position)
+            kept.append(ex)
+        self.records = kept
+        self.checked = min(self.checked, position)
+        self.due = min(self.due, position)
+        self.window_start = min(self.window_start, position)
+        self.v_length = min(self.v_length, position)
+
+
+@dataclass
+class VerificationStats:
+    windows_checked: int = 0
+    mismatches: int = 0
+    banned: list[str] = field(default_factory=list)
+    rolled_back: int = 0  # new tokens discarded by rollbacks
+    unverified: int = 0  # new tokens in the result not covered by a verified window
+    reports: int = 0
+    undecided: int = 0  # mismatches no referee could settle (both peers avoided, no report)
+    # Per conviction of a primary: positions it had returned past its first wrong one by then.
+    detection_lags: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"windows_checked": self.windows_checked, "mismatches": self.mismatches,
+                "banned_peers": list(self.banned), "rolled_back_tokens": self.rolled_back,
+                "unverified_tokens": self.unverified, "reports": self.reports,
+                "undecided": self.undecided}
+
+
+class Verifier:
+    """Lagging verification of one generation's remote hops (see the module docstring)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.client = pipeline.client
+        self.window = self.client.config.verify_window
+        self.tolerance = TOLERANCE[self.client.config.wire_dtype]
+        self.checks: list[HopCheck] = []
+        self.stats = VerificationStats()
+        self.rollback_to: int | None = None
+        self._closed = False
+
+    # -- fed by the pipeline ---------------------------------------------------------------------
+    def record(self, hop: _HopSession, ex: Exchange) -> None:
+        """A remote hop returned a step (already signature-checked)."""
+        check = hop.check
+        if check is None:
+            check = hop.check = HopCheck(hop)
+            self.checks.append(check)
+            self.client.node.nursery.start_soon(self._run, check)
+        if ex.position < check.end:  # a re-sent step (rollback, replay): forget what it replaces
+            check.truncate(ex.position)
+        check.records.append(ex)
+        if check.end - check.window_start >= self.window:
+            self._window_done(check)
+
+    def _window_done(self, check: HopCheck) -> None:
+        check.window_start = check.end
+        if self.client.trust.should_check(check.hop.peer_id):
+            self._ask(check, check.end)
+
+    def _ask(self, check: HopCheck, upto: int) -> None:
+        if upto > check.due:
+            check.due = upto
+            check.idle = trio.Event() if check.idle.is_set() else check.idle
+            check.wake.set()
+
+    def retire(self, hop: _HopSession) -> None:
+        """``hop`` left the route (failover, move): check everything it returned, then stop."""
+        check = hop.check
+        if check is not None and not check.dead:
+            check.retired = True
+            self._ask(check, check.end)
+            check.wake.set()
+
+    def frontier(self) -> int | None:
+        """Positions ``[0, frontier)`` are verified on every hop that can be verified (None: no
+        hop constrains it)."""
+        ends = [c.checked for c in self.checks
+                if not c.finished and not c.unverifiable and c.checked < c.end]
+        return min(ends) if ends else None
+
+    def verified_upto(self) -> int:
+        """Positions ``[0, n)`` verified on every hop, unverifiable ones included."""
+        ends = [c.checked for c in self.checks if not c.dead and c.checked < c.end]
+        return min(ends) if ends else 1 << 62
+
+    async def flush(self, *, everything: bool, timeout: float) -> None:
+        """Wait (up to ``timeout``) until the asked-for checks are done; with ``everything`` ask
+        for every recorded position first (strict mode)."""
+        for check in self.checks:
+            if check.dead or check.finished:
+                continue
+            if everything:
+                self._ask(check, check.end)
+            elif check.end > check.window_start:  # the last, partial window: sampled like any
+                self._window_done(check)
+        with trio.move_on_after(timeout):
+            for check in list(self.checks):
+                if not check.dead and check.due > check.checked:
+                    await check.idle.wait()
+
+    # -- rollback ---------------------------------------------------------------------------------
+    def _request_rollback(self, position: int) -> None:
+        self.rollback_to = position if self.rollback_to is None else min(self.rollback_to, position)
+
+    async def locked(self) -> list[HopCheck]:
+        """Take every check's lock (waits for checks in flight); the caller releases them."""
+        checks = list(self.checks)
+        for check in checks:
+            await check.lock.acquire()
+        return checks
+
+    def truncate(self, position: int) -> None:
+        """After a rollback to ``position`` (caller holds the locks)."""
+        for check in self.checks:
+            check.truncate(position)
+
+    # -- the background task per hop ----------------------------------------------------------------
+    async def _run(self, check: HopCheck) -> None:
+        with check.scope:
+            try:
+                while not check.finished:
+                    if check.due <= check.checked:
+                        check.idle.set()
+                        await check.wake.wait()
+                        check.wake = trio.Event()
+                        continue
+                    async with check.lock:
+                        if check.due > check.checked and not check.dead:
+                            await self._check(check, check.due)
+            except Exception:  # never let a verification bug end the node: this hop stays unverified
+                log.exception("verification of %s failed", check.hop.peer_id[-8:])
+                check.unverifiable = True
+            finally:
+                check.idle.set()
+                if check.verifier is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.pipeline._close(check.verifier)
+
+    def _pick_host(self, check: HopCheck, exclude: set[str]) -> str | None:
+        hop = check.hop
+        banned = self.client.banned()
+        hosts = [c for c in self.client.candidates()
+                 if c.start <= hop.start and hop.end <= c.end and c.peer_id not in banned
+                 and c.peer_id not in exclude and c.peer_id != hop.peer_id]
+        if not hosts:
+            return None
+        best: str = min(hosts, key=lambda c: (c.rtt_s if c.rtt_s is not None else 1.0) + c.load).peer_id
+        return best
+
+    async def _open(self, peer_id: str, check: HopCheck) -> _HopSession:
+        from idlefleet.node.client import _HopSession
+
+        session = _HopSession(peer_id, check.hop.start, check.hop.end)
+        await self.pipeline._open_hop(session)
+        return session
+
+    async def _send(self, session: _HopSession, check: HopCheck, start: int, stop: int) -> Exchange:
+        ex = await self.pipeline._exchange(session, check.rows("inputs", start, stop), start)
+        session.tally.add(stop - start)
+        return ex
+
+    async def _check(self, check: HopCheck, upto: int) -> None:
+        """Verify positions ``[check.checked, upto)`` of ``check`` (holding its lock)."""
+        from idlefleet.node.client import StageFailure
+
+        upto = min(upto, check.end)
+        tried: set[str] = set()
+        for _ in range(MAX_VERIFIER_ATTEMPTS):
+            if check.verifier is None:
+                peer = self._pick_host(check, tried)
+                if peer is None:
+                    check.unverifiable = True
+                    check.due = check.checked  # asked again when the next window completes
+                    return
+                tried.add(peer)
+                try:
+                    check.verifier, check.v_length = await self._open(peer, check), 0
+                except StageFailure as e:
+                    self.client.avoid(peer, e.ban)
+                    continue
+            check.unverifiable = False
+            start = min(check.v_length, check.checked)
+            try:
+                witness = await self._send(check.verifier, check, start, upto)
+            except StageFailure as e:
+                log.info("verifier host failed: %s", e)
+                self.client.avoid(check.verifier.peer_id, e.ban)
+                await self.pipeline._abandon(check.verifier)
+                check.verifier = None
+                continue
+            check.v_length = upto
+            await self._compare(check, witness, upto)
+            return
+        check.due = check.checked  # no verifier host answered: unverified for now
+
+    async def _compare(self, check: HopCheck, witness: Exchange, upto: int) -> None:
+        lo = check.checked
+        mine = check.rows("out", lo, upto)
+        theirs = witness.out[lo - witness.position:upto - witness.position]
+        bad = np.flatnonzero(row_mismatch(mine, theirs) > self.tolerance)
+        self.stats.windows_checked += 1
+        assert check.verifier is not None
+        if bad.size == 0:
+            check.checked = upto
+            check.hop.tally.verify(upto - lo)
+            check.verifier.tally.verify(upto - lo)
+            self.client.trust.valid(check.hop.peer_id)
+            return
+        d = lo + int(bad[0])
+        self.stats.mismatches += 1
+        if d > lo:  # rows before the first disputed one agree
+            check.hop.tally.verify(d - lo)
+            check.checked = d
+        log.warning("hop %s [%d, %d) disagrees with verifier %s at position %d", check.hop.peer_id[-8:],
+                    check.hop.start, check.hop.end, check.verifier.peer_id[-8:], d)
+        await self._referee(check, witness, d)
+
+    async def _referee(self, check: HopCheck, witness: Exchange, d: int) -> None:
+        from idlefleet.node.client import StageFailure
+
+        assert check.verifier is not None
+        primary, verifier = check.hop, check.verifier
+        accused_ex = check.record_at(d)
+        judge: Exchange | None = None
+        referee: _HopSession | None = None
+        tried = {verifier.peer_id}
+        for _ in range(MAX_VERIFIER_ATTEMPTS):
+            peer = self._pick_host(check, tried)
+            if peer is None:
+                break
+            tried.add(peer)
+            try:
+                referee = await self._open(peer, check)
+                if d > 0:
+                    await self._send(referee, check, 0, d)
+                judge = await self._send(referee, check, d, d + 1)
+                break
+            except StageFailure as e:
+                self.client.avoid(peer, e.ban)
+                if referee is not None:
+                    await self.pipeline._abandon(referee)
+                referee = None
+        p_row = accused_ex.out[d - accused_ex.position][None]
+        v_row = witness.out[d - witness.position][None]
+        p_ok = v_ok = False
+        if judge is not None:
+            r_row = judge.out[:1]
+            p_ok = float(row_mismatch(p_row, r_row)[0]) <= self.tolerance
+            v_ok = float(row_mismatch(v_row, r_row)[0]) <= self.tolerance
+        if judge is not None and referee is not None and v_ok and not p_ok:
+            self.stats.detection_lags.append(check.end - d)
+            await self._convict(primary.peer_id, accused_ex, witness, judge, d)
+            primary.tally.reject()
+            check.dead = check.convicted = True
+            self._request_rollback(d)
+            await self.pipeline._close(referee)
+            return
+        if judge is not None and referee is not None and p_ok and not v_ok:
+            await self._convict(verifier.peer_id, witness, accused_ex, judge, d)
+            verifier.tally.reject()
+            await self.pipeline._close(verifier)
+            check.verifier, check.v_length = referee, d + 1  # the referee verifies from now on
+            return  # the window is checked again (due > checked) against the referee
+        # No referee, or no majority: trust neither for this output.
+        log.warning("no referee could settle position %d of blocks [%d, %d); avoiding %s and %s",
+                    d, primary.start, primary.end, primary.peer_id[-8:], verifier.peer_id[-8:])
+        self.stats.undecided += 1
+        for peer in (primary.peer_id, verifier.peer_id):
+            self.client.avoid(peer)
+        check.dead = True
+        self._request_rollback(d)
+        if referee is not None:
+            await self.pipeline._close(referee)
+
+    async def _convict(self, accused: str, bad: Exchange, w1: Exchange, w2: Exchange, d: int) -> None:
+        """Ban ``accused`` and report it with the two witnesses' commitments."""
+        self.client.avoid(accused)
+        self.client.trust.invalid(accused)
+        if accused not in self.stats.banned:
+            self.stats.banned.append(accused)
+        log.warning("peer %s returned a wrong output at position %d: banned, reported", accused[-8:], d)
+        signed = [(ex.commitment, ex.sig) for ex in (bad, w1, w2)]
+        try:
+            wire_forms = [c.encode(sig) for c, sig in signed if c is not None and sig is not None]
+            if len(wire_forms) != 3:
+                raise IdlefleetError("a step without a signed commitment")
+            report = MisbehaviourReport(self.client.node.peer_id, d, wire_forms[0],
+                                        (wire_forms[1], wire_forms[2]),
+                                        (proof(bad, d), proof(w1, d), proof(w2, d)))
+            raw = report.encode(self.client.node.key)
+        except IdlefleetError as e:  # our own evidence could not be built: a local error
+            log.warning("could not build a misbehaviour report: %s", e)
+            return
+        self.stats.reports += 1
+        await self.client.node.report_misbehaviour(raw)
+
+    # -- end ------------------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        self._closed = True
+        for check in self.checks:
+            check.scope.cancel()
