@@ -145,7 +145,7 @@ async def served(stage: Stage, tmp_path: Path, *, ledger: bool = True
             parties.append(Party(key, host, stack.enter_context(Ledger(tmp_path / name / "ledger.sqlite"))))
         server, client = parties
         desk = server.desk if ledger else ReceiptDesk(server.key, server.host.peer_id, None)
-        stage_server = StageServer(stage, receipts=desk)
+        stage_server = StageServer(stage, receipts=desk, key=server.key)
         server.host.set_stream_handler(S.STAGE_PROTOCOL, stage_server.handle)
         yield server, stage_server, client
 
