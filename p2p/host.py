@@ -565,15 +565,16 @@ class Host:
             return None
         return values[self._dht.validator.select(key, values)]  # type: ignore[union-attr]
 
-    async def dht_provide(self, cid: str, *, timeout: float | None = None) -> None:
+    async def dht_provide(self, cid: str, *, timeout: float | None = None) -> bool:
         """Announce ourselves as a provider of ``cid`` (text CID; the wire key is its multihash)
         to the closest peers (ADD_PROVIDER). Receivers accept at most 10 ADD_PROVIDER messages
-        per sender in 10 s (py-libp2p's limit): callers pace announcements."""
-        async def _provide() -> None:
+        per sender in 10 s (py-libp2p's limit): callers pace announcements. Returns whether at
+        least one peer was sent the announcement."""
+        async def _provide() -> bool:
             await self._sync_routing_table()
-            await self._dht.provide(cid)
+            return bool(await self._dht.provide(cid))
 
-        await self._dht_op(_provide(), timeout, f"provide {cid}")
+        return bool(await self._dht_op(_provide(), timeout, f"provide {cid}"))
 
     async def dht_find_providers(self, cid: str, *, count: int = 20,
                                  timeout: float | None = None) -> list[str]:
