@@ -50,6 +50,9 @@ def node_status(node: Node) -> dict[str, Any]:
         "blocks": list(node.blocks) if node.blocks else None,
         "policy": rec.policy if rec else None,
         "policy_reason": rec.policy_reason if rec else None,
+        "reachability": node.nat.status,
+        "relayed_addrs": list(node.nat.relayed_addrs),
+        "relayed_peers": sorted(node.host.relayed_peers()),
     }
 
 

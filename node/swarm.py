@@ -92,6 +92,8 @@ class Swarm:
         self.extra_args = list(extra_args)
         self.first_args = list(first_args)  # node 0 only (e.g. --api-port)
         self.nodes: list[SwarmNode] = []
+        # Per node index: a command prefix (tests: ``ip netns exec NS`` runs a node in a namespace).
+        self.wrappers: dict[int, list[str]] = {}
         self.env = dict(os.environ if env is None else env)
         # Several processes share the cores: one BLAS thread each, or they collapse (DESIGN.md).
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -106,7 +108,8 @@ class Swarm:
             self.write_vehicle(index)
         with open(log_file, "ab") as logf:
             extra = self.extra_args + (self.first_args if index == 0 else [])
-            cmd = node_command(index, self.workdir, bootstrap, extra, self.vehicles[index])
+            cmd = self.wrappers.get(index, []) + node_command(index, self.workdir, bootstrap, extra,
+                                                              self.vehicles[index])
             # Its own session (a terminal's Ctrl-C reaches only us; we stop it cleanly), tied to
             # this process: it leaves when we end, however we end (node.procs).
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
