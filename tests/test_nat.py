@@ -1,0 +1,152 @@
+"""Nearby peers and NAT traversal for real, in network namespaces made here (real node processes,
+marked slow; needs root, ``ip`` and ``iptables``, which ``.ci/run`` installs):
+
+- two nodes on one LAN (a bridge, multicast on) started with ``--mdns`` and no ``--bootstrap``
+  find each other and form the fleet;
+- a car in a home network behind a NAT (iptables MASQUERADE, new inbound connections dropped)
+  learns it cannot be dialled (AutoNAT), reserves a slot on a relay among the public nodes,
+  advertises its relayed address in its signed record and serves blocks through the relay;
+- a client on the public side generates through it and gets the local tokens.
+
+One scenario covers both (each node process loads model blocks: a second swarm would double the
+suite time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from idlefleet.node.config import load_config
+from idlefleet.node.swarm import Swarm, node_data_dir
+from idlefleet.p2p.mdns import advertised_addrs
+from idlefleet.p2p.nat import NatConfig, is_circuit, relay_of
+from idlefleet.protocols.errors import ConfigError
+from tests.netns import NetLab, require
+from tests.test_swarm_entry import peers_up
+from tests.test_swarm_pipeline import PROMPT, TOKENS, wait_coverage
+
+
+@pytest.fixture(scope="module")
+def local_ids(local_greedy: Any) -> list[int]:
+    return list(local_greedy(PROMPT, TOKENS))
+
+
+def test_relay_limits_come_from_the_config_relay_table(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[relay]\nmax_reservations = 2\nmax_circuit_bytes = 1048576\nautonat = false\n')
+    nat = load_config(path).nat_config
+    assert (nat.max_reservations, nat.max_circuit_bytes, nat.autonat) == (2, 1048576, False)
+    limits = nat.limits()
+    assert (limits.max_reservations, limits.data) == (2, 1048576)
+    assert limits.duration == NatConfig().max_circuit_duration_s
+    for bad, why in (('max_reservations = -1', "max_reservations"), ('slots = 3', "unknown"),
+                     ('relay_service = "no"', "relay_service")):
+        path.write_text(f"[relay]\n{bad}\n")
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)
+
+
+def test_a_wildcard_listen_address_is_advertised_as_each_interface_address() -> None:
+    addrs = advertised_addrs(["/ip4/0.0.0.0/tcp/4001", "/ip4/192.0.2.7/tcp/4002"])
+    assert "/ip4/192.0.2.7/tcp/4002" in addrs
+    assert not any(a.startswith(("/ip4/0.0.0.0/", "/ip4/127.")) for a in addrs)
+    assert all(a.endswith("/tcp/4001") for a in addrs if a != "/ip4/192.0.2.7/tcp/4002")
+
+
+def test_circuit_addresses() -> None:
+    addr = "/ip4/192.0.2.1/tcp/4001/p2p/12D3KooWRelay/p2p-circuit"
+    assert is_circuit(addr) and not is_circuit("/ip4/192.0.2.1/tcp/4001")
+    assert relay_of(addr) == "/ip4/192.0.2.1/tcp/4001/p2p/12D3KooWRelay"
+
+
+def _wait(swarm: Swarm, index: int, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    status: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        status = swarm.nodes[index].status()
+        if status and predicate(status):
+            return status
+        if swarm.nodes[index].proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"node {index}: {what} not reached; status {status}; "
+                         f"log tail:\n{swarm.nodes[index].log_file.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+async def test_lan_peers_by_mdns_and_a_car_behind_a_nat_serve_a_client_outside(
+        tmp_path: Path, local_ids: list[int]) -> None:
+    require("ip", "iptables")
+    # node 0: public, relay (no blocks); node 1: public, serves ~half; node 2: at home, ~half.
+    swarm = Swarm(3, tmp_path, vehicles=[f"sim:parked:seed={i}" for i in range(3)])
+    fast = ["--relay", "check_s=5", "--relay", "first_check_s=1"]
+    with NetLab("n") as lab:
+        try:
+            street = lab.switch("street")
+            ips = []
+            for i in range(2):
+                ns = lab.namespace(f"pub{i}")
+                ips.append(lab.plug(ns, street, f"10.91.0.{i + 2}/24"))
+                swarm.wrappers[i] = lab.exec_prefix(ns)
+            router, home = lab.namespace("router"), lab.namespace("home")
+            lab.plug(router, street, "10.91.0.1/24")
+            lab.link(router, "192.168.77.1/24", home, "192.168.77.2/24", a_if="lan0", b_if="eth0")
+            lab.ip("route", "add", "default", "via", "192.168.77.1", ns=home)
+            lab.masquerade(router, "eth0")
+            swarm.wrappers[2] = lab.exec_prefix(home)
+            phone = lab.namespace("phone")
+            lab.plug(phone, street, "10.91.0.100/24")
+            swarm.workdir.mkdir(parents=True, exist_ok=True)
+
+            # The two street nodes know nobody (no --bootstrap): mDNS on the LAN is all they have.
+            swarm.extra_args = [*fast, "--mdns", "--listen-host", ips[0], "--no-serve"]
+            swarm._spawn(0, None)
+            swarm.extra_args = [*fast, "--mdns", "--listen-host", ips[1], "--memory-budget-mb", "220"]
+            swarm._spawn(1, None)
+            ids = [(await trio.to_thread.run_sync(swarm._wait_status, node, 60.0))["peer_id"]
+                   for node in swarm.nodes]
+            with trio.fail_after(30):
+                for i in range(2):
+                    while ids[1 - i] not in peers_up(node_data_dir(tmp_path, i) / "events.jsonl"):
+                        await trio.sleep(0.5)
+            for i in range(2):  # (whoever heard the other first dialled it)
+                assert f"mDNS: found {ids[1 - i]}" in swarm.nodes[i].log_file.read_text()
+
+            # The car at home joins through a street node (multicast does not cross the NAT).
+            boot = swarm.nodes[0].status()["multiaddr"]  # type: ignore[index]
+            swarm.extra_args = [*fast, "--listen-host", "192.168.77.2", "--memory-budget-mb", "220"]
+            swarm._spawn(2, boot)
+            await trio.to_thread.run_sync(swarm._wait_status, swarm.nodes[2], 60.0)
+            # It learns it cannot be dialled and holds a slot on a street relay; they learn they can.
+            home_status = await trio.to_thread.run_sync(
+                _wait, swarm, 2, lambda s: s["reachability"] == "private" and s["relayed_addrs"], 60.0,
+                "private with a relayed address")
+            for i in (0, 1):
+                await trio.to_thread.run_sync(_wait, swarm, i, lambda s: s["reachability"] == "public",
+                                              60.0, "public")
+            relay_addr = home_status["relayed_addrs"][0]
+            assert relay_of(relay_addr).startswith(tuple(f"/ip4/{ip}/tcp/" for ip in ips)), relay_addr
+            await trio.to_thread.run_sync(wait_coverage, swarm, 1)
+
+            # A phone on the street generates; the route must go through the car at home, which
+            # it can reach only through the relay (no route to 192.168.77.0/24; the car cannot
+            # dial the phone either: the phone listens on its own 127.0.0.1).
+            street_addr = swarm.nodes[1].status()["multiaddr"]  # type: ignore[index]
+            cmd = [*lab.exec_prefix(phone), sys.executable, "-m", "idlefleet.node.cli", "generate",
+                   "--bootstrap", street_addr, PROMPT, "--max-new-tokens", str(TOKENS), "--json"]
+            done = await trio.to_thread.run_sync(lambda: subprocess.run(
+                cmd, capture_output=True, text=True, timeout=180, env=swarm.env, check=False))
+            assert done.returncode == 0, done.stderr[-3000:]
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            assert result["new_ids"] == local_ids
+            home_id = swarm.nodes[2].status()["peer_id"]  # type: ignore[index]
+            assert home_id in {hop["peer_id"] for hop in result["route"]}, result["route"]
+        finally:
+            await trio.to_thread.run_sync(swarm.stop)
