@@ -20,13 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import multiaddr
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from libp2p.host.autonat.autonat import AutoNATService
+from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
+from libp2p.peer.id import ID
 
 from idlefleet.node.config import load_config
 from idlefleet.node.swarm import Swarm, node_data_dir
+from idlefleet.p2p.errors import PeerUnreachable
+from idlefleet.p2p.host import Host, open_host
 from idlefleet.p2p.mdns import advertised_addrs
-from idlefleet.p2p.nat import NatConfig, is_circuit, relay_of
+from idlefleet.p2p.nat import Nat, NatConfig, is_circuit, relay_of
 from idlefleet.protocols.errors import ConfigError
 from tests.netns import NetLab, require
 from tests.test_swarm_entry import peers_up
@@ -64,6 +71,72 @@ def test_circuit_addresses() -> None:
     addr = "/ip4/192.0.2.1/tcp/4001/p2p/12D3KooWRelay/p2p-circuit"
     assert is_circuit(addr) and not is_circuit("/ip4/192.0.2.1/tcp/4001")
     assert relay_of(addr) == "/ip4/192.0.2.1/tcp/4001/p2p/12D3KooWRelay"
+
+
+async def _echo(peer_id: str, env: Any) -> tuple[str, dict[str, Any]]:
+    return "heartbeat_ack", {"nonce": env.body["nonce"]}
+
+
+async def test_relay_slots_are_limited_and_a_relayed_dial_carries_streams() -> None:
+    """Circuit relay v2 between in-process hosts: a slot per peer up to ``max_reservations``; a
+    peer with a slot is reached through the relay (its streams work, the connection is relayed);
+    one without is refused by the relay (NO_RESERVATION), with a clear error."""
+    keys = [Ed25519PrivateKey.generate() for _ in range(4)]
+    async with open_host(keys[0]) as relay, open_host(keys[1]) as a, open_host(keys[2]) as b, \
+            open_host(keys[3]) as client, trio.open_nursery() as nursery:
+        quiet = NatConfig(autonat=False, first_check_s=600)
+        one_slot = NatConfig(autonat=False, first_check_s=600, max_reservations=1)
+        nats = [Nat(h, one_slot if h is relay else quiet, lambda: [relay.peer_id], lambda: None)
+                for h in (relay, a, b, client)]
+        for nat in nats:
+            await nursery.start(nat.run)
+        for h in (a, b, client):
+            await h.connect(relay.multiaddrs()[0])
+        assert await nats[1].ensure_reservation()
+        assert nats[1].relay == relay.peer_id
+        assert nats[1].relayed_addrs == [f"{relay.multiaddrs()[0]}/p2p-circuit"]
+        assert not await nats[2].ensure_reservation()  # the one slot is taken
+        assert (nats[2].relay, nats[2].relayed_addrs, nats[2].stats.reservation_failures) == (None, [], 1)
+
+        a.set_request_handler("/test/echo/1", "heartbeat", _echo)
+        await client.connect_peer(a.peer_id, [*nats[1].relayed_addrs, "/ip4/192.0.2.1/tcp/9"], timeout=5)
+        assert a.peer_id in client.relayed_peers() and client.peer_id in a.relayed_peers()
+        reply = await client.request(a.peer_id, "/test/echo/1", "heartbeat", {"nonce": 7}, timeout=5)
+        assert reply.kind == "heartbeat_ack" and reply.body == {"nonce": 7}
+        with pytest.raises(PeerUnreachable, match="status 204"):  # NO_RESERVATION
+            await client.connect_peer(b.peer_id, [f"{relay.multiaddrs()[0]}/p2p-circuit"], timeout=5)
+        nursery.cancel_scope.cancel()
+
+
+async def _ask_dial_back(asker: Host, server: Host, addrs: list[str]) -> int:
+    """One AutoNAT DIAL request from ``asker`` to ``server`` offering ``addrs``; the reply status."""
+    client = AutoNATService(asker._host, serve=False)
+    status, _ = await client.query_server(ID.from_base58(server.peer_id),
+                                          [multiaddr.Multiaddr(a).to_bytes() for a in addrs], timeout=10)
+    return int(status)
+
+
+async def test_autonat_dials_back_on_a_fresh_connection() -> None:
+    """py-libp2p's AutoNAT server "dials back" with host.connect, which returns the connection the
+    request came on: every address would pass. Ours opens a new TCP connection and expects a
+    libp2p listener there."""
+    async with open_host(Ed25519PrivateKey.generate()) as me, \
+            open_host(Ed25519PrivateKey.generate()) as peer, trio.open_nursery() as nursery:
+        server = Nat(peer, NatConfig(first_check_s=600), lambda: [], lambda: None)
+        await nursery.start(server.run)
+        await me.connect(peer.multiaddrs()[0])
+        mine = me.multiaddrs()[0].split("/p2p/")[0]
+        with trio.socket.socket() as closed:  # a port nothing listens on
+            await closed.bind(("127.0.0.1", 0))
+            dead = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}"
+        assert await _ask_dial_back(me, peer, [mine]) == AutoNATMessage.OK
+        assert await _ask_dial_back(me, peer, [dead]) == AutoNATMessage.E_DIAL_ERROR
+        assert await _ask_dial_back(me, peer, ["/ip4/192.0.2.1/tcp/4001"]) == AutoNATMessage.E_DIAL_REFUSED
+        # The client side: one peer dialled us back, so we are public.
+        checker = Nat(me, NatConfig(first_check_s=600), lambda: [peer.peer_id], lambda: None)
+        await nursery.start(checker.run)
+        assert await checker.check_reachability() == "public"
+        nursery.cancel_scope.cancel()
 
 
 def _wait(swarm: Swarm, index: int, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
