@@ -13,6 +13,7 @@ suite time)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -105,6 +106,43 @@ async def test_relay_slots_are_limited_and_a_relayed_dial_carries_streams() -> N
         assert reply.kind == "heartbeat_ack" and reply.body == {"nonce": 7}
         with pytest.raises(PeerUnreachable, match="status 204"):  # NO_RESERVATION
             await client.connect_peer(b.peer_id, [f"{relay.multiaddrs()[0]}/p2p-circuit"], timeout=5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_garbage_on_the_nat_protocols_does_not_hurt_the_node() -> None:
+    """Whatever a peer sends on the relay and AutoNAT protocols, the node stays up and keeps
+    serving them (py-libp2p's handlers, under our crash boundary; messages capped at 64 KiB)."""
+    from libp2p.custom_types import TProtocol
+
+    from idlefleet.p2p.nat import AUTONAT_PROTOCOL, HOP_PROTOCOL, STOP_PROTOCOL
+
+    async with open_host(Ed25519PrivateKey.generate()) as node, \
+            open_host(Ed25519PrivateKey.generate()) as rogue, trio.open_nursery() as nursery:
+        server = Nat(node, NatConfig(first_check_s=600), lambda: [], lambda: None)
+        await nursery.start(server.run)
+        await rogue.connect(node.multiaddrs()[0])
+
+        async def send(protocol: str, garbage: bytes) -> None:
+            stream = await rogue._host.new_stream(ID.from_base58(node.peer_id), [TProtocol(protocol)])
+            if garbage:
+                await stream.write(garbage)
+            await stream.close()
+            # A reply, EOF, a reset, or (py-libp2p's hop handler) silence: all fine for the node.
+            with trio.move_on_after(3), contextlib.suppress(Exception):
+                while await stream.read(65536):
+                    pass
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as attacks:
+                for protocol in (HOP_PROTOCOL, STOP_PROTOCOL, AUTONAT_PROTOCOL):
+                    for garbage in (b"", b"\x05hello", b"\xff\xff\xff\xff\x0f", bytes(range(256)) * 4):
+                        attacks.start_soon(send, protocol, garbage)
+        # Still a working relay and dial-back server for an honest peer.
+        client = Nat(rogue, NatConfig(first_check_s=600), lambda: [node.peer_id], lambda: None)
+        await nursery.start(client.run)
+        assert await client.ensure_reservation()
+        mine = rogue.multiaddrs()[0].split("/p2p/")[0]
+        assert await _ask_dial_back(rogue, node, [mine]) == AutoNATMessage.OK
         nursery.cancel_scope.cancel()
 
 
