@@ -27,7 +27,12 @@ py-libp2p 0.8.1 pieces used and what is wrapped (details in docs/ARCHITECTURE.md
   connection to the peer exists — always the case, the request came over it — so every peer
   whose observed IP matched would be told it is reachable. ``_DialBack`` replaces that dial with
   a fresh TCP connection to the address and a multistream-select handshake.
-- DCUtR hole punching is not used (see docs/ARCHITECTURE.md "NAT traversal").
+- ``DCUtRProtocol`` (``/libp2p/dcutr``, hole punching: upgrade a relayed connection to a direct
+  one) is used with four changes (``_HolePunch``): only the side that *accepted* the relayed
+  connection initiates (the spec's roles; the library drives from both sides), the per-peer
+  connection limit is lifted for that peer only while its upgrade runs (idlefleet keeps one
+  connection per peer), every session is bounded by our deadline, and the relayed connection is
+  closed ``relay_close_s`` after a direct one is up (the library waits 60 s).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -65,10 +72,12 @@ log = logging.getLogger(__name__)
 HOP_PROTOCOL = str(HOP_PROTOCOL_ID)  # /libp2p/circuit/relay/0.2.0/hop
 STOP_PROTOCOL = str(STOP_PROTOCOL_ID)  # /libp2p/circuit/relay/0.2.0/stop
 AUTONAT_PROTOCOL = str(AUTONAT_PROTOCOL_ID)  # /libp2p/autonat/1.0.0
+DCUTR_PROTOCOL = str(DCUTR_PROTOCOL_ID)  # /libp2p/dcutr
 STATUS_OK = 100  # circuit v2 Status.OK
 MULTISTREAM = b"\x13/multistream/1.0.0\n"  # what every libp2p TCP listener says first
 
 REACHABILITY = ("unknown", "public", "private")
+MAX_PUNCH_ADDRS = 8  # addresses of a peer dialled in one hole punch
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,10 @@ class NatConfig:
     check_s: float = 60.0  # re-check reachability (and the reservation) this often
     first_check_s: float = 2.0  # the first check, after the first connections
     op_timeout_s: float = 5.0  # one dial-back, reservation or relay dial
+    hole_punch: bool = True  # upgrade relayed connections to direct ones (DCUtR)
+    hole_punch_s: float = 2.0  # look for relayed connections to upgrade this often
+    hole_punch_timeout_s: float = 30.0  # one whole upgrade attempt (up to 3 dial rounds)
+    relay_close_s: float = 5.0  # close a relayed connection this long after a direct one is up
 
     def limits(self) -> RelayLimits:
         return RelayLimits(duration=self.max_circuit_duration_s, data=self.max_circuit_bytes,
@@ -102,6 +115,10 @@ class NatStatistics:
     reservation_failures: int = 0
     relay_dials: int = 0  # connections we opened through a relay
     relay_dial_failures: int = 0
+    relayed_bytes: int = 0  # bytes this relay forwarded on circuits (both directions)
+    hole_punches: int = 0  # upgrades this side initiated (DCUtR CONNECT sent or direct dial)
+    hole_punches_ok: int = 0  # ... that ended with a direct connection
+    relayed_closed: int = 0  # relayed connections closed because a direct one was up
     verdicts: dict[str, bool] = field(default_factory=dict)  # server peer id -> dialled us back
 
 
@@ -142,6 +159,129 @@ class _DialBack(AutoNATService):
                     with trio.move_on_after(1.0):
                         await stream.aclose()
         return None
+
+
+def _relayed_only(conns: list[Any]) -> bool:
+    """Whether every one of a peer's connections runs through a relay."""
+    if not conns:
+        return False
+    for conn in conns:
+        try:
+            if not any(is_circuit(str(a)) for a in conn.get_transport_addresses()):
+                return False
+        except Exception:
+            return False
+    return True
+
+
+class _HolePunch(DCUtRProtocol):
+    """py-libp2p's DCUtR (``/libp2p/dcutr``) as idlefleet runs it; see the module docstring.
+
+    The exchange itself (CONNECT with our addresses, CONNECT back, SYNC, then both sides dial from
+    their listen port at once: a TCP simultaneous open through both NATs) is the library's."""
+
+    def __init__(self, nat: Nat) -> None:
+        timeout = max(1, int(nat.config.op_timeout_s))
+        super().__init__(nat.host._host, read_timeout=timeout, write_timeout=timeout, dial_timeout=timeout)
+        self._nat = nat
+        self._closing: set[ID] = set()  # peers whose relayed connections are about to be closed
+
+    def _tracker(self) -> Any:
+        rm = getattr(self.host.get_network(), "_resource_manager", None)
+        return getattr(rm, "connection_tracker", None)
+
+    @contextlib.contextmanager
+    def _second_connection_allowed(self, peer_id: ID) -> Any:
+        """Lift the one-connection-per-peer limit for ``peer_id`` while its upgrade dials run
+        (the resource manager's bypass list; other peers keep the limit)."""
+        tracker = self._tracker()
+        if tracker is not None:
+            tracker.add_bypass_peer(peer_id)
+        try:
+            yield
+        finally:
+            if tracker is not None:
+                tracker.remove_bypass_peer(peer_id)
+
+    async def _perform_hole_punch(self, peer_id: ID, addrs: list[Any], as_responder: bool = False) -> bool:
+        with self._second_connection_allowed(peer_id):
+            return bool(await super()._perform_hole_punch(peer_id, addrs, as_responder))
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        with self._second_connection_allowed(peer_id):
+            return bool(await super()._try_unilateral_upgrade(peer_id))
+
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[Any]:
+        """A peer's addresses to dial, from its CONNECT: at most ``MAX_PUNCH_ADDRS`` plain TCP ones
+        (the library takes every address that fits in 4 KiB: a relayed peer could make us dial
+        hundreds of them)."""
+        out = []
+        for ma in super()._decode_observed_addrs(list(addr_bytes)[:64]):
+            text = str(ma)
+            if text.startswith(("/ip4/", "/ip6/")) and "/tcp/" in text and not is_circuit(text):
+                out.append(ma)
+        return out[:MAX_PUNCH_ADDRS]
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        if peer_id not in self._closing:  # both the library and our drive loop ask for it
+            self._closing.add(peer_id)
+            super()._schedule_relay_close(peer_id)
+
+    async def _close_relayed_conns_after_grace(self, peer_id: ID, grace: float = 0.0) -> None:
+        try:
+            await self._close_relayed(peer_id)
+        finally:
+            self._closing.discard(peer_id)
+
+    async def _close_relayed(self, peer_id: ID) -> None:
+        await trio.sleep(self._nat.config.relay_close_s)
+        if not await self._verify_direct_connection(peer_id):
+            return  # never strand the peer
+        peer = peer_id.to_base58()
+        for conn in list(self.host.get_network().connections.get(peer_id, [])):
+            if _relayed_only([conn]):
+                with trio.move_on_after(self._nat.config.op_timeout_s), contextlib.suppress(Exception):
+                    await conn.close()
+                self._nat.stats.relayed_closed += 1
+                log.info("relayed connection to %s closed: direct connection up", peer[-8:])
+        self._nat.host._forget_streams(peer)  # reused streams may have been on the relayed one
+
+    async def _auto_drive_loop(self) -> None:
+        """Every ``hole_punch_s``: upgrade each peer connected to us only through a relay, when
+        we accepted that connection (the spec's initiator: the peer behind the relay; the
+        dialler answers). Each attempt is bounded; the library allows 3 per peer."""
+        config = self._nat.config
+        while True:
+            await trio.sleep(config.hole_punch_s)
+            network = self.host.get_network()
+            for peer_id, conns in list(network.connections.items()):
+                if (not _relayed_only(list(conns)) or peer_id in self._in_progress
+                        or peer_id in self._direct_connections):
+                    continue
+                if not any(not _is_initiator(c) for c in conns):
+                    continue  # we dialled through the relay: the other side initiates
+                if self._hole_punch_attempts.get(peer_id, 0) >= 3:
+                    continue
+                self._nat.stats.hole_punches += 1
+                ok = False
+                with trio.move_on_after(config.hole_punch_timeout_s):
+                    try:
+                        ok = await self.initiate_hole_punch(peer_id)
+                    except Exception as e:  # the peer's garbage or a vanished connection
+                        log.debug("hole punch to %s: %r", peer_id, e)
+                if ok:
+                    self._nat.stats.hole_punches_ok += 1
+                    self._schedule_relay_close(peer_id)  # (a direct dial without DCUtR does not)
+                    log.info("direct connection to %s (hole punch)", peer_id.to_base58()[-8:])
+
+
+def _is_initiator(conn: Any) -> bool:
+    """Whether we opened ``conn`` (py-libp2p's muxers expose it as a property or a method)."""
+    value = getattr(getattr(conn, "muxed_conn", None), "is_initiator", True)
+    try:
+        return bool(value() if callable(value) else value)
+    except Exception:
+        return True
 
 
 def relay_of(circuit_addr: str) -> str:
@@ -204,11 +344,25 @@ class Nat:
         self._expires = 0.0  # wall clock end of our reservation
         self._autonat: _DialBack | None = None
         self._relay_proto: CircuitV2Protocol | None = None
+        self._hole_punch: _HolePunch | None = None
+
+    def _count_relayed_bytes(self, proto: CircuitV2Protocol) -> None:
+        """Count what the relay forwards (``stats.relayed_bytes``): its circuits' only reads."""
+        read = proto._read_stream_with_retry
+
+        async def counted(stream: Any, *args: Any, **kwargs: Any) -> bytes | None:
+            data = await read(stream, *args, **kwargs)
+            self.stats.relayed_bytes += len(data or b"")
+            return data
+
+        proto._read_stream_with_retry = counted  # type: ignore[method-assign]
 
     def statistics(self) -> dict[str, Any]:
         out = {"reachability": self.status, "relay": self.relay, "relayed_addrs": list(self.relayed_addrs),
                "checks": self.stats.checks, "reservations": self.stats.reservations,
-               "relay_dials": self.stats.relay_dials}
+               "relay_dials": self.stats.relay_dials, "relayed_bytes": self.stats.relayed_bytes,
+               "hole_punches": self.stats.hole_punches, "hole_punches_ok": self.stats.hole_punches_ok,
+               "relayed_closed": self.stats.relayed_closed}
         if self._relay_proto is not None:
             rm = self._relay_proto.resource_manager
             out["relay_slots_held"] = len(getattr(rm, "_reservations", {}))
@@ -221,8 +375,14 @@ class Nat:
         self._relay_proto = CircuitV2Protocol(
             lhost, self.config.limits(), allow_hop=self.config.relay_service,
             read_timeout=timeout, write_timeout=timeout, close_timeout=timeout)
-        async with background_trio_service(self._relay_proto):
+        self._count_relayed_bytes(self._relay_proto)
+        async with contextlib.AsyncExitStack() as services:
+            await services.enter_async_context(background_trio_service(self._relay_proto))
             await self._relay_proto.event_started.wait()
+            if self.config.hole_punch:
+                self._hole_punch = _HolePunch(self)
+                await services.enter_async_context(background_trio_service(self._hole_punch))
+                await self._hole_punch.event_started.wait()
             task_status.started()
             await trio.sleep(self.config.first_check_s)
             while True:

@@ -85,8 +85,8 @@ async def test_relay_slots_are_limited_and_a_relayed_dial_carries_streams() -> N
     keys = [Ed25519PrivateKey.generate() for _ in range(4)]
     async with open_host(keys[0]) as relay, open_host(keys[1]) as a, open_host(keys[2]) as b, \
             open_host(keys[3]) as client, trio.open_nursery() as nursery:
-        quiet = NatConfig(autonat=False, first_check_s=600)
-        one_slot = NatConfig(autonat=False, first_check_s=600, max_reservations=1)
+        quiet = NatConfig(autonat=False, first_check_s=600, hole_punch=False)
+        one_slot = NatConfig(autonat=False, first_check_s=600, max_reservations=1, hole_punch=False)
         nats = [Nat(h, one_slot if h is relay else quiet, lambda: [relay.peer_id], lambda: None)
                 for h in (relay, a, b, client)]
         for nat in nats:
@@ -109,12 +109,57 @@ async def test_relay_slots_are_limited_and_a_relayed_dial_carries_streams() -> N
         nursery.cancel_scope.cancel()
 
 
+def _connections(host: Host, peer_id: str) -> list[str]:
+    """The remote address of each of ``host``'s connections to ``peer_id``."""
+    conns = host._host.get_network().connections.get(ID.from_base58(peer_id), [])
+    return [str(c.get_transport_addresses()[0]) for c in conns]
+
+
+async def test_a_relayed_connection_is_upgraded_to_a_direct_one() -> None:
+    """The peer that accepted a relayed connection upgrades it (DCUtR's initiator; here the other
+    side is reachable, so its direct dial succeeds without a simultaneous open): both sides end
+    with one direct connection, the relay forwards nothing more, requests keep working, and the
+    one-connection-per-peer limit is back for everyone (it is lifted only during an upgrade).
+    The simultaneous open through two NATs is the namespace test below."""
+    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    async with open_host(keys[0]) as relay, open_host(keys[1]) as car, open_host(keys[2]) as client, \
+            trio.open_nursery() as nursery:
+        config = NatConfig(autonat=False, first_check_s=600, hole_punch_s=0.3, relay_close_s=0.5)
+        nats = [Nat(h, config, lambda: [relay.peer_id], lambda: None) for h in (relay, car, client)]
+        for nat in nats:
+            await nursery.start(nat.run)
+        for h in (car, client):
+            await h.connect(relay.multiaddrs()[0])
+        assert await nats[1].ensure_reservation()
+        car.set_request_handler("/test/echo/1", "heartbeat", _echo)
+        await client.connect_peer(car.peer_id, nats[1].relayed_addrs, timeout=5)
+        assert [is_circuit(a) for a in _connections(client, car.peer_id)] == [True]
+        with trio.move_on_after(30):
+            while not (len(_connections(client, car.peer_id)) == len(_connections(car, client.peer_id)) == 1
+                       and car.peer_id not in client.relayed_peers()
+                       and client.peer_id not in car.relayed_peers()):
+                await trio.sleep(0.1)
+        state = (_connections(client, car.peer_id), _connections(car, client.peer_id), nats[1].statistics())
+        assert [a.startswith("/ip4/127.0.0.1/tcp/") for a in state[0]] == [True], state
+        assert [a.startswith("/ip4/127.0.0.1/tcp/") for a in state[1]] == [True], state
+        assert (nats[1].stats.hole_punches_ok, nats[2].stats.hole_punches) == (1, 0)  # the car drove
+        relayed = nats[0].stats.relayed_bytes
+        for nonce in range(5):
+            reply = await client.request(car.peer_id, "/test/echo/1", "heartbeat", {"nonce": nonce},
+                                         timeout=5)
+            assert reply.body == {"nonce": nonce}
+        assert nats[0].stats.relayed_bytes == relayed
+        tracker = car._host.get_network()._resource_manager.connection_tracker
+        assert not tracker.bypass_peers
+        nursery.cancel_scope.cancel()
+
+
 async def test_garbage_on_the_nat_protocols_does_not_hurt_the_node() -> None:
     """Whatever a peer sends on the relay and AutoNAT protocols, the node stays up and keeps
     serving them (py-libp2p's handlers, under our crash boundary; messages capped at 64 KiB)."""
     from libp2p.custom_types import TProtocol
 
-    from idlefleet.p2p.nat import AUTONAT_PROTOCOL, HOP_PROTOCOL, STOP_PROTOCOL
+    from idlefleet.p2p.nat import AUTONAT_PROTOCOL, DCUTR_PROTOCOL, HOP_PROTOCOL, STOP_PROTOCOL
 
     async with open_host(Ed25519PrivateKey.generate()) as node, \
             open_host(Ed25519PrivateKey.generate()) as rogue, trio.open_nursery() as nursery:
@@ -134,7 +179,7 @@ async def test_garbage_on_the_nat_protocols_does_not_hurt_the_node() -> None:
 
         with trio.fail_after(20):
             async with trio.open_nursery() as attacks:
-                for protocol in (HOP_PROTOCOL, STOP_PROTOCOL, AUTONAT_PROTOCOL):
+                for protocol in (HOP_PROTOCOL, STOP_PROTOCOL, AUTONAT_PROTOCOL, DCUTR_PROTOCOL):
                     for garbage in (b"", b"\x05hello", b"\xff\xff\xff\xff\x0f", bytes(range(256)) * 4):
                         attacks.start_soon(send, protocol, garbage)
         # Still a working relay and dial-back server for an honest peer.
@@ -261,3 +306,87 @@ async def test_lan_peers_by_mdns_and_a_car_behind_a_nat_serve_a_client_outside(
             assert home_id in {hop["peer_id"] for hop in result["route"]}, result["route"]
         finally:
             await trio.to_thread.run_sync(swarm.stop)
+
+
+def _status(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _await_status(procs: list[subprocess.Popen[bytes]], path: Path, predicate: Any, timeout: float,
+                  what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(path)
+        if status and predicate(status):
+            return status
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {log.name}:\n{log.read_text()[-2000:]}" for log in path.parent.glob("*.log"))
+    raise AssertionError(f"{what} not reached; {path.name}: {_status(path)}\n{logs}")
+
+
+@pytest.mark.slow
+def test_two_cars_behind_nats_connect_through_a_relay_then_directly(tmp_path: Path) -> None:
+    """DCUtR: a car and a client, each behind its own home NAT (MASQUERADE; conntrack lets in
+    what belongs to a connection the inside host opened, TCP simultaneous open included), reach
+    each other through a relay on the street, then punch a hole: the client ends with one
+    connection to the car whose remote address is the car's NAT (not a circuit), requests keep
+    being answered throughout, and the relay forwards nothing more."""
+    require("ip", "iptables")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(ns: str, role: str, ip: str, *args: str) -> Path:
+        path = tmp_path / f"{role}.json"
+        cmd = [*lab.exec_prefix(ns), sys.executable, "-m", "tests.holepunch_peer", role, ip, str(path), *args]
+        with (tmp_path / f"{role}.log").open("wb") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, cwd=Path(__file__).parent.parent))
+        return path
+
+    with NetLab("h") as lab:
+        try:
+            street = lab.switch("street")
+            relay_ns = lab.namespace("relay")
+            relay_ip = lab.plug(relay_ns, street, "10.93.0.2/24")
+            homes = []
+            for i in (1, 2):
+                router, home = lab.namespace(f"router{i}"), lab.namespace(f"home{i}")
+                lab.plug(router, street, f"10.93.0.1{i}/24")
+                lab.link(router, f"192.168.8{i}.1/24", home, f"192.168.8{i}.2/24", a_if="lan0", b_if="eth0")
+                lab.ip("route", "add", "default", "via", f"192.168.8{i}.1", ns=home)
+                lab.masquerade(router, "eth0", silent=True)
+                homes.append(home)
+
+            relay_file = start(relay_ns, "relay", relay_ip)
+            relay = _await_status(procs, relay_file, lambda s: "addr" in s, 30, "relay up")
+            car_file = start(homes[0], "car", "192.168.81.2", relay["addr"])
+            car = _await_status(procs, car_file, lambda s: s["nat"]["relayed_addrs"], 30, "car's relay slot")
+            circuit = car["nat"]["relayed_addrs"][0]
+            client_file = start(homes[1], "client", "192.168.82.2", relay["addr"], car["peer_id"], circuit)
+            client = _await_status(procs, client_file, lambda s: s.get("replies", 0) > 0, 30,
+                                   "first reply through the relay")
+            assert [is_circuit(a) for a in client["first_conns"]] == [True], client
+
+            client = _await_status(procs, client_file, lambda s: len(s["conns"]) == 1 and not is_circuit(
+                s["conns"][0]), 60, "a direct connection only")
+            assert client["conns"][0].startswith("/ip4/10.93.0.11/tcp/"), client  # the car's NAT
+            car = _status(car_file)
+            assert car["nat"]["hole_punches_ok"] >= 1 and car["nat"]["relayed_closed"] >= 1, car
+            before = _status(relay_file)["nat"]["relayed_bytes"]
+            replies = client["replies"]
+            assert before > 0
+            _await_status(procs, client_file, lambda s: s["replies"] >= replies + 10, 30, "10 more replies")
+            assert _status(relay_file)["nat"]["relayed_bytes"] == before  # nothing through the relay
+            assert "last_error" not in _status(client_file)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
