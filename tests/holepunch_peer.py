@@ -44,7 +44,8 @@ def _conns(host: Host, peer_id: str) -> list[str]:
 
 
 async def main(role: str, ip: str, status_file: Path, args: list[str]) -> None:
-    config = NatConfig(autonat=False, first_check_s=600, hole_punch_s=0.5, relay_close_s=1.0)
+    config = NatConfig(autonat=False, first_check_s=600, hole_punch_s=0.5, relay_close_s=1.0,
+                       hole_punch_timeout_s=12.0)
     status: dict[str, Any] = {"role": role}
 
     def write() -> None:

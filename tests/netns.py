@@ -113,7 +113,8 @@ class NetLab:
         self.ip("link", "set", a_if, "up", ns=a)
         self.ip("link", "set", b_if, "up", ns=b)
 
-    def masquerade(self, router: str, out_if: str, *, silent: bool = False) -> None:
+    def masquerade(self, router: str, out_if: str, *, silent: bool = False,
+                   random_ports: bool = False) -> None:
         """Make ``router`` a NAT: forward, and rewrite sources leaving on ``out_if`` (a home router:
         inside hosts reach out, nothing outside can open a connection in). Packets that belong to
         a connection an inside host opened (conntrack: its replies, and a SYN crossing its own
@@ -121,9 +122,14 @@ class NetLab:
 
         ``silent``: a connection attempt to the router's own outside address is dropped rather
         than refused with a reset (so a hole punching SYN that arrives a moment before the inside
-        host's own SYN went out is retransmitted, not fatal), as home routers do."""
+        host's own SYN went out is retransmitted, not fatal), as home routers do.
+
+        ``random_ports``: outgoing connections get a random outside port (``--random-fully``), as
+        carrier-grade NATs do, instead of keeping the inside port where it is free: nobody can
+        predict where to reach an inside host, so hole punching cannot work."""
         self.run(router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        self.run(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", out_if, "-j", "MASQUERADE")
+        self.run(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", out_if, "-j", "MASQUERADE",
+                 *(["--random-fully"] if random_ports else []))
         self.run(router, "iptables", "-A", "FORWARD", "-i", out_if, "-m", "conntrack",
                  "--ctstate", "NEW", "-j", "DROP")
         if silent:
