@@ -238,7 +238,9 @@ def _check_types(config: NodeConfig) -> None:
 _RELAY_RANGES = {"max_reservations": (0, 4096), "max_circuits": (1, 4096),
                  "max_circuit_bytes": (1024, 2**40), "max_circuit_duration_s": (1, 86400),
                  "reservation_ttl_s": (60, 86400), "autonat_servers": (1, 16),
-                 "check_s": (1.0, 86400.0), "first_check_s": (0.0, 3600.0), "op_timeout_s": (0.1, 120.0)}
+                 "check_s": (1.0, 86400.0), "first_check_s": (0.0, 3600.0), "op_timeout_s": (0.1, 120.0),
+                 "hole_punch_s": (0.1, 3600.0), "hole_punch_timeout_s": (1.0, 600.0),
+                 "relay_close_s": (0.0, 3600.0)}
 
 
 def _nat_config(table: dict[str, Any]) -> NatConfig:

@@ -53,6 +53,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "reachability": node.nat.status,
         "relayed_addrs": list(node.nat.relayed_addrs),
         "relayed_peers": sorted(node.host.relayed_peers()),
+        "nat": node.nat.statistics(),  # relay, hole punching and relayed-bytes counters
     }
 
 
