@@ -4,7 +4,8 @@ a network namespace: ``python -m tests.holepunch_peer ROLE LISTEN_IP STATUS_FILE
 - ``relay``: serves relay slots; status: its address and the bytes it has relayed.
 - ``car ADDR``: connects to the relay at ADDR, reserves a slot; status: its relayed address.
 - ``client ADDR PEER CIRCUIT``: connects to the relay at ADDR, then to PEER through CIRCUIT, and
-  sends it a request every 0.2 s; status: its connections to PEER (remote addresses) and replies.
+  sends it a request every 0.2 s; status: its connections to PEER (remote addresses), replies,
+  and ``direct_after_s`` (seconds from the relayed connection to having only direct ones).
 
 Every role writes its status (JSON, replaced atomically) every 0.2 s and exits by itself after
 ``LIFETIME_S`` (or when the test terminates it)."""
@@ -72,6 +73,7 @@ async def main(role: str, ip: str, status_file: Path, args: list[str]) -> None:
                 peer, circuit = args[1], args[2]
                 await host.connect_peer(peer, [circuit], timeout=10)
                 status["first_conns"] = _conns(host, peer)
+                relayed_at = trio.current_time()
             while True:
                 if role == "client":
                     try:
@@ -80,6 +82,9 @@ async def main(role: str, ip: str, status_file: Path, args: list[str]) -> None:
                     except Exception as e:  # reported, the test decides
                         status["last_error"] = repr(e)[:300]
                     status.update(conns=_conns(host, peer), replies=replies)
+                    direct = not any("/p2p-circuit" in a for a in status["conns"])
+                    if direct and "direct_after_s" not in status:
+                        status["direct_after_s"] = round(trio.current_time() - relayed_at, 2)
                 status.update(nat=nat.statistics())
                 write()
                 await trio.sleep(0.2)
