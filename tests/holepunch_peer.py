@@ -13,6 +13,7 @@ Every role writes its status (JSON, replaced atomically) every 0.2 s and exits b
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -91,4 +92,6 @@ async def main(role: str, ip: str, status_file: Path, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("LIBP2P_DEBUG"):  # py-libp2p's own logs too (p2p/host.py), in ROLE.log
+        logging.basicConfig(level=logging.DEBUG)
     trio.run(main, sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
