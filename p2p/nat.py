@@ -28,10 +28,11 @@ py-libp2p 0.8.1 pieces used and what is wrapped (details in docs/ARCHITECTURE.md
   whose observed IP matched would be told it is reachable. ``_DialBack`` replaces that dial with
   a fresh TCP connection to the address and a multistream-select handshake.
 - ``DCUtRProtocol`` (``/libp2p/dcutr``, hole punching: upgrade a relayed connection to a direct
-  one) is used with four changes (``_HolePunch``): only the side that *accepted* the relayed
+  one) is used with these changes (``_HolePunch``): only the side that *accepted* the relayed
   connection initiates (the spec's roles; the library drives from both sides), the per-peer
   connection limit is lifted for that peer only while its upgrade runs (idlefleet keeps one
-  connection per peer), every session is bounded by our deadline, and the relayed connection is
+  connection per peer), every attempt is bounded by ``hole_punch_timeout_s``, at most
+  ``MAX_PUNCH_ADDRS`` plain TCP addresses of a peer are dialled, and the relayed connection is
   closed ``relay_close_s`` after a direct one is up (the library waits 60 s).
 """
 
