@@ -66,6 +66,12 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="a peer to join through (repeatable), e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW...")
     p.add_argument("--peers-file", type=Path, metavar="FILE",
                    help="remember peers seen here and re-join through them on the next start")
+    p.add_argument("--mdns", action=argparse.BooleanOptionalAction, default=None,
+                   help="find peers on the LAN by mDNS and join through them (default: no)")
+    p.add_argument("--relay", dest="relay_opts", action="append", metavar="KEY=VALUE", default=[],
+                   help="NAT traversal / relay service setting, repeatable: relay_service=false, "
+                        "max_reservations=8, max_circuits=16, max_circuit_bytes=N, "
+                        "max_circuit_duration_s=S, reservation_ttl_s=S, autonat=false, check_s=S")
     p.add_argument("--region", help="geohash prefix of where the device is (default u33d)")
     p.add_argument("--vehicle", metavar="SPEC",
                    help="state provider: sim:PROFILE[:seed=N][:scale=X] | file:PATH | sysfs[:ROOT]")
@@ -167,13 +173,15 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "key_file", "listen_host", "port", "bootstrap", "region", "vehicle", "consent",
         "consent_hours", "link_kind", "link_metered", "publish_policy", "refresh_s", "event_log",
         "serve", "model", "memory_budget_mb", "rebalance_s", "peers_file", "data_dir", "power_w",
-        "unload_grace_s", "chaos_fault")}
+        "unload_grace_s", "chaos_fault", "mdns")}
     if overrides["data_dir"] is None:
         from idlefleet.node.owner import default_data_dir
 
         overrides["data_dir"] = default_data_dir()
     if args.owner_prefs:
         overrides["owner"] = _owner_prefs(args.owner_prefs)
+    if args.relay_opts:
+        overrides["relay"] = _owner_prefs(args.relay_opts, flag="--relay")
     if overrides["bootstrap"] is not None:
         overrides["bootstrap"] = tuple(overrides["bootstrap"])
     config = load_config(args.config, **overrides)
@@ -185,7 +193,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _owner_prefs(items: list[str]) -> dict[str, object]:
+def _owner_prefs(items: list[str], flag: str = "--owner") -> dict[str, object]:
     """``["require_plugged_in=false", "allowed_hours=22:00-07:00"]`` -> typed values (TOML
     literals where they parse, strings otherwise). Raises ConfigError on an item without '='."""
     import tomllib
@@ -196,7 +204,7 @@ def _owner_prefs(items: list[str]) -> dict[str, object]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"--owner {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
             prefs[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

@@ -13,6 +13,11 @@ Example ``node.toml``::
     data_dir = "~/.idlefleet"  # key, consent log, event log, control socket (owner-only)
     link_kind = "wifi"         # ethernet | wifi | cellular
     link_metered = false
+    mdns = true                # find peers on the LAN (no bootstrap needed there)
+
+    [relay]                    # NAT traversal (p2p/nat.py NatConfig); all optional
+    relay_service = true       # offer relay slots to peers that cannot be dialled
+    max_reservations = 8
 
     [owner]                    # owner preferences (protocols/policy.py Preferences)
     require_plugged_in = true
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from idlefleet.p2p.nat import NatConfig
 from idlefleet.protocols.errors import ConfigError
 from idlefleet.protocols.policy import Preferences
 
@@ -67,6 +73,10 @@ class NodeConfig:
     # the DHT routing table is refreshed (self + random lookup) about this often.
     peers_file: Path | None = None
     dht_refresh_s: float = 60.0
+    # mDNS (the libp2p mDNS spec): announce on the LAN and join through peers found there.
+    mdns: bool = False
+    # NAT traversal and the relay service ([relay] table: p2p.nat.NatConfig's fields).
+    relay: dict[str, Any] = field(default_factory=dict)
     # Serving model blocks (only with consent): which model, how much memory for weights.
     serve: bool = True
     model: str | None = None
@@ -131,6 +141,7 @@ class NodeConfig:
             raise ConfigError("vehicle must not be empty (sim:PROFILE, file:PATH or sysfs[:ROOT])")
         if self.model is not None and not self.model:
             raise ConfigError("model must be a GGUF path (omit it for the default model)")
+        _nat_config(self.relay)
         try:
             Preferences.from_mapping(self.owner)
         except (ValueError, TypeError) as e:
@@ -158,6 +169,10 @@ class NodeConfig:
         if self.event_log is not None:
             return self.event_log
         return None if self.data_dir is None else self.data_dir.expanduser() / "events.jsonl"
+
+    @property
+    def nat_config(self) -> NatConfig:
+        return _nat_config(self.relay)
 
     @property
     def preferences(self) -> Preferences:
@@ -225,3 +240,26 @@ def _check_types(config: NodeConfig) -> None:
         if not any(_type_ok(value, kind) for kind in kinds):
             want = " or ".join(_TYPE_NAMES.get(typing.get_origin(k) or k, str(k)) for k in kinds)
             raise ConfigError(f"config key {f.name} must be {want}, got {value!r}")
+
+
+_RELAY_RANGES = {"max_reservations": (0, 4096), "max_circuits": (1, 4096),
+                 "max_circuit_bytes": (1024, 2**40), "max_circuit_duration_s": (1, 86400),
+                 "reservation_ttl_s": (60, 86400), "autonat_servers": (1, 16),
+                 "check_s": (1.0, 86400.0), "first_check_s": (0.0, 3600.0), "op_timeout_s": (0.1, 120.0),
+                 "hole_punch_s": (0.1, 3600.0), "hole_punch_timeout_s": (1.0, 600.0),
+                 "relay_close_s": (0.0, 3600.0)}
+
+
+def _nat_config(table: dict[str, Any]) -> NatConfig:
+    """The ``[relay]`` table as a NatConfig; ConfigError names the first bad key."""
+    hints = typing.get_type_hints(NatConfig)
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(f"unknown [relay] key {key!r} (known: {', '.join(sorted(hints))})")
+        if not _type_ok(value, hints[key]):
+            want = _TYPE_NAMES.get(hints[key], hints[key])
+            raise ConfigError(f"[relay] {key} must be {want}, got {value!r}")
+        low, high = _RELAY_RANGES.get(key, (None, None))
+        if low is not None and not low <= value <= high:
+            raise ConfigError(f"[relay] {key} must be in [{low}, {high}], got {value!r}")
+    return NatConfig(**table)

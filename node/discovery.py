@@ -8,9 +8,10 @@ One ``Discovery`` per node (``node.discovery``), started with ``await nursery.st
 - the DHT routing table is refreshed about every ``dht_refresh_s`` (a lookup of our own id and of
   a random one); while the node has fewer than ``target_peers`` connections it fetches, validates
   and connects to routing-table peers of its region it did not know;
-- the blocks the node hosts are announced as providers of their CIDs (``protocols.dhtkeys``),
-  at most 9 per 10.5 s (receivers accept 10 ADD_PROVIDER per 10 s), re-announced every
-  ``reprovide_s``;
+- a serving node announces itself as a provider of its region's rendezvous CID and the blocks it
+  hosts as providers of their CIDs (``protocols.dhtkeys``), at most 9 per 10.5 s (receivers
+  accept 10 ADD_PROVIDER per 10 s), re-announced every ``reprovide_s``; while it has fewer than
+  ``target_peers`` connections it looks its region up (``find_region_peers``) and connects;
 - ``lookup_block_hosts`` (used by the client when gossip does not cover a block: another region,
   a node that just joined) finds providers by CID, fetches each provider's record by peer id and
   validates it before it enters the fleet view;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from idlefleet.p2p.errors import NetworkError
-from idlefleet.protocols.dhtkeys import block_provider_cid, record_key
+from idlefleet.protocols.dhtkeys import block_provider_cid, record_key, region_rendezvous_cid
 from idlefleet.protocols.errors import RecordRejected
 from idlefleet.protocols.records import CapacityRecord, validate_record
 
@@ -54,6 +56,7 @@ class DiscoveryConfig:
     provide_burst: int = 9
     provide_window_s: float = 10.5
     reprovide_s: float = 300.0
+    retry_s: float = 5.0  # region announcement that reached nobody: try again this soon
     save_peers_s: float = 30.0
     op_timeout_s: float = 10.0  # one DHT operation (put, get, provide, find, refresh)
     max_lookup_providers: int = 8  # records fetched per block lookup
@@ -115,7 +118,8 @@ class Discovery:
         self.node = node
         self.config = config
         self.stats: dict[str, int] = {"puts": 0, "put_failures": 0, "refreshes": 0, "provides": 0,
-                                      "lookups": 0, "records_fetched": 0}
+                                      "lookups": 0, "records_fetched": 0, "region_provides": 0,
+                                      "region_lookups": 0}
         self._latest: tuple[int, bytes] | None = None
         self._record_ready = trio.Event()
         self._provide_wanted = trio.Event()
@@ -192,6 +196,27 @@ class Discovery:
         log.info("DHT lookup of %s block(s): %d host(s) found", len(set(blocks)), len(found))
         return list(found.values())
 
+    async def find_region_peers(self, region: str, *, at_most: int = 8) -> list[CapacityRecord]:
+        """Live nodes of ``region`` found through the DHT: providers of the region's rendezvous CID,
+        then their records by peer id, each validated (and of that region) before it enters the
+        fleet view. Raises NetworkError if the provider lookup fails."""
+        self.stats["region_lookups"] += 1
+        providers = await self.node.host.dht_find_providers(region_rendezvous_cid(region),
+                                                            timeout=self.config.op_timeout_s)
+        found = []
+        for pid in [p for p in providers if p != self.node.peer_id][:at_most]:
+            try:
+                record = await self.fetch_record(pid, region=region)
+            except NetworkError as e:
+                log.debug("record of region peer %s: %s", pid[-8:], e)
+                continue
+            if record is None:
+                known = self.node.view.get(pid)
+                record = known.record if known and known.record.region == region else None
+            if record is not None:
+                found.append(record)
+        return found
+
     # -- background work -------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -230,11 +255,17 @@ class Discovery:
             await trio.sleep(self.config.refresh_s * self._rng.uniform(0.5, 1.5))
 
     async def _meet_routing_peers(self, at_most: int = 4) -> None:
-        """Too few connections: fetch records of routing-table peers we do not know; connect to
-        those of our region (the others stay out of the view: gossip would never refresh them)."""
+        """Too few connections: look our region up by its rendezvous key, and fetch records of
+        routing-table peers we do not know; connect to those of our region (the others stay out
+        of the view: gossip would never refresh them)."""
         node = self.node
         if len(node.host.connected_peers()) >= node.config.target_peers:
             return
+        try:
+            for found in await self.find_region_peers(node.config.region, at_most=at_most):
+                node.connect_soon(found)
+        except NetworkError as e:
+            log.debug("region lookup: %s", e)
         unknown = [p for p in node.host.dht_routing_peers()
                    if p not in node.host.connected_peers() and node.view.get(p) is None]
         for pid in unknown[:at_most]:
@@ -246,26 +277,54 @@ class Discovery:
                 node.connect_soon(record)
 
     async def _provide(self) -> None:
+        sent: list[float] = []  # when recent ADD_PROVIDER messages went out (pacing spans rounds)
+        now = trio.current_time()
+        # Region rendezvous: serving nodes only (short-lived clients would fill the key's 20
+        # provider slots with peers that are gone); retried soon while nobody took it.
+        region_due = now + self._rng.uniform(1.0, 3.0) if self.node.config.serve else math.inf
+        blocks_due = now + self.config.reprovide_s
         while True:
-            with trio.move_on_after(self.config.reprovide_s):
+            with trio.move_on_after(max(0.0, min(region_due, blocks_due) - trio.current_time())):
                 await self._provide_wanted.wait()
-            self._provide_wanted = trio.Event()
-            model_id, blocks = self.node.model_id, self.node.blocks
-            if not model_id or blocks is None:
+                self._provide_wanted = trio.Event()
+                blocks_due = trio.current_time() + self.config.reprovide_s
+                await self._provide_blocks(sent)
                 continue
-            sent: list[float] = []
-            for block in spread_order(*blocks, self.config.provide_burst):
-                if self._provide_wanted.is_set():
-                    break  # the range changed meanwhile: announce the new one
-                if len(sent) >= self.config.provide_burst:
-                    await trio.sleep_until(sent[-self.config.provide_burst] + self.config.provide_window_s)
-                sent.append(trio.current_time())
+            if trio.current_time() >= region_due:
+                await self._pace(sent)
+                ok = False
                 try:
-                    await self.node.host.dht_provide(block_provider_cid(model_id, block),
-                                                     timeout=self.config.op_timeout_s)
-                    self.stats["provides"] += 1
+                    ok = await self.node.host.dht_provide(
+                        region_rendezvous_cid(self.node.config.region), timeout=self.config.op_timeout_s)
+                    self.stats["region_provides"] += ok
                 except NetworkError as e:
-                    log.debug("DHT provide block %d: %s", block, e)
+                    log.debug("DHT provide region: %s", e)
+                region_due = trio.current_time() + (self.config.reprovide_s if ok else self.config.retry_s)
+            if trio.current_time() >= blocks_due:
+                blocks_due = trio.current_time() + self.config.reprovide_s
+                await self._provide_blocks(sent)
+
+    async def _pace(self, sent: list[float]) -> None:
+        """Wait until one more ADD_PROVIDER keeps us within ``provide_burst`` per window."""
+        if len(sent) >= self.config.provide_burst:
+            await trio.sleep_until(sent[-self.config.provide_burst] + self.config.provide_window_s)
+        sent.append(trio.current_time())
+        del sent[:-self.config.provide_burst]
+
+    async def _provide_blocks(self, sent: list[float]) -> None:
+        model_id, blocks = self.node.model_id, self.node.blocks
+        if not model_id or blocks is None:
+            return
+        for block in spread_order(*blocks, self.config.provide_burst):
+            if self._provide_wanted.is_set():
+                return  # the range changed meanwhile: announce the new one
+            await self._pace(sent)
+            try:
+                await self.node.host.dht_provide(block_provider_cid(model_id, block),
+                                                 timeout=self.config.op_timeout_s)
+                self.stats["provides"] += 1
+            except NetworkError as e:
+                log.debug("DHT provide block %d: %s", block, e)
 
     async def _save_peers(self) -> None:
         path = self.config.peers_file

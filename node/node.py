@@ -21,6 +21,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TextIO
 
 import numpy as np
@@ -48,6 +49,8 @@ from idlefleet.p2p.guard import TokenBuckets
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import load_or_create_key, peer_id_of, raw_public_key
 from idlefleet.p2p.liveness import Liveness, LivenessConfig
+from idlefleet.p2p.mdns import run_mdns
+from idlefleet.p2p.nat import Nat
 from idlefleet.protocols import dhtkeys, wire
 from idlefleet.protocols.errors import ConfigError, RecordRejected, RemoteProtocolError
 from idlefleet.protocols.fleet import FleetView
@@ -156,6 +159,8 @@ class Node:
         self.discovery = Discovery(self, DiscoveryConfig(refresh_s=config.dht_refresh_s,
                                                          peers_file=config.peers_file and
                                                          config.peers_file.expanduser()))
+        # Reachability (AutoNAT) and, when we cannot be dialled, a relay slot (p2p/nat.py).
+        self.nat = Nat(host, config.nat_config, self._relay_candidates, self.request_publish)
         self.notices = NoticeGate(self.peer_id)
         # Misbehaviour reports (protocols/reports.py): who is accused, reports already applied
         # (digest -> when), and each reporter's budget (a reporter accusing many peers is suspect).
@@ -224,6 +229,7 @@ class Node:
             "seq": self._seq,
             "policy": None if self.owner.decision is None else self.owner.decision.action,
             "accused": {p: round(until - now, 1) for p, until in self.accusations.accused(now).items()},
+            "nat": self.nat.statistics(),
         }
 
     # What this node serves: owned and published by its hosting component (None: serves nothing).
@@ -292,7 +298,8 @@ class Node:
                 state = "joining"  # (re)loading blocks: not routable until they are served
             elif policy != "serve":
                 state = "draining"  # the owner's policy says no new sessions
-        addrs = tuple(a.split("/p2p/")[0] for a in self.host.multiaddrs())[:8]
+        # Relayed addresses first: a node advertises them only when it cannot be dialled.
+        addrs = tuple(self.nat.relayed_addrs + [a.split("/p2p/")[0] for a in self.host.multiaddrs()])[:8]
         return CapacityRecord(
             peer_id=self.peer_id, public_key=self._public_key, addrs=addrs,
             region=self.config.region, state=state,
@@ -649,17 +656,8 @@ class Node:
         answered: list[str] = []
 
         async def _try(addr: str) -> None:
-            try:
-                with trio.fail_after(BOOTSTRAP_TIMEOUT_S):
-                    peer = await self.host.connect(addr, timeout=BOOTSTRAP_TIMEOUT_S)
-                    status = await request_status(self.host, peer, timeout=BOOTSTRAP_TIMEOUT_S)
-            except (NetworkError, RemoteProtocolError, trio.TooSlowError) as e:
-                (log.debug if quiet or addr not in self.config.bootstrap else log.warning)(
-                    "entry point %s unreachable: %s", addr, e)
-                return
-            answered.append(addr)
-            for raw in status.records:
-                self._accept_relayed(raw)
+            if await self._join_through(addr, quiet=quiet or addr not in self.config.bootstrap):
+                answered.append(addr)
 
         async with trio.open_nursery() as nursery:
             for addr in entries:
@@ -667,6 +665,44 @@ class Node:
         if entries and not answered and not quiet:
             log.warning("none of %d entry point(s) answered", len(entries))
         return len(answered)
+
+    async def _join_through(self, addr: str, *, quiet: bool = True) -> bool:
+        """Connect to the entry point ``addr`` and copy its view (each record verified here), within
+        a deadline. Returns whether it answered."""
+        try:
+            with trio.fail_after(BOOTSTRAP_TIMEOUT_S):
+                peer = await self.host.connect(addr, timeout=BOOTSTRAP_TIMEOUT_S)
+                status = await request_status(self.host, peer, timeout=BOOTSTRAP_TIMEOUT_S)
+        except (NetworkError, RemoteProtocolError, trio.TooSlowError) as e:
+            (log.debug if quiet else log.warning)("entry point %s unreachable: %s", addr, e)
+            return False
+        for raw in status.records:
+            self._accept_relayed(raw)
+        return True
+
+    def _relay_candidates(self) -> list[str]:
+        """Peers to ask for a dial-back or a relay slot: directly connected, reachable by their
+        record (no relayed address of their own), lowest heartbeat RTT first."""
+        relayed = self.host.relayed_peers()
+        out = []
+        for pid in self.host.connected_peers() - relayed:
+            entry = self.view.get(pid)
+            if entry is not None and not any("/p2p-circuit" in a for a in entry.record.addrs):
+                out.append(pid)
+        rtts = self.liveness.rtt_s
+        return sorted(out, key=lambda p: (p not in rtts, rtts.get(p, 0.0), p))
+
+    def _on_lan_peer(self, peer_id: str, addrs: list[str]) -> None:
+        """mDNS found a peer on the LAN: join through it unless already connected."""
+        if peer_id != self.peer_id and peer_id not in self.host.connected_peers():
+            self.event("lan_peer", peer=peer_id)
+
+            async def _join() -> None:
+                for addr in addrs[:4]:
+                    if await self._join_through(addr):
+                        return
+
+            self._nursery.start_soon(_join)
 
     def accept_relayed(self, raw: bytes) -> CapacityRecord | None:
         """Accept a record relayed by a third party (status reply, DHT) if it validates and is
@@ -773,6 +809,9 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await host.subscribe(REPORT_TOPIC, node._on_report_gossip,
                                  still_current=lambda data: report_still_current(data, time.time()))
             await node._bootstrap()
+            if config.mdns:  # peers on the LAN, no bootstrap needed (p2p/mdns.py)
+                await nursery.start(partial(run_mdns, host, node._on_lan_peer))
+            await nursery.start(node.nat.run)
             await nursery.start(node.liveness.run)
             await nursery.start(node.discovery.run)
             await nursery.start(node._publisher)

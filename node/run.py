@@ -53,6 +53,10 @@ def node_status(node: Node) -> dict[str, Any]:
         # Test tooling (--chaos-fault): the fault and how many steps it falsified so far.
         "chaos_fault": node.config.chaos_fault,
         "faulted": node.fault.faulted if node.fault is not None else 0,
+        "reachability": node.nat.status,
+        "relayed_addrs": list(node.nat.relayed_addrs),
+        "relayed_peers": sorted(node.host.relayed_peers()),
+        "nat": node.nat.statistics(),  # relay, hole punching and relayed-bytes counters
     }
 
 

@@ -110,6 +110,8 @@ class Swarm:
         self.extra_args = list(extra_args)
         self.first_args = list(first_args)  # node 0 only (e.g. --api-port)
         self.nodes: list[SwarmNode] = []
+        # Per node index: a command prefix (tests: ``ip netns exec NS`` runs a node in a namespace).
+        self.wrappers: dict[int, list[str]] = {}
         self.env = dict(os.environ if env is None else env)
         # Test tooling: node index -> its --chaos-fault spec. The chaos guard is set in those
         # nodes' environment only, never inherited by the others.
@@ -134,7 +136,8 @@ class Swarm:
             if index in self.faulty:
                 extra = [*extra, "--chaos-fault", self.faulty[index]]
                 env = {**self.env, ENV_GUARD: "yes"}
-            cmd = node_command(index, self.workdir, bootstrap, extra, self.vehicles[index])
+            cmd = self.wrappers.get(index, []) + node_command(index, self.workdir, bootstrap, extra,
+                                                              self.vehicles[index])
             # Its own session (a terminal's Ctrl-C reaches only us; we stop it cleanly), tied to
             # this process: it leaves when we end, however we end (node.procs).
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,

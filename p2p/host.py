@@ -148,6 +148,7 @@ class HostStatistics:
     handler_crashes: int = 0  # unexpected exceptions caught by the crash boundary
     streams_refused: int = 0  # over the per-peer inbound stream cap
     dht_refused: int = 0  # DHT values or provider records refused by our bounds
+    relay_dials: int = 0  # connections opened through a relay (circuit v2)
 
 
 #: Penalties added to a peer's misbehaviour score (Misbehaviour.note).
@@ -306,13 +307,44 @@ class Host:
         return info.peer_id.to_base58()
 
     async def connect_peer(self, peer_id: str, addrs: list[str], *, timeout: float | None = None) -> None:
-        """Connect to a peer by id and plain addresses (as found in its capacity record)."""
+        """Connect to a peer by id and the addresses in its capacity record: plain ones directly,
+        relayed ones (``.../p2p/<relay>/p2p-circuit``, a peer behind a NAT) through their relay,
+        tried first (a peer advertises them only when it cannot be dialled). Raises
+        PeerUnreachable or DeadlineExceeded."""
+        from .nat import dial_via_relay, is_circuit
+
+        timeout = timeout or self._config.connect_timeout_s
+        errors = []
+        for circuit in [a for a in addrs if is_circuit(a)][:2]:
+            try:
+                await dial_via_relay(self, circuit, peer_id, timeout)
+                self.stats.relay_dials += 1
+                return
+            except NetworkError as e:
+                errors.append(str(e))
+        direct = [a for a in addrs if not is_circuit(a)]
+        if errors and not direct:
+            raise PeerUnreachable("; ".join(errors))
         try:
-            plain = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in addrs]
+            plain = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in direct]
             info = PeerInfo(ID.from_base58(peer_id), plain)
         except Exception as e:
             raise PeerUnreachable(f"bad peer info {peer_id}: {e}") from None
         await self._connect_info(info, timeout)
+
+    def relayed_peers(self) -> set[str]:
+        """Connected peers whose only connections run through a relay (circuit v2)."""
+        out = set()
+        for pid, conns in self._host.get_network().connections.items():
+            kinds = []
+            for conn in conns:
+                try:
+                    kinds.append(any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses()))
+                except Exception:
+                    kinds.append(False)
+            if kinds and all(kinds):
+                out.add(pid.to_base58())
+        return out
 
     async def _connect_info(self, info: PeerInfo, timeout: float | None) -> None:
         timeout = timeout or self._config.connect_timeout_s
@@ -565,15 +597,16 @@ class Host:
             return None
         return values[self._dht.validator.select(key, values)]  # type: ignore[union-attr]
 
-    async def dht_provide(self, cid: str, *, timeout: float | None = None) -> None:
+    async def dht_provide(self, cid: str, *, timeout: float | None = None) -> bool:
         """Announce ourselves as a provider of ``cid`` (text CID; the wire key is its multihash)
         to the closest peers (ADD_PROVIDER). Receivers accept at most 10 ADD_PROVIDER messages
-        per sender in 10 s (py-libp2p's limit): callers pace announcements."""
-        async def _provide() -> None:
+        per sender in 10 s (py-libp2p's limit): callers pace announcements. Returns whether at
+        least one peer was sent the announcement."""
+        async def _provide() -> bool:
             await self._sync_routing_table()
-            await self._dht.provide(cid)
+            return bool(await self._dht.provide(cid))
 
-        await self._dht_op(_provide(), timeout, f"provide {cid}")
+        return bool(await self._dht_op(_provide(), timeout, f"provide {cid}"))
 
     async def dht_find_providers(self, cid: str, *, count: int = 20,
                                  timeout: float | None = None) -> list[str]:

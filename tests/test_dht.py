@@ -11,12 +11,14 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 
+from idlefleet.node.config import NodeConfig
 from idlefleet.node.node import Node
 from idlefleet.p2p.host import DHT_PROTOCOL, Host, HostConfig, open_host
 from idlefleet.protocols.dhtkeys import (
@@ -25,10 +27,15 @@ from idlefleet.protocols.dhtkeys import (
     block_provider_multihash,
     block_provider_name,
     record_key,
+    region_rendezvous_cid,
+    region_rendezvous_cid_bytes,
+    region_rendezvous_multihash,
+    region_rendezvous_name,
 )
 from idlefleet.protocols.peerid import b58encode
 from idlefleet.protocols.records import validate_record
-from tests.test_node import fleet, wait_converged
+from tests.factories import running_fleet
+from tests.test_node import fleet, node_config, wait_converged
 
 PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 GET_VALUE, GET_PROVIDERS = 1, 3
@@ -86,6 +93,21 @@ def test_block_provider_cid_matches_the_vector_in_protocol_md() -> None:
     assert block_provider_multihash(model_id, int(block)).hex() == vector["multihash"]
     assert block_provider_cid_bytes(model_id, int(block)).hex() == vector["cid bytes"]
     assert block_provider_cid(model_id, int(block)) == vector["cid"]
+
+
+def test_region_rendezvous_cid_matches_the_vector_in_protocol_md() -> None:
+    doc = PROTOCOL_MD.read_text()
+    section = doc[doc.index("**Region rendezvous"):doc.index("## 6.")]
+    vector = dict(re.findall(
+        r"^\s*(region name|region multihash|region cid bytes|region cid)\s*=\s*(\S+)\s*$", section, re.M))
+    region = vector["region name"].removeprefix("idlefleet-region/")
+    assert region_rendezvous_name(region) == vector["region name"]
+    assert region_rendezvous_multihash(region).hex() == vector["region multihash"]
+    assert region_rendezvous_cid_bytes(region).hex() == vector["region cid bytes"]
+    assert region_rendezvous_cid(region) == vector["region cid"]
+    for bad in ("", "u33a", "U33D", "u" * 13, "u33d/x"):
+        with pytest.raises(ValueError, match="geohash"):
+            region_rendezvous_name(bad)
 
 
 def test_block_provider_cid_is_a_cid_libp2p_parses() -> None:
@@ -174,3 +196,33 @@ async def test_provider_records_are_replicated_to_other_peers(tmp_path: Path) ->
         assert provider.peer_id not in finder.connected_peers()
         found = await finder.dht_find_providers(block_provider_cid(MODEL_ID, 4), timeout=10)
         assert provider.peer_id in found
+
+
+async def test_a_region_is_found_by_a_plain_kademlia_provider_lookup(tmp_path: Path) -> None:
+    # Nodes willing to serve announce their region (client-only nodes do not); without consent
+    # and a data directory they load no blocks.
+    def configs(i: int, boot: tuple[str, ...]) -> NodeConfig:
+        return node_config(tmp_path, i, boot).replace(serve=True, consent=False)
+
+    async with running_fleet(configs, 3) as nodes, \
+            open_host(Ed25519PrivateKey.generate(), HostConfig()) as finder:
+        await wait_converged(nodes)
+        with trio.fail_after(30):
+            while not all(n.discovery.stats["region_provides"] for n in nodes):
+                await trio.sleep(0.2)
+        # A plain GET_PROVIDERS for the region's multihash, sent to one node, names its peers.
+        holder = nodes[0]
+        key = region_rendezvous_multihash(holder.config.region)
+        with trio.fail_after(20):
+            while True:
+                # (again each time: nodes evict a peer that does not answer their heartbeats)
+                await finder.connect(holder.multiaddrs[0])
+                reply = await plain_kad_query(finder, holder.peer_id, kad_request(GET_PROVIDERS, key))
+                if {n.peer_id for n in nodes[1:]} <= {b58encode(p.id) for p in reply.providerPeers}:
+                    break
+                await trio.sleep(0.5)
+        # The node's own lookup returns the region's validated records (not its own).
+        found = await nodes[1].discovery.find_region_peers(nodes[1].config.region)
+        assert {r.peer_id for r in found} == {nodes[0].peer_id, nodes[2].peer_id}
+        assert all(r.region == nodes[1].config.region for r in found)
+        assert await nodes[1].discovery.find_region_peers("s00") == []
