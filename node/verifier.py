@@ -282,6 +282,7 @@ class Verifier:
     async def _send(self, session: _HopSession, check: HopCheck, start: int, stop: int) -> Exchange:
         ex = await self.pipeline._exchange(session, check.rows("inputs", start, stop), start)
         session.tally.add(stop - start)
+        self.client.positions_computed[session.peer_id] += stop - start  # the peer's owner report counts it
         return ex
 
     async def _check(self, check: HopCheck, upto: int) -> None:
