@@ -126,6 +126,9 @@ class ClientConfig:
     verify_min_rate: float = 0.1
     verify_strict: bool = False
     verify_flush_s: float = 30.0  # how long the end of a generation waits for its checks
+    # No third host to referee a mismatch: recompute the disputed row here, from the model file
+    # (loads that hop's blocks for the moment; off on a client too small to hold them).
+    verify_local_referee: bool = True
 
     def __post_init__(self) -> None:
         """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
@@ -161,6 +164,7 @@ class ClientModel:
     tokenizer: Tokenizer
     head: Head
     local: Stage | None = None  # blocks [0, K) run here (ClientConfig.local_blocks), or None
+    path: Path | None = None  # the model file (the verifier's last-resort referee loads blocks from it)
 
     @property
     def local_blocks(self) -> int:
@@ -169,12 +173,13 @@ class ClientModel:
     @classmethod
     def load(cls, path: str | Path | None = None, *, local_blocks: int = 0) -> ClientModel:
         """Raises ConfigError if ``local_blocks`` is not in ``[0, n_blocks)``."""
-        with open_model(path or find_default_model()) as mf:
+        file = Path(path or find_default_model())
+        with open_model(file) as mf:
             n = mf.config.n_blocks
             if not 0 <= local_blocks < n:
                 raise ConfigError(f"local_blocks must be in [0, {n}) for this model, got {local_blocks}")
             local = load_stage(mf, 0, local_blocks) if local_blocks else None
-            return cls(mf.info().model_id, n, Tokenizer.from_model(mf), load_head(mf), local)
+            return cls(mf.info().model_id, n, Tokenizer.from_model(mf), load_head(mf), local, file)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,11 @@ blocks (the *verifier host*). Verification **lags**: decode never waits for it.
   :class:`~idlefleet.protocols.receipts.MisbehaviourReport` goes to ``Node.report_misbehaviour``.
   A wrong primary: its hop's tally is rejected and the generation **rolls back** to ``d`` (the
   tokens after it are discarded; the hop is rebuilt on good peers by replay). A wrong verifier
-  host: the referee's session becomes the verifier and the window is checked again. No referee,
-  or no majority: the generation rolls back to ``d`` and both are avoided (no report: there is no
-  evidence which one lied).
+  host: the referee's session becomes the verifier and the window is checked again. No third
+  host of the blocks (a fleet that hosts each block exactly twice): this client is the referee,
+  recomputing the disputed row from its own model file (``ClientConfig.verify_local_referee``).
+  No referee at all, or no majority: the generation rolls back to ``d`` and both are avoided (no
+  report: there is no evidence which one lied).
 - No independent host of a hop's blocks: its positions stay unverified; the generation goes on.
 
 Cancellation: :meth:`Verifier.aclose` cancels every check and closes the verifier sessions.
@@ -43,10 +45,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
+from idlefleet.node.model.gguf_loader import open_model
+from idlefleet.node.model.stage import load_stage
 from idlefleet.protocols.errors import IdlefleetError
 from idlefleet.protocols.receipts import MisbehaviourReport
-from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor
-from idlefleet.protocols.verification import TOLERANCE, RowProof, row_digests, row_mismatch
+from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor, decode_hidden, encode_hidden
+from idlefleet.protocols.verification import (
+    TOLERANCE,
+    RowProof,
+    StepCommitment,
+    row_digests,
+    row_mismatch,
+    rows_root,
+)
 
 if TYPE_CHECKING:
     from idlefleet.node.client import Exchange, Pipeline, _HopSession
@@ -140,6 +151,7 @@ class VerificationStats:
     unverified: int = 0  # new tokens in the result not covered by a verified window
     reports: int = 0
     undecided: int = 0  # mismatches no referee could settle (both peers avoided, no report)
+    local_referee: int = 0  # mismatches this client refereed itself (no third host of the blocks)
     # Per conviction of a primary: positions it had returned past its first wrong one by then.
     detection_lags: list[int] = field(default_factory=list)
 
@@ -147,7 +159,7 @@ class VerificationStats:
         return {"windows_checked": self.windows_checked, "mismatches": self.mismatches,
                 "banned_peers": list(self.banned), "rolled_back_tokens": self.rolled_back,
                 "unverified_tokens": self.unverified, "reports": self.reports,
-                "undecided": self.undecided}
+                "undecided": self.undecided, "local_referee": self.local_referee}
 
 
 class Verifier:
@@ -366,6 +378,8 @@ class Verifier:
                 if referee is not None:
                     await self.pipeline._abandon(referee)
                 referee = None
+        if judge is None and self.client.config.verify_local_referee:
+            judge = await self._local_judge(check, d)
         p_row = accused_ex.out[d - accused_ex.position][None]
         v_row = witness.out[d - witness.position][None]
         p_ok = v_ok = False
@@ -373,20 +387,22 @@ class Verifier:
             r_row = judge.out[:1]
             p_ok = float(row_mismatch(p_row, r_row)[0]) <= self.tolerance
             v_ok = float(row_mismatch(v_row, r_row)[0]) <= self.tolerance
-        if judge is not None and referee is not None and v_ok and not p_ok:
+        if judge is not None and v_ok and not p_ok:
             self.stats.detection_lags.append(check.end - d)
             await self._convict(primary.peer_id, accused_ex, witness, judge, d)
             primary.tally.reject()
             check.dead = check.convicted = True
             self._request_rollback(d)
-            await self.pipeline._close(referee)
+            if referee is not None:
+                await self.pipeline._close(referee)
             return
-        if judge is not None and referee is not None and p_ok and not v_ok:
+        if judge is not None and p_ok and not v_ok:
             await self._convict(verifier.peer_id, witness, accused_ex, judge, d)
             verifier.tally.reject()
             await self.pipeline._close(verifier)
-            check.verifier, check.v_length = referee, d + 1  # the referee verifies from now on
-            return  # the window is checked again (due > checked) against the referee
+            # The referee verifies from now on; a local one cannot: another host is looked for.
+            check.verifier, check.v_length = referee, (d + 1 if referee is not None else 0)
+            return  # the window is checked again (due > checked) against the new verifier
         # No referee, or no majority: trust neither for this output.
         log.warning("no referee could settle position %d of blocks [%d, %d); avoiding %s and %s",
                     d, primary.start, primary.end, primary.peer_id[-8:], verifier.peer_id[-8:])
@@ -397,6 +413,44 @@ class Verifier:
         self._request_rollback(d)
         if referee is not None:
             await self.pipeline._close(referee)
+
+    async def _local_judge(self, check: HopCheck, d: int) -> Exchange | None:
+        """The last-resort referee when no third host serves the hop's blocks (a fleet that hosts
+        every block exactly twice): this client loads the hop's blocks from its own model file,
+        runs the inputs it sent for positions ``[0, d]`` as one prefill, and signs its own row
+        ``d`` like a server would (its commitment names it as server and client), so the report
+        it gossips carries three signed rows. The stage is dropped afterwards. None if the model
+        file is not at hand."""
+        from idlefleet.node.client import Exchange
+
+        client, hop = self.client, check.hop
+        path = client.model.path
+        if path is None:
+            return None
+        dtype = client.config.wire_dtype
+        limits = client.limits
+        sent_all = encode_hidden(check.rows("inputs", 0, d + 1), dtype)
+        x = decode_hidden(sent_all, limits)  # what the servers were given, wire rounding included
+
+        def recompute() -> np.ndarray:
+            with open_model(path) as mf:
+                stage = load_stage(mf, hop.start, hop.end)
+            out: np.ndarray = stage.forward(x, stage.new_cache(capacity=d + 1), 0)
+            return out
+
+        try:
+            out = await trio.to_thread.run_sync(recompute)
+        except (OSError, IdlefleetError) as e:
+            log.warning("the local referee could not recompute blocks [%d, %d): %s", hop.start, hop.end, e)
+            return None
+        self.stats.local_referee += 1
+        sent = encode_hidden(x[d:d + 1], dtype)
+        received = encode_hidden(out[d:d + 1], dtype)
+        me = client.node.peer_id
+        commitment = StepCommitment(me, me, client.model.model_id, hop.start, hop.end, 0, d, 1,
+                                    rows_root(row_digests(sent)), rows_root(row_digests(received)))
+        return Exchange(d, x[d:d + 1], sent, received, decode_hidden(received, limits), commitment,
+                        commitment.sign(client.node.key))
 
     async def _convict(self, accused: str, bad: Exchange, w1: Exchange, w2: Exchange, d: int) -> None:
         """Ban ``accused`` and report it with the two witnesses' commitments."""

@@ -69,14 +69,14 @@ class FixedFleetClient(FleetClient):
 
 
 @asynccontextmanager
-async def stage_hosts(whole_model: Stage) -> AsyncIterator[tuple[dict[str, tuple[str, int, int]],
-                                                                 dict[str, StageServer]]]:
-    """A signing StageServer per span of SPANS, each on its own libp2p host (its own key), all
+async def stage_hosts(whole_model: Stage, spans: list[tuple[int, int]] = SPANS
+                      ) -> AsyncIterator[tuple[dict[str, tuple[str, int, int]], dict[str, StageServer]]]:
+    """A signing StageServer per span of ``spans``, each on its own libp2p host (its own key), all
     sharing one copy of the weights."""
     hosts: dict[str, tuple[str, int, int]] = {}
     servers: dict[str, StageServer] = {}
     async with AsyncExitStack() as stack:
-        for start, end in SPANS:
+        for start, end in spans:
             key = Ed25519PrivateKey.generate()
             server = StageServer(whole_model.sub_stage(start, end), key=key)
             host = await stack.enter_async_context(open_host(key, HostConfig()))
@@ -257,3 +257,33 @@ def test_a_rewound_generation_continues_with_the_same_tokens(whole_model: Stage,
             assert gen.new_ids == want[:max(0, rewind_to + 1 - len(ids))]
     with pytest.raises(ValueError, match="cannot rewind"):
         gen.rewind(len(ids) + 6)
+
+
+async def test_with_every_block_hosted_only_twice_the_client_is_the_referee(
+        tmp_path: Path, whole_model: Stage, client_model: ClientModel, local_greedy: Any) -> None:
+    """No third host to settle a mismatch: the client recomputes the disputed row from its own
+    model file, convicts the wrong peer, reports it with three signed rows, and rolls back."""
+    want = list(local_greedy(PROMPT, NEW))
+    async with stage_hosts(whole_model, [(0, 15), (15, 30)] * 2) as (hosts, servers), open_node(
+            NodeConfig(key_file=tmp_path / "client.key", vehicle="sim:parked")) as me:
+        reports: list[bytes] = []
+        original = me.report_misbehaviour
+
+        async def report(raw: bytes) -> None:
+            reports.append(raw)
+            await original(raw)
+
+        me.report_misbehaviour = report  # type: ignore[method-assign]
+        bad_id = next(p for p, (_a, start, _e) in hosts.items() if start == 0)
+        servers[bad_id].fault = chaos("corrupt")
+        client = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts, fast=bad_id)
+        _, generation = await run(client)
+        result = generation.result
+        assert result.new_ids == want
+        v = result.verification
+        assert v["banned_peers"] == [bad_id], v
+        assert v["local_referee"] == 1 and v["reports"] == 1 and v["undecided"] == 0, v
+        assert max(generation.pipeline.verifier.stats.detection_lags) <= 64
+        assert len(reports) == 1
+        _, accused = verify_report(reports[0])  # three signed rows: the accused, the verifier, us
+        assert accused == bad_id
