@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gguf
 import numpy as np
@@ -73,7 +73,22 @@ class ModelInfo:
 
 
 class _CheckedReader(gguf.GGUFReader):
-    """``GGUFReader`` that names a truncated tensor or an unknown tensor type before reading it."""
+    """``GGUFReader`` that names a truncated tensor or an unknown tensor type before reading it,
+    and parses metadata several times faster (see ``_get``)."""
+
+    _flat: np.ndarray | None = None
+
+    def _get(self, offset: int, dtype: Any, count: int = 1,
+             override_order: Literal["I", "S", "<"] | None = None) -> np.ndarray:
+        """``GGUFReader._get`` over a plain-ndarray view of the same memory map: slicing the
+        ``np.memmap`` itself runs ``memmap.__array_finalize__`` for every view, which made opening
+        a 49k-vocabulary file take ~4 s of CPU (every node start, twice). Same bytes, no copy."""
+        if self._flat is None:
+            self._flat = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        arr = self._flat[offset:offset + dt.itemsize * count].view(dt)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         _check_tensor_extents(len(self.data), start_offs, fields)
