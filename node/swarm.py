@@ -94,6 +94,7 @@ class Swarm:
         self.extra_args = list(extra_args)
         self.first_args = list(first_args)  # node 0 only (e.g. --api-port)
         self.nodes: list[SwarmNode] = []
+        self.bootstrap: str | None = None  # node 0's multiaddr, once started
         self.env = dict(os.environ if env is None else env)
         # Several processes share the cores: one BLAS thread each, or they collapse (DESIGN.md).
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -156,7 +157,7 @@ class Swarm:
         listens, while it still loads its blocks: its address is known in advance (its key is
         created here, as the node would create it, and its port chosen here)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        boot = self._start_first(timeout)
+        boot = self.bootstrap = self._start_first(timeout)
         for i in range(1, self.n):
             self._spawn(i, boot)
             time.sleep(stagger_s)
