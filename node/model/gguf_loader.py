@@ -136,21 +136,29 @@ class ModelFile:
     Tensor data stays on disk (memory-mapped) until :meth:`tensor` asks for it.
     """
 
-    def __init__(self, path: Path, reader: gguf.GGUFReader) -> None:
+    def __init__(self, path: Path, reader: gguf.GGUFReader | None, *,
+                 parsed: tuple[dict[str, Any], dict[str, TensorInfo]] | None = None) -> None:
+        """From a ``reader``, or from what another ``ModelFile`` of the same file ``parsed``."""
         self.path = path
-        self.metadata = _decode_metadata(path, reader)
-        self._tensors = {
-            t.name: TensorInfo(
-                t.name,
-                t.tensor_type,
-                tuple(int(d) for d in reversed(t.shape.tolist())),
-                int(t.n_elements),
-                t.data,
-            )
-            for t in reader.tensors
-        }
+        if parsed is not None:
+            self.metadata, tensors = parsed
+            self._tensors = dict(tensors)
+        else:
+            assert reader is not None
+            self.metadata = _decode_metadata(path, reader)
+            self._tensors = {
+                t.name: TensorInfo(
+                    t.name,
+                    t.tensor_type,
+                    tuple(int(d) for d in reversed(t.shape.tolist())),
+                    int(t.n_elements),
+                    t.data,
+                )
+                for t in reader.tensors
+            }
         self.config = _read_config(self)
         _check_tensors(self)
+        self.parsed = (self.metadata, dict(self._tensors))
 
     # -- metadata -------------------------------------------------------------------------
     def field(self, key: str, default: Any = None) -> Any:
@@ -221,13 +229,26 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
     if magic != b"GGUF":
         what = "empty" if size == 0 else f"starts with {magic!r}, expected b'GGUF'"
         raise ModelError(f"{p} is not a GGUF file ({what})")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    parsed = _PARSED.get(key)
+    if parsed is not None:
+        return ModelFile(p, None, parsed=parsed)
     try:
         reader = _CheckedReader(p)
     except ModelError as e:
         raise ModelError(f"{p}: {e}") from None
     except Exception as e:  # the reader trips over corrupt bytes in many different ways
         raise ModelError(f"{p}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from e
-    return ModelFile(p, reader)
+    mf = ModelFile(p, reader)
+    _PARSED.clear()  # one file's worth (a few MB of metadata): the model this process serves
+    _PARSED[key] = mf.parsed
+    return mf
+
+
+# The last file parsed, per (path, size, mtime): a node opens its model for placement, then again to
+# load blocks, and a test process opens it for every in-process node; parsing takes seconds.
+_PARSED: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, TensorInfo]]] = {}
 
 
 def head_tensor_names(mf: ModelFile) -> list[str]:
