@@ -87,8 +87,10 @@ class _CheckedReader(gguf.GGUFReader):
             self._flat = self.data.view(np.ndarray)
         dt = np.dtype(dtype)
         count = int(count)
-        arr = self._flat[offset:offset + dt.itemsize * count].view(dt)[:count]
-        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+        arr: np.ndarray = self._flat[offset:offset + dt.itemsize * count].view(dt)[:count]
+        out: np.ndarray = arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None
+                                                          else override_order))
+        return out
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         _check_tensor_extents(len(self.data), start_offs, fields)
