@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any, TextIO
 from idlefleet.node.faults import DEFAULT_KIND, ENV_GUARD, parse_fault
 from idlefleet.node.procs import tied_popen_kwargs
 from idlefleet.node.run import write_json_atomic
+from idlefleet.p2p.identity import load_or_create_key, peer_id_of
 from idlefleet.protocols.errors import ConfigError
 
 PROFILES = ("parked", "commuter", "taxi", "laptop", "phone")
@@ -78,13 +80,13 @@ def node_data_dir(workdir: Path, index: int) -> Path:
 
 
 def node_command(index: int, workdir: Path, bootstrap: str | None, extra: Sequence[str],
-                 vehicle: str | None = None) -> list[str]:
+                 vehicle: str | None = None, port: int = 0) -> list[str]:
     data_dir = node_data_dir(workdir, index)
     if vehicle == FILE_VEHICLE:
         vehicle = f"file:{data_dir / 'vehicle.json'}"
     cmd = [sys.executable, "-m", "idlefleet.node.cli", "node",
            "--data-dir", str(data_dir),
-           "--listen-host", "127.0.0.1", "--port", "0",
+           "--listen-host", "127.0.0.1", "--port", str(port),
            "--vehicle", vehicle or default_vehicle(index),
            "--consent", "--memory-budget-mb", str(SWARM_BUDGET_MB), "--rebalance", "10",
            "--status-file", str(workdir / f"node{index}.status.json"),
@@ -112,6 +114,7 @@ class Swarm:
         self.nodes: list[SwarmNode] = []
         # Per node index: a command prefix (tests: ``ip netns exec NS`` runs a node in a namespace).
         self.wrappers: dict[int, list[str]] = {}
+        self.bootstrap: str | None = None  # node 0's multiaddr, once started
         self.env = dict(os.environ if env is None else env)
         # Test tooling: node index -> its --chaos-fault spec. The chaos guard is set in those
         # nodes' environment only, never inherited by the others.
@@ -123,7 +126,7 @@ class Swarm:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             self.env.setdefault(var, "1")
 
-    def _spawn(self, index: int, bootstrap: str | None) -> SwarmNode:
+    def _spawn(self, index: int, bootstrap: str | None, port: int = 0) -> SwarmNode:
         log_file = self.workdir / f"node{index}.log"
         status_file = self.workdir / f"node{index}.status.json"
         status_file.unlink(missing_ok=True)
@@ -137,7 +140,7 @@ class Swarm:
                 extra = [*extra, "--chaos-fault", self.faulty[index]]
                 env = {**self.env, ENV_GUARD: "yes"}
             cmd = self.wrappers.get(index, []) + node_command(index, self.workdir, bootstrap, extra,
-                                                              self.vehicles[index])
+                                                              self.vehicles[index], port)
             # Its own session (a terminal's Ctrl-C reaches only us; we stop it cleanly), tied to
             # this process: it leaves when we end, however we end (node.procs).
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
@@ -181,15 +184,42 @@ class Swarm:
 
     def start(self, *, stagger_s: float = 0.15, timeout: float = 60.0) -> None:
         """Start node 0, then the others bootstrapping off it (staggered: a burst of concurrent
-        bootstraps overloads the bootstrap node's DHT)."""
+        bootstraps overloads the bootstrap node's DHT). The others start as soon as node 0
+        listens, while it still loads its blocks: its address is known in advance (its key is
+        created here, as the node would create it, and its port chosen here)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        first = self._spawn(0, None)
-        boot = self._wait_status(first, timeout)["multiaddr"]
+        boot = self.bootstrap = self._start_first(timeout)
         for i in range(1, self.n):
             self._spawn(i, boot)
             time.sleep(stagger_s)
-        for node in self.nodes[1:]:
+        for node in self.nodes:
             self._wait_status(node, timeout)
+
+    def _start_first(self, timeout: float) -> str:
+        """Spawn node 0 and return its multiaddr once it listens (its status file appears only
+        once its blocks are loaded, seconds later). Falls back to waiting for the status file if
+        the listening socket cannot be seen (no ``/proc/net/tcp``) or the chosen port was taken."""
+        if ({"--key-file", "--port", "--listen-host"} & {*self.extra_args, *self.first_args}
+                or 0 in self.wrappers):  # another address, or another network namespace
+            return str(self._wait_status(self._spawn(0, None), timeout)["multiaddr"])  # not ours to guess
+        data_dir = node_data_dir(self.workdir, 0)
+        data_dir.mkdir(mode=0o700, exist_ok=True)
+        key, _ = load_or_create_key(data_dir / "node.key")  # the node's own default key path
+        port = _free_port()
+        first = self._spawn(0, None, port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and first.proc.poll() is None:
+            listening = _listening(port)
+            if listening is None:
+                break  # cannot tell: wait for the status file
+            if listening:
+                return f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id_of(key)}"
+            time.sleep(0.05)
+        if first.proc.poll() is not None and "Address already in use" in tail(first.log_file):
+            self.nodes.remove(first)  # someone took the port meanwhile: any free port, as before
+            first = self._spawn(0, None)
+        multiaddr: str = self._wait_status(first, max(1.0, deadline - time.monotonic()))["multiaddr"]
+        return multiaddr
 
     def state(self) -> dict[str, Any]:
         """``{"nodes": [{"peer_id", "multiaddr", "pid", "data_dir", "faulty"}, ...]}``, bootstrap
@@ -239,6 +269,25 @@ class Swarm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _listening(port: int) -> bool | None:
+    """Whether a socket listens on 127.0.0.1:``port`` (from ``/proc/net/tcp``; None: cannot tell).
+    Looks without connecting, so the node sees nothing."""
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    want = f"0100007F:{port:04X}"  # little-endian 127.0.0.1
+    return any(f[1] == want and f[3] == "0A" for f in (line.split() for line in lines) if len(f) > 3)
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -30,6 +30,39 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 16
 
 
+def _batch_yamux_window_updates() -> None:
+    """Return yamux receive credit once half the window has been read, not after every read.
+
+    py-libp2p 0.8.1 sends a WINDOW_UPDATE frame after every read that frees any credit (its
+    "partial slack" rule), so each small message (a 2.3 kB decode step) costs a second frame the
+    other way: encrypted, written, woken for and decrypted by the peer. go-yamux (and the yamux
+    spec's intent) sends one only once at least half the window is free. Here reads below that
+    threshold just add to the stream's pending credit; at the threshold py-libp2p's own update
+    logic runs (including its window auto-tuning). The sender always keeps at least half a window
+    to write into, so no stream stalls; peers see fewer, larger updates (still valid yamux).
+    """
+    try:
+        from libp2p.stream_muxer.yamux.yamux import YamuxStream
+    except ImportError:  # another muxer layout: leave it alone
+        return
+    update = getattr(YamuxStream, "_auto_tune_and_send_window_update", None)
+    if update is None or not hasattr(YamuxStream, "_grow_threshold") or getattr(update, "batched", False):
+        return  # not the py-libp2p 0.8.1 we know
+
+    async def batched(self: Any, *, bytes_read: int = 0) -> None:
+        self._pending_recv_release += bytes_read
+        if self._pending_recv_release < self._grow_threshold():
+            return
+        await update(self, bytes_read=0)  # pending credit, under the library's own rules
+
+    batched.batched = True  # type: ignore[attr-defined]
+    batched.__wrapped__ = update  # type: ignore[attr-defined]  # the library's rule (bench/hop.py)
+    YamuxStream._auto_tune_and_send_window_update = batched  # type: ignore[method-assign]
+
+
+_batch_yamux_window_updates()
+
+
 class FramedStream:
     """One libp2p stream carrying framed envelopes. Not safe for concurrent ``receive`` calls."""
 

@@ -64,6 +64,7 @@ async def test_sigkill_and_sigstop_peers_leave_every_view(tmp_path: Path) -> Non
         await trio.to_thread.run_sync(swarm.start)
         await trio.to_thread.run_sync(wait_converged, swarm)
         statuses = [n.status() for n in swarm.nodes]
+        assert swarm.bootstrap == statuses[0]["multiaddr"]  # type: ignore[index]  # predicted by the launcher
         ids = [s["peer_id"] for s in statuses if s]
         addrs = [s["multiaddr"] for s in statuses if s]
 

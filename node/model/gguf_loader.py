@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gguf
 import numpy as np
@@ -73,7 +73,24 @@ class ModelInfo:
 
 
 class _CheckedReader(gguf.GGUFReader):
-    """``GGUFReader`` that names a truncated tensor or an unknown tensor type before reading it."""
+    """``GGUFReader`` that names a truncated tensor or an unknown tensor type before reading it,
+    and parses metadata several times faster (see ``_get``)."""
+
+    _flat: np.ndarray | None = None
+
+    def _get(self, offset: int, dtype: Any, count: int = 1,
+             override_order: Literal["I", "S", "<"] | None = None) -> np.ndarray:
+        """``GGUFReader._get`` over a plain-ndarray view of the same memory map: slicing the
+        ``np.memmap`` itself runs ``memmap.__array_finalize__`` for every view (~250k views for a
+        49k-entry vocabulary and its merges): about 3x slower. Same bytes, no copy."""
+        if self._flat is None:
+            self._flat = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        arr: np.ndarray = self._flat[offset:offset + dt.itemsize * count].view(dt)[:count]
+        out: np.ndarray = arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None
+                                                          else override_order))
+        return out
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         _check_tensor_extents(len(self.data), start_offs, fields)
@@ -121,21 +138,29 @@ class ModelFile:
     Tensor data stays on disk (memory-mapped) until :meth:`tensor` asks for it.
     """
 
-    def __init__(self, path: Path, reader: gguf.GGUFReader) -> None:
+    def __init__(self, path: Path, reader: gguf.GGUFReader | None, *,
+                 parsed: tuple[dict[str, Any], dict[str, TensorInfo]] | None = None) -> None:
+        """From a ``reader``, or from what another ``ModelFile`` of the same file ``parsed``."""
         self.path = path
-        self.metadata = _decode_metadata(path, reader)
-        self._tensors = {
-            t.name: TensorInfo(
-                t.name,
-                t.tensor_type,
-                tuple(int(d) for d in reversed(t.shape.tolist())),
-                int(t.n_elements),
-                t.data,
-            )
-            for t in reader.tensors
-        }
+        if parsed is not None:
+            self.metadata, tensors = parsed
+            self._tensors = dict(tensors)
+        else:
+            assert reader is not None
+            self.metadata = _decode_metadata(path, reader)
+            self._tensors = {
+                t.name: TensorInfo(
+                    t.name,
+                    t.tensor_type,
+                    tuple(int(d) for d in reversed(t.shape.tolist())),
+                    int(t.n_elements),
+                    t.data,
+                )
+                for t in reader.tensors
+            }
         self.config = _read_config(self)
         _check_tensors(self)
+        self.parsed = (self.metadata, dict(self._tensors))
 
     # -- metadata -------------------------------------------------------------------------
     def field(self, key: str, default: Any = None) -> Any:
@@ -206,13 +231,26 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
     if magic != b"GGUF":
         what = "empty" if size == 0 else f"starts with {magic!r}, expected b'GGUF'"
         raise ModelError(f"{p} is not a GGUF file ({what})")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    parsed = _PARSED.get(key)
+    if parsed is not None:
+        return ModelFile(p, None, parsed=parsed)
     try:
         reader = _CheckedReader(p)
     except ModelError as e:
         raise ModelError(f"{p}: {e}") from None
     except Exception as e:  # the reader trips over corrupt bytes in many different ways
         raise ModelError(f"{p}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from e
-    return ModelFile(p, reader)
+    mf = ModelFile(p, reader)
+    _PARSED.clear()  # one file's worth (a few MB of metadata): the model this process serves
+    _PARSED[key] = mf.parsed
+    return mf
+
+
+# The last file parsed, per (path, size, mtime): a node opens its model for placement, then again to
+# load blocks, and a test process opens it for every in-process node; parsing takes seconds.
+_PARSED: dict[tuple[str, int, int], tuple[dict[str, Any], dict[str, TensorInfo]]] = {}
 
 
 def head_tensor_names(mf: ModelFile) -> list[str]:
