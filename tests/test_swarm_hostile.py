@@ -117,14 +117,16 @@ async def test_swarm_survives_forged_notices_and_fake_coverage(
             nursery = await stack.enter_async_context(trio.open_nursery())
             nursery.start_soon(count_dials, listeners[0])
             template = next(r for r in me.fleet() if r.blocks)
-            # Ten strangers, each with a fresh key, in node 0's mesh (not connected to our client):
-            # they answer heartbeats, so the swarm keeps them; their records list only the port.
+            # Ten strangers, each with a fresh key, in the swarm's mesh (not connected to our
+            # client, which hears of them only through the swarm: with 14 topic peers a node's mesh
+            # holds only some of them, so every node relays, not only node 0): they answer
+            # heartbeats, so the swarm keeps them; their records list only the port.
             fakes = []
             for _ in range(10):
                 key = Ed25519PrivateKey.generate()
                 fake = await stack.enter_async_context(open_host(key, HostConfig()))
                 Liveness(fake, lambda peer, reason: None)
-                await join_mesh(fake, [addrs[0]], {ids[0]})
+                await join_mesh(fake, addrs, set(ids))
                 now = time.time()
                 record = dataclasses.replace(
                     capacity_record(key, issued_at=now, seq=int(now * 1000)), model_id=template.model_id,
