@@ -159,7 +159,8 @@ class VerificationStats:
         return {"windows_checked": self.windows_checked, "mismatches": self.mismatches,
                 "banned_peers": list(self.banned), "rolled_back_tokens": self.rolled_back,
                 "unverified_tokens": self.unverified, "reports": self.reports,
-                "undecided": self.undecided, "local_referee": self.local_referee}
+                "undecided": self.undecided, "local_referee": self.local_referee,
+                "detection_lag_max": max(self.detection_lags, default=None)}
 
 
 class Verifier:

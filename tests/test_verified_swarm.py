@@ -1,8 +1,9 @@
 """Verified work across real node processes (slow): a 6-node swarm, every block hosted twice, one
-node started with ``--chaos-fault corrupt`` (``idlefleet swarm --faulty``). The client checks every
-hop on the other host of its blocks, convicts the faulty node (itself as referee: there is no third
-host), bans and reports it, rolls back, and returns the local tokens; the receipts in the nodes'
-own ledgers say rejected for the faulty node and verified for the honest ones."""
+node started with ``--chaos-fault KIND`` (``idlefleet swarm --faulty``; corrupt, skip, stale). The
+client checks every hop on the other host of its blocks, convicts the faulty node (itself as
+referee: there is no third host), bans and reports it, rolls back, and returns the local tokens;
+the receipts in the nodes' own ledgers say rejected for the faulty node and verified for the
+honest ones."""
 
 from __future__ import annotations
 
@@ -39,11 +40,12 @@ def server_receipts(workdir: Path, index: int, client: str) -> list[Any]:
     return [r for r in receipts if r.client == client]
 
 
-async def test_a_corrupt_node_in_a_six_node_swarm_is_caught_and_earns_rejected_receipts(
-        tmp_path: Path, client_model: ClientModel, local_greedy: Any) -> None:
+@pytest.mark.parametrize("kind", ["corrupt", "skip", "stale"])
+async def test_a_faulty_node_in_a_six_node_swarm_is_caught_and_earns_rejected_receipts(
+        kind: str, tmp_path: Path, client_model: ClientModel, local_greedy: Any) -> None:
     want = list(local_greedy(PROMPT, TOKENS))
     swarm = Swarm(6, tmp_path / "swarm", vehicles=[f"sim:parked:seed={i}" for i in range(6)],
-                  faulty={FAULTY: "corrupt"})
+                  faulty={FAULTY: kind})
     try:
         await trio.to_thread.run_sync(swarm.start)
         hosted = await trio.to_thread.run_sync(wait_coverage, swarm, 2)
@@ -64,6 +66,9 @@ async def test_a_corrupt_node_in_a_six_node_swarm_is_caught_and_earns_rejected_r
             v = first.verification
             assert v["banned_peers"] == [bad], v  # caught, and no honest peer accused
             assert v["undecided"] == 0 and v["reports"] == 1, v
+            # Convicted as primary: within 64 positions of its first wrong output. (As verifier
+            # host, its lie cost nothing: the primary's window stood.)
+            assert v["detection_lag_max"] is None or v["detection_lag_max"] <= 64, v
             assert me.accusations.is_accused(bad, time.time())  # our own report, applied locally
             # Later generations route around it and accuse nobody.
             accused = 0
