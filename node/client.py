@@ -92,6 +92,7 @@ MAX_HIDDEN_ABS = 1e6
 
 # The whole receipt exchange of one hop (proposal, countersigned reply, our ledger commit).
 RECEIPT_TIMEOUT_S = 2.0
+REFUSAL_PAUSE_S = 5.0  # a peer that refused a session (busy, draining) is avoided this long
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,7 @@ class Pipeline:
             self._release(hop)  # at once: the closes below may run out of time
         # Every hop at once: a client that goes away frees its sessions on all stage servers
         # within one round trip, not one per hop.
-        with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        with trio.CancelScope(shield=True), trio.move_on_after(RECEIPT_TIMEOUT_S + 1.0):
             async with trio.open_nursery() as nursery:
                 for hop in self.hops:
                     nursery.start_soon(self._close, hop)
@@ -457,13 +458,20 @@ class Pipeline:
         if hop.stream is None:
             return
         stream, hop.stream = hop.stream, None
+        closed = False
         try:
             await self._exchange_receipt(hop, stream)
             await stream.send("session_close", {}, timeout=1.0)
             await stream.receive(timeout=1.0)
+            closed = True
         except (NetworkError, RemoteProtocolError):
             pass
-        await stream.aclose()
+        finally:
+            # Whatever happened (a late reply, no reply, our caller's deadline), the stream goes:
+            # a stream left open would hold the session (and its KV budget) on the server until its
+            # idle timeout, and this client's share of that server with it.
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                await (stream.aclose() if closed else stream.reset())
 
     # -- receipts ------------------------------------------------------------------------------
     def _wants_receipt(self, hop: _HopSession) -> bool:
@@ -543,7 +551,13 @@ class Pipeline:
             try:
                 route = client.find_route(start, end)
             except NoRoute as e:
-                raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
+                # The only hosts may be avoided for a moment (a busy or draining refusal): wait for
+                # the first such pause to end, not for a ban, then route again.
+                pause = client.shortest_pause()
+                if pause is None or attempts > client.config.max_failovers:
+                    raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
+                await trio.sleep(pause)
+                continue
             hops = [_HopSession(h.peer_id, h.start, h.end, counted=True) for h in route]
             for hop in hops:  # counted at once: a concurrent generation routing now sees them
                 client.open_sessions[hop.peer_id] += 1
@@ -709,7 +723,13 @@ class FleetClient:
     # -- peers ---------------------------------------------------------------------------------
     def avoid(self, peer_id: str, ban: bool = True) -> None:
         """Avoid ``peer_id``: for ``ban_s`` after a fault, for a few seconds after a refusal."""
-        self._avoid_until[peer_id] = time.monotonic() + (self.config.ban_s if ban else 5.0)
+        self._avoid_until[peer_id] = time.monotonic() + (self.config.ban_s if ban else REFUSAL_PAUSE_S)
+
+    def shortest_pause(self) -> float | None:
+        """Seconds until the first brief avoidance (a refusal, not a ban) ends; None if none runs."""
+        now = time.monotonic()
+        left = [until - now for until in self._avoid_until.values() if 0 < until - now <= REFUSAL_PAUSE_S]
+        return min(left) + 0.05 if left else None
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
