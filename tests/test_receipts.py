@@ -375,3 +375,22 @@ async def test_owner_receipts_json_is_checked_signature_by_signature_by_a_fresh_
     assert credits["receipts"] == 2 and credits["tokens"] == 6 and credits["block_steps"] == 12
     assert credits["tokens_unverified"] == 6 and credits["verified"] == 0.0
     assert credits["unverified"] == pytest.approx(SMOL_FLOPS * 12 / CREDIT_FLOPS)
+
+
+async def test_a_close_cut_short_by_its_caller_still_frees_the_servers_session(
+        tmp_path: Path, served_stage: Stage, split_model: ClientModel) -> None:
+    """A close whose receipt exchange is cut short (the caller's deadline) still ends the stream: a
+    stream left open would hold the session, and this client's share of the server, until the
+    server's idle timeout."""
+    async with served(served_stage, tmp_path) as (server, stage_server, client):
+        fleet = direct_client(server, client, split_model)
+        pipeline = Pipeline(fleet, 16)
+        await pipeline.open()
+        x = np.random.default_rng(0).standard_normal((4, 576)).astype(np.float32)
+        await pipeline.forward(x, 0)
+        assert stage_server.active_sessions == 1
+        with trio.move_on_after(0.001):
+            await pipeline._close(pipeline.hops[0])
+        with trio.fail_after(5):  # far below the 60 s idle timeout
+            while stage_server.active_sessions:
+                await trio.sleep(0.05)
