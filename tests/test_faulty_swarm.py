@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ from typing import Any
 import pytest
 
 from idlefleet.node.procs import pid_alive, tied_popen_kwargs
-from idlefleet.node.server import StageServer
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +46,17 @@ def test_a_faulty_swarm_node_is_marked_and_really_returns_wrong_outputs(
         assert not any('"chaos_fault"' in e for e in events[:2])
 
         out = subprocess.run([*IDLEFLEET, "generate", "--bootstrap", nodes[0]["multiaddr"], PROMPT,
-                              "--max-new-tokens", str(TOKENS), "--json"],
+                              "--max-new-tokens", str(TOKENS), "--json", "--no-verify"],
                              capture_output=True, text=True, timeout=240, **tied_popen_kwargs(env))
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert {h["peer_id"] for h in result["route"]} >= {nodes[2]["peer_id"]}
-        status = json.loads((tmp_path / "swarm" / "node2.status.json").read_text())
+        status_file = tmp_path / "swarm" / "node2.status.json"
+        status = json.loads(status_file.read_text())
+        deadline = time.monotonic() + 15  # the node rewrites its status file every few seconds
+        while not status.get("faulted") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = json.loads(status_file.read_text())
         assert status["chaos_fault"] == "corrupt"
     finally:
         if proc.poll() is None:
@@ -71,8 +74,6 @@ def test_a_faulty_swarm_node_is_marked_and_really_returns_wrong_outputs(
             os.kill(pid, signal.SIGKILL)
     assert not left
     assert "FAULTY nodes (test tooling: they return WRONG outputs): #2" in printed
-    if "self.fault" not in inspect.getsource(StageServer._step):
-        pytest.xfail("StageServer._step does not apply its fault hook yet (verify's branch adds it)")
     # Without verification the faulty node's wrong hidden states change the tokens.
     assert status["faulted"] > 0
     assert result["new_ids"] != list(local_greedy(PROMPT, TOKENS))
