@@ -566,7 +566,8 @@ class Pipeline:
                     await self._open_hop(hop)
                 return hops, await self._replay(hops, history, pending)
             except StageFailure as e:
-                log.info("route %s failed: %s", [h.peer_id[-8:] for h in hops], e)
+                (log.warning if e.ban else log.info)("route %s failed%s: %s", [h.peer_id[-8:] for h in hops],
+                                                     " (peer banned)" if e.ban else "", e)
                 client.avoid(e.hop.peer_id, e.ban)
                 for hop in hops:
                     await (self._abandon(hop) if hop is e.hop else self._close(hop))

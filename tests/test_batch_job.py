@@ -81,7 +81,11 @@ async def test_batch_job_on_a_fleet_is_interrupted_resumed_and_equals_greedy(
         client_cfg = NodeConfig(key_file=tmp_path / "client.key", bootstrap=(nodes[0].multiaddrs[0],),
                                 vehicle="sim:parked")
         async with open_node(client_cfg) as me:
-            client = FleetClient(me, client_model, ClientConfig())
+            # One host per block: a peer banned for a minute (a failed open, e.g. a connection
+            # liveness dropped under load) would fail every prompt of the job; a short ban makes
+            # the client wait for it instead (Pipeline._open_span). What is tested here is the
+            # interruption and the resume. (It failed 2 full runs in 3 with the default ban.)
+            client = FleetClient(me, client_model, ClientConfig(ban_s=3.0))
             await client.wait_ready(timeout=60)
 
             async def interrupt_after(n: int, scope: trio.CancelScope) -> None:
