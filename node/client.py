@@ -551,13 +551,7 @@ class Pipeline:
             try:
                 route = client.find_route(start, end)
             except NoRoute as e:
-                # The only hosts may be avoided for a moment (a busy or draining refusal): wait for
-                # the first such pause to end, not for a ban, then route again.
-                pause = client.shortest_pause()
-                if pause is None or attempts > client.config.max_failovers:
-                    raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
-                await trio.sleep(pause)
-                continue
+                raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
             hops = [_HopSession(h.peer_id, h.start, h.end, counted=True) for h in route]
             for hop in hops:  # counted at once: a concurrent generation routing now sees them
                 client.open_sessions[hop.peer_id] += 1
@@ -725,12 +719,6 @@ class FleetClient:
     def avoid(self, peer_id: str, ban: bool = True) -> None:
         """Avoid ``peer_id``: for ``ban_s`` after a fault, for a few seconds after a refusal."""
         self._avoid_until[peer_id] = time.monotonic() + (self.config.ban_s if ban else REFUSAL_PAUSE_S)
-
-    def shortest_pause(self) -> float | None:
-        """Seconds until the first brief avoidance (a refusal, not a ban) ends; None if none runs."""
-        now = time.monotonic()
-        left = [until - now for until in self._avoid_until.values() if 0 < until - now <= REFUSAL_PAUSE_S]
-        return min(left) + 0.05 if left else None
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()

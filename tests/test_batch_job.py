@@ -82,9 +82,9 @@ async def test_batch_job_on_a_fleet_is_interrupted_resumed_and_equals_greedy(
                                 vehicle="sim:parked")
         async with open_node(client_cfg) as me:
             # One host per block: a peer banned for a minute (a failed open, e.g. a connection
-            # liveness dropped under load) would fail every prompt of the job; a short ban makes
-            # the client wait for it instead (Pipeline._open_span). What is tested here is the
-            # interruption and the resume. (It failed 2 full runs in 3 with the default ban.)
+            # liveness dropped under load) would fail every prompt of the job. What is tested here
+            # is the interruption and the resume: a short ban, and the resume starts once no peer
+            # is avoided. (It failed 2 full runs in 3 with the default ban.)
             client = FleetClient(me, client_model, ClientConfig(ban_s=3.0))
             await client.wait_ready(timeout=60)
 
@@ -102,6 +102,9 @@ async def test_batch_job_on_a_fleet_is_interrupted_resumed_and_equals_greedy(
             assert not [r["error"] for r in read_results(out) if "error" in r]
             assert len(set(first)) == len(first)
 
+            with trio.fail_after(10):
+                while client.banned():
+                    await trio.sleep(0.1)
             stdout, stderr = io.StringIO(), io.StringIO()
             with trio.fail_after(240):
                 code = await fleet_job(client, args, stdout, stderr)
