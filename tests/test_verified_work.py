@@ -87,6 +87,19 @@ async def stage_hosts(whole_model: Stage, spans: list[tuple[int, int]] = SPANS
         yield hosts, servers
 
 
+def capture_reports(node: Node) -> list[bytes]:
+    """Every misbehaviour report ``node``'s client makes, in order (still applied and gossiped)."""
+    reports: list[bytes] = []
+    original = node.report_misbehaviour
+
+    async def report(raw: bytes) -> None:
+        reports.append(raw)
+        await original(raw)
+
+    node.report_misbehaviour = report  # type: ignore[method-assign]
+    return reports
+
+
 def chaos(kind: str) -> FaultInjector:
     return FaultInjector(kind, environ={"IDLEFLEET_CHAOS": "yes"})
 
@@ -107,14 +120,7 @@ async def test_a_faulty_peer_is_caught_banned_reported_and_rolled_back(
     want = list(local_greedy(PROMPT, NEW))
     async with stage_hosts(whole_model) as (hosts, servers), open_node(NodeConfig(
             key_file=tmp_path / "client.key", vehicle="sim:parked")) as me:
-        reports: list[bytes] = []
-        original = me.report_misbehaviour
-
-        async def report(raw: bytes) -> None:
-            reports.append(raw)
-            await original(raw)
-
-        me.report_misbehaviour = report  # type: ignore[method-assign]
+        reports = capture_reports(me)
         cfg = ClientConfig(verify_window=WINDOW)
         bad_id = next(p for p, (_a, start, _e) in hosts.items() if start == 0)
         server = servers[bad_id]
@@ -266,14 +272,7 @@ async def test_with_every_block_hosted_only_twice_the_client_is_the_referee(
     want = list(local_greedy(PROMPT, NEW))
     async with stage_hosts(whole_model, [(0, 15), (15, 30)] * 2) as (hosts, servers), open_node(
             NodeConfig(key_file=tmp_path / "client.key", vehicle="sim:parked")) as me:
-        reports: list[bytes] = []
-        original = me.report_misbehaviour
-
-        async def report(raw: bytes) -> None:
-            reports.append(raw)
-            await original(raw)
-
-        me.report_misbehaviour = report  # type: ignore[method-assign]
+        reports = capture_reports(me)
         bad_id = next(p for p, (_a, start, _e) in hosts.items() if start == 0)
         servers[bad_id].fault = chaos("corrupt")
         client = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts, fast=bad_id)
