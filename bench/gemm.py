@@ -29,6 +29,7 @@ def measure(rows: list[int], repeats: int) -> dict[str, object]:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from idlefleet.node.model import blocks as B
     from idlefleet.node.model.gguf_loader import open_model
     from idlefleet.node.model.locate import find_default_model
     from idlefleet.node.model.stage import load_stage
@@ -51,17 +52,22 @@ def measure(rows: list[int], repeats: int) -> dict[str, object]:
                               "weight_mb": round(sum(m.nbytes for m in mats) / 1e6, 1)}
     per_m = {}
     for m_rows in rows:
-        xs = [rng.standard_normal((m_rows, w.shape[0])).astype(np.float32) for w in mats]
-        gemm = median_ms(lambda xs=xs: [x @ w for x, w in zip(xs, mats, strict=True)])
-        rowwise = median_ms(lambda xs=xs: [x[i:i + 1] @ w for x, w in zip(xs, mats, strict=True)
+        xs = [rng.standard_normal((m_rows, w.shape[1])).astype(np.float32) for w in mats]
+        # plain: one general product per weight; sliced: blocks.matmul (the engine's path)
+        gemm = median_ms(lambda xs=xs: [x @ w.T for x, w in zip(xs, mats, strict=True)])
+        sliced = median_ms(lambda xs=xs: [B.matmul(x, w) for x, w in zip(xs, mats, strict=True)])
+        rowwise = median_ms(lambda xs=xs: [x[i:i + 1] @ w.T for x, w in zip(xs, mats, strict=True)
                                            for i in range(x.shape[0])])
-        per_m[m_rows] = {"ms": round(gemm, 4), "rowwise_ms": round(rowwise, 4),
+        per_m[m_rows] = {"ms": round(gemm, 4), "sliced_ms": round(sliced, 4),
+                         "rowwise_ms": round(rowwise, 4),
+                         "chunks": [B._small_chunk(m_rows, *w.shape) for w in mats],
                          "gflops": round(flops_per_row * m_rows / gemm / 1e6, 1)}
     one = per_m[rows[0]]["ms"] / rows[0] if rows[0] == 1 else None
     for m_rows, r in per_m.items():
         if one is not None:
             r["over_one_row"] = round(r["ms"] / one, 2)
             r["throughput_gain"] = round(m_rows * one / r["ms"], 2)
+            r["sliced_gain"] = round(m_rows * one / r["sliced_ms"], 2)
     out["rows"] = per_m
     out["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     return out
@@ -95,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m_rows, x in r["rows"].items():
                 print(f"  M={int(m_rows):3d}: {x['ms']:8.3f} ms ({x['gflops']:6.1f} GFLOPS), "
                       f"{x.get('over_one_row', '-')}x one row, throughput x{x.get('throughput_gain', '-')}; "
-                      f"M one-row products {x['rowwise_ms']:.3f} ms")
+                      f"sliced {x['sliced_ms']:.3f} ms, throughput x{x.get('sliced_gain', '-')} "
+                      f"(slices {x['chunks']}); M one-row products {x['rowwise_ms']:.3f} ms")
     print(json.dumps({"bench": "gemm", "threads": results}))
     return 0
 

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from idlefleet.node.model import blocks as B  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import Head, Stage, load_head, load_stage  # noqa: E402
@@ -54,10 +55,10 @@ def bench_prefill(head: Head, stage: Stage, runs: int) -> tuple[float, float]:
         stage.forward(x, cache)
         t1 = time.perf_counter()
         for w in stage.blocks:
-            _ = x @ w.wqkv
-            _ = a @ w.wo
-            _ = x @ w.w_gate_up
-            _ = f @ w.w_down
+            _ = B.matmul(x, w.wqkv)
+            _ = B.matmul(a, w.wo)
+            _ = B.matmul(x, w.w_gate_up)
+            _ = B.matmul(f, w.w_down)
         times.append(t1 - t0)
         mms.append(time.perf_counter() - t1)
     return _median_ms(times), _median_ms(mms)
@@ -92,13 +93,13 @@ def bench_matmul_bound(head: Head, stage: Stage, runs: int) -> tuple[float, floa
     steps, blocks = [], []
     for _ in range(runs * DECODE_TOKENS):
         t0 = time.perf_counter()
-        _ = x @ head.lm_head.T
+        _ = B.matmul(x, head.lm_head)
         t1 = time.perf_counter()
         for w in stage.blocks:
-            _ = x @ w.wqkv
-            _ = a @ w.wo
-            _ = x @ w.w_gate_up
-            _ = f @ w.w_down
+            _ = B.matmul(x, w.wqkv)
+            _ = B.matmul(a, w.wo)
+            _ = B.matmul(x, w.w_gate_up)
+            _ = B.matmul(f, w.w_down)
         t2 = time.perf_counter()
         steps.append(t2 - t0)
         blocks.append(t2 - t1)
@@ -124,10 +125,10 @@ def bench_hot_block(stage: Stage, runs: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         one.forward(x, cache, position=32)
         t1 = time.perf_counter()
-        _ = x @ w.wqkv
-        _ = a @ w.wo
-        _ = x @ w.w_gate_up
-        _ = f @ w.w_down
+        _ = B.matmul(x, w.wqkv)
+        _ = B.matmul(a, w.wo)
+        _ = B.matmul(x, w.w_gate_up)
+        _ = B.matmul(f, w.w_down)
         t2 = time.perf_counter()
         steps.append(t1 - t0)
         mms.append(t2 - t1)

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from idlefleet.node.batcher import HeadBatcher, StepBatcher
+from idlefleet.node.model import blocks as B
 from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage
@@ -24,6 +25,26 @@ TOL = 2e-5  # of max |hidden| of the step
 
 def _close(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL * float(np.abs(want).max()))
+
+
+def test_small_batch_products_take_weight_slices_and_equal_the_plain_product(
+    head: Head, whole_model: Stage
+) -> None:
+    w = whole_model.blocks[0]
+    # the slice widths: the widest divisor <= 64 (a multiple of 16) within the small-kernel bounds
+    assert B._small_chunk(1, 3072, 576) == 0  # one row: matrix-vector product
+    assert B._small_chunk(8, 3072, 576) == 64 and B._small_chunk(8, 576, 1536) == 64
+    assert B._small_chunk(16, 576, 1536) == 32  # 16 x 64 x 1536 > 1e6
+    assert B._small_chunk(33, 3072, 576) == 0  # many rows: the packed product wins
+    assert B._small_chunk(8, 40, 576) == 0  # no slice width divides 40
+    rng = np.random.default_rng(3)
+    for rows in (2, 3, 8, 17, 32):
+        for m in (w.wqkv, w.wo, w.w_gate_up, w.w_down, head.lm_head):
+            x = rng.standard_normal((rows, m.shape[1])).astype(np.float32)
+            got = B.matmul(x, m)
+            assert got.shape == (rows, m.shape[0]) and got.dtype == np.float32
+            want = (x.astype(np.float64) @ m.T.astype(np.float64))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_stacked_steps_equal_lone_steps_for_mixed_lengths_joining_and_leaving(

@@ -206,8 +206,9 @@ def test_forward_rejects_bad_input(head: Head, whole_model: Stage) -> None:
 
 def test_block_weights_are_fused_and_contiguous(whole_model: Stage) -> None:
     w: BlockWeights = whole_model.blocks[0]
-    assert w.wqkv.shape == (576, 576 + 2 * 192)
-    assert w.w_gate_up.shape == (576, 2 * 1536)
+    assert w.wqkv.shape == (576 + 2 * 192, 576)  # [out, in]
+    assert w.w_gate_up.shape == (2 * 1536, 576)
+    assert w.w_down.shape == (576, 1536)
     assert all(a.flags.c_contiguous and a.dtype == np.float32 for a in vars(w).values())
 
 

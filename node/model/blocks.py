@@ -4,14 +4,15 @@ Shapes: ``T`` new tokens, ``L`` cached + new tokens, ``H`` hidden size, ``nq``/`
 KV heads (``g = nq // nkv`` queries share one KV head), ``d`` head dim, ``F`` FFN size.
 
 Weights are prepared once at load time (:func:`prepare_block`) so that one decode step costs few
-numpy calls: matrices are pre-transposed to ``[in, out]``; Q, K and V are one matrix, as are the
-FFN gate and up projections; Q/K rows are un-permuted from llama.cpp's GGUF layout to the
-rotate-half layout; the attention scale ``1/sqrt(d)`` is folded into the Q rows (exact when
-``d`` is a power of two).
+numpy calls: matrices stay ``[out, in]`` (GGUF's own layout; :func:`matmul` applies them);
+Q, K and V are one matrix, as are the FFN gate and up projections; Q/K rows are un-permuted
+from llama.cpp's GGUF layout to the rotate-half layout; the attention scale ``1/sqrt(d)`` is
+folded into the Q rows (exact when ``d`` is a power of two).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +27,11 @@ class BlockWeights:
     """One block's float32 weights, laid out for :func:`block_forward`."""
 
     attn_norm: np.ndarray  # [H]
-    wqkv: np.ndarray  # [H, (nq + 2 nkv) d]
-    wo: np.ndarray  # [nq d, H]
+    wqkv: np.ndarray  # [(nq + 2 nkv) d, H]
+    wo: np.ndarray  # [H, nq d]
     ffn_norm: np.ndarray  # [H]
-    w_gate_up: np.ndarray  # [H, 2F]
-    w_down: np.ndarray  # [F, H]
+    w_gate_up: np.ndarray  # [2F, H]
+    w_down: np.ndarray  # [H, F]
 
     @property
     def nbytes(self) -> int:
@@ -49,16 +50,66 @@ def prepare_block(cfg: ModelConfig, t: dict[str, np.ndarray]) -> BlockWeights:
     scale = F32(1.0 / np.sqrt(cfg.head_dim))
     wq = unpermute_qk(t["attn_q"], cfg.n_heads) * scale  # [nq d, H]
     wk = unpermute_qk(t["attn_k"], cfg.n_kv_heads)  # [nkv d, H]
-    wqkv = np.concatenate([wq, wk, t["attn_v"]]).T  # [H, (nq + 2 nkv) d]
-    w_gate_up = np.concatenate([t["ffn_gate"], t["ffn_up"]]).T  # [H, 2F]
+    wqkv = np.concatenate([wq, wk, t["attn_v"]])  # [(nq + 2 nkv) d, H]
+    w_gate_up = np.concatenate([t["ffn_gate"], t["ffn_up"]])  # [2F, H]
     return BlockWeights(
         attn_norm=np.ascontiguousarray(t["attn_norm"], dtype=F32),
         wqkv=np.ascontiguousarray(wqkv, dtype=F32),
-        wo=np.ascontiguousarray(t["attn_output"].T, dtype=F32),
+        wo=np.ascontiguousarray(t["attn_output"], dtype=F32),
         ffn_norm=np.ascontiguousarray(t["ffn_norm"], dtype=F32),
         w_gate_up=np.ascontiguousarray(w_gate_up, dtype=F32),
-        w_down=np.ascontiguousarray(t["ffn_down"].T, dtype=F32),
+        w_down=np.ascontiguousarray(t["ffn_down"], dtype=F32),
     )
+
+
+#: Bounds of OpenBLAS's small-matrix SGEMM path (x86-64 AVX-512 kernels): it is taken when
+#: ``M N K <= SMALL_MNK`` and ``M N <= SMALL_MN``, and it skips the packing of both operands.
+SMALL_MNK, SMALL_MN = 1_000_000, 1200
+#: Slice widths (weight rows per product: 16..64 stream weights from memory best, measured on
+#: cold weights) and the most rows sent down the sliced path (beyond ~40 the packed product wins).
+MIN_CHUNK, MAX_CHUNK, MAX_SMALL_ROWS = 16, 64, 32
+
+
+def _small_chunk(rows: int, out: int, inp: int) -> int:
+    """Widest slice ``c <= MAX_CHUNK`` of ``out`` (a divisor, a multiple of 16) whose
+    ``[rows, inp] x [inp, c]`` product fits the small-matrix path; 0 when none does."""
+    if not 2 <= rows <= MAX_SMALL_ROWS:
+        return 0
+    best = 0
+    for c in range(MIN_CHUNK, min(out, MAX_CHUNK) + 1, MIN_CHUNK):
+        if out % c == 0 and rows * c * inp <= SMALL_MNK and rows * c <= SMALL_MN:
+            best = c
+    return best
+
+
+_CHUNKS: dict[tuple[int, int, int], int] = {}
+SMALL_GEMM = os.environ.get("IDLEFLEET_SMALL_GEMM", "on") != "off"
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x [M, in] @ w.T`` for a weight ``w [out, in]`` (C-contiguous) -> ``[M, out]``.
+
+    One row is a matrix-vector product, and many rows one general product. For a few rows
+    (2..32, a batch of concurrent sessions' decode steps), a general product would spend most of
+    its time packing the whole weight matrix for very little arithmetic: OpenBLAS's matrix-vector
+    path streams the weights at memory speed, its general kernel for 2-8 rows is 2-3x slower
+    than one row (``bench/gemm.py``). So the weight is cut, with no copy, into ``out / c`` slices
+    of ``c`` rows small enough for OpenBLAS's unpacked small-matrix kernel, and one stacked
+    ``matmul`` (a C loop, no Python per slice) multiplies every slice: 8 rows then cost about
+    1.5x one row instead of 3x. Results equal the plain product up to float32 summation order.
+    ``IDLEFLEET_SMALL_GEMM=off`` turns the sliced path off.
+    """
+    rows = x.shape[0]
+    out, inp = w.shape
+    key = (rows, out, inp)
+    c = _CHUNKS.get(key)
+    if c is None:
+        c = _CHUNKS[key] = _small_chunk(rows, out, inp) if SMALL_GEMM else 0
+    if c == 0:
+        y: np.ndarray = x @ w.T  # [M, out]
+        return y
+    sliced: np.ndarray = np.matmul(w.reshape(out // c, c, inp), x.T)  # [out / c, c, M]
+    return sliced.transpose(2, 0, 1).reshape(rows, out)  # [M, out]
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -159,15 +210,15 @@ def block_forward(
     t = x.shape[0]
     nq, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, w.attn_norm, cfg.rms_eps)  # [T, H]
-    qkv = h @ w.wqkv  # [T, (nq + 2 nkv) d]
+    qkv = matmul(h, w.wqkv)  # [T, (nq + 2 nkv) d]
     qk = apply_rope(qkv[:, : (nq + nkv) * d].reshape(t, nq + nkv, d), *rope)  # [T, nq+nkv, d]
     end = start + t
     k_cache[:, start:end] = qk[:, nq:].transpose(1, 0, 2)  # [nkv, T, d]
     v_cache[:, start:end] = qkv[:, (nq + nkv) * d :].reshape(t, nkv, d).transpose(1, 0, 2)
     a = attention(qk[:, :nq], k_cache[:, :end], v_cache[:, :end], mask)  # [T, nq d]
-    x = x + a @ w.wo  # [T, H]
+    x = x + matmul(a, w.wo)  # [T, H]
     h = rms_norm(x, w.ffn_norm, cfg.rms_eps)  # [T, H]
-    out: np.ndarray = x + swiglu(h @ w.w_gate_up) @ w.w_down  # [T, H]
+    out: np.ndarray = x + matmul(swiglu(matmul(h, w.w_gate_up)), w.w_down)  # [T, H]
     return out
 
 
@@ -198,7 +249,7 @@ def block_forward_batch(
     n = x.shape[0]
     nq, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, w.attn_norm, cfg.rms_eps)  # [N, H]
-    qkv = h @ w.wqkv  # [N, (nq + 2 nkv) d]
+    qkv = matmul(h, w.wqkv)  # [N, (nq + 2 nkv) d]
     qk = apply_rope(qkv[:, : (nq + nkv) * d].reshape(n, nq + nkv, d), *rope)  # [N, nq+nkv, d]
     v = qkv[:, (nq + nkv) * d :].reshape(n, nkv, d)  # [N, nkv, d]
     a = np.empty((n, nq * d), dtype=F32)  # [N, nq d]
@@ -209,7 +260,7 @@ def block_forward_batch(
         s.v_cache[:, s.start : end] = v[rows].transpose(1, 0, 2)  # [nkv, t, d]
         a[rows] = attention(qk[rows, :nq], s.k_cache[:, :end], s.v_cache[:, :end], s.mask)
         row += s.t
-    x = x + a @ w.wo  # [N, H]
+    x = x + matmul(a, w.wo)  # [N, H]
     h = rms_norm(x, w.ffn_norm, cfg.rms_eps)  # [N, H]
-    out: np.ndarray = x + swiglu(h @ w.w_gate_up) @ w.w_down  # [N, H]
+    out: np.ndarray = x + matmul(swiglu(matmul(h, w.w_gate_up)), w.w_down)  # [N, H]
     return out

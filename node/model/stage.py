@@ -45,7 +45,7 @@ class Head:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Hidden states ``[T, H]`` from the last block -> logits ``[T, V]``."""
         h = B.rms_norm(hidden, self.norm, self.config.rms_eps)  # [T, H]
-        out: np.ndarray = h @ self.lm_head.T  # [T, V]
+        out: np.ndarray = B.matmul(h, self.lm_head)  # [T, V]
         return out
 
 
