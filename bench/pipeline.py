@@ -245,13 +245,14 @@ def start_swarm(swarm: Swarm, n_blocks: int, min_cover: int, timeout: float,
 
 
 async def with_client(swarm: Swarm, model: ClientModel, workdir: Path, timeout: float, settle_s: float,
-                      body: Callable[[FleetClient], Awaitable[None]]) -> None:
+                      body: Callable[[FleetClient], Awaitable[None]],
+                      config: ClientConfig | None = None) -> None:
     """Join the swarm as a client-only node, wait until it sees every node, warm up, run ``body``."""
     boot = (swarm.nodes[0].status() or {})["multiaddr"]
     cfg = NodeConfig(key_file=workdir / "client.key", bootstrap=(boot,), consent=False, serve=False,
                      vehicle="sim:parked")
     async with open_node(cfg, key=Ed25519PrivateKey.generate()) as me:
-        client = FleetClient(me, model, ClientConfig())
+        client = FleetClient(me, model, config or ClientConfig())
         await me.wait_for(lambda fleet: sum(1 for r in fleet if r.blocks and r.state == "online")
                           >= swarm.n, timeout=timeout)
         await client.wait_ready(timeout=timeout)

@@ -46,8 +46,8 @@ import trio  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import work_root  # noqa: E402
-from bench.pipeline import Run, make_swarm, med, start_swarm, with_client  # noqa: E402
-from idlefleet.node.client import ClientModel, FleetClient, GenerationFailed  # noqa: E402
+from bench.pipeline import CpuWindow, Run, make_swarm, med, start_swarm, with_client  # noqa: E402
+from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import Head, Stage, load_stage  # noqa: E402
@@ -108,6 +108,17 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     single: list[float] = []
     agg: list[float] = []
     ratio: list[float] = []
+    cpu: dict[int, list[CpuWindow]] = {1: [], STREAMS: []}
+    tokens: dict[int, list[int]] = {1: [], STREAMS: []}
+    batch_sizes: dict[int, list[list[float]]] = {1: [], STREAMS: []}
+
+    def serving() -> list[tuple[int, int]]:
+        """(steps, batches) served so far by each node, from its status file (rewritten ~1/s)."""
+        out = []
+        for node in swarm.nodes:
+            st = (node.status() or {}).get("serving") or {}
+            out.append((int(st.get("steps", 0)), int(st.get("batches", 0))))
+        return out
 
     def check(what: str, prompt: str, r: Run) -> None:
         if r.new_ids != want[prompt]:
@@ -119,10 +130,19 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
         async def one(k: int) -> None:
             runs[k] = await swarm_run_prompt(client, PROMPTS[k % len(PROMPTS)], args.tokens, args.gen_timeout)
 
-        async with trio.open_nursery() as nursery:
-            for k in range(n):
-                nursery.start_soon(one, k)
+        await trio.sleep(1.5)  # status files catch up with the previous run
+        before = serving()
+        with CpuWindow([node.proc.pid for node in swarm.nodes]) as window:
+            async with trio.open_nursery() as nursery:
+                for k in range(n):
+                    nursery.start_soon(one, k)
+        await trio.sleep(1.5)
+        after = serving()
+        cpu[n].append(window)
+        batch_sizes[n].append([round((s1 - s0) / (b1 - b0), 2) if b1 > b0 else 0.0
+                               for (s0, b0), (s1, b1) in zip(before, after, strict=True)])
         done = [x for x in runs if x is not None]
+        tokens[n].append(sum(x.n for x in done))
         for k, x in enumerate(done):
             check(f"stream {k} of {n}", PROMPTS[k % len(PROMPTS)], x)
         first, last = min(x.token_times[0] for x in done), max(x.token_times[-1] for x in done)
@@ -137,14 +157,28 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
             ratio.append(many / one)
             log(f"  #{i + 1}: 1 stream {one:.1f} tok/s decode; {STREAMS} streams {many:.1f} aggregate "
                 f"(x{many / one:.2f})")
+            for n in (1, STREAMS):
+                w, t = cpu[n][-1], tokens[n][-1]
+                log(f"      {n} stream(s): CPU per token client {1e3 * w.client_s / t:.1f} ms, nodes "
+                    f"{1e3 * w.nodes_s / t:.1f} ms {[round(1e3 * x / t, 1) for x in w.per_node_s]}; "
+                    f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}")
 
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
-        trio.run(with_client, swarm, model, root / "swarm6", args.start_timeout, args.settle, body)
+        trio.run(with_client, swarm, model, root / "swarm6", args.start_timeout, args.settle, body,
+                 ClientConfig(verify=not args.no_verify))
         out.update({"single_decode_tokens_per_s": round(med(single), 2),
                     f"x{STREAMS}_aggregate_decode_tokens_per_s": round(med(agg), 2),
                     f"x{STREAMS}_over_single": round(med(ratio), 3),
                     "ratios": [round(r, 3) for r in ratio],
+                    "cpu_ms_per_token": {n: {
+                        "client": round(med([1e3 * w.client_s / t for w, t in zip(cpu[n], tokens[n],
+                                                                                   strict=True)]), 2),
+                        "nodes": round(med([1e3 * w.nodes_s / t for w, t in zip(cpu[n], tokens[n],
+                                                                                 strict=True)]), 2),
+                        "machine_busy_pct": round(med([w.busy_pct for w in cpu[n]]), 1)}
+                        for n in (1, STREAMS)},
+                    "mean_batch_per_node": {n: batch_sizes[n] for n in (1, STREAMS)},
                     "identical_to_local": not mismatches, "mismatches": mismatches})
     except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -178,6 +212,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-timeout", type=float, default=300.0, help="per generation, seconds")
     p.add_argument("--settle", type=float, default=3.0, help="pause after the warm-up, seconds")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: local, swarm")
+    p.add_argument("--no-verify", action="store_true",
+                   help="swarm client without verified work (no re-computation of hops' windows)")
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep node keys and logs under DIR")
     p.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = p.parse_args(argv)
@@ -240,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"total {elapsed:.0f}s, load average at end {os.getloadavg()[0]:.1f}")
     print(json.dumps({"bench": "throughput", "interrupted": interrupted,
                       "config": {"tokens": args.tokens, "repeats": args.repeats, "sizes": SIZES,
-                                 "streams": STREAMS},
+                                 "streams": STREAMS, "verify": not args.no_verify},
                       "local": local, "swarm6": swarm, "goal": goal,
                       "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                       "elapsed_s": round(elapsed, 1)}))

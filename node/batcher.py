@@ -149,11 +149,17 @@ class StepBatcher:
 class HeadBatcher(StepBatcher):
     """A client's LM head for its concurrent generations, off the event loop: rows that arrive
     while a batch computes (or within ``window_s``) go through the head together, in one matrix
-    product, in a worker thread. With the default window of 0 nothing ever waits."""
+    product, in a worker thread.
+
+    ``active()`` says how many generations are decoding. The first row of a round waits up to
+    ``window_s`` until every one of them has its row queued, then all rows go through the head
+    at once: the generations leave the head together, so their next steps reach each stage
+    server together and are batched there too (without this, concurrent streams drift apart
+    and every server computes them one at a time). With one generation nothing ever waits."""
 
     def __init__(self, head: Head, limiter: trio.CapacityLimiter | None = None, *,
-                 window_s: float = 0.0) -> None:
-        super().__init__(limiter or trio.CapacityLimiter(1), lambda: 0, window_s=window_s)
+                 window_s: float = 0.0, active: Callable[[], int] = lambda: 0) -> None:
+        super().__init__(limiter or trio.CapacityLimiter(1), active, window_s=window_s)
         self.head = head
 
     async def logits(self, hidden: np.ndarray) -> np.ndarray:

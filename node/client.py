@@ -130,6 +130,10 @@ class ClientConfig:
     # No third host to referee a mismatch: recompute the disputed row here, from the model file
     # (loads that hop's blocks for the moment; off on a client too small to hold them).
     verify_local_referee: bool = True
+    # Concurrent generations of one client decode in step (node/batcher.py HeadBatcher): a
+    # token's LM head row waits up to this long for the other decoding generations' rows, so
+    # that all of them are computed together here and on every stage server. 0: no waiting.
+    lockstep_window_s: float = 0.05
 
     def __post_init__(self) -> None:
         """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
@@ -154,6 +158,9 @@ class ClientConfig:
         value = self.verify_flush_s
         if type(value) not in (int, float) or not 0 < value < math.inf:
             raise ConfigError(f"verify_flush_s must be a positive number, got {value!r}")
+        value = self.lockstep_window_s
+        if type(value) not in (int, float) or not 0 <= value <= 1:
+            raise ConfigError(f"lockstep_window_s must be a number of seconds in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -679,9 +686,11 @@ class FleetClient:
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
         self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
-        # The LM head (~12 ms a row) runs in a worker thread, one matrix product for the rows of
-        # all concurrent generations that are ready at the same time.
-        self.head_batcher = HeadBatcher(model.head)
+        # The LM head (~7 ms a row) runs in a worker thread, one matrix product for the rows of
+        # all concurrent generations; decoding generations wait for each other there (lockstep).
+        self.decoding = 0  # generations of this client past their prefill and not done
+        self.head_batcher = HeadBatcher(model.head, window_s=config.lockstep_window_s,
+                                        active=lambda: self.decoding)
         # What this client observed, per peer: sessions opened, positions computed (the owner
         # report of each peer must agree).
         self.sessions_opened: Counter[str] = Counter()
@@ -891,11 +900,15 @@ class FleetGeneration:
         verifier = pipeline.verifier
         strict = self.strict and verifier is not None
         released = rollbacks = 0
+        decoding = False  # counted in client.decoding (the head's lockstep)
         await client.wait_ready()
         t0 = time.perf_counter()
         try:
             await pipeline.open()
             while True:
+                if decoding and gen.done:
+                    client.decoding -= 1
+                    decoding = False
                 if verifier is not None and verifier.rollback_to is not None:
                     rollbacks += 1
                     if rollbacks > client.config.max_failovers:
@@ -906,6 +919,9 @@ class FleetGeneration:
                 if not gen.done:
                     step = gen.next_input()
                     hidden = await pipeline.forward(step.hidden, step.position)
+                    if not decoding and gen.new_ids:  # past the prompt: in step with the others
+                        client.decoding += 1
+                        decoding = True
                     gen.feed_logits(await client.head_batcher.logits(hidden))
                 elif verifier is None:
                     finished = True
@@ -931,6 +947,8 @@ class FleetGeneration:
             if tail:
                 yield -1, tail
         finally:
+            if decoding:
+                client.decoding -= 1
             await pipeline.aclose()
         elapsed = time.perf_counter() - t0
         verification = None

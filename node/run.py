@@ -35,6 +35,7 @@ def node_status(node: Node) -> dict[str, Any]:
     """What a supervisor (``idlefleet swarm``) shows about this node."""
     me = node.view.get(node.peer_id)
     rec = me.record if me else None
+    server = node.hosting.server if node.hosting is not None else None
     return {
         "peer_id": node.peer_id,
         "multiaddr": node.multiaddrs[0],
@@ -57,6 +58,11 @@ def node_status(node: Node) -> dict[str, Any]:
         "relayed_addrs": list(node.nat.relayed_addrs),
         "relayed_peers": sorted(node.host.relayed_peers()),
         "nat": node.nat.statistics(),  # relay, hole punching and relayed-bytes counters
+        # Stage serving since start: steps / batches is the mean batch size of the step batcher.
+        "serving": None if server is None else {
+            "sessions": server.active_sessions, "steps": server.stats.steps,
+            "tokens": server.stats.tokens, "batches": server.stats.batches,
+            "compute_s": round(server.stats.compute_s, 3)},
     }
 
 

@@ -209,3 +209,34 @@ async def test_client_head_rows_queued_during_a_batch_go_through_the_head_togeth
     want = head.logits(rows[:, -1])
     for i in range(3):
         np.testing.assert_allclose(got[i], want[i], rtol=0, atol=TOL * float(np.abs(want[i]).max()))
+
+
+async def test_client_head_waits_for_every_decoding_generation_within_the_window(
+    head: Head, autojump_clock: trio.abc.Clock
+) -> None:
+    decoding = 3
+    batcher = HeadBatcher(head, window_s=0.05, active=lambda: decoding)
+    row = np.random.default_rng(4).standard_normal((1, 576)).astype(np.float32)
+    arrived: dict[int, float] = {}
+
+    async def one(i: int, delay: float) -> None:
+        await trio.sleep(delay)
+        await batcher.logits(row)
+        arrived[i] = trio.current_time()
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:  # rows 10 and 30 ms apart: one batch at 30 ms
+        for i, delay in enumerate((0.0, 0.01, 0.03)):
+            nursery.start_soon(one, i, delay)
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (1, 3)
+    assert all(abs(t - t0 - 0.03) < 0.005 for t in arrived.values()), arrived
+    # A straggler past the window: the others go without it (the wait is bounded), it alone.
+    async with trio.open_nursery() as nursery:
+        for i, delay in enumerate((0.0, 0.0, 0.2)):
+            nursery.start_soon(one, i, delay)
+    assert batcher.stats.batches == 3 and arrived[0] == arrived[1] < arrived[2]
+    # One generation decoding: its row never waits.
+    decoding = 1
+    t0 = trio.current_time()
+    await batcher.logits(row)
+    assert trio.current_time() - t0 < 0.001

@@ -52,6 +52,22 @@ async def test_three_nodes_cover_the_model_and_generate_like_local(
             # The async iterator gives the same tokens.
             ids = [t async for t, _ in client.stream(PROMPT, max_new_tokens=12) if t >= 0]
             assert ids == local_ids
+            # Concurrent generations decode in step: their LM head rows go through the head
+            # together (one batch per token, not one per row) and give the same tokens.
+            before = (client.head_batcher.stats.batches, client.head_batcher.stats.steps)
+            results: list[list[int]] = []
+
+            async def one() -> None:
+                results.append((await client.generate(PROMPT, max_new_tokens=12)).new_ids)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(one)
+            assert results == [local_ids] * 3
+            batches = client.head_batcher.stats.batches - before[0]
+            assert client.head_batcher.stats.steps - before[1] == 36
+            assert client.head_batcher.stats.max_batch == 3 and batches <= 16, batches
+            assert client.decoding == 0  # every generation left the lockstep
             # fp16 on the wire keeps the greedy tokens.
             client16 = FleetClient(me, client_model, ClientConfig(wire_dtype="float16"))
             assert (await client16.generate(PROMPT, max_new_tokens=12)).new_ids == local_ids

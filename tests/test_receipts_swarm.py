@@ -53,6 +53,14 @@ async def test_a_sigkilled_server_keeps_every_receipt_it_acknowledged(
             for _ in range(2):
                 await client.generate(PROMPT, max_new_tokens=4)
             assert client.receipts_stored == 6 and not client.receipts_refused  # 2 generations x 3 hops
+            # Each node's status file counts the steps it served and the batches they took.
+            with trio.fail_after(10):
+                while not all(((n.status() or {}).get("serving") or {}).get("steps", 0) >= 6
+                              for n in swarm.nodes):
+                    await trio.sleep(0.2)
+            for n in swarm.nodes:
+                serving = n.status()["serving"]  # type: ignore[index]
+                assert 1 <= serving["batches"] <= serving["steps"] and serving["compute_s"] > 0, serving
 
             # A third generation; after 3 tokens the middle hop's node is SIGKILLed. Nobody else
             # hosts its blocks, so the generation fails; the exchange for the lost hop fails too.
