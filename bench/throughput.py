@@ -111,6 +111,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     cpu: dict[int, list[CpuWindow]] = {1: [], STREAMS: []}
     tokens: dict[int, list[int]] = {1: [], STREAMS: []}
     batch_sizes: dict[int, list[list[float]]] = {1: [], STREAMS: []}
+    streams_per_node: dict[int, list[list[int]]] = {1: [], STREAMS: []}
 
     def serving() -> list[tuple[int, int]]:
         """(steps, batches) served so far by each node, from its status file (rewritten ~1/s)."""
@@ -143,6 +144,13 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                                for (s0, b0), (s1, b1) in zip(before, after, strict=True)])
         done = [x for x in runs if x is not None]
         tokens[n].append(sum(x.n for x in done))
+        index = {(node.status() or {}).get("peer_id"): i for i, node in enumerate(swarm.nodes)}
+        per_node = [0] * len(swarm.nodes)
+        for x in done:
+            for hop in x.route or []:
+                if hop["peer_id"] in index:
+                    per_node[index[hop["peer_id"]]] += 1
+        streams_per_node[n].append(per_node)
         for k, x in enumerate(done):
             check(f"stream {k} of {n}", PROMPTS[k % len(PROMPTS)], x)
         first, last = min(x.token_times[0] for x in done), max(x.token_times[-1] for x in done)
@@ -161,7 +169,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                 w, t = cpu[n][-1], tokens[n][-1]
                 log(f"      {n} stream(s): CPU per token client {1e3 * w.client_s / t:.1f} ms, nodes "
                     f"{1e3 * w.nodes_s / t:.1f} ms {[round(1e3 * x / t, 1) for x in w.per_node_s]}; "
-                    f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}")
+                    f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}, "
+                    f"streams per node {streams_per_node[n][-1]}")
 
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
@@ -179,6 +188,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                         "machine_busy_pct": round(med([w.busy_pct for w in cpu[n]]), 1)}
                         for n in (1, STREAMS)},
                     "mean_batch_per_node": {n: batch_sizes[n] for n in (1, STREAMS)},
+                    "streams_per_node": {n: streams_per_node[n] for n in (1, STREAMS)},
                     "identical_to_local": not mismatches, "mismatches": mismatches})
     except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]

@@ -5,6 +5,7 @@ finding 6): a bad reply is that peer's fault (fail over); a local error is nobod
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed
+from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed, own_sessions_load
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.generate import generate, local_middle
 from idlefleet.node.model.sampling import SamplingParams
@@ -25,7 +26,7 @@ from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import ConfigError, LocalProtocolError
-from idlefleet.protocols.routing import Candidate
+from idlefleet.protocols.routing import Candidate, find_route
 from idlefleet.protocols.tensors import EncodedTensor, encode_hidden
 
 PROMPT = "My bank PIN is 4921"
@@ -205,3 +206,21 @@ async def test_local_blocks_run_here_and_the_route_covers_the_rest(
     assert [h["blocks"] for h in result.route] == [[2, 30]]
     assert [f["blocks"] for event, f in events if event == "session_opened"] == [[2, 30]]
     assert result.new_ids == reference("float32")  # the same tokens as the whole model here
+
+
+def test_concurrent_generations_spread_evenly_over_equal_hosts() -> None:
+    """Routing 8 generations one after another, each seeing the sessions the earlier ones hold
+    (as FleetClient.candidates does), gives every one of two equal hosts per range 4 of them."""
+    loads = [own_sessions_load(n) for n in range(10)]
+    assert loads[0] == 0 and all(a < b < 0.9 for a, b in itertools.pairwise(loads))
+    hosts = [(f"{r}{k}", start, start + 10)
+             for r, start in zip("abc", (0, 10, 20), strict=True) for k in (1, 2)]
+    mine: dict[str, int] = dict.fromkeys([h[0] for h in hosts], 0)
+    for _ in range(8):
+        cands = [Candidate(peer_id=p, start=a, end=b, rtt_s=0.002, compute_gflops=50.0,
+                           load=own_sessions_load(mine[p]), battery_soc=0.8, plugged_in=True,
+                           state="online", expected_departure=None, link_metered=False, region="u33d")
+                 for p, a, b in hosts]
+        for hop in find_route(cands, 0, 30, now=1.7e9, my_region="u33d"):
+            mine[hop.peer_id] += 1
+    assert sorted(mine.values()) == [4] * 6, mine
