@@ -284,7 +284,18 @@ class Host:
         return [str(a) for a in self._host.get_addrs()]
 
     def connected_peers(self) -> set[str]:
-        return {pid.to_base58() for pid, conns in self._host.get_network().connections.items() if conns}
+        """Peers with at least one open connection (py-libp2p 0.8.1 can keep a closed one listed)."""
+        return {pid.to_base58() for pid, conns in self._host.get_network().connections.items()
+                if any(not getattr(c, "is_closed", False) for c in conns)}
+
+    def _prune_closed(self, pid: ID) -> None:
+        """Forget ``pid``'s connections that are closed but still listed. py-libp2p 0.8.1's
+        ``new_stream`` dials only when a peer has no connection at all: with only closed ones
+        listed it fails ("No valid connections available") instead of dialling again."""
+        swarm = self._host.get_network()
+        for conn in list(swarm.connections.get(pid, [])):
+            if getattr(conn, "is_closed", False):
+                swarm.remove_conn(conn)
 
     def on_disconnect(self, callback: DisconnectCallback) -> None:
         self._disconnect_callbacks.append(callback)
@@ -448,8 +459,10 @@ class Host:
         """Open a framed stream. Raises PeerUnreachable or DeadlineExceeded."""
         timeout = timeout or self._config.connect_timeout_s
         try:
+            pid = ID.from_base58(peer_id)
+            self._prune_closed(pid)
             with trio.fail_after(timeout):
-                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+                stream = await self._host.new_stream(pid, [TProtocol(protocol)])
         except trio.TooSlowError:
             raise DeadlineExceeded(f"opening {protocol} to {peer_id[-8:]} took over {timeout}s") from None
         except Exception as e:

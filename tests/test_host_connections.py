@@ -1,0 +1,47 @@
+"""Host connection bookkeeping around py-libp2p 0.8.1's swarm."""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from libp2p.peer.id import ID
+
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.host import HostConfig, open_host
+from idlefleet.protocols import session as S
+from idlefleet.protocols.tensors import encode_hidden
+
+PING = "/test/ping/1.0.0"
+
+
+async def pong(fs: FramedStream) -> None:
+    env = await fs.receive(timeout=5)
+    await fs.send(env.kind, env.body, timeout=5)
+    await fs.aclose()
+
+
+async def test_a_closed_connection_still_listed_is_dialled_again_not_an_error() -> None:
+    """py-libp2p can keep a closed connection in its table (seen under load after a cancelled
+    job); its new_stream then fails with "No valid connections available" instead of dialling.
+    The host forgets such connections: the peer counts as not connected, and opening a stream
+    dials it again."""
+    async with (
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as server,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        server.set_stream_handler(PING, pong)
+        peer = await client.connect(server.multiaddrs()[0])
+        swarm = client._host.get_network()
+        pid = ID.from_base58(peer)
+        (conn,) = swarm.connections[pid]
+        await conn.close()
+        swarm.connections[pid] = [conn]  # the stale listing: closed, still in the table
+        assert conn.is_closed and peer not in client.connected_peers()
+        with trio.fail_after(10):
+            fs = await client.open_stream(peer, PING)
+            body = S.Step(7, encode_hidden(np.ones((1, 8), np.float32))).to_body()
+            await fs.send("step", body, timeout=5)
+            assert (await fs.receive(timeout=5)).body == body
+        assert peer in client.connected_peers()
+        assert all(not c.is_closed for c in swarm.connections[pid])
