@@ -42,6 +42,7 @@ class _Job:
     finished: bool = False
     result: np.ndarray | None = None
     error: Exception | None = None
+    max_wait: float | None = None  # HeadBatcher: how long this row may wait for others (leading)
 
 
 @dataclass
@@ -135,11 +136,15 @@ class StepBatcher:
 
     async def _gather(self) -> None:
         """Wait up to ``window_s`` for more steps, or until every active session has one queued."""
-        with trio.move_on_after(self.window_s):
+        with trio.move_on_after(self._window_s()):
             while len(self._queue) < self._active():
                 self._arrival = trio.Event()
                 await self._arrival.wait()
 
+
+    def _window_s(self) -> float:
+        """How long the batch being gathered may wait (its leader is ``self._queue[0]``)."""
+        return self.window_s
 
     @staticmethod
     def _compute(batch: list[_Job]) -> None:
@@ -162,9 +167,16 @@ class HeadBatcher(StepBatcher):
         super().__init__(limiter or trio.CapacityLimiter(1), active, window_s=window_s)
         self.head = head
 
-    async def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """Logits ``[V]`` of the last row of ``hidden [T, H]``."""
-        return await self._submit(_Job(hidden[-1:]))
+    async def logits(self, hidden: np.ndarray, max_wait: float | None = None) -> np.ndarray:
+        """Logits ``[V]`` of the last row of ``hidden [T, H]``. ``max_wait`` caps how long this
+        row waits for the others if it leads a batch (default: ``window_s``)."""
+        return await self._submit(_Job(hidden[-1:], max_wait=max_wait))
+
+    def _window_s(self) -> float:
+        leader = self._queue[0] if self._queue else None
+        if leader is None or leader.max_wait is None:
+            return self.window_s
+        return max(0.0, min(self.window_s, leader.max_wait))
 
     def _compute(self, batch: list[_Job]) -> None:  # type: ignore[override]
         try:

@@ -78,6 +78,9 @@ from idlefleet.protocols.verification import StepCommitment, TrustBook, row_dige
 log = logging.getLogger(__name__)
 
 
+LOCKSTEP_SHARE = 0.25  # of a generation's time per token, the most its head row waits for others
+
+
 def own_sessions_load(sessions: int) -> float:
     """The load that ``sessions`` of our own open on a peer add in route costs: 0.45 for one
     (its route costs ~1.8x), rising with every further one (0.6, 0.68, 0.72, ...) and never
@@ -137,6 +140,8 @@ class ClientConfig:
     # Concurrent generations of one client decode in step (node/batcher.py HeadBatcher): a
     # token's LM head row waits up to this long for the other decoding generations' rows, so
     # that all of them are computed together here and on every stage server. 0: no waiting.
+    # A row never waits more than LOCKSTEP_SHARE of its own generation's recent time per token:
+    # a fast stream is not held to the pace of a slow one.
     lockstep_window_s: float = 0.05
 
     def __post_init__(self) -> None:
@@ -905,6 +910,8 @@ class FleetGeneration:
         strict = self.strict and verifier is not None
         released = rollbacks = 0
         decoding = False  # counted in client.decoding (the head's lockstep)
+        token_s: float | None = None  # this generation's time per token (EWMA)
+        last_token: float | None = None
         await client.wait_ready()
         t0 = time.perf_counter()
         try:
@@ -926,7 +933,13 @@ class FleetGeneration:
                     if not decoding and gen.new_ids:  # past the prompt: in step with the others
                         client.decoding += 1
                         decoding = True
-                    gen.feed_logits(await client.head_batcher.logits(hidden))
+                    now = trio.current_time()
+                    if last_token is not None:
+                        took = now - last_token
+                        token_s = took if token_s is None else 0.7 * token_s + 0.3 * took
+                    last_token = now
+                    max_wait = LOCKSTEP_SHARE * token_s if token_s is not None else 0.0
+                    gen.feed_logits(await client.head_batcher.logits(hidden, max_wait))
                 elif verifier is None:
                     finished = True
                 else:

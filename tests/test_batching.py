@@ -235,6 +235,20 @@ async def test_client_head_waits_for_every_decoding_generation_within_the_window
         for i, delay in enumerate((0.0, 0.0, 0.2)):
             nursery.start_soon(one, i, delay)
     assert batcher.stats.batches == 3 and arrived[0] == arrived[1] < arrived[2]
+    # A leader's own cap (a fast generation: a share of its time per token) shortens the wait.
+    waited: list[float] = []
+
+    async def capped() -> None:
+        t = trio.current_time()
+        await batcher.logits(row, max_wait=0.01)
+        waited.append(trio.current_time() - t)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(capped)
+        nursery.start_soon(one, 0, 0.03)
+    # (its window ended at 10 ms: the row at 30 ms came too late and went alone; with the
+    # default window both would have gone together)
+    assert waited[0] >= 0.01 and batcher.stats.batches == 5
     # One generation decoding: its row never waits.
     decoding = 1
     t0 = trio.current_time()
