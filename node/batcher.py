@@ -29,6 +29,8 @@ from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Head, Stage
 from idlefleet.protocols.errors import TensorError
 
+STEPPING_S = 1.0  # a session that sent a step this recently is expected to send the next soon
+
 
 @dataclass(eq=False)
 class _Job:
@@ -69,6 +71,7 @@ class StepBatcher:
         self.max_batch_tokens = max_batch_tokens
         self._on_batch = on_batch or (lambda seconds, steps: None)
         self._queue: list[_Job] = []
+        self._stepped: dict[int, float] = {}  # id(cache) -> when its session's last step came
         self._leading = False
         self._arrival = trio.Event()
         self.stats = BatcherStatistics()
@@ -79,7 +82,27 @@ class StepBatcher:
 
         Raises :class:`TensorError` as ``forward`` would (for this step only). At most one step
         per cache may be in flight (a session's handler awaits each step)."""
+        now = trio.current_time()
+        if len(self._stepped) > 4096:  # sessions never forgotten (a caller without forget())
+            self._stepped = {k: t for k, t in self._stepped.items() if t >= now - STEPPING_S}
+        self._stepped[id(cache)] = now
         return await self._submit(_Job(hidden, stage, cache, position))
+
+    def forget(self, cache: KVCache) -> None:
+        """A session ended: its cache will send no more steps."""
+        self._stepped.pop(id(cache), None)
+
+    def _expected(self) -> int:
+        """How many queued steps end the window early: the active sessions less those that have
+        stepped before but not for ``STEPPING_S`` (a verifier's session, a chat between two
+        requests: open but silent, waiting for them would hold every batch for the whole
+        window). A session that has not stepped yet (just opened: its prefill comes) counts."""
+        active = self._active()
+        if not self._stepped:
+            return active
+        horizon = trio.current_time() - STEPPING_S
+        silent = sum(1 for t in self._stepped.values() if t < horizon)
+        return max(1, active - silent)
 
     async def _submit(self, job: _Job) -> np.ndarray:
         self._queue.append(job)
@@ -137,7 +160,7 @@ class StepBatcher:
     async def _gather(self) -> None:
         """Wait up to ``window_s`` for more steps, or until every active session has one queued."""
         with trio.move_on_after(self._window_s()):
-            while len(self._queue) < self._active():
+            while len(self._queue) < self._expected():
                 self._arrival = trio.Event()
                 await self._arrival.wait()
 

@@ -326,6 +326,8 @@ class StageServer:
         except NetworkError as e:
             log.info("session %d from %s: link lost: %s", sid, fs.peer_id[-8:], e)
         finally:
+            if cache is not None:
+                self._batcher.forget(cache)
             self._peer_of.pop(sid, None)
             if fs.peer_id not in self._peer_of.values():
                 limiter = self._inflight.get(fs.peer_id)

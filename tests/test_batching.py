@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import trio
 
-from idlefleet.node.batcher import HeadBatcher, StepBatcher
+from idlefleet.node.batcher import STEPPING_S, HeadBatcher, StepBatcher
 from idlefleet.node.model import blocks as B
 from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.sampling import SamplingParams
@@ -191,6 +191,25 @@ async def test_window_is_bounded_and_a_cancelled_waiter_leaves_the_queue(
     assert done == [0]
     assert batcher.stats.steps == 2
     assert not batcher._queue
+
+
+async def test_an_open_session_that_stopped_stepping_does_not_hold_batches_up(
+    two_blocks: Stage, autojump_clock: trio.abc.Clock
+) -> None:
+    batcher = _batcher(active=2, window_s=0.5)  # two sessions open
+    x = np.ones((1, 576), np.float32)
+    silent, busy = two_blocks.new_cache(), two_blocks.new_cache()
+    await batcher.forward(two_blocks, x, silent, None)  # the first steps once, then goes quiet
+    t0 = trio.current_time()
+    await batcher.forward(two_blocks, x, busy, None)  # it stepped just now: waited for
+    assert trio.current_time() - t0 >= 0.5
+    await trio.sleep(STEPPING_S)
+    for _ in range(3):  # silent for a while: the other's steps go at once
+        t0 = trio.current_time()
+        await batcher.forward(two_blocks, x, busy, None)
+        assert trio.current_time() - t0 < 0.01
+    batcher.forget(silent)  # its session closed
+    assert batcher._expected() == 2  # (active() still says 2 here: a new session, not yet stepping)
 
 
 async def test_client_head_rows_queued_during_a_batch_go_through_the_head_together(head: Head) -> None:
