@@ -11,13 +11,17 @@
     client-only node: one stream, then 8 concurrent streams (8 trio tasks sharing one
     ``FleetClient``: their LM head rows are batched, stage servers batch their steps), paired in
     each repeat; aggregate decode tokens/s over the single stream; goal >= 4x. Every swarm
-    generation is checked token-identical to local greedy.
+    generation is checked token-identical to local greedy. Each repeat also decodes the first
+    prompt with all 30 blocks in this process just before the single stream: swarm/local single
+    stream, paired (goal >= 0.9; ``bench.pipeline`` measures it on a 3-node swarm, with a per-hop
+    profile). CPU per token of the client and each node, the machine's busy %, each node's mean
+    batch and the streams it carried are printed per measurement.
 
 The machine may be shared: only ratios measured in the same run mean anything. Medians over
 ``--repeats``; one final JSON line. Every wait is bounded, only 127.0.0.1 is used, and the swarm
 (processes this script started, by PID) is stopped in ``finally``.
 
-    python -m bench.throughput               # ~5-10 minutes on 2 loaded cores
+    python -m bench.throughput               # ~2 minutes on a quiet 2-core machine
     python -m bench.throughput --quick       # 1 repeat, 16 tokens
     python -m bench.throughput --skip swarm  # local engine only
 """
@@ -101,13 +105,15 @@ def phase_local(args: argparse.Namespace, stage: Stage, head: Head, prompt_ids: 
 
 
 def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, list[int]],
-                root: Path, log: Any) -> dict[str, Any]:
+                root: Path, log: Any, stage: Stage, prompt_ids: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     swarm = make_swarm(6, root / "swarm6")
     mismatches: list[str] = []
     single: list[float] = []
     agg: list[float] = []
     ratio: list[float] = []
+    local_single: list[float] = []
+    over_local: list[float] = []
     cpu: dict[int, list[CpuWindow]] = {1: [], STREAMS: []}
     tokens: dict[int, list[int]] = {1: [], STREAMS: []}
     batch_sizes: dict[int, list[list[float]]] = {1: [], STREAMS: []}
@@ -158,12 +164,18 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
 
     async def body(client: FleetClient) -> None:
         for i in range(args.repeats):
+            # paired with the swarm's single stream: the same prompt's decode, all 30 blocks here
+            local, _ = await trio.to_thread.run_sync(local_decode, stage, model.head, [prompt_ids],
+                                                     args.tokens)
             one = await streams(client, 1)
             many = await streams(client, STREAMS)
+            local_single.append(local)
+            over_local.append(one / local)
             single.append(one)
             agg.append(many)
             ratio.append(many / one)
-            log(f"  #{i + 1}: 1 stream {one:.1f} tok/s decode; {STREAMS} streams {many:.1f} aggregate "
+            log(f"  #{i + 1}: local {local:.1f} tok/s, 1 stream {one:.1f} tok/s decode "
+                f"(swarm/local x{one / local:.2f}); {STREAMS} streams {many:.1f} aggregate "
                 f"(x{many / one:.2f})")
             for n in (1, STREAMS):
                 w, t = cpu[n][-1], tokens[n][-1]
@@ -176,7 +188,9 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
         trio.run(with_client, swarm, model, root / "swarm6", args.start_timeout, args.settle, body,
                  ClientConfig(verify=not args.no_verify))
-        out.update({"single_decode_tokens_per_s": round(med(single), 2),
+        out.update({"local_single_decode_tokens_per_s": round(med(local_single), 2),
+                    "single_over_local": round(med(over_local), 3),
+                    "single_decode_tokens_per_s": round(med(single), 2),
                     f"x{STREAMS}_aggregate_decode_tokens_per_s": round(med(agg), 2),
                     f"x{STREAMS}_over_single": round(med(ratio), 3),
                     "ratios": [round(r, 3) for r in ratio],
@@ -272,13 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 want = {str(k): r.new_ids for k, r in generate_many(
                     model.head, stage, items, model.tokenizer.stop_ids, concurrency=8)}
                 log(f"[{time.monotonic() - t_start:5.1f}s] (b) 6-node swarm, 1 vs {STREAMS} streams")
-                swarm = phase_swarm(args, model, want, root, log)
+                swarm = phase_swarm(args, model, want, root, log, stage, prompt_ids[0])
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: reporting what was measured")
     goal = {"local_x8_over_x1": local.get("over_one_session", {}).get(8),
             "local_goal": GOAL_LOCAL_8,
-            "swarm_x8_over_x1": swarm.get(f"x{STREAMS}_over_single"), "swarm_goal": GOAL_SWARM_8}
+            "swarm_x8_over_x1": swarm.get(f"x{STREAMS}_over_single"), "swarm_goal": GOAL_SWARM_8,
+            "swarm_over_local_single": swarm.get("single_over_local"), "swarm_over_local_goal": 0.9}
     elapsed = time.monotonic() - t_start
     if not args.json:
         for k, v in goal.items():
