@@ -7,6 +7,7 @@ identical on the reference prompts.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -188,3 +189,51 @@ async def test_client_head_rows_queued_during_a_batch_go_through_the_head_togeth
     want = head.logits(rows[:, -1])
     for i in range(3):
         np.testing.assert_allclose(got[i], want[i], rtol=0, atol=TOL * float(np.abs(want[i]).max()))
+
+
+class _ThreadRecordingStage:
+    """Wraps a stage: records the thread each ``forward_batch`` runs in, and how many rows."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage, self.start, self.end = stage, stage.start, stage.end
+        self.calls: list[tuple[int, int]] = []  # (thread id, rows)
+
+    def forward_batch(self, steps: Any) -> list[np.ndarray]:
+        self.calls.append((threading.get_ident(), sum(h.shape[0] for h, _, _ in steps)))
+        return self.stage.forward_batch(steps)
+
+
+async def test_a_lone_one_row_step_is_computed_on_the_event_loop_under_the_limiter(two_blocks: Stage) -> None:
+    limiter = trio.CapacityLimiter(1)
+    batcher = StepBatcher(limiter, lambda: 1, window_s=0.0, inline_rows=1)
+    stage = _ThreadRecordingStage(two_blocks)
+    cache, alone = two_blocks.new_cache(), two_blocks.new_cache()
+    rng = np.random.default_rng(4)
+    prefill = rng.standard_normal((3, 576)).astype(np.float32)
+    decode = rng.standard_normal((1, 576)).astype(np.float32)
+    loop = threading.get_ident()
+    got = await batcher.forward(stage, prefill, cache, 0)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got, two_blocks.forward(prefill, alone))
+    got = await batcher.forward(stage, decode, cache, 3)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got, two_blocks.forward(decode, alone))
+    assert stage.calls[0][0] != loop  # 3 rows: a worker thread
+    assert stage.calls[1] == (loop, 1)  # 1 row: on the event loop, same result
+    assert batcher.stats.inline == 1
+    # The limiter still orders it: while someone else computes, the inline step waits its turn.
+    other = object()
+    await limiter.acquire_on_behalf_of(other)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.forward, stage, decode, cache, 4)
+        await trio.sleep(0.05)
+        assert len(stage.calls) == 2  # still waiting for the limiter
+        limiter.release_on_behalf_of(other)
+    assert stage.calls[2] == (loop, 1) and cache.length == 5
+
+
+async def test_inline_rows_zero_always_uses_the_thread(two_blocks: Stage) -> None:
+    batcher = StepBatcher(trio.CapacityLimiter(1), lambda: 1, window_s=0.0)  # the default: 0
+    stage = _ThreadRecordingStage(two_blocks)
+    x = np.ones((1, 576), np.float32)
+    await batcher.forward(stage, x, two_blocks.new_cache(), 0)  # type: ignore[arg-type]
+    assert stage.calls[0][0] != threading.get_ident()
+    assert batcher.stats.inline == 0
