@@ -134,8 +134,11 @@ class StepBatcher:
                 rows += job.hidden.shape[0]
             started = time.perf_counter()
             if rows <= self.inline_rows:  # small: hand-offs to a thread would cost more
-                async with self._limiter:
+                await acquire(self._limiter)
+                try:
                     self._compute(batch)
+                finally:
+                    self._limiter.release()
                 self.stats.inline += 1
             else:
                 await trio.to_thread.run_sync(self._compute, batch, limiter=self._limiter)
@@ -152,6 +155,8 @@ class StepBatcher:
 
     async def _gather(self) -> None:
         """Wait up to ``window_s`` for more steps, or until every active session has one queued."""
+        if len(self._queue) >= self._active():  # a lone session: no timer to set up and tear down
+            return
         with trio.move_on_after(self.window_s):
             while len(self._queue) < self._active():
                 self._arrival = trio.Event()
@@ -186,6 +191,15 @@ class HeadBatcher(StepBatcher):
             return
         for job, row in zip(batch, logits, strict=True):
             job.result = row
+
+
+async def acquire(limiter: trio.CapacityLimiter) -> None:
+    """``limiter.acquire()`` without a schedule point of its own when a token is free (the usual
+    case on a decode step's path, where every pass of the scheduler costs): only a wait yields."""
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        await limiter.acquire()
 
 
 def _compute_steps(batch: list[_Job]) -> None:

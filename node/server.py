@@ -44,7 +44,7 @@ import numpy as np
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.batcher import StepBatcher
+from idlefleet.node.batcher import StepBatcher, acquire
 from idlefleet.node.faults import FaultInjector
 from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
 from idlefleet.node.metrics import LatencyHistogram
@@ -399,7 +399,8 @@ class StageServer:
         if limiter is None:
             limiter = self._inflight[fs.peer_id] = trio.CapacityLimiter(self.config.max_inflight_per_peer)
         started = time.perf_counter()
-        async with limiter:  # one peer's many sessions queue here, not ahead of everyone else
+        await acquire(limiter)  # one peer's many sessions queue here, not ahead of everyone else
+        try:
             parts, done = [], 0
             while done < hidden.shape[0]:  # chunks: other sessions' steps run in between
                 n = self._chunk_tokens(step.position + done, hidden.shape[0] - done)
@@ -408,6 +409,8 @@ class StageServer:
                                                          step.position + done))
                 done += n
                 self.stats.chunks += 1
+        finally:
+            limiter.release()
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.fault is not None:
             out = self.fault.apply(hidden, out)

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
-from idlefleet.node.batcher import HeadBatcher, StepBatcher
+from idlefleet.node.batcher import HeadBatcher, StepBatcher, acquire
 from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage
@@ -237,3 +238,23 @@ async def test_inline_rows_zero_always_uses_the_thread(two_blocks: Stage) -> Non
     await batcher.forward(stage, x, two_blocks.new_cache(), 0)  # type: ignore[arg-type]
     assert stage.calls[0][0] != threading.get_ident()
     assert batcher.stats.inline == 0
+
+
+async def test_acquire_takes_a_free_token_without_a_schedule_point_and_waits_for_a_taken_one() -> None:
+    limiter = trio.CapacityLimiter(1)
+    with trio.testing.assert_no_checkpoints():
+        await acquire(limiter)
+    assert limiter.borrowed_tokens == 1
+    got: list[str] = []
+
+    async def second() -> None:
+        await acquire(limiter)
+        got.append("second")
+        limiter.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.sleep(0.01)
+        assert got == []  # waits for the token
+        limiter.release()
+    assert got == ["second"] and limiter.borrowed_tokens == 0
