@@ -1,22 +1,28 @@
 """Per-hop messaging cost: one-token steps through a one-block stage server, both ends in this process.
 
-A real ``StageServer`` (block 0 of SmolLM2) on a real libp2p host (TCP + Noise + Yamux on
-127.0.0.1) and a client host; the client sends decode-sized steps (1 x 576 float32) and waits for
-each reply, as ``Pipeline._step`` does. Both ends run on this process's one event loop, so a round
-trip's time is the CPU both ends spend on it plus the block's compute (measured alone first):
-the rest is the messaging overhead a hop adds to every token.
+A real ``StageServer`` (block 0 of SmolLM2, with a key: it signs every step result as a node does)
+on a real libp2p host (TCP + Noise + Yamux on 127.0.0.1) and a client host; the client sends
+decode-sized steps (1 x 576 float32), waits for each reply and checks it and its signature, as
+``Pipeline._step`` does. Both ends run on this process's one event loop, so a round trip's time is
+the CPU both ends spend on it plus the block's compute (measured alone first): the rest is the
+messaging overhead a hop adds to every token.
 
-Two settings alternate in rounds of ``--steps`` steps (so both see the same machine load), and the
-medians and their ratio are printed:
+Three settings alternate in rounds of ``--steps`` steps (so all see the same machine load), and the
+medians and their ratios are printed:
 
 - ``per-read``: py-libp2p 0.8.1's own yamux rule, a WINDOW_UPDATE frame back after every read;
-- ``batched``: ``p2p.framing``'s rule (the default), credit back once half the window is read.
+- ``batched``: ``p2p.framing``'s rule (the default), credit back once half the window is read;
+- in both, the server computes a lone one-row step on its event loop (``ServerConfig.inline_rows``,
+  the default);
+- ``thread``: as ``batched``, but the server computes every step in its worker thread
+  (``inline_rows=0``): two thread hand-offs per step.
 
-It also times, per step, the client's tensor codec (encode + decode + reply checks) apart from the
-round trip, and runs cProfile over one extra batched round with ``--profile`` (top functions by
-own time). The machine may be shared: only the paired ratio means much.
+It also times, per step, the client's tensor codec and reply checks (encode, decode, range, the
+server's signature over the step commitment) apart from the round trip, and runs cProfile over one
+extra batched round with ``--profile`` (top functions by own time). The machine may be shared:
+only the paired ratios mean much.
 
-    python -m bench.hop                  # 20 rounds x 25 steps per setting, ~30 s
+    python -m bench.hop                  # 20 rounds x 25 steps per setting, ~10-40 s
     python -m bench.hop --rounds 40 --profile
 """
 
@@ -54,24 +60,27 @@ from idlefleet.node.server import ServerConfig, StageServer  # noqa: E402
 from idlefleet.p2p.host import HostConfig, open_host  # noqa: E402
 from idlefleet.protocols import session as S  # noqa: E402
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden  # noqa: E402
+from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root  # noqa: E402
 
 BATCHED = YamuxStream._auto_tune_and_send_window_update
 PER_READ = getattr(BATCHED, "__wrapped__", None)
-SETTINGS = ("per-read", "batched")
+SETTINGS = ("per-read", "batched", "thread")
 
 
-def use(setting: str) -> None:
+def use(setting: str, server: StageServer) -> None:
     YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
-        BATCHED if setting == "batched" or PER_READ is None else PER_READ)
+        PER_READ if setting == "per-read" and PER_READ is not None else BATCHED)
+    # Reached into by name: the bench flips the server's compute path between rounds.
+    server._batcher.inline_rows = 0 if setting == "thread" else server.config.inline_rows
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with open_model(find_default_model()) as mf:
         stage = load_stage(mf, 0, 1)
-    server = StageServer(stage, ServerConfig())
+    server = StageServer(stage, ServerConfig(), key=Ed25519PrivateKey.generate())
     limits = TensorLimits(hidden_size=stage.config.hidden_size)
     x = np.random.default_rng(0).standard_normal((1, stage.config.hidden_size)).astype(np.float32)
-    n_steps = 2 * args.rounds * args.steps + args.steps + 10
+    n_steps = len(SETTINGS) * args.rounds * args.steps + args.steps + 10
     cache = stage.new_cache(capacity=n_steps)
     alone = []
     for position in range(n_steps):  # what the server computes per step, at the same positions
@@ -91,19 +100,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         fs = await client.open_stream(peer, S.STAGE_PROTOCOL)
         req = S.OpenRequest(stage.model_id, stage.start, stage.end, n_steps)
         await fs.send("session_open", req.to_body(), timeout=10)
-        await fs.receive_reply(timeout=10)
+        session = (await fs.receive_reply(timeout=10)).body["session"]
+        assert server.peer_id is not None  # the server has a key
         position = 0
 
         async def step() -> tuple[float, float]:
             nonlocal position
             t = time.perf_counter()
-            body = S.Step(position, encode_hidden(x)).to_body()
+            sent = encode_hidden(x)
+            body = S.Step(position, sent).to_body()
             c = time.perf_counter() - t
             await fs.send("step", body, timeout=10)
             reply = await fs.receive_reply(timeout=10)
             t2 = time.perf_counter()
-            out = decode_hidden(S.StepResult.from_body(reply.body).hidden, limits)
+            result = S.StepResult.from_body(reply.body)
+            out = decode_hidden(result.hidden, limits)
             _ = float(np.abs(out).max())  # the client's range check
+            assert result.sig is not None
+            StepCommitment(server.peer_id, client.peer_id, stage.model_id, stage.start,  # _check_sig
+                           stage.end, session, position, 1, rows_root(row_digests(sent)),
+                           rows_root(row_digests(result.hidden))).verify(result.sig)
             done = time.perf_counter()
             position += 1
             return done - t, c + done - t2
@@ -113,13 +129,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await step()
             for i in range(args.rounds):
                 for setting in SETTINGS if i % 2 else reversed(SETTINGS):
-                    use(setting)
+                    use(setting, server)
                     for _ in range(args.steps):
                         total, c = await step()
                         rtt[setting].append(total * 1e3)
                         codec.append(c * 1e3)
             if args.profile:
-                use("batched")
+                use("batched", server)
                 prof = cProfile.Profile()
                 prof.enable()
                 for _ in range(args.steps):
@@ -128,7 +144,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 buf = io.StringIO()
                 pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
                 top = buf.getvalue()
-        use("batched")
+        use("batched", server)
         await fs.aclose()
     med = {s: statistics.median(v) for s, v in rtt.items()}
     return {"block_compute_ms": round(compute_ms, 3),
@@ -138,6 +154,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "batched_over_per_read_rtt": round(med["batched"] / med["per-read"], 3),
             "batched_over_per_read_overhead": round((med["batched"] - compute_ms)
                                                     / (med["per-read"] - compute_ms), 3),
+            "inline_over_thread_rtt": round(med["batched"] / med["thread"], 3),
+            "inline_over_thread_overhead": round((med["batched"] - compute_ms)
+                                                 / (med["thread"] - compute_ms), 3),
             "steps_per_setting": args.rounds * args.steps, "profile": top,
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
@@ -159,9 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in SETTINGS:
             print(f"  {s:>8}: round trip {r['rtt_ms'][s]:.3f} ms, overhead (round trip - compute) "
                   f"{r['overhead_ms'][s]:.3f} ms")
-        print(f"  client tensor codec per step: {r['client_codec_ms']:.3f} ms (inside the round trip)")
-        print(f"  batched/per-read: round trip {r['batched_over_per_read_rtt']:.3f}x, overhead "
-              f"{r['batched_over_per_read_overhead']:.3f}x")
+        print(f"  client tensor codec and reply checks (signature included) per step: "
+              f"{r['client_codec_ms']:.3f} ms (inside the round trip)")
+        print(f"  batched/per-read (yamux credit rule): round trip {r['batched_over_per_read_rtt']:.3f}x, "
+              f"overhead {r['batched_over_per_read_overhead']:.3f}x")
+        print(f"  batched/thread (server computes a one-row step on its event loop vs in its thread): "
+              f"round trip {r['inline_over_thread_rtt']:.3f}x, "
+              f"overhead {r['inline_over_thread_overhead']:.3f}x")
         if r["profile"]:
             print(r["profile"])
     print(json.dumps({"bench": "hop", **{k: v for k, v in r.items() if k != "profile"}}))

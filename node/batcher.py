@@ -6,6 +6,14 @@ queued) are computed together in one worker-thread call (:meth:`Stage.forward_ba
 weight is read from memory once for all of them. A lone session never waits: with one active
 session (or every active session already queued) the batch starts at once.
 
+A batch of at most ``inline_rows`` rows (the stage server uses 1: a lone decode step) is computed
+on the event loop itself, under the same limiter. A thread costs two wake-ups per step (loop to
+worker, worker back to loop) and the GIL passed back and forth around them: 0.3-0.5 ms per step on
+a loaded 2-core machine, a quarter of what a hop adds to a token (bench/pipeline.py). The price is
+that the loop is busy for that one step's compute (~1 ms per block on SmolLM2): other tasks (a
+heartbeat, another session's frame) wait that long, never longer; anything bigger (a prefill
+chunk, a batch of several sessions) still runs in the thread, with the loop free meanwhile.
+
 There is no background task: the first submitter that finds no batch running *leads* — it waits
 out the window, takes the queue (up to ``max_batch_tokens`` rows), runs it, hands each waiter its
 result, and passes the lead to the oldest step still queued. The leader's batch runs shielded from
@@ -53,6 +61,7 @@ class BatcherStatistics:
     steps: int = 0
     max_batch: int = 0  # most steps computed together
     compute_s: float = 0.0
+    inline: int = 0  # batches computed on the event loop (at most inline_rows rows)
 
 
 class StepBatcher:
@@ -60,15 +69,18 @@ class StepBatcher:
 
     ``active()`` says how many sessions could submit a step now (the window ends early once that
     many are queued). ``on_batch(seconds, steps)`` is called after each batch (on the event loop).
+    A batch of at most ``inline_rows`` rows is computed on the event loop, not in a thread (0:
+    never).
     """
 
     def __init__(self, limiter: trio.CapacityLimiter, active: Callable[[], int], *,
-                 window_s: float = 0.002, max_batch_tokens: int = 4096,
+                 window_s: float = 0.002, max_batch_tokens: int = 4096, inline_rows: int = 0,
                  on_batch: Callable[[float, int], None] | None = None) -> None:
         self._limiter = limiter
         self._active = active
         self.window_s = window_s
         self.max_batch_tokens = max_batch_tokens
+        self.inline_rows = inline_rows
         self._on_batch = on_batch or (lambda seconds, steps: None)
         self._queue: list[_Job] = []
         self._stepped: dict[int, float] = {}  # id(cache) -> when its session's last step came
@@ -145,7 +157,15 @@ class StepBatcher:
                 batch.append(job)
                 rows += job.hidden.shape[0]
             started = time.perf_counter()
-            await trio.to_thread.run_sync(self._compute, batch, limiter=self._limiter)
+            if rows <= self.inline_rows:  # small: hand-offs to a thread would cost more
+                await acquire(self._limiter)
+                try:
+                    self._compute(batch)
+                finally:
+                    self._limiter.release()
+                self.stats.inline += 1
+            else:
+                await trio.to_thread.run_sync(self._compute, batch, limiter=self._limiter)
             seconds = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.steps += len(batch)
@@ -159,6 +179,8 @@ class StepBatcher:
 
     async def _gather(self) -> None:
         """Wait up to ``window_s`` for more steps, or until every active session has one queued."""
+        if len(self._queue) >= self._expected():  # nothing to wait for: no timer to set up
+            return
         with trio.move_on_after(self._window_s()):
             while len(self._queue) < self._expected():
                 self._arrival = trio.Event()
@@ -175,9 +197,9 @@ class StepBatcher:
 
 
 class HeadBatcher(StepBatcher):
-    """A client's LM head for its concurrent generations, off the event loop: rows that arrive
-    while a batch computes (or within ``window_s``) go through the head together, in one matrix
-    product, in a worker thread.
+    """A client's LM head for its concurrent generations: rows that arrive while a batch computes
+    (or within ``window_s``) go through the head together, in one matrix product, in a worker
+    thread; a lone row (``inline_rows``) on the event loop, sparing the two thread hand-offs.
 
     ``active()`` says how many generations are decoding. The first row of a round waits up to
     ``window_s`` until every one of them has its row queued, then all rows go through the head
@@ -186,8 +208,10 @@ class HeadBatcher(StepBatcher):
     and every server computes them one at a time). With one generation nothing ever waits."""
 
     def __init__(self, head: Head, limiter: trio.CapacityLimiter | None = None, *,
-                 window_s: float = 0.0, active: Callable[[], int] = lambda: 0) -> None:
-        super().__init__(limiter or trio.CapacityLimiter(1), active, window_s=window_s)
+                 window_s: float = 0.0, active: Callable[[], int] = lambda: 0,
+                 inline_rows: int = 1) -> None:
+        super().__init__(limiter or trio.CapacityLimiter(1), active, window_s=window_s,
+                         inline_rows=inline_rows)
         self.head = head
 
     async def logits(self, hidden: np.ndarray, max_wait: float | None = None) -> np.ndarray:
@@ -210,6 +234,15 @@ class HeadBatcher(StepBatcher):
             return
         for job, row in zip(batch, logits, strict=True):
             job.result = row
+
+
+async def acquire(limiter: trio.CapacityLimiter) -> None:
+    """``limiter.acquire()`` without a schedule point of its own when a token is free (the usual
+    case on a decode step's path, where every pass of the scheduler costs): only a wait yields."""
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        await limiter.acquire()
 
 
 def _compute_steps(batch: list[_Job]) -> None:

@@ -4,10 +4,12 @@ One stream is one session (``protocols.session``). Each session owns a KV cache 
 (``max_length`` positions) is reserved against the server's KV memory budget when it opens, so the
 server's memory stays within budget however clients behave. A session that sends no valid message
 for the idle timeout (invalid steps do not count), or sends ``max_invalid_steps`` invalid steps in
-a row, is closed and its cache freed. Compute runs in a worker thread (one at a time per process:
-the machine's cores are shared by several nodes), so heartbeats and gossip never stall; steps of
-concurrent sessions arriving within a short window are computed together (``node.batcher``), so a
-stage holding 8 sessions reads its weights once per round, not 8 times.
+a row, is closed and its cache freed. Compute runs one at a time per process (the machine's cores
+are shared by several nodes), in a worker thread, so heartbeats and gossip never wait on a long
+step; a lone one-row step (single-stream decode, ``inline_rows``) is computed on the event loop,
+which saves two thread hand-offs per hop (``node.batcher``). Steps of concurrent sessions arriving
+within a short window are computed together, so a stage holding 8 sessions reads its weights once
+per round, not 8 times.
 
 Fair shares: one peer may hold at most ``peer_share`` of the sessions and of the KV budget, and
 have at most ``max_inflight_per_peer`` steps queued or computing. A long step (a prefill) is
@@ -42,7 +44,7 @@ import numpy as np
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.batcher import StepBatcher
+from idlefleet.node.batcher import StepBatcher, acquire
 from idlefleet.node.faults import FaultInjector
 from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
 from idlefleet.node.metrics import LatencyHistogram
@@ -78,6 +80,7 @@ class ServerConfig:
     prefill_chunk_tokens: int = 128  # a step is computed in chunks of at most this many positions
     workspace_bytes: int = 32 * 1024 * 1024  # working memory (attention scores, MLP) of one chunk
     batch_window_s: float = 0.002  # how long a step may wait for other sessions' steps (batching)
+    inline_rows: int = 1  # a batch of at most this many rows is computed on the event loop (0: never)
 
 
 @dataclass
@@ -127,7 +130,7 @@ class StageServer:
         self._batcher = StepBatcher(self._limiter, lambda: self.active_sessions,
                                     window_s=config.batch_window_s,
                                     max_batch_tokens=config.max_step_tokens,
-                                    on_batch=self._on_batch)
+                                    inline_rows=config.inline_rows, on_batch=self._on_batch)
         self._ids = _SESSION_IDS
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
         self._peer_of: dict[int, str] = {}  # session id -> the peer that opened it
@@ -398,7 +401,8 @@ class StageServer:
         if limiter is None:
             limiter = self._inflight[fs.peer_id] = trio.CapacityLimiter(self.config.max_inflight_per_peer)
         started = time.perf_counter()
-        async with limiter:  # one peer's many sessions queue here, not ahead of everyone else
+        await acquire(limiter)  # one peer's many sessions queue here, not ahead of everyone else
+        try:
             parts, done = [], 0
             while done < hidden.shape[0]:  # chunks: other sessions' steps run in between
                 n = self._chunk_tokens(step.position + done, hidden.shape[0] - done)
@@ -407,6 +411,8 @@ class StageServer:
                                                          step.position + done))
                 done += n
                 self.stats.chunks += 1
+        finally:
+            limiter.release()
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.fault is not None:
             out = self.fault.apply(hidden, out)

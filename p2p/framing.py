@@ -77,14 +77,19 @@ class FramedStream:
     async def send(self, kind: str, body: dict[str, Any], *, timeout: float) -> None:
         """Encode and send one envelope. Raises DeadlineExceeded or NetworkError."""
         data = frame(encode_envelope(kind, body))
-        async with self._send_lock:
-            try:
-                with trio.fail_after(timeout):
-                    await self._stream.write(data)
-            except trio.TooSlowError:
-                raise DeadlineExceeded(f"send {kind} to {self.peer_id[-8:]} took over {timeout}s") from None
-            except Exception as e:  # py-libp2p raises assorted stream/muxer/OS errors on a dead link
-                raise NetworkError(f"send {kind} to {self.peer_id[-8:]} failed: {e!r}") from None
+        try:  # uncontended (the usual case): no schedule point of its own; the write has several
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
+            with trio.fail_after(timeout):
+                await self._stream.write(data)
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"send {kind} to {self.peer_id[-8:]} took over {timeout}s") from None
+        except Exception as e:  # py-libp2p raises assorted stream/muxer/OS errors on a dead link
+            raise NetworkError(f"send {kind} to {self.peer_id[-8:]} failed: {e!r}") from None
+        finally:
+            self._send_lock.release()
         self.bytes_sent += len(data)
 
     async def receive(self, *, timeout: float) -> Envelope:

@@ -7,13 +7,15 @@ identical on the reference prompts.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
-from idlefleet.node.batcher import STEPPING_S, HeadBatcher, StepBatcher
+from idlefleet.node.batcher import STEPPING_S, HeadBatcher, StepBatcher, acquire
 from idlefleet.node.model import blocks as B
 from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.sampling import SamplingParams
@@ -213,7 +215,7 @@ async def test_an_open_session_that_stopped_stepping_does_not_hold_batches_up(
 
 
 async def test_client_head_rows_queued_during_a_batch_go_through_the_head_together(head: Head) -> None:
-    batcher = HeadBatcher(head)
+    batcher = HeadBatcher(head, inline_rows=0)  # (a lone row would be computed on the loop)
     rows = np.random.default_rng(3).standard_normal((3, 2, 576)).astype(np.float32)
     got: dict[int, np.ndarray] = {}
 
@@ -270,6 +272,73 @@ async def test_client_head_waits_for_every_decoding_generation_within_the_window
     assert waited[0] >= 0.01 and batcher.stats.batches == 5
     # One generation decoding: its row never waits.
     decoding = 1
-    t0 = trio.current_time()
+    t0, inline = trio.current_time(), batcher.stats.inline
     await batcher.logits(row)
     assert trio.current_time() - t0 < 0.001
+    assert batcher.stats.inline == inline + 1  # a lone row: on the event loop, no thread
+class _ThreadRecordingStage:
+    """Wraps a stage: records the thread each ``forward_batch`` runs in, and how many rows."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage, self.start, self.end = stage, stage.start, stage.end
+        self.calls: list[tuple[int, int]] = []  # (thread id, rows)
+
+    def forward_batch(self, steps: Any) -> list[np.ndarray]:
+        self.calls.append((threading.get_ident(), sum(h.shape[0] for h, _, _ in steps)))
+        return self.stage.forward_batch(steps)
+
+
+async def test_a_lone_one_row_step_is_computed_on_the_event_loop_under_the_limiter(two_blocks: Stage) -> None:
+    limiter = trio.CapacityLimiter(1)
+    batcher = StepBatcher(limiter, lambda: 1, window_s=0.0, inline_rows=1)
+    stage = _ThreadRecordingStage(two_blocks)
+    cache, alone = two_blocks.new_cache(), two_blocks.new_cache()
+    rng = np.random.default_rng(4)
+    prefill = rng.standard_normal((3, 576)).astype(np.float32)
+    decode = rng.standard_normal((1, 576)).astype(np.float32)
+    loop = threading.get_ident()
+    got = await batcher.forward(stage, prefill, cache, 0)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got, two_blocks.forward(prefill, alone))
+    got = await batcher.forward(stage, decode, cache, 3)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got, two_blocks.forward(decode, alone))
+    assert stage.calls[0][0] != loop  # 3 rows: a worker thread
+    assert stage.calls[1] == (loop, 1)  # 1 row: on the event loop, same result
+    assert batcher.stats.inline == 1
+    # The limiter still orders it: while someone else computes, the inline step waits its turn.
+    other = object()
+    await limiter.acquire_on_behalf_of(other)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.forward, stage, decode, cache, 4)
+        await trio.sleep(0.05)
+        assert len(stage.calls) == 2  # still waiting for the limiter
+        limiter.release_on_behalf_of(other)
+    assert stage.calls[2] == (loop, 1) and cache.length == 5
+
+
+async def test_inline_rows_zero_always_uses_the_thread(two_blocks: Stage) -> None:
+    batcher = StepBatcher(trio.CapacityLimiter(1), lambda: 1, window_s=0.0)  # the default: 0
+    stage = _ThreadRecordingStage(two_blocks)
+    x = np.ones((1, 576), np.float32)
+    await batcher.forward(stage, x, two_blocks.new_cache(), 0)  # type: ignore[arg-type]
+    assert stage.calls[0][0] != threading.get_ident()
+    assert batcher.stats.inline == 0
+
+
+async def test_acquire_takes_a_free_token_without_a_schedule_point_and_waits_for_a_taken_one() -> None:
+    limiter = trio.CapacityLimiter(1)
+    with trio.testing.assert_no_checkpoints():
+        await acquire(limiter)
+    assert limiter.borrowed_tokens == 1
+    got: list[str] = []
+
+    async def second() -> None:
+        await acquire(limiter)
+        got.append("second")
+        limiter.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.sleep(0.01)
+        assert got == []  # waits for the token
+        limiter.release()
+    assert got == ["second"] and limiter.borrowed_tokens == 0

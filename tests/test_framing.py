@@ -67,3 +67,38 @@ async def test_small_messages_send_no_window_update_each_and_big_ones_still_flow
             back = S.Step.from_body((await fs.receive(timeout=10)).body)
             assert np.array_equal(decode_hidden(back.hidden, limits), big)
         await fs.aclose()
+
+
+async def test_concurrent_sends_on_one_stream_never_interleave_their_frames() -> None:
+    """Several tasks send multi-window messages on one stream at once (each write yields many
+    times): every message arrives whole, and the send lock is free afterwards."""
+    limits = TensorLimits(hidden_size=576, max_tokens=4096)
+    rng = np.random.default_rng(1)
+    sent = {p: rng.standard_normal((300, 576)).astype(np.float32) for p in range(6)}  # ~690 kB each
+    got: dict[int, np.ndarray] = {}
+    async with (
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as server,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        server.set_stream_handler(ECHO, echo)
+        peer = await client.connect(server.multiaddrs()[0])
+        fs = await client.open_stream(peer, ECHO)
+
+        async def one(position: int) -> None:
+            await fs.send("step", S.Step(position, encode_hidden(sent[position])).to_body(), timeout=20)
+
+        async def receive_all() -> None:
+            for _ in sent:
+                back = S.Step.from_body((await fs.receive(timeout=20)).body)
+                got[back.position] = decode_hidden(back.hidden, limits)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive_all)
+                for position in sent:
+                    nursery.start_soon(one, position)
+        assert sorted(got) == sorted(sent)
+        for position, x in sent.items():
+            assert np.array_equal(got[position], x)
+        assert not fs._send_lock.locked()
+        await fs.aclose()
