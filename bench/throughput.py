@@ -111,6 +111,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     cpu: dict[int, list[CpuWindow]] = {1: [], STREAMS: []}
     tokens: dict[int, list[int]] = {1: [], STREAMS: []}
     batch_sizes: dict[int, list[list[float]]] = {1: [], STREAMS: []}
+    passes: dict[int, list[float]] = {1: [], STREAMS: []}  # compute calls (weight passes) per token
 
     def serving() -> list[tuple[int, int]]:
         """(steps, batches) served so far by each node, from its status file (rewritten ~1/s)."""
@@ -143,6 +144,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                                for (s0, b0), (s1, b1) in zip(before, after, strict=True)])
         done = [x for x in runs if x is not None]
         tokens[n].append(sum(x.n for x in done))
+        calls = sum(b1 - b0 for (_, b0), (_, b1) in zip(before, after, strict=True))
+        passes[n].append(calls / max(1, tokens[n][-1]))
         for k, x in enumerate(done):
             check(f"stream {k} of {n}", PROMPTS[k % len(PROMPTS)], x)
         first, last = min(x.token_times[0] for x in done), max(x.token_times[-1] for x in done)
@@ -161,7 +164,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                 w, t = cpu[n][-1], tokens[n][-1]
                 log(f"      {n} stream(s): CPU per token client {1e3 * w.client_s / t:.1f} ms, nodes "
                     f"{1e3 * w.nodes_s / t:.1f} ms {[round(1e3 * x / t, 1) for x in w.per_node_s]}; "
-                    f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}")
+                    f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}; "
+                    f"weight passes per token {passes[n][-1]:.2f}")
 
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
@@ -179,6 +183,9 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                         "machine_busy_pct": round(med([w.busy_pct for w in cpu[n]]), 1)}
                         for n in (1, STREAMS)},
                     "mean_batch_per_node": {n: batch_sizes[n] for n in (1, STREAMS)},
+                    # Stage compute calls summed over the nodes per generated token: each reads
+                    # its stage's weights once (what batching and verification change).
+                    "weight_passes_per_token": {n: round(med(passes[n]), 3) for n in (1, STREAMS)},
                     "identical_to_local": not mismatches, "mismatches": mismatches})
     except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
