@@ -51,7 +51,7 @@ from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
 from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.node import Node
-from idlefleet.node.verifier import Verifier, VerifierSessions
+from idlefleet.node.verifier import Verifier
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.loopback import loopback_pair
@@ -226,7 +226,6 @@ class _HopSession:
     opened_at: float = field(default_factory=time.time)
     session: int | None = None  # the server's session number (session_opened): step commitments, receipt
     check: Any = None  # the verifier's HopCheck for this hop (node/verifier.py), once it stepped
-    max_length: int = 0  # asked for in its session_open (a parked verifier session serves up to it)
 
     @property
     def length(self) -> int:
@@ -332,7 +331,6 @@ class Pipeline:
         client = self.client
         req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
                             client.config.wire_dtype)  # checked in __init__: cannot fail here
-        hop.max_length = self.max_length
         try:
             if hop.peer_id == client.node.peer_id:
                 hop.stream = client.open_own_stage()
@@ -712,7 +710,6 @@ class FleetClient:
         # peer -> set when this client next sends a step there (node/verifier.py sends a check
         # with the decode steps of that moment, so the host batches them: one weight pass).
         self._stepping: dict[str, trio.Event] = {}
-        self.verifier_sessions = VerifierSessions()  # left open by finished generations, for the next
 
     def note_step(self, peer_id: str) -> None:
         """A step is about to be sent to ``peer_id`` (wakes :meth:`wait_step_to`)."""

@@ -23,11 +23,6 @@ blocks (the *verifier host*). Verification **lags**: decode never waits for it.
   host's ``StepBatcher`` computes the check and those decode steps in one pass over its weights
   (measured on a 10-block stage: a 16-row check alone costs ~2 one-row passes; added to a batch of
   4 decode rows ~1). The checks and what they compare are unchanged; only their moment moves.
-- Sessions outlive generations. A verifier session is opened per hop on first need; when the
-  generation ends it is parked (:class:`VerifierSessions`, ``PARK_S``) and the next generation
-  of the client that needs those blocks verified restarts it at position 0 on the same host
-  (still independent of that generation's primary): no new stream, open, receipt exchange and
-  ledger commits per hop and generation (~7 ms of CPU, client and server together, each).
 - Compare. Every row with :func:`~idlefleet.protocols.verification.row_mismatch` against
   :data:`~idlefleet.protocols.verification.TOLERANCE` of the wire dtype.
 - Mismatch. A third host (the *referee*) runs the prefix up to the first disputed position ``d``
@@ -49,7 +44,6 @@ Cancellation: :meth:`Verifier.aclose` cancels every check and closes the verifie
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +66,6 @@ from idlefleet.protocols.verification import (
 
 if TYPE_CHECKING:
     from idlefleet.node.client import Exchange, Pipeline, _HopSession
-    from idlefleet.protocols.routing import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +73,6 @@ MAX_VERIFIER_ATTEMPTS = 3  # verifier hosts tried for one check before the windo
 # Longest a check waits for this client's next decode steps to its verifier host (to share their
 # batch there); a decode round of 8 concurrent generations takes ~0.2 s on a loaded 2-core fleet.
 ALIGN_S = 0.5
-# How long a verifier session left by a finished generation stays open for the next one.
-PARK_S = 5.0
 
 
 def row_of(t: EncodedTensor, i: int) -> EncodedTensor:
@@ -113,7 +104,6 @@ class HopCheck:
     dead: bool = False  # its server was caught (or could not be cleared): nothing more to check
     convicted: bool = False  # its server was caught returning a wrong output
     retired: bool = False  # replaced in the route: check what it did, then stop
-    sending: bool = False  # a check's step is in flight on the verifier session
     lock: trio.Lock = field(default_factory=trio.Lock)
     wake: trio.Event = field(default_factory=trio.Event)
     idle: trio.Event = field(default_factory=trio.Event)
@@ -158,65 +148,6 @@ class HopCheck:
         self.due = min(self.due, position)
         self.window_start = min(self.window_start, position)
         self.v_length = min(self.v_length, position)
-
-
-@dataclass(eq=False)
-class _Parked:
-    session: _HopSession
-    pipeline: Pipeline  # closes it (any pipeline of the client can)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-
-class VerifierSessions:
-    """Verifier sessions that finished generations left open, for the next generations of the
-    same client. A parked session is taken by a check of the same blocks on that host (still a
-    host independent of the hop's primary, not banned, within its ``max_length``) and starts again
-    at position 0: the server's first step there truncates its cache, so what the session computes
-    and what is compared are exactly those of a new session. What is saved is the new session's
-    stream, open, receipt exchange and ledger commits (both sides), for every hop of every
-    generation. A session unused for ``PARK_S`` is closed: its receipt counts every generation it
-    verified. When the node stops, parked sessions are closed (bounded, shielded)."""
-
-    def __init__(self) -> None:
-        self._parked: list[_Parked] = []
-        self.reused = 0
-
-    def __len__(self) -> int:
-        return len(self._parked)
-
-    def park(self, pipeline: Pipeline, session: _HopSession, nursery: trio.Nursery) -> bool:
-        """Keep ``session`` open for ``PARK_S``; False if the node is stopping (close it then)."""
-        entry = _Parked(session, pipeline)
-        try:
-            nursery.start_soon(self._expire, entry)
-        except RuntimeError:  # the node's nursery is closing
-            return False
-        self._parked.append(entry)
-        return True
-
-    def take(self, start: int, end: int, max_length: int,
-             usable: Callable[[str], bool]) -> _HopSession | None:
-        """A parked session of blocks ``[start, end)`` that fits ``max_length`` positions on a host
-        that is ``usable``, or None."""
-        for entry in self._parked:
-            session = entry.session
-            if (session.start, session.end) == (start, end) and session.max_length >= max_length \
-                    and session.stream is not None and usable(session.peer_id):
-                self._parked.remove(entry)
-                entry.scope.cancel()
-                self.reused += 1
-                return session
-        return None
-
-    async def _expire(self, entry: _Parked) -> None:
-        try:
-            with entry.scope:  # cancelled when taken
-                await trio.sleep(PARK_S)
-        finally:
-            if entry in self._parked:
-                self._parked.remove(entry)
-                with trio.CancelScope(shield=True):
-                    await entry.pipeline._close(entry.session)
 
 
 @dataclass
@@ -333,7 +264,6 @@ class Verifier:
 
     # -- the background task per hop ----------------------------------------------------------------
     async def _run(self, check: HopCheck) -> None:
-        failed = False
         with check.scope:
             try:
                 while not check.finished:
@@ -347,38 +277,23 @@ class Verifier:
                             await self._check(check, check.due)
             except Exception:  # never let a verification bug end the node: this hop stays unverified
                 log.exception("verification of %s failed", check.hop.peer_id[-8:])
-                check.unverifiable = failed = True
+                check.unverifiable = True
             finally:
                 check.idle.set()
-                session, check.verifier = check.verifier, None
-                # A session with no step in flight is left open for this client's next generation.
-                if session is not None and (failed or check.sending or check.dead
-                                            or session.peer_id in self.client.banned()
-                                            or not self.client.verifier_sessions.park(
-                                                self.pipeline, session, self.client.node.nursery)):
+                if check.verifier is not None:
                     with trio.CancelScope(shield=True):
-                        await self.pipeline._close(session)
-
-    def _hosts(self, check: HopCheck, exclude: set[str]) -> list[Candidate]:
-        """Independent hosts of the hop's blocks: not its primary, not banned, not ``exclude``."""
-        hop = check.hop
-        banned = self.client.banned()
-        return [c for c in self.client.candidates()
-                if c.start <= hop.start and hop.end <= c.end and c.peer_id not in banned
-                and c.peer_id not in exclude and c.peer_id != hop.peer_id]
+                        await self.pipeline._close(check.verifier)
 
     def _pick_host(self, check: HopCheck, exclude: set[str]) -> str | None:
-        hosts = self._hosts(check, exclude)
+        hop = check.hop
+        banned = self.client.banned()
+        hosts = [c for c in self.client.candidates()
+                 if c.start <= hop.start and hop.end <= c.end and c.peer_id not in banned
+                 and c.peer_id not in exclude and c.peer_id != hop.peer_id]
         if not hosts:
             return None
         best: str = min(hosts, key=lambda c: (c.rtt_s if c.rtt_s is not None else 1.0) + c.load).peer_id
         return best
-
-    def _take_parked(self, check: HopCheck, exclude: set[str]) -> _HopSession | None:
-        """A session a finished generation left open on an independent host (VerifierSessions)."""
-        usable = {c.peer_id for c in self._hosts(check, exclude)}
-        return self.client.verifier_sessions.take(check.hop.start, check.hop.end, self.pipeline.max_length,
-                                                  usable.__contains__)
 
     async def _open(self, peer_id: str, check: HopCheck) -> _HopSession:
         from idlefleet.node.client import _HopSession
@@ -411,40 +326,29 @@ class Verifier:
         upto = min(upto, check.end)
         tried: set[str] = set()
         for _ in range(MAX_VERIFIER_ATTEMPTS):
-            parked = False
             if check.verifier is None:
-                session = self._take_parked(check, tried)
-                if session is not None:
-                    parked = True
-                    tried.add(session.peer_id)
-                    check.verifier, check.v_length = session, 0  # it restarts at position 0
-                else:
-                    peer = self._pick_host(check, tried)
-                    if peer is None:
-                        check.unverifiable = True
-                        check.due = check.checked  # asked again when the next window completes
-                        return
-                    tried.add(peer)
-                    try:
-                        check.verifier, check.v_length = await self._open(peer, check), 0
-                    except StageFailure as e:
-                        self.client.avoid(peer, e.ban)
-                        continue
+                peer = self._pick_host(check, tried)
+                if peer is None:
+                    check.unverifiable = True
+                    check.due = check.checked  # asked again when the next window completes
+                    return
+                tried.add(peer)
+                try:
+                    check.verifier, check.v_length = await self._open(peer, check), 0
+                except StageFailure as e:
+                    self.client.avoid(peer, e.ban)
+                    continue
             check.unverifiable = False
             start = min(check.v_length, check.checked)
             await self._align(check.verifier.peer_id)
-            check.sending = True  # stays set if cancelled meanwhile: that session is not parked
             try:
                 witness = await self._send(check.verifier, check, start, upto)
             except StageFailure as e:
-                check.sending = False
                 log.info("verifier host failed: %s", e)
-                if not parked:  # a parked session may just have been closed by its server meanwhile
-                    self.client.avoid(check.verifier.peer_id, e.ban)
+                self.client.avoid(check.verifier.peer_id, e.ban)
                 await self.pipeline._abandon(check.verifier)
                 check.verifier = None
                 continue
-            check.sending = False
             check.v_length = upto
             await self._compare(check, witness, upto)
             return
