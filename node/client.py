@@ -377,7 +377,6 @@ class Pipeline:
         sent = encode_hidden(x, self.client.config.wire_dtype)
         body = S.Step(position, sent).to_body()
         deadline = self._deadline(hop, x.shape[0])
-        self.client.note_step(hop.peer_id)
         try:
             before_s, before_r = hop.stream.bytes_sent, hop.stream.bytes_received
             await hop.stream.send("step", body, timeout=deadline)
@@ -707,22 +706,6 @@ class FleetClient:
         # How often each peer's windows are checked (BOINC-style adaptive replication), learned
         # across this client's generations.
         self.trust = TrustBook(min_rate=config.verify_min_rate)
-        # peer -> set when this client next sends a step there (node/verifier.py sends a check
-        # with the decode steps of that moment, so the host batches them: one weight pass).
-        self._stepping: dict[str, trio.Event] = {}
-
-    def note_step(self, peer_id: str) -> None:
-        """A step is about to be sent to ``peer_id`` (wakes :meth:`wait_step_to`)."""
-        event = self._stepping.pop(peer_id, None)
-        if event is not None:
-            event.set()
-
-    async def wait_step_to(self, peer_id: str) -> None:
-        """Return when this client next sends a step to ``peer_id`` (any generation's)."""
-        event = self._stepping.get(peer_id)
-        if event is None:
-            event = self._stepping[peer_id] = trio.Event()
-        await event.wait()
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):

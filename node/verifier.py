@@ -18,11 +18,6 @@ blocks (the *verifier host*). Verification **lags**: decode never waits for it.
   the last sampled window are never re-computed (they stay "unverified"), unless the generation is
   strict. The alternative, a fresh verifier session that replays the whole prefix when a sampled
   window comes, costs O(position) per check and is never cheaper.
-- Sent with decode steps. When other generations of this client have hops on the verifier host,
-  a check waits (at most ``ALIGN_S``) for this client's next step there and goes out with it: the
-  host's ``StepBatcher`` computes the check and those decode steps in one pass over its weights
-  (measured on a 10-block stage: a 16-row check alone costs ~2 one-row passes; added to a batch of
-  4 decode rows ~1). The checks and what they compare are unchanged; only their moment moves.
 - Compare. Every row with :func:`~idlefleet.protocols.verification.row_mismatch` against
   :data:`~idlefleet.protocols.verification.TOLERANCE` of the wire dtype.
 - Mismatch. A third host (the *referee*) runs the prefix up to the first disputed position ``d``
@@ -70,9 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_VERIFIER_ATTEMPTS = 3  # verifier hosts tried for one check before the window stays unverified
-# Longest a check waits for this client's next decode steps to its verifier host (to share their
-# batch there); a decode round of 8 concurrent generations takes ~0.2 s on a loaded 2-core fleet.
-ALIGN_S = 0.5
 
 
 def row_of(t: EncodedTensor, i: int) -> EncodedTensor:
@@ -183,7 +175,6 @@ class Verifier:
         self.stats = VerificationStats()
         self.rollback_to: int | None = None
         self._closed = False
-        self._ending = False  # the generation computes no more steps: checks go at once
 
     # -- fed by the pipeline ---------------------------------------------------------------------
     def record(self, hop: _HopSession, ex: Exchange) -> None:
@@ -233,7 +224,6 @@ class Verifier:
     async def flush(self, *, everything: bool, timeout: float) -> None:
         """Wait (up to ``timeout``) until the asked-for checks are done; with ``everything`` ask
         for every recorded position first (strict mode)."""
-        self._ending = True
         for check in self.checks:
             if check.dead or check.finished:
                 continue
@@ -302,17 +292,6 @@ class Verifier:
         await self.pipeline._open_hop(session)
         return session
 
-    async def _align(self, peer_id: str) -> None:
-        """Wait (at most ``ALIGN_S``) until this client next sends a step to the verifier host
-        ``peer_id``, when other generations of ours have a hop there: the check then reaches the
-        host with their decode steps and its ``StepBatcher`` computes all of them in one pass over
-        the weights (a 16-row check costs about one extra pass there instead of two passes alone).
-        Not once the generation ends (nothing would come), nor when no hop of ours is there."""
-        if self._ending or self.client.open_sessions[peer_id] == 0:
-            return
-        with trio.move_on_after(ALIGN_S):
-            await self.client.wait_step_to(peer_id)
-
     async def _send(self, session: _HopSession, check: HopCheck, start: int, stop: int) -> Exchange:
         ex = await self.pipeline._exchange(session, check.rows("inputs", start, stop), start)
         session.tally.add(stop - start)
@@ -340,7 +319,6 @@ class Verifier:
                     continue
             check.unverifiable = False
             start = min(check.v_length, check.checked)
-            await self._align(check.verifier.peer_id)
             try:
                 witness = await self._send(check.verifier, check, start, upto)
             except StageFailure as e:
