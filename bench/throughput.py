@@ -14,8 +14,11 @@
     generation is checked token-identical to local greedy. Each repeat also decodes the first
     prompt with all 30 blocks in this process just before the single stream: swarm/local single
     stream, paired (goal >= 0.9; ``bench.pipeline`` measures it on a 3-node swarm, with a per-hop
-    profile). CPU per token of the client and each node, the machine's busy %, each node's mean
-    batch and the streams it carried are printed per measurement.
+    profile). Per measurement: CPU per token (client, nodes), the machine's busy %, each node's
+    mean batch and the streams it carried, the nodes' stage compute calls (weight passes) and
+    positions computed per generated token, and the stage sessions the client opened per
+    generation: with verification on, the last two show what re-computation adds (``--no-verify``
+    for the baseline).
 
 The machine may be shared: only ratios measured in the same run mean anything. Medians over
 ``--repeats``; one final JSON line. Every wait is bounded, only 127.0.0.1 is used, and the swarm
@@ -118,13 +121,17 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     tokens: dict[int, list[int]] = {1: [], STREAMS: []}
     batch_sizes: dict[int, list[list[float]]] = {1: [], STREAMS: []}
     streams_per_node: dict[int, list[list[int]]] = {1: [], STREAMS: []}
+    passes: dict[int, list[float]] = {1: [], STREAMS: []}  # compute calls (weight passes) per token
+    rows: dict[int, list[float]] = {1: [], STREAMS: []}  # positions the nodes computed per token
+    sessions: dict[int, list[float]] = {1: [], STREAMS: []}  # sessions the client opened per generation
 
-    def serving() -> list[tuple[int, int]]:
-        """(steps, batches) served so far by each node, from its status file (rewritten ~1/s)."""
+    def serving() -> list[tuple[int, int, int]]:
+        """(steps, batches, positions) served so far by each node, from its status file
+        (rewritten ~1/s)."""
         out = []
         for node in swarm.nodes:
             st = (node.status() or {}).get("serving") or {}
-            out.append((int(st.get("steps", 0)), int(st.get("batches", 0))))
+            out.append((int(st.get("steps", 0)), int(st.get("batches", 0)), int(st.get("tokens", 0))))
         return out
 
     def check(what: str, prompt: str, r: Run) -> None:
@@ -138,7 +145,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
             runs[k] = await swarm_run_prompt(client, PROMPTS[k % len(PROMPTS)], args.tokens, args.gen_timeout)
 
         await trio.sleep(1.5)  # status files catch up with the previous run
-        before = serving()
+        before, opened = serving(), sum(client.sessions_opened.values())
         with CpuWindow([node.proc.pid for node in swarm.nodes]) as window:
             async with trio.open_nursery() as nursery:
                 for k in range(n):
@@ -147,7 +154,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
         after = serving()
         cpu[n].append(window)
         batch_sizes[n].append([round((s1 - s0) / (b1 - b0), 2) if b1 > b0 else 0.0
-                               for (s0, b0), (s1, b1) in zip(before, after, strict=True)])
+                               for (s0, b0, _), (s1, b1, _) in zip(before, after, strict=True)])
         done = [x for x in runs if x is not None]
         tokens[n].append(sum(x.n for x in done))
         index = {(node.status() or {}).get("peer_id"): i for i, node in enumerate(swarm.nodes)}
@@ -157,6 +164,11 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                 if hop["peer_id"] in index:
                     per_node[index[hop["peer_id"]]] += 1
         streams_per_node[n].append(per_node)
+        calls = sum(b1 - b0 for (_, b0, _), (_, b1, _) in zip(before, after, strict=True))
+        passes[n].append(calls / max(1, tokens[n][-1]))
+        computed = sum(p1 - p0 for (_, _, p0), (_, _, p1) in zip(before, after, strict=True))
+        rows[n].append(computed / max(1, tokens[n][-1]))
+        sessions[n].append((sum(client.sessions_opened.values()) - opened) / n)
         for k, x in enumerate(done):
             check(f"stream {k} of {n}", PROMPTS[k % len(PROMPTS)], x)
         first, last = min(x.token_times[0] for x in done), max(x.token_times[-1] for x in done)
@@ -182,7 +194,9 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                 log(f"      {n} stream(s): CPU per token client {1e3 * w.client_s / t:.1f} ms, nodes "
                     f"{1e3 * w.nodes_s / t:.1f} ms {[round(1e3 * x / t, 1) for x in w.per_node_s]}; "
                     f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}, "
-                    f"streams per node {streams_per_node[n][-1]}")
+                    f"streams per node {streams_per_node[n][-1]}; "
+                    f"weight passes per token {passes[n][-1]:.2f}; positions computed per token "
+                    f"{rows[n][-1]:.2f}; sessions per generation {sessions[n][-1]:.1f}")
 
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
@@ -203,6 +217,13 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                         for n in (1, STREAMS)},
                     "mean_batch_per_node": {n: batch_sizes[n] for n in (1, STREAMS)},
                     "streams_per_node": {n: streams_per_node[n] for n in (1, STREAMS)},
+                    # Stage compute calls summed over the nodes per generated token: each reads
+                    # its stage's weights once (what batching and verification change).
+                    "weight_passes_per_token": {n: round(med(passes[n]), 3) for n in (1, STREAMS)},
+                    # Positions the nodes computed per generated token (verification re-computes)
+                    # and stage sessions the client opened per generation (verifier ones too).
+                    "positions_computed_per_token": {n: round(med(rows[n]), 3) for n in (1, STREAMS)},
+                    "sessions_per_generation": {n: round(med(sessions[n]), 2) for n in (1, STREAMS)},
                     "identical_to_local": not mismatches, "mismatches": mismatches})
     except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]

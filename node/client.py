@@ -908,6 +908,8 @@ class FleetGeneration:
         pipeline = self.pipeline = Pipeline(client, len(self.prompt_ids) + max(1, self.params.max_new_tokens))
         verifier = pipeline.verifier
         strict = self.strict and verifier is not None
+        if verifier is not None:
+            verifier.strict = strict
         released = rollbacks = 0
         decoding = False  # counted in client.decoding (the head's lockstep)
         token_s: float | None = None  # this generation's time per token (EWMA)

@@ -1,0 +1,104 @@
+"""What verified work costs (issue 11): the check of a sampled window that ends just before the
+generation's last position waits for the last (partial) window, so both go as one step instead of
+a second step of a few rows; the sampling decisions, and so the positions re-computed and compared,
+stay those of the windows themselves."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from idlefleet.node import verifier as V
+from idlefleet.node.client import ClientConfig, _HopSession
+from idlefleet.protocols.verification import TrustBook
+
+PEER = "12D3KooWprimary"
+WINDOW = 16
+
+
+class NoTasks:
+    """A nursery stand-in: the verifier's background check is not run (only what it is asked)."""
+
+    def start_soon(self, *args: Any) -> None:
+        pass
+
+
+class Always(TrustBook):
+    """Every window sampled, or none."""
+
+    def __init__(self, sample: bool) -> None:
+        super().__init__()
+        self.sample = sample
+
+    def should_check(self, peer: str) -> bool:
+        return self.sample
+
+
+def verifier(max_length: int, *, sample: bool = True, strict: bool = False) -> V.Verifier:
+    client = SimpleNamespace(config=ClientConfig(verify_window=WINDOW), trust=Always(sample),
+                             node=SimpleNamespace(nursery=NoTasks()))
+    v = V.Verifier(SimpleNamespace(client=client, max_length=max_length))  # type: ignore[arg-type]
+    v.strict = strict
+    return v
+
+
+def step(position: int, rows: int) -> Any:
+    return SimpleNamespace(position=position, inputs=np.zeros((rows, 4), np.float32))
+
+
+def generate(v: V.Verifier, hop: _HopSession, prompt: int, upto: int) -> V.HopCheck:
+    """The hop returns the prompt's step, then one-row decode steps until position ``upto``."""
+    v.record(hop, step(0, prompt))
+    for position in range(prompt, upto):
+        v.record(hop, step(position, 1))
+    check = hop.check
+    assert isinstance(check, V.HopCheck)
+    return check
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_the_window_before_a_short_last_one_is_checked_with_it(strict: bool) -> None:
+    # 6 prompt positions + 32 new tokens: the hops compute positions [0, 37); windows end at 16
+    # and 32, and [32, 37) is the short last one.
+    v = verifier(6 + 32, strict=strict)
+    hop = _HopSession(PEER, 10, 20)
+    check = generate(v, hop, 6, 16)
+    assert check.due == 16  # a full window with a full one still to come: asked at once
+    for position in range(16, 37):
+        v.record(hop, step(position, 1))
+    if strict:  # tokens wait for their checks: nothing is held back
+        assert (check.due, check.deferred) == (32, 0)
+    else:
+        assert (check.due, check.deferred) == (16, 32)
+    await v.flush(everything=False, timeout=0.01)  # the generation ends: one step asks for [16, 37)
+    assert (check.due, check.deferred) == (37, 0)
+
+
+async def test_a_deferred_window_is_checked_even_if_the_last_one_is_not_sampled() -> None:
+    v = verifier(6 + 32)
+    hop = _HopSession(PEER, 10, 20)
+    check = generate(v, hop, 6, 37)
+    assert (check.due, check.deferred) == (16, 32)
+    v.client.trust.sample = False  # type: ignore[attr-defined]  # the last window is not sampled
+    await v.flush(everything=False, timeout=0.01)
+    assert check.due == 32  # what was sampled is still asked for, and no more
+
+
+async def test_a_generation_that_stops_early_checks_its_deferred_window_at_the_end() -> None:
+    v = verifier(6 + 32)
+    hop = _HopSession(PEER, 10, 20)
+    check = generate(v, hop, 6, 33)  # a stop token after position 32
+    assert (check.due, check.deferred) == (16, 32)
+    await v.flush(everything=False, timeout=0.01)
+    assert check.due == 33
+
+
+async def test_a_rollback_keeps_only_the_deferred_positions_before_it() -> None:
+    v = verifier(6 + 32)
+    hop = _HopSession(PEER, 10, 20)
+    check = generate(v, hop, 6, 34)
+    check.truncate(30)
+    assert check.deferred == 30
