@@ -88,11 +88,19 @@ async def test_owner_policy_moves_sessions_off_a_car_mid_generation(
                             victim = next(h.peer_id for h in generation.pipeline.hops
                                           if still_covered_without(swarm, stopped | {h.peer_id}))
                             await trio.to_thread.run_sync(act, index_of[victim])
+                            # The generation waits (it only runs as its tokens are read) until the
+                            # car has decided (its vehicle poll is 1 s): a short generation would
+                            # otherwise end on the car before it reacts.
+                            with trio.fail_after(10):
+                                while (await trio.to_thread.run_sync(
+                                        control, swarm, index_of[victim], "status")
+                                       )["decision"]["action"] not in ("drain", "stop"):
+                                    await trio.sleep(0.1)
                             acted = trio.current_time()
                 assert [t for t in ids if t >= 0] == local_ids, name
                 assert generation.result is not None
                 assert victim not in {h["peer_id"] for h in generation.result.route}, name
-                # The car has no session within 2 s of the owner's action.
+                # The car has no session within 2 s of its decision.
                 while (st := await trio.to_thread.run_sync(control, swarm, index_of[victim], "status")
                        )["sessions"] > 0:
                     assert trio.current_time() - acted < 2.0, (name, st)
