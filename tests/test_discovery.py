@@ -22,6 +22,9 @@ async def test_a_client_finds_hosts_of_another_region_through_the_dht(
         tmp_path: Path, client_model: ClientModel, local_greedy: Any) -> None:
     near = serving_config(tmp_path, 0)  # region u33d, budget for 10 blocks: [0, 10)
     async with open_node(near) as x:
+        # x's own record says which blocks it hosts before y joins (under load it is published a
+        # moment after x has loaded them; y would take [0, 20) without it).
+        await x.wait_for(lambda f: any(r.peer_id == x.peer_id and r.blocks for r in f), timeout=30)
         # Another region, 20 blocks: it saw x's record in x's status reply when it joined, so it
         # takes the rest of the model; its records are gossiped only in u33e.
         far = serving_config(tmp_path, 1, (x.multiaddrs[0],)).replace(region="u33e", memory_budget_mb=280)
