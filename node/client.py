@@ -695,8 +695,9 @@ class FleetClient:
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
         self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
-        # The LM head (~7 ms a row) runs in a worker thread, one matrix product for the rows of
-        # all concurrent generations; decoding generations wait for each other there (lockstep).
+        # The LM head (~7 ms a row): one matrix product for the rows of all concurrent generations,
+        # in a worker thread (a lone row on the event loop); decoding generations wait for each
+        # other there (lockstep).
         self.decoding = 0  # generations of this client past their prefill and not done
         self.head_batcher = HeadBatcher(model.head, window_s=config.lockstep_window_s,
                                         active=lambda: self.decoding)
