@@ -8,6 +8,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from idlefleet.p2p.errors import StreamClosed
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.records import CapacityRecord
 
@@ -42,3 +45,28 @@ async def running_fleet(config_of: Callable[[int, tuple[str, ...]], Any], n: int
         for i in range(1, n):
             nodes.append(await stack.enter_async_context(open_node(config_of(i, (first.multiaddrs[0],)))))
         yield nodes
+
+
+ECHO = "/test/echo-steps/1.0.0"
+
+
+async def echo(fs: FramedStream) -> None:
+    """Send every message back as it came, until the stream closes."""
+    while True:
+        try:
+            env = await fs.receive(timeout=10)
+        except StreamClosed:
+            return
+        await fs.send(env.kind, env.body, timeout=10)
+
+
+@asynccontextmanager
+async def echo_hosts() -> AsyncIterator[tuple[Host, str]]:
+    """Two real hosts on 127.0.0.1, connected; the second echoes on ``ECHO``. Yields the first
+    (the client) and the echoing host's peer id."""
+    async with (
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as server,
+        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
+    ):
+        server.set_stream_handler(ECHO, echo)
+        yield client, await client.connect(server.multiaddrs()[0])

@@ -8,25 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
-from idlefleet.p2p.errors import StreamClosed
-from idlefleet.p2p.framing import FramedStream
-from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
-
-ECHO = "/test/echo-steps/1.0.0"
-
-
-async def echo(fs: FramedStream) -> None:
-    while True:
-        try:
-            env = await fs.receive(timeout=10)
-        except StreamClosed:
-            return
-        await fs.send(env.kind, env.body, timeout=10)
+from tests.factories import ECHO, echo_hosts
 
 
 async def test_small_messages_send_no_window_update_each_and_big_ones_still_flow(
@@ -42,12 +28,7 @@ async def test_small_messages_send_no_window_update_each_and_big_ones_still_flow
     monkeypatch.setattr(YamuxStream, "send_window_update", counted)
     limits = TensorLimits(hidden_size=576)
     rng = np.random.default_rng(0)
-    async with (
-        open_host(Ed25519PrivateKey.generate(), HostConfig()) as server,
-        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
-    ):
-        server.set_stream_handler(ECHO, echo)
-        peer = await client.connect(server.multiaddrs()[0])
+    async with echo_hosts() as (client, peer):
         fs = await client.open_stream(peer, ECHO)
         with trio.fail_after(30):
             await fs.send("step", S.Step(0, encode_hidden(np.zeros((1, 576), np.float32))).to_body(),
@@ -76,12 +57,7 @@ async def test_concurrent_sends_on_one_stream_never_interleave_their_frames() ->
     rng = np.random.default_rng(1)
     sent = {p: rng.standard_normal((300, 576)).astype(np.float32) for p in range(6)}  # ~690 kB each
     got: dict[int, np.ndarray] = {}
-    async with (
-        open_host(Ed25519PrivateKey.generate(), HostConfig()) as server,
-        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
-    ):
-        server.set_stream_handler(ECHO, echo)
-        peer = await client.connect(server.multiaddrs()[0])
+    async with echo_hosts() as (client, peer):
         fs = await client.open_stream(peer, ECHO)
 
         async def one(position: int) -> None:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p.peer.id import ID
 
-from idlefleet.p2p.framing import FramedStream
-from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.tensors import encode_hidden
-
-PING = "/test/ping/1.0.0"
-
-
-async def pong(fs: FramedStream) -> None:
-    env = await fs.receive(timeout=5)
-    await fs.send(env.kind, env.body, timeout=5)
-    await fs.aclose()
+from tests.factories import ECHO, echo_hosts
 
 
 async def test_a_closed_connection_still_listed_is_dialled_again_not_an_error() -> None:
@@ -26,12 +16,7 @@ async def test_a_closed_connection_still_listed_is_dialled_again_not_an_error() 
     job); its new_stream then fails with "No valid connections available" instead of dialling.
     The host forgets such connections: the peer counts as not connected, and opening a stream
     dials it again."""
-    async with (
-        open_host(Ed25519PrivateKey.generate(), HostConfig()) as server,
-        open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
-    ):
-        server.set_stream_handler(PING, pong)
-        peer = await client.connect(server.multiaddrs()[0])
+    async with echo_hosts() as (client, peer):
         swarm = client._host.get_network()
         pid = ID.from_base58(peer)
         (conn,) = swarm.connections[pid]
@@ -39,7 +24,7 @@ async def test_a_closed_connection_still_listed_is_dialled_again_not_an_error() 
         swarm.connections[pid] = [conn]  # the stale listing: closed, still in the table
         assert conn.is_closed and peer not in client.connected_peers()
         with trio.fail_after(10):
-            fs = await client.open_stream(peer, PING)
+            fs = await client.open_stream(peer, ECHO)
             body = S.Step(7, encode_hidden(np.ones((1, 8), np.float32))).to_body()
             await fs.send("step", body, timeout=5)
             assert (await fs.receive(timeout=5)).body == body
