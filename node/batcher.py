@@ -186,7 +186,6 @@ class StepBatcher:
                 self._arrival = trio.Event()
                 await self._arrival.wait()
 
-
     def _window_s(self) -> float:
         """How long the batch being gathered may wait (its leader is ``self._queue[0]``)."""
         return self.window_s
