@@ -290,6 +290,7 @@ class Pipeline:
         return [{"peer_id": h.peer_id, "blocks": [h.start, h.end]} for h in self.hops]
 
     async def open(self) -> None:
+        self.client.pipelines.add(self)  # its chain, once open, is one the client's next routes follow
         self.hops, _ = await self._open_span(self.start, self.client.model.n_blocks, [])
 
     async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
@@ -320,6 +321,7 @@ class Pipeline:
         return x
 
     async def aclose(self) -> None:
+        self.client.pipelines.discard(self)
         if self.verifier is not None:
             await self.verifier.aclose()
         for hop in self.hops:
@@ -694,6 +696,7 @@ class FleetClient:
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
+        self.pipelines: set[Pipeline] = set()  # of the generations running now
         self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
         # The LM head (~7 ms a row): one matrix product for the rows of all concurrent generations,
         # in a worker thread (a lone row on the event loop); decoding generations wait for each
@@ -767,19 +770,23 @@ class FleetClient:
             if cand is not None:
                 mine = self.open_sessions[cand.peer_id]
                 if mine:
-                    cand = dataclasses.replace(cand, load=min(0.9, cand.load + own_sessions_load(mine)))
+                    cand = dataclasses.replace(cand, own_load=own_sessions_load(mine))
                 out.append(cand)
         now = time.time()  # peers verified misbehaviour reports accuse: a last resort
         return mark_accused(out, lambda peer: self.node.accusations.is_accused(peer, now))
 
     def find_route(self, start: int | None = None, end: int | None = None) -> list[Hop]:
         """The best chain of peers for blocks ``[start, end)`` now (default: every block not run
-        locally). Raises NoRoute."""
+        locally): the chain our running generations use where it costs little more, so that
+        stage servers batch their steps (``protocols.routing``). Raises NoRoute."""
         start = self.model.local_blocks if start is None else start
+        end = self.model.n_blocks if end is None else end
+        follow = [[Hop(h.peer_id, h.start, h.end) for h in p.hops if start <= h.start and h.end <= end]
+                  for p in self.pipelines]
         try:
-            return find_route(self.candidates(), start, self.model.n_blocks if end is None else end,
-                              now=time.time(), my_region=self.node.config.region,
-                              banned=self.banned(), costs=self.config.costs)
+            return find_route(self.candidates(), start, end, now=time.time(),
+                              my_region=self.node.config.region, banned=self.banned(),
+                              costs=self.config.costs, follow=follow)
         except NoRoute as e:
             if self.config.allow_regions:
                 raise NoRoute(e.block, f"no route within the allowed regions "

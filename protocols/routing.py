@@ -7,6 +7,12 @@ far away). ``find_route`` is a shortest path over block boundaries; a peer may s
 of what it hosts, so the same function re-routes a lost span of a running route. Fewer hops win
 through their round trips.
 
+A client running several generations at once passes the chains its other generations use
+(``follow``): a new generation takes one of them when it costs at most ``follow_slack`` more than
+the cheapest chain. Generations on the same chain reach each stage together, so the stage server
+computes their steps as one batch (one pass over its weights for all); generations on crossing
+chains arrive at a stage at different times and are computed one by one.
+
 A record's claims cost its signer nothing, so they are trusted only so far: ``from_record`` caps the
 claimed compute at ``MAX_CLAIMED_GFLOPS``, and as soon as the client has timed decode steps on a
 peer (``block_s``: measured seconds per block per token, queueing included) that measurement
@@ -104,6 +110,9 @@ class Candidate:
     link_metered: bool
     region: str
     block_s: float | None = None  # measured seconds per block per decode token; replaces the claims
+    # The share of the peer that this client's own open sessions take (0 for none): it slows the
+    # peer on top of its gossiped load or measured speed (``block_s`` may predate them).
+    own_load: float = 0.0
     accused: bool = False  # a verified misbehaviour report names it (protocols/reports.py)
 
     def __post_init__(self) -> None:
@@ -116,6 +125,7 @@ class Candidate:
             "load": _finite_in(self.load, 0.0, 1.0),
             "battery_soc": _finite_in(self.battery_soc, 0.0, 1.0),
             "block_s": self.block_s is None or _finite_in(self.block_s, 0.0, math.inf),
+            "own_load": _finite_in(self.own_load, 0.0, 0.99),
         }
         for name, ok in checks.items():
             if not ok:
@@ -178,6 +188,7 @@ class RouteCosts:
     metered_penalty_s: float = 0.01
     other_region_penalty_s: float = 0.02
     max_load: float = 0.95
+    follow_slack: float = 0.25  # a chain our other generations use wins up to this much dearer
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -242,9 +253,11 @@ def _fixed_s(candidate: Candidate, *, now: float, my_region: str, costs: RouteCo
 
 def _per_block_s(candidate: Candidate, costs: RouteCosts) -> float:
     if candidate.block_s is not None:
-        return candidate.block_s
-    compute = costs.block_flops / (candidate.compute_gflops * 1e9) + costs.block_overhead_s
-    return compute / (1.0 - candidate.load)
+        base = candidate.block_s
+    else:
+        compute = costs.block_flops / (candidate.compute_gflops * 1e9) + costs.block_overhead_s
+        base = compute / (1.0 - candidate.load)
+    return base / (1.0 - candidate.own_load)
 
 
 def hop_cost(
@@ -272,12 +285,17 @@ def find_route(
     my_region: str = "",
     banned: frozenset[str] = frozenset(),
     costs: RouteCosts = RouteCosts(),
+    follow: Iterable[Sequence[Hop]] = (),
 ) -> list[Hop]:
     """The cheapest chain of hops serving blocks ``[start, end)``, in order and contiguous.
 
     Each hop lies inside its peer's hosted range. Excluded peers (see ``exclusion``) are never
     used; draining ones only when the alternatives cost more than ``draining_penalty_s``. Equal
     costs go to the smaller ``peer_id``; the input order does not matter. O(blocks * peers).
+
+    ``follow``: chains this client's other generations run on. The cheapest of those that serve
+    exactly ``[start, end)`` on usable peers is returned instead when it costs at most
+    ``costs.follow_slack`` more than the cheapest chain (see the module's docstring).
 
     Raises ``NoRoute`` naming the first block no usable peer hosts, and ``LocalProtocolError`` if
     ``not 0 <= start < end``.
@@ -294,7 +312,32 @@ def find_route(
     if gap is not None:
         raise _no_route(pool, gap, start, end, banned=banned, costs=costs)
     prev = _shortest_paths(usable, start, end, now=now, my_region=my_region, costs=costs)
-    return _walk_back(prev, start, end)
+    best = _walk_back(prev, start, end)
+    by_peer = {c.peer_id: c for c in usable}
+
+    def cost(chain: Sequence[Hop]) -> float:
+        return math.fsum(hop_cost(by_peer[h.peer_id], h.end - h.start, now=now, my_region=my_region,
+                                  costs=costs) for h in chain)
+
+    followed = [list(chain) for chain in follow if _serves(chain, by_peer, start, end)]
+    if followed:
+        best_cost = cost(best)
+        chain = min(followed, key=lambda c: (cost(c), [h.peer_id for h in c]))
+        if cost(chain) <= best_cost * (1.0 + costs.follow_slack):
+            return chain
+    return best
+
+
+def _serves(chain: Sequence[Hop], by_peer: dict[str, Candidate], start: int, end: int) -> bool:
+    """Whether ``chain`` covers exactly ``[start, end)``, contiguously, each hop within the range
+    of a usable candidate."""
+    at = start
+    for h in chain:
+        c = by_peer.get(h.peer_id)
+        if h.start != at or c is None or not c.start <= h.start < h.end <= c.end:
+            return False
+        at = h.end
+    return bool(chain) and at == end
 
 
 def _first_gap(usable: Sequence[Candidate], start: int, end: int) -> int | None:

@@ -311,3 +311,64 @@ def test_bad_measurement_is_refused() -> None:
     for bad in (-1.0, math.inf, math.nan):
         with pytest.raises(LocalProtocolError, match="block_s"):
             cand("a", block_s=bad)
+
+
+# --- own sessions and followed chains (issue 11) -----------------------------------------------------
+
+
+def test_own_sessions_slow_a_measured_peer_too() -> None:
+    # Both measured equally fast; this client already has sessions on "a": "b" wins. (A measured
+    # block_s used to replace the load, so every concurrent generation took the same peer.)
+    a = cand("a", block_s=0.001, own_load=0.45)
+    b = cand("b", block_s=0.001)
+    assert peers(route([a, b])) == ["b"]
+    assert hop_cost(a, 30, now=NOW) == pytest.approx(a.rtt_s + 30 * 0.001 / 0.55)
+    for bad in (-0.1, 1.0, math.nan):
+        with pytest.raises(LocalProtocolError, match="own_load"):
+            cand("a", own_load=bad)
+
+
+def _columns(b2_block_s: float) -> list[Candidate]:
+    """Two hosts per third of the model; this client runs one generation on a1 -> b1 -> c1. b2 is
+    measured at ``b2_block_s`` per block, everyone else at 1 ms."""
+    cands = []
+    for r, start in zip("abc", (0, 10, 20), strict=True):
+        for k in (1, 2):
+            speed = b2_block_s if f"{r}{k}" == "b2" else 0.001
+            cands.append(cand(f"{r}{k}", start, start + 10, block_s=speed,
+                              own_load=0.45 if k == 1 else 0.0))
+    return cands
+
+
+FIRST = [Hop("a1", 0, 10), Hop("b1", 10, 20), Hop("c1", 20, 30)]
+
+
+def test_a_followed_chain_wins_within_the_slack() -> None:
+    # Without follow: the idle second column. b2 measured 20% faster than the others: a crossing
+    # chain (a2, b2, c2) is still the cheapest; with our first chain to follow, it costs
+    # 1.8x: not within 25%, so the fresh chain is taken.
+    cands = _columns(0.0008)
+    assert peers(route(cands)) == ["a2", "b2", "c2"]
+    assert peers(route(cands, follow=[FIRST])) == ["a2", "b2", "c2"]
+    # Now the first chain's peers are as loaded as the others (a second chain of ours runs on
+    # column 2 too): a fresh search would cross to b2 (faster); the chain of ours wins.
+    loaded = [dataclasses.replace(c, own_load=0.45) for c in cands]
+    assert peers(route(loaded)) == ["a1", "b2", "c1"]
+    second = [Hop("a2", 0, 10), Hop("b2", 10, 20), Hop("c2", 20, 30)]
+    assert route(loaded, follow=[FIRST, second]) == second  # the cheaper of the two followed
+    # b2 far faster: beyond the slack, the crossing chain wins.
+    fast = [dataclasses.replace(c, own_load=0.45) for c in _columns(0.0001)]
+    assert peers(route(fast, follow=[FIRST])) == ["a1", "b2", "c1"]
+    assert peers(route(fast, follow=[FIRST], costs=RouteCosts(follow_slack=10.0))) == ["a1", "b1", "c1"]
+
+
+def test_a_followed_chain_must_serve_exactly_the_span_on_usable_peers() -> None:
+    loaded = [dataclasses.replace(c, own_load=0.45) for c in _columns(0.0008)]
+    crossing = ["a1", "b2", "c1"]
+    assert peers(route(loaded, follow=[FIRST], banned=frozenset({"b1"}))) == crossing
+    assert peers(route(loaded, follow=[FIRST[:2]])) == crossing  # does not reach block 30
+    assert peers(route(loaded, follow=[[FIRST[0], FIRST[2]]])) == crossing  # a gap
+    assert peers(route(loaded, follow=[[Hop("a1", 0, 10), Hop("b1", 10, 25), Hop("c1", 25, 30)]])) == crossing
+    assert peers(route(loaded, follow=[[]])) == crossing
+    # A sub-span (failover of blocks [10, 20)): the followed chain's part that serves exactly it.
+    assert route(loaded, 10, 20, follow=[FIRST[1:2]]) == [Hop("b1", 10, 20)]
