@@ -21,10 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
+from libp2p.host.exceptions import StreamFailure
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record as KadRecord
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
@@ -256,6 +258,15 @@ def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
     return None
 
 
+def _connection_failure(error: BaseException) -> bool:
+    """Whether ``new_stream`` failed for the connection's sake (its muxer opened no stream, or
+    the stream died in the protocol handshake), not because the peer refused the protocol."""
+    if isinstance(error, SwarmException):
+        return True
+    cause = error.__cause__
+    return isinstance(error, StreamFailure) and cause is not None and "handshake" in str(cause)
+
+
 class Host:
     """What idlefleet needs from libp2p, with deadlines. Created by ``open_host``."""
 
@@ -296,6 +307,24 @@ class Host:
         for conn in list(swarm.connections.get(pid, [])):
             if getattr(conn, "is_closed", False):
                 swarm.remove_conn(conn)
+
+    async def _drop_stale(self, pid: ID, error: Exception) -> bool:
+        """A stream failed to open on ``pid``'s connections: close them and say True, so that the
+        caller dials afresh once. py-libp2p 0.8.1 keeps a connection whose muxer no longer opens
+        streams listed as open ("Failed to create stream to peer"); every later stream to that
+        peer failed the same way, and a client banned the peer (the only host of its blocks, in
+        one CI run). False if there was no connection (the dial itself failed)."""
+        swarm = self._host.get_network()
+        conns = list(swarm.connections.get(pid, []))
+        if not conns or not _connection_failure(error):
+            return False
+        log.info("a stream to %s failed on its connection (%r): closing it, dialling again",
+                 str(pid)[-8:], error)
+        for conn in conns:
+            with trio.move_on_after(1.0):
+                await conn.close()
+            swarm.remove_conn(conn)
+        return True
 
     def on_disconnect(self, callback: DisconnectCallback) -> None:
         self._disconnect_callbacks.append(callback)
@@ -462,7 +491,12 @@ class Host:
             pid = ID.from_base58(peer_id)
             self._prune_closed(pid)
             with trio.fail_after(timeout):
-                stream = await self._host.new_stream(pid, [TProtocol(protocol)])
+                try:
+                    stream = await self._host.new_stream(pid, [TProtocol(protocol)])
+                except Exception as e:
+                    if not await self._drop_stale(pid, e):
+                        raise
+                    stream = await self._host.new_stream(pid, [TProtocol(protocol)])  # dials anew
         except trio.TooSlowError:
             raise DeadlineExceeded(f"opening {protocol} to {peer_id[-8:]} took over {timeout}s") from None
         except Exception as e:

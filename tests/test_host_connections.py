@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import trio
 from libp2p.peer.id import ID
 
+from idlefleet.p2p.errors import PeerUnreachable
 from idlefleet.protocols import session as S
 from idlefleet.protocols.tensors import encode_hidden
 from tests.factories import ECHO, echo_hosts
@@ -30,3 +32,35 @@ async def test_a_closed_connection_still_listed_is_dialled_again_not_an_error() 
             assert (await fs.receive(timeout=5)).body == body
         assert peer in client.connected_peers()
         assert all(not c.is_closed for c in swarm.connections[pid])
+
+
+async def test_a_connection_whose_muxer_opens_no_stream_is_replaced_by_a_fresh_dial() -> None:
+    """Seen in CI: a connection py-libp2p lists as open, but every stream on it fails ("Failed
+    to create stream to peer"); the client then banned the only host of its blocks. The host
+    closes such a connection and dials once more, within the same deadline."""
+    async with echo_hosts() as (client, peer):
+        swarm = client._host.get_network()
+        pid = ID.from_base58(peer)
+        (conn,) = swarm.connections[pid]
+
+        async def dead_muxer() -> None:
+            raise RuntimeError("muxer gone")  # what the dead yamux session raised
+
+        conn.new_stream = dead_muxer  # type: ignore[method-assign]
+        assert not conn.is_closed  # still listed as a live connection
+        with trio.fail_after(10):
+            fs = await client.open_stream(peer, ECHO)
+            body = S.Step(3, encode_hidden(np.ones((1, 8), np.float32))).to_body()
+            await fs.send("step", body, timeout=5)
+            assert (await fs.receive(timeout=5)).body == body
+        assert conn.is_closed and conn not in swarm.connections.get(pid, [])
+
+
+async def test_a_refused_protocol_keeps_the_connection() -> None:
+    """A peer that does not speak a protocol is not a broken connection: no re-dial."""
+    async with echo_hosts() as (client, peer):
+        swarm = client._host.get_network()
+        (conn,) = swarm.connections[ID.from_base58(peer)]
+        with trio.fail_after(10), pytest.raises(PeerUnreachable):
+            await client.open_stream(peer, "/not/spoken/1.0.0")
+        assert not conn.is_closed and swarm.connections[ID.from_base58(peer)] == [conn]
