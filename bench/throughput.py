@@ -124,6 +124,16 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     passes: dict[int, list[float]] = {1: [], STREAMS: []}  # compute calls (weight passes) per token
     rows: dict[int, list[float]] = {1: [], STREAMS: []}  # positions the nodes computed per token
     sessions: dict[int, list[float]] = {1: [], STREAMS: []}  # sessions the client opened per generation
+    histogram: dict[int, list[dict[int, int]]] = {1: [], STREAMS: []}  # steps per batch -> batches
+    routes: dict[int, list[int]] = {1: [], STREAMS: []}  # distinct routes the streams took
+
+    def batch_sizes_now() -> dict[int, int]:
+        """Steps per compute call -> calls, summed over the nodes (status files)."""
+        total: dict[int, int] = {}
+        for node in swarm.nodes:
+            for k, v in ((node.status() or {}).get("serving") or {}).get("batch_sizes", {}).items():
+                total[int(k)] = total.get(int(k), 0) + int(v)
+        return total
 
     def serving() -> list[tuple[int, int, int]]:
         """(steps, batches, positions) served so far by each node, from its status file
@@ -146,12 +156,15 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
 
         await trio.sleep(1.5)  # status files catch up with the previous run
         before, opened = serving(), sum(client.sessions_opened.values())
+        hist_before = batch_sizes_now()
         with CpuWindow([node.proc.pid for node in swarm.nodes]) as window:
             async with trio.open_nursery() as nursery:
                 for k in range(n):
                     nursery.start_soon(one, k)
         await trio.sleep(1.5)
         after = serving()
+        hist = {k: v - hist_before.get(k, 0) for k, v in sorted(batch_sizes_now().items())}
+        histogram[n].append({k: v for k, v in hist.items() if v})
         cpu[n].append(window)
         batch_sizes[n].append([round((s1 - s0) / (b1 - b0), 2) if b1 > b0 else 0.0
                                for (s0, b0, _), (s1, b1, _) in zip(before, after, strict=True)])
@@ -164,6 +177,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                 if hop["peer_id"] in index:
                     per_node[index[hop["peer_id"]]] += 1
         streams_per_node[n].append(per_node)
+        routes[n].append(len({tuple(hop["peer_id"] for hop in x.route or []) for x in done}))
         calls = sum(b1 - b0 for (_, b0, _), (_, b1, _) in zip(before, after, strict=True))
         passes[n].append(calls / max(1, tokens[n][-1]))
         computed = sum(p1 - p0 for (_, _, p0), (_, _, p1) in zip(before, after, strict=True))
@@ -196,7 +210,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                     f"machine busy {w.busy_pct:.0f}%; mean batch per node {batch_sizes[n][-1]}, "
                     f"streams per node {streams_per_node[n][-1]}; "
                     f"weight passes per token {passes[n][-1]:.2f}; positions computed per token "
-                    f"{rows[n][-1]:.2f}; sessions per generation {sessions[n][-1]:.1f}")
+                    f"{rows[n][-1]:.2f}; sessions per generation {sessions[n][-1]:.1f}; "
+                    f"distinct routes {routes[n][-1]}; batches by size {histogram[n][-1]}")
 
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
@@ -217,6 +232,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                         for n in (1, STREAMS)},
                     "mean_batch_per_node": {n: batch_sizes[n] for n in (1, STREAMS)},
                     "streams_per_node": {n: streams_per_node[n] for n in (1, STREAMS)},
+                    "distinct_routes": {n: routes[n] for n in (1, STREAMS)},
+                    "batches_by_size": {n: histogram[n] for n in (1, STREAMS)},
                     # Stage compute calls summed over the nodes per generated token: each reads
                     # its stage's weights once (what batching and verification change).
                     "weight_passes_per_token": {n: round(med(passes[n]), 3) for n in (1, STREAMS)},

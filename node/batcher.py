@@ -1,10 +1,19 @@
 """Cross-session batching of stage steps: the stage server's compute path.
 
 Session handlers submit their steps to one :class:`StepBatcher`. Steps that arrive within a short
-window (``window_s``, at most a few ms, cut short as soon as every active session has a step
+window (``window_s``, at most a few ms, cut short as soon as every session that is due has a step
 queued) are computed together in one worker-thread call (:meth:`Stage.forward_batch`): each
 weight is read from memory once for all of them. A lone session never waits: with one active
-session (or every active session already queued) the batch starts at once.
+session (or every due session already queued) the batch starts at once.
+
+*Due* sessions: those that stepped within ``STEPPING_S`` and at least half their own usual
+interval between steps ago (a verifier's session that steps once per window is not due right
+after its step), plus sessions open but not stepped yet. *Lockstep*: a client's concurrent
+generations leave its LM head together (:class:`HeadBatcher`), so the steps of one client's
+sessions arrive together, give or take that client's own scheduling (on a loaded machine
+several ms apart). While a step of a client is queued and another of its due sessions is not,
+the window stretches to ``lockstep_s``: a batch of 4 instead of two of 2 halves the weight
+passes. Sessions of other clients are independent of it; they are waited for ``window_s`` only.
 
 A batch of at most ``inline_rows`` rows (the stage server uses 1: a lone decode step) is computed
 on the event loop itself, under the same limiter. A thread costs two wake-ups per step (loop to
@@ -43,6 +52,7 @@ STEPPING_S = 1.0  # a session that sent a step this recently is expected to send
 @dataclass(eq=False)
 class _Job:
     hidden: np.ndarray  # [T, H]
+    group: str | None = None  # the client (peer) whose session this step is of
     stage: Stage | None = None  # None for LM head jobs (HeadBatcher)
     cache: KVCache | None = None
     position: int = 0
@@ -64,57 +74,78 @@ class BatcherStatistics:
     inline: int = 0  # batches computed on the event loop (at most inline_rows rows)
 
 
+@dataclass
+class _Stepping:
+    """When a session's last step came, its usual interval between steps, and its client."""
+
+    last: float
+    group: str | None
+    interval: float | None = None  # EWMA; None until its second step
+
+
 class StepBatcher:
     """Computes the steps of concurrent sessions together; see the module docstring.
 
-    ``active()`` says how many sessions could submit a step now (the window ends early once that
-    many are queued). ``on_batch(seconds, steps)`` is called after each batch (on the event loop).
-    A batch of at most ``inline_rows`` rows is computed on the event loop, not in a thread (0:
-    never).
+    ``active()`` says how many sessions are open (those that have not stepped yet are due).
+    ``on_batch(seconds, steps)`` is called after each batch (on the event loop). A batch of at
+    most ``inline_rows`` rows is computed on the event loop, not in a thread (0: never).
+    ``lockstep_s`` (at least ``window_s``) is how long a batch waits for due sessions of a client
+    that already has a step in it.
     """
 
     def __init__(self, limiter: trio.CapacityLimiter, active: Callable[[], int], *,
-                 window_s: float = 0.002, max_batch_tokens: int = 4096, inline_rows: int = 0,
-                 on_batch: Callable[[float, int], None] | None = None) -> None:
+                 window_s: float = 0.002, lockstep_s: float = 0.0, max_batch_tokens: int = 4096,
+                 inline_rows: int = 0, on_batch: Callable[[float, int], None] | None = None) -> None:
         self._limiter = limiter
         self._active = active
         self.window_s = window_s
+        self.lockstep_s = max(window_s, lockstep_s)
         self.max_batch_tokens = max_batch_tokens
         self.inline_rows = inline_rows
         self._on_batch = on_batch or (lambda seconds, steps: None)
         self._queue: list[_Job] = []
-        self._stepped: dict[int, float] = {}  # id(cache) -> when its session's last step came
+        self._stepped: dict[int, _Stepping] = {}  # id(cache) -> its session's stepping
         self._leading = False
         self._arrival = trio.Event()
         self.stats = BatcherStatistics()
 
     async def forward(self, stage: Stage, hidden: np.ndarray, cache: KVCache,
-                      position: int) -> np.ndarray:
+                      position: int, group: str | None = None) -> np.ndarray:
         """``stage.forward(hidden, cache, position)``, batched with other sessions' steps.
+        ``group`` names the client whose session this is (see lockstep in the module docstring).
 
         Raises :class:`TensorError` as ``forward`` would (for this step only). At most one step
         per cache may be in flight (a session's handler awaits each step)."""
         now = trio.current_time()
         if len(self._stepped) > 4096:  # sessions never forgotten (a caller without forget())
-            self._stepped = {k: t for k, t in self._stepped.items() if t >= now - STEPPING_S}
-        self._stepped[id(cache)] = now
-        return await self._submit(_Job(hidden, stage, cache, position))
+            self._stepped = {k: s for k, s in self._stepped.items() if s.last >= now - STEPPING_S}
+        st = self._stepped.get(id(cache))
+        if st is None:
+            self._stepped[id(cache)] = _Stepping(now, group)
+        else:
+            gap = now - st.last
+            st.interval = gap if st.interval is None else 0.7 * st.interval + 0.3 * gap
+            st.last, st.group = now, group
+        return await self._submit(_Job(hidden, group, stage, cache, position))
 
     def forget(self, cache: KVCache) -> None:
         """A session ended: its cache will send no more steps."""
         self._stepped.pop(id(cache), None)
 
+    def _due(self) -> tuple[int, set[str | None]]:
+        """How many sessions without a queued step are due (see the module docstring), and
+        their clients (None for sessions that have not stepped yet)."""
+        now = trio.current_time()
+        queued = {id(j.cache) for j in self._queue}
+        due = [s.group for key, s in self._stepped.items()
+               if key not in queued and now - s.last <= STEPPING_S
+               and (s.interval is None or now - s.last >= 0.5 * s.interval)]
+        fresh = max(0, self._active() - len(self._stepped))
+        return len(due) + fresh, set(due) | ({None} if fresh else set())
+
     def _expected(self) -> int:
-        """How many queued steps end the window early: the active sessions less those that have
-        stepped before but not for ``STEPPING_S`` (a verifier's session, a chat between two
-        requests: open but silent, waiting for them would hold every batch for the whole
-        window). A session that has not stepped yet (just opened: its prefill comes) counts."""
-        active = self._active()
-        if not self._stepped:
-            return active
-        horizon = trio.current_time() - STEPPING_S
-        silent = sum(1 for t in self._stepped.values() if t < horizon)
-        return max(1, active - silent)
+        """How many queued steps end the window early: the queued ones plus the due sessions."""
+        return len(self._queue) + self._due()[0]
 
     async def _submit(self, job: _Job) -> np.ndarray:
         self._queue.append(job)
@@ -178,13 +209,21 @@ class StepBatcher:
         self._pass_lead()
 
     async def _gather(self) -> None:
-        """Wait up to ``window_s`` for more steps, or until every active session has one queued."""
-        if len(self._queue) >= self._expected():  # nothing to wait for: no timer to set up
+        """Wait up to ``window_s`` for the due sessions' steps, up to ``lockstep_s`` for those of
+        the clients with a step queued; at once when none is due."""
+        due, groups = self._due()
+        if not due:  # nothing to wait for: no timer to set up
             return
-        with trio.move_on_after(self._window_s()):
-            while len(self._queue) < self._expected():
+        start = trio.current_time()
+        while due:
+            queued = {j.group for j in self._queue} - {None}
+            wait = self.lockstep_s if queued & groups else self._window_s()
+            if trio.current_time() >= start + wait:
+                return
+            with trio.move_on_at(start + wait):
                 self._arrival = trio.Event()
                 await self._arrival.wait()
+            due, groups = self._due()
 
     def _window_s(self) -> float:
         """How long the batch being gathered may wait (its leader is ``self._queue[0]``)."""
@@ -217,6 +256,10 @@ class HeadBatcher(StepBatcher):
         """Logits ``[V]`` of the last row of ``hidden [T, H]``. ``max_wait`` caps how long this
         row waits for the others if it leads a batch (default: ``window_s``)."""
         return await self._submit(_Job(hidden[-1:], max_wait=max_wait))
+
+    def _due(self) -> tuple[int, set[str | None]]:
+        """The decoding generations whose row is not queued yet."""
+        return max(0, self._active() - len(self._queue)), set()
 
     def _window_s(self) -> float:
         leader = self._queue[0] if self._queue else None

@@ -62,6 +62,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "serving": None if server is None else {
             "sessions": server.active_sessions, "steps": server.stats.steps,
             "tokens": server.stats.tokens, "batches": server.stats.batches,
+            "batch_sizes": {str(k): v for k, v in sorted(server.stats.batch_sizes.items())},
             "compute_s": round(server.stats.compute_s, 3)},
     }
 

@@ -80,9 +80,14 @@ class ServerConfig:
     prefill_chunk_tokens: int = 128  # a step is computed in chunks of at most this many positions
     workspace_bytes: int = 32 * 1024 * 1024  # working memory (attention scores, MLP) of one chunk
     # How long a step may wait for other sessions' steps (batching). Only steps of sessions that
-    # are stepping wait (a lone one never does); 6 ms measured best for 8 lockstep streams on a
+    # are due wait (a lone one never does); 6 ms measured best for 8 lockstep streams on a
     # 6-node swarm (bench.throughput: 2 ms 2.28x, 6 ms 2.61x, 10 ms 2.37x one stream).
     batch_window_s: float = 0.006
+    # How long a step waits for due sessions of the same client as a step already queued (its
+    # generations leave its LM head together: node/batcher.py). On a loaded 2-core machine they
+    # arrive up to ~25 ms apart: with 6 ms, 8 streams on 6 nodes made batches of 1-2 out of 4
+    # sessions per node; with 25 ms, 4 (bench.throughput).
+    lockstep_window_s: float = 0.025
     inline_rows: int = 1  # a batch of at most this many rows is computed on the event loop (0: never)
 
 
@@ -101,6 +106,7 @@ class ServerStatistics:
     bytes_sent: int = 0  # framed bytes of finished sessions
     bytes_received: int = 0
     batches: int = 0  # compute calls; steps / batches is the mean batch size
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # steps per compute call -> calls
     receipts: int = 0  # receipts countersigned and stored
     receipts_refused: dict[str, int] = field(default_factory=dict)  # proposals refused, by code
 
@@ -132,6 +138,7 @@ class StageServer:
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._batcher = StepBatcher(self._limiter, lambda: self.active_sessions,
                                     window_s=config.batch_window_s,
+                                    lockstep_s=config.lockstep_window_s,
                                     max_batch_tokens=config.max_step_tokens,
                                     inline_rows=config.inline_rows, on_batch=self._on_batch)
         self._ids = _SESSION_IDS
@@ -176,6 +183,7 @@ class StageServer:
     def _on_batch(self, seconds: float, steps: int) -> None:
         self.stats.compute_s += seconds
         self.stats.batches += 1
+        self.stats.batch_sizes[steps] = self.stats.batch_sizes.get(steps, 0) + 1
 
     async def wait_idle(self) -> None:
         """Return once no session is open (used when draining)."""
@@ -411,7 +419,7 @@ class StageServer:
                 n = self._chunk_tokens(step.position + done, hidden.shape[0] - done)
                 # Computed together with other sessions' steps that arrive within the batch window.
                 parts.append(await self._batcher.forward(stage, hidden[done:done + n], cache,
-                                                         step.position + done))
+                                                         step.position + done, fs.peer_id))
                 done += n
                 self.stats.chunks += 1
         finally:

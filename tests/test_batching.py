@@ -18,6 +18,7 @@ import trio.testing
 from idlefleet.node.batcher import STEPPING_S, HeadBatcher, StepBatcher, acquire
 from idlefleet.node.model import blocks as B
 from idlefleet.node.model.generate import BatchItem, generate_many
+from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage
 from idlefleet.protocols.errors import TensorError
@@ -211,7 +212,63 @@ async def test_an_open_session_that_stopped_stepping_does_not_hold_batches_up(
         await batcher.forward(two_blocks, x, busy, None)
         assert trio.current_time() - t0 < 0.01
     batcher.forget(silent)  # its session closed
-    assert batcher._expected() == 2  # (active() still says 2 here: a new session, not yet stepping)
+    # (active() still says 2 here: a new session, not stepped yet, is due; busy just stepped and
+    # is not due again before half its usual interval)
+    assert batcher._due() == (1, {None})
+
+
+async def _steps_at(batcher: StepBatcher, stage: Stage, plan: list[tuple[float, KVCache, str]],
+                    t0: float) -> None:
+    """Submit one-row steps at virtual times ``t0 + offset`` (each of its cache, as ``group``)."""
+    x = np.ones((1, 576), np.float32)
+
+    async def one(offset: float, cache: KVCache, group: str) -> None:
+        await trio.sleep_until(t0 + offset)
+        await batcher.forward(stage, x, cache, None, group)
+
+    async with trio.open_nursery() as nursery:
+        for offset, cache, group in plan:
+            nursery.start_soon(one, offset, cache, group)
+
+
+async def test_steps_of_one_clients_sessions_wait_the_lockstep_window_others_the_short_one(
+    two_blocks: Stage, autojump_clock: trio.abc.Clock
+) -> None:
+    """A client's generations step in lockstep: the second of its steps, 20 ms late, still joins
+    the first's batch (lockstep window 50 ms); another client's step 20 ms late does not (window
+    5 ms), and its session is not waited for beyond that window."""
+    batcher = StepBatcher(trio.CapacityLimiter(1), lambda: 3, window_s=0.005, lockstep_s=0.05)
+    a1, a2, b = (two_blocks.new_cache() for _ in range(3))
+    t0 = trio.current_time()
+    await _steps_at(batcher, two_blocks, [(0.0, a1, "a"), (0.0, a2, "a"), (0.0, b, "b")], t0)
+    assert batcher.stats.batches == 1  # every session had its first step queued: no wait
+    # Round two, one interval (1 s) later: a1 first, a2 20 ms after it, b 20 ms after that.
+    before = batcher.stats.batches
+    await _steps_at(batcher, two_blocks, [(1.0, a1, "a"), (1.02, a2, "a"), (1.04, b, "b")], t0)
+    assert batcher.stats.batches - before == 2  # {a1, a2} waited for together, b alone
+    # Round three: b first; a1 and a2 20 ms later are another client: b waits 5 ms only.
+    before = batcher.stats.batches
+    await _steps_at(batcher, two_blocks, [(2.0, b, "b"), (2.02, a1, "a"), (2.02, a2, "a")], t0)
+    assert batcher.stats.batches - before == 2
+
+
+async def test_a_session_that_steps_once_per_window_is_not_waited_for_right_after_its_step(
+    two_blocks: Stage, autojump_clock: trio.abc.Clock
+) -> None:
+    """A verifier's session steps every few seconds; a decode session steps every 0.2 s. Right
+    after the verifier's step, the decoder's steps do not wait for it (it is due again only half
+    its interval later), though it stepped within STEPPING_S."""
+    batcher = StepBatcher(trio.CapacityLimiter(1), lambda: 2, window_s=0.5, lockstep_s=0.5)
+    verifier, decoder = two_blocks.new_cache(), two_blocks.new_cache()
+    x = np.ones((1, 576), np.float32)
+    t0 = trio.current_time()
+    await _steps_at(batcher, two_blocks, [(0.0, verifier, "a"), (0.0, decoder, "a")], t0)
+    await _steps_at(batcher, two_blocks, [(3.0, verifier, "a"), (3.0, decoder, "a")], t0)
+    for k in range(1, 4):  # 3.2, 3.4, 3.6: the verifier stepped < 1 s ago, but is not due
+        await trio.sleep_until(t0 + 3.0 + 0.2 * k)
+        started = trio.current_time()
+        await batcher.forward(two_blocks, x, decoder, None, "a")
+        assert trio.current_time() - started < 0.01
 
 
 async def test_client_head_rows_queued_during_a_batch_go_through_the_head_together(head: Head) -> None:
