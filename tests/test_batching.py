@@ -76,6 +76,34 @@ def test_stacked_steps_equal_lone_steps_for_mixed_lengths_joining_and_leaving(
         _close(b.v[:, :, : b.length], a.v[:, :, : a.length])
 
 
+def test_decode_rows_share_one_padded_attention_equal_to_per_session_attention(
+    head: Head, whole_model: Stage
+) -> None:
+    """All-decode batches (one row per session) take the padded attention while every cache is
+    shorter than MAX_PADDED_KEYS; one longer session sends the batch down the per-session loop.
+    Both equal each session's lone forward, caches included."""
+    stage = whole_model.sub_stage(0, 3)
+    rng = np.random.default_rng(11)
+    for lengths in ((0, 1, 7, 30), (3, B.MAX_PADDED_KEYS + 4)):
+        alone = [stage.new_cache() for _ in lengths]
+        stacked = [stage.new_cache() for _ in lengths]
+        for n, a, b in zip(lengths, alone, stacked, strict=True):
+            if n:
+                x = head.embed(rng.integers(0, 49152, n).tolist())
+                stage.forward(x, a)
+                stage.forward(x, b)
+        for _ in range(2):
+            xs = [head.embed([int(t)]) for t in rng.integers(0, 49152, len(lengths))]
+            want = [stage.forward(x, c) for x, c in zip(xs, alone, strict=True)]
+            got = stage.forward_batch([(x, c, None) for x, c in zip(xs, stacked, strict=True)])
+            for g, w in zip(got, want, strict=True):
+                _close(g, w)
+        for a, b in zip(alone, stacked, strict=True):
+            assert a.length == b.length
+            _close(b.k[:, :, : b.length], a.k[:, :, : a.length])
+            _close(b.v[:, :, : b.length], a.v[:, :, : a.length])
+
+
 def test_one_step_batch_is_exactly_forward(head: Head, whole_model: Stage) -> None:
     x = head.embed([504, 3575, 282])
     (got,) = whole_model.forward_batch([(x, whole_model.new_cache(), 0)])
