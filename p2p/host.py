@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
-from libp2p.host.exceptions import StreamFailure
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record as KadRecord
@@ -259,12 +258,11 @@ def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
 
 
 def _connection_failure(error: BaseException) -> bool:
-    """Whether ``new_stream`` failed for the connection's sake (its muxer opened no stream, or
-    the stream died in the protocol handshake), not because the peer refused the protocol."""
-    if isinstance(error, SwarmException):
-        return True
-    cause = error.__cause__
-    return isinstance(error, StreamFailure) and cause is not None and "handshake" in str(cause)
+    """Whether ``new_stream`` failed for the connection's sake: its muxer opened no stream
+    (py-libp2p's SwarmException). A stream that dies in the protocol handshake is not one: the
+    peer may have reset it on purpose (its per-peer stream cap), and closing the connection would
+    end every other stream on it."""
+    return isinstance(error, SwarmException)
 
 
 class Host:
