@@ -361,6 +361,8 @@ async def test_client_head_waits_for_every_decoding_generation_within_the_window
     await batcher.logits(row)
     assert trio.current_time() - t0 < 0.001
     assert batcher.stats.inline == inline + 1  # a lone row: on the event loop, no thread
+
+
 class _ThreadRecordingStage:
     """Wraps a stage: records the thread each ``forward_batch`` runs in, and how many rows."""
 
