@@ -270,6 +270,9 @@ class Pipeline:
         self.max_length = max_length
         self.start = client.model.local_blocks
         self.hops: list[_HopSession] = []
+        # The route being opened (sessions not all open yet): concurrent generations that route
+        # meanwhile follow it as they follow ``hops``.
+        self.routing: list[Hop] = []
         self.failovers = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -290,8 +293,11 @@ class Pipeline:
         return [{"peer_id": h.peer_id, "blocks": [h.start, h.end]} for h in self.hops]
 
     async def open(self) -> None:
-        self.client.pipelines.add(self)  # its chain, once open, is one the client's next routes follow
-        self.hops, _ = await self._open_span(self.start, self.client.model.n_blocks, [])
+        self.client.pipelines.add(self)  # its chain is one the client's next routes follow
+        try:
+            self.hops, _ = await self._open_span(self.start, self.client.model.n_blocks, [])
+        finally:
+            self.routing = []
 
     async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
         """Run ``hidden`` (positions ``position..``) through the local blocks (if any), then every
@@ -573,6 +579,8 @@ class Pipeline:
             hops = [_HopSession(h.peer_id, h.start, h.end, counted=True) for h in route]
             for hop in hops:  # counted at once: a concurrent generation routing now sees them
                 client.open_sessions[hop.peer_id] += 1
+            if not self.hops:  # the whole route (not a failover's span): followed from now on
+                self.routing = route
             try:
                 for hop in hops:
                     await self._open_hop(hop)
@@ -781,8 +789,8 @@ class FleetClient:
         stage servers batch their steps (``protocols.routing``). Raises NoRoute."""
         start = self.model.local_blocks if start is None else start
         end = self.model.n_blocks if end is None else end
-        follow = [[Hop(h.peer_id, h.start, h.end) for h in p.hops if start <= h.start and h.end <= end]
-                  for p in self.pipelines]
+        follow = [[Hop(h.peer_id, h.start, h.end) for h in chain if start <= h.start and h.end <= end]
+                  for chain in (p.routing or p.hops for p in self.pipelines)]
         try:
             return find_route(self.candidates(), start, end, now=time.time(),
                               my_region=self.node.config.region, banned=self.banned(),

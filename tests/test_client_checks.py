@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
@@ -26,7 +27,7 @@ from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import ConfigError, LocalProtocolError
-from idlefleet.protocols.routing import Candidate, find_route
+from idlefleet.protocols.routing import Candidate, Hop, find_route
 from idlefleet.protocols.tensors import EncodedTensor, encode_hidden
 
 PROMPT = "My bank PIN is 4921"
@@ -224,3 +225,35 @@ def test_concurrent_generations_spread_evenly_over_equal_hosts() -> None:
         for hop in find_route(cands, 0, 30, now=1.7e9, my_region="u33d"):
             mine[hop.peer_id] += 1
     assert sorted(mine.values()) == [4] * 6, mine
+
+
+def test_new_generations_follow_the_routes_of_running_ones_even_while_those_open(
+        client_model: ClientModel) -> None:
+    """8 generations start at once: each routes while the earlier ones are still opening their
+    sessions, and step-time measurements make b1 or b2 the faster in turn (by 10%). The route
+    being opened is followed like an open one: 2 chains, not crossing ones."""
+    node = SimpleNamespace(host=None, config=NodeConfig(region="u33d"), peer_id="me",
+                           liveness=SimpleNamespace(min_rtt_s={}))
+    client = FleetClient(node, client_model, ClientConfig(verify=False))  # type: ignore[arg-type]
+    measured = {"fast": "b2"}  # the b host measured faster when the next generation routes
+
+    def candidates() -> list[Candidate]:
+        return [dataclasses.replace(
+            candidate(p, start, best=False), end=start + 10, load=0.0,
+            block_s=0.0009 if p == measured["fast"] else 0.001,
+            own_load=own_sessions_load(client.open_sessions[p]))
+            for p, start in (("a1", 0), ("a2", 0), ("b1", 10), ("b2", 10), ("c1", 20), ("c2", 20))]
+
+    class Opening:  # a generation between routing and its sessions being open
+        def __init__(self, route: list[Hop]) -> None:
+            self.routing, self.hops = route, []
+
+    client.candidates = candidates  # type: ignore[method-assign]
+    for fast in ["b2", "b1", "b1", "b2", "b1", "b2", "b2", "b1"]:
+        measured["fast"] = fast
+        route = client.find_route()
+        for hop in route:
+            client.open_sessions[hop.peer_id] += 1
+        client.pipelines.add(Opening(route))  # type: ignore[arg-type]
+    chains = Counter(tuple(h.peer_id for h in p.routing) for p in client.pipelines)  # type: ignore[attr-defined]
+    assert len(chains) == 2 and sum(chains.values()) == 8, chains
