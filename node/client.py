@@ -71,7 +71,15 @@ from idlefleet.protocols.receipts import (
     flops_per_token_block,
     propose,
 )
-from idlefleet.protocols.routing import Candidate, Hop, NoRoute, RouteCosts, find_route, mark_accused
+from idlefleet.protocols.routing import (
+    Candidate,
+    Hop,
+    NoRoute,
+    RouteCosts,
+    exclusion,
+    find_route,
+    mark_accused,
+)
 from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor, TensorLimits, decode_hidden, encode_hidden
 from idlefleet.protocols.verification import StepCommitment, TrustBook, row_digests, rows_root
 
@@ -802,11 +810,13 @@ class FleetClient:
             raise
 
     def uncovered_blocks(self) -> list[int]:
-        """Blocks no usable host in the fleet view serves."""
+        """Blocks no usable host in the fleet view serves: usable as routing decides (a host
+        whose record still says ``joining`` covers nothing yet; counting it stopped the DHT
+        lookups that would fetch its newer record, and the client waited out route_wait_s)."""
         banned = self.banned()
         covered = [False] * self.model.n_blocks
         for cand in self.candidates():
-            if cand.peer_id not in banned:
+            if exclusion(cand, banned=banned, costs=self.config.costs) is None:
                 for b in range(cand.start, min(cand.end, self.model.n_blocks)):
                     covered[b] = True
         return [b for b, c in enumerate(covered) if not c]

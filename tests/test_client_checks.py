@@ -257,3 +257,25 @@ def test_new_generations_follow_the_routes_of_running_ones_even_while_those_open
         client.pipelines.add(Opening(route))  # type: ignore[arg-type]
     chains = Counter(tuple(h.peer_id for h in p.routing) for p in client.pipelines)  # type: ignore[attr-defined]
     assert len(chains) == 2 and sum(chains.values()) == 8, chains
+
+
+def test_blocks_of_a_host_routing_excludes_count_as_uncovered(client_model: ClientModel) -> None:
+    """A host whose record (fetched through the DHT, say) still says ``joining`` is excluded by
+    routing, so its blocks stay uncovered, and wait_ready keeps looking them up until a newer
+    record says ``online`` (test_discovery waited out route_wait_s on such a record)."""
+    node = SimpleNamespace(host=None, config=NodeConfig(region="u33d"), peer_id="me",
+                           liveness=SimpleNamespace(min_rtt_s={}))
+    client = FleetClient(node, client_model, ClientConfig(verify=False))  # type: ignore[arg-type]
+    state = {"y": "joining"}
+
+    def candidates() -> list[Candidate]:
+        return [dataclasses.replace(candidate("x", 0, best=False), end=10),
+                dataclasses.replace(candidate("y", 10, best=False), state=state["y"]),
+                dataclasses.replace(candidate("z", 20, best=False), end=25)]
+
+    client.candidates = candidates  # type: ignore[method-assign]
+    client.avoid("z")  # banned: covers nothing either
+    assert client.uncovered_blocks() == list(range(10, 30))
+    state["y"] = "online"
+    assert client.uncovered_blocks() == []
+    assert [h.peer_id for h in client.find_route()] == ["x", "y"]
