@@ -222,12 +222,14 @@ class FleetResult:
 
 
 class StageFailure(Exception):
-    """One hop failed; ``ban`` says whether to avoid the peer for a while."""
+    """One hop failed; ``ban`` says whether to avoid the peer for a while, ``unreachable`` that
+    it was a session that could not be opened for a network error (a last resort, not a fault)."""
 
-    def __init__(self, hop: _HopSession, why: str, *, ban: bool = True) -> None:
+    def __init__(self, hop: _HopSession, why: str, *, ban: bool = True, unreachable: bool = False) -> None:
         super().__init__(f"{hop.peer_id[-8:]} [{hop.start}, {hop.end}): {why}")
         self.hop = hop
         self.ban = ban
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -379,7 +381,9 @@ class Pipeline:
             # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
             raise StageFailure(hop, f"refused: {e}",
                                ban=e.code not in (S.ERR_BUSY, S.ERR_DRAINING)) from None
-        except (NetworkError, RemoteProtocolError) as e:
+        except NetworkError as e:
+            raise StageFailure(hop, f"open failed: {e}", unreachable=True) from None
+        except RemoteProtocolError as e:
             raise StageFailure(hop, f"open failed: {e}") from None
 
     async def _step(self, hop: _HopSession, x: np.ndarray, position: int) -> np.ndarray:
@@ -596,7 +600,7 @@ class Pipeline:
             except StageFailure as e:
                 (log.warning if e.ban else log.info)("route %s failed%s: %s", [h.peer_id[-8:] for h in hops],
                                                      " (peer banned)" if e.ban else "", e)
-                client.avoid(e.hop.peer_id, e.ban)
+                client.avoid(e.hop.peer_id, e.ban, unreachable=e.unreachable)
                 for hop in hops:
                     await (self._abandon(hop) if hop is e.hop else self._close(hop))
                 self.failovers += 1
@@ -711,6 +715,7 @@ class FleetClient:
         self.config = config
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
+        self._unreachable: set[str] = set()  # banned only because a session open failed (network)
         self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
         self.pipelines: set[Pipeline] = set()  # of the generations running now
         self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
@@ -754,9 +759,15 @@ class FleetClient:
         return cls(node, model, config)
 
     # -- peers ---------------------------------------------------------------------------------
-    def avoid(self, peer_id: str, ban: bool = True) -> None:
-        """Avoid ``peer_id``: for ``ban_s`` after a fault, for a few seconds after a refusal."""
+    def avoid(self, peer_id: str, ban: bool = True, *, unreachable: bool = False) -> None:
+        """Avoid ``peer_id``: for ``ban_s`` after a fault, for a few seconds after a refusal.
+        ``unreachable``: the fault was a session that could not be opened (a network error): the
+        peer stays a last resort for routes that have no other host (``find_route``)."""
         self._avoid_until[peer_id] = time.monotonic() + (self.config.ban_s if ban else REFUSAL_PAUSE_S)
+        if ban and unreachable:
+            self._unreachable = {p for p in self._unreachable if p in self.banned()} | {peer_id}
+        else:
+            self._unreachable.discard(peer_id)
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
@@ -799,10 +810,26 @@ class FleetClient:
         end = self.model.n_blocks if end is None else end
         follow = [[Hop(h.peer_id, h.start, h.end) for h in chain if start <= h.start and h.end <= end]
                   for chain in (p.routing or p.hops for p in self.pipelines)]
+        candidates, banned = self.candidates(), self.banned()
         try:
-            return find_route(self.candidates(), start, end, now=time.time(),
-                              my_region=self.node.config.region, banned=self.banned(),
-                              costs=self.config.costs, follow=follow)
+            try:
+                return find_route(candidates, start, end, now=time.time(),
+                                  my_region=self.node.config.region, banned=banned,
+                                  costs=self.config.costs, follow=follow)
+            except NoRoute:
+                # A peer banned only because a session open failed (a dropped connection, a peer
+                # busy dialling) is still the last resort where it is the only host: with one
+                # host per block, one failed open made the fleet unusable for ban_s. A peer
+                # that is really gone fails the open again, within the failover budget.
+                last_resort = banned & self._unreachable
+                if not last_resort:
+                    raise
+                route = find_route(candidates, start, end, now=time.time(),
+                                   my_region=self.node.config.region, banned=banned - last_resort,
+                                   costs=self.config.costs, follow=follow)
+                log.info("no other host: routing through %s again after a failed open",
+                         [h.peer_id[-8:] for h in route if h.peer_id in last_resort])
+                return route
         except NoRoute as e:
             if self.config.allow_regions:
                 raise NoRoute(e.block, f"no route within the allowed regions "

@@ -27,7 +27,7 @@ from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import ConfigError, LocalProtocolError
-from idlefleet.protocols.routing import Candidate, Hop, find_route
+from idlefleet.protocols.routing import Candidate, Hop, NoRoute, find_route
 from idlefleet.protocols.tensors import EncodedTensor, encode_hidden
 
 PROMPT = "My bank PIN is 4921"
@@ -279,3 +279,28 @@ def test_blocks_of_a_host_routing_excludes_count_as_uncovered(client_model: Clie
     state["y"] = "online"
     assert client.uncovered_blocks() == []
     assert [h.peer_id for h in client.find_route()] == ["x", "y"]
+
+
+def test_a_peer_whose_session_open_failed_is_the_last_resort_where_it_is_the_only_host(
+        client_model: ClientModel) -> None:
+    """One host per block (x, y): a failed open (network) avoids x, but routing still takes it
+    when nothing else serves its blocks. With a second host of block 0, that one is taken. A
+    ban for anything else (wrong outputs, a failed step) excludes x outright."""
+    node = SimpleNamespace(host=None, config=NodeConfig(region="u33d"), peer_id="me",
+                           liveness=SimpleNamespace(min_rtt_s={}))
+    client = FleetClient(node, client_model, ClientConfig(verify=False))  # type: ignore[arg-type]
+    hosts = {"x": (0, 10), "y": (10, 30)}
+
+    def candidates() -> list[Candidate]:
+        return [dataclasses.replace(candidate(p, a, best=False), end=b) for p, (a, b) in hosts.items()]
+
+    client.candidates = candidates  # type: ignore[method-assign]
+    client.avoid("x", unreachable=True)
+    assert "x" in client.banned()
+    assert [h.peer_id for h in client.find_route()] == ["x", "y"]
+    hosts["x2"] = (0, 10)
+    assert [h.peer_id for h in client.find_route()] == ["x2", "y"]
+    del hosts["x2"]
+    client.avoid("x")  # now for a fault
+    with pytest.raises(NoRoute, match="banned"):
+        client.find_route()
