@@ -8,10 +8,12 @@ of what it hosts, so the same function re-routes a lost span of a running route.
 through their round trips.
 
 A client running several generations at once passes the chains its other generations use
-(``follow``): a new generation takes one of them when it costs at most ``follow_slack`` more than
-the cheapest chain. Generations on the same chain reach each stage together, so the stage server
-computes their steps as one batch (one pass over its weights for all); generations on crossing
-chains arrive at a stage at different times and are computed one by one.
+(``follow``). Spread first: while the cheapest chain has a peer that carries none of the client's
+sessions, a new generation takes it. Once every peer of it carries some, the generation takes one
+of the followed chains instead when that costs at most ``follow_slack`` more.
+Generations on the same chain reach each stage together, so the stage server computes their steps
+as one batch (one pass over its weights for all); generations on crossing chains arrive at a stage
+at different times and are computed one by one.
 
 A record's claims cost its signer nothing, so they are trusted only so far: ``from_record`` caps the
 claimed compute at ``MAX_CLAIMED_GFLOPS``, and as soon as the client has timed decode steps on a
@@ -293,9 +295,11 @@ def find_route(
     used; draining ones only when the alternatives cost more than ``draining_penalty_s``. Equal
     costs go to the smaller ``peer_id``; the input order does not matter. O(blocks * peers).
 
-    ``follow``: chains this client's other generations run on. The cheapest of those that serve
+    ``follow``: chains this client's other generations run on. Once every peer of the cheapest
+    chain carries some of our sessions (``own_load``), the cheapest of those chains that serve
     exactly ``[start, end)`` on usable peers is returned instead when it costs at most
-    ``costs.follow_slack`` more than the cheapest chain (see the module's docstring).
+    ``costs.follow_slack`` more (see the module's docstring); while the cheapest chain has a peer
+    without our sessions, it is taken (spread first).
 
     Raises ``NoRoute`` naming the first block no usable peer hosts, and ``LocalProtocolError`` if
     ``not 0 <= start < end``.
@@ -320,7 +324,7 @@ def find_route(
                                   costs=costs) for h in chain)
 
     followed = [list(chain) for chain in follow if _serves(chain, by_peer, start, end)]
-    if followed:
+    if followed and all(by_peer[h.peer_id].own_load > 0 for h in best):
         best_cost = cost(best)
         chain = min(followed, key=lambda c: (cost(c), [h.peer_id for h in c]))
         if cost(chain) <= best_cost * (1.0 + costs.follow_slack):

@@ -372,3 +372,14 @@ def test_a_followed_chain_must_serve_exactly_the_span_on_usable_peers() -> None:
     assert peers(route(loaded, follow=[[]])) == crossing
     # A sub-span (failover of blocks [10, 20)): the followed chain's part that serves exactly it.
     assert route(loaded, 10, 20, follow=[FIRST[1:2]]) == [Hop("b1", 10, 20)]
+
+
+def test_spread_first_a_chain_of_idle_peers_is_not_traded_for_a_followed_one() -> None:
+    # The second generation of a client: column 2 carries none of its sessions. Our first chain,
+    # measured fast, costs within the slack of column 2 (claims only), yet column 2 is taken.
+    cands = [dataclasses.replace(c, block_s=0.00042) if c.own_load
+             else dataclasses.replace(c, block_s=None, compute_gflops=20.0) for c in _columns(0.001)]
+    first_cost = sum(hop_cost(c, 10, now=NOW) for c in cands if c.peer_id.endswith("1"))
+    fresh_cost = sum(hop_cost(c, 10, now=NOW) for c in cands if c.peer_id.endswith("2"))
+    assert fresh_cost < first_cost <= 1.25 * fresh_cost, (first_cost, fresh_cost)
+    assert peers(route(cands, follow=[FIRST])) == ["a2", "b2", "c2"]
