@@ -143,10 +143,6 @@ class StepBatcher:
         fresh = max(0, self._active() - len(self._stepped))
         return len(due) + fresh, set(due) | ({None} if fresh else set())
 
-    def _expected(self) -> int:
-        """How many queued steps end the window early: the queued ones plus the due sessions."""
-        return len(self._queue) + self._due()[0]
-
     async def _submit(self, job: _Job) -> np.ndarray:
         self._queue.append(job)
         self._arrival.set()

@@ -765,7 +765,7 @@ class FleetClient:
         peer stays a last resort for routes that have no other host (``find_route``)."""
         self._avoid_until[peer_id] = time.monotonic() + (self.config.ban_s if ban else REFUSAL_PAUSE_S)
         if ban and unreachable:
-            self._unreachable = {p for p in self._unreachable if p in self.banned()} | {peer_id}
+            self._unreachable = (self._unreachable & self.banned()) | {peer_id}
         else:
             self._unreachable.discard(peer_id)
 
@@ -811,25 +811,26 @@ class FleetClient:
         follow = [[Hop(h.peer_id, h.start, h.end) for h in chain if start <= h.start and h.end <= end]
                   for chain in (p.routing or p.hops for p in self.pipelines)]
         candidates, banned = self.candidates(), self.banned()
+
+        def route(avoided: frozenset[str]) -> list[Hop]:
+            return find_route(candidates, start, end, now=time.time(), my_region=self.node.config.region,
+                              banned=avoided, costs=self.config.costs, follow=follow)
+
+        # A peer banned only because a session open failed (a dropped connection, a peer busy
+        # dialling) is still the last resort where it is the only host: with one host per block,
+        # one failed open made the fleet unusable for ban_s. A peer that is really gone fails the
+        # open again, within the failover budget.
+        last_resort = banned & self._unreachable
         try:
             try:
-                return find_route(candidates, start, end, now=time.time(),
-                                  my_region=self.node.config.region, banned=banned,
-                                  costs=self.config.costs, follow=follow)
+                return route(banned)
             except NoRoute:
-                # A peer banned only because a session open failed (a dropped connection, a peer
-                # busy dialling) is still the last resort where it is the only host: with one
-                # host per block, one failed open made the fleet unusable for ban_s. A peer
-                # that is really gone fails the open again, within the failover budget.
-                last_resort = banned & self._unreachable
                 if not last_resort:
                     raise
-                route = find_route(candidates, start, end, now=time.time(),
-                                   my_region=self.node.config.region, banned=banned - last_resort,
-                                   costs=self.config.costs, follow=follow)
+                chain = route(banned - last_resort)
                 log.info("no other host: routing through %s again after a failed open",
-                         [h.peer_id[-8:] for h in route if h.peer_id in last_resort])
-                return route
+                         [h.peer_id[-8:] for h in chain if h.peer_id in last_resort])
+                return chain
         except NoRoute as e:
             if self.config.allow_regions:
                 raise NoRoute(e.block, f"no route within the allowed regions "

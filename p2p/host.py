@@ -257,14 +257,6 @@ def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
     return None
 
 
-def _connection_failure(error: BaseException) -> bool:
-    """Whether ``new_stream`` failed for the connection's sake: its muxer opened no stream
-    (py-libp2p's SwarmException). A stream that dies in the protocol handshake is not one: the
-    peer may have reset it on purpose (its per-peer stream cap), and closing the connection would
-    end every other stream on it."""
-    return isinstance(error, SwarmException)
-
-
 class Host:
     """What idlefleet needs from libp2p, with deadlines. Created by ``open_host``."""
 
@@ -311,10 +303,13 @@ class Host:
         caller dials afresh once. py-libp2p 0.8.1 keeps a connection whose muxer no longer opens
         streams listed as open ("Failed to create stream to peer"); every later stream to that
         peer failed the same way, and a client banned the peer (the only host of its blocks, in
-        one CI run). False if there was no connection (the dial itself failed)."""
+        one CI run). False if there was no connection (the dial itself failed), or if the muxer
+        did open the stream and it died in the protocol handshake: the peer may have reset it on
+        purpose (its per-peer stream cap), and closing the connection would end every other
+        stream on it."""
         swarm = self._host.get_network()
         conns = list(swarm.connections.get(pid, []))
-        if not conns or not _connection_failure(error):
+        if not conns or not isinstance(error, SwarmException):  # SwarmException: no stream at all
             return False
         log.info("a stream to %s failed on its connection (%r): closing it, dialling again",
                  str(pid)[-8:], error)

@@ -318,18 +318,16 @@ def find_route(
     prev = _shortest_paths(usable, start, end, now=now, my_region=my_region, costs=costs)
     best = _walk_back(prev, start, end)
     by_peer = {c.peer_id: c for c in usable}
+    followed = [list(chain) for chain in follow if _serves(chain, by_peer, start, end)]
+    if not followed or not all(by_peer[h.peer_id].own_load > 0 for h in best):
+        return best  # spread first
 
     def cost(chain: Sequence[Hop]) -> float:
         return math.fsum(hop_cost(by_peer[h.peer_id], h.end - h.start, now=now, my_region=my_region,
                                   costs=costs) for h in chain)
 
-    followed = [list(chain) for chain in follow if _serves(chain, by_peer, start, end)]
-    if followed and all(by_peer[h.peer_id].own_load > 0 for h in best):
-        best_cost = cost(best)
-        chain = min(followed, key=lambda c: (cost(c), [h.peer_id for h in c]))
-        if cost(chain) <= best_cost * (1.0 + costs.follow_slack):
-            return chain
-    return best
+    cheapest = min(followed, key=lambda c: (cost(c), [h.peer_id for h in c]))
+    return cheapest if cost(cheapest) <= cost(best) * (1.0 + costs.follow_slack) else best
 
 
 def _serves(chain: Sequence[Hop], by_peer: dict[str, Candidate], start: int, end: int) -> bool:
