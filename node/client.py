@@ -108,6 +108,14 @@ MAX_HIDDEN_ABS = 1e6
 # The whole receipt exchange of one hop (proposal, countersigned reply, our ledger commit).
 RECEIPT_TIMEOUT_S = 2.0
 REFUSAL_PAUSE_S = 5.0  # a peer that refused a session (busy, draining) is avoided this long
+# Chaining (ClientConfig.chain): how long a chained step's result is waited for before the client
+# redoes the step hop by hop: CHAIN_WAIT_FACTOR x the recent chained step time, at least
+# CHAIN_MIN_WAIT_S (a hop that died mid-chain costs this, not the full step deadline), and how
+# many steps go hop by hop after a chained step failed before chaining is tried again.
+CHAIN_MIN_WAIT_S = 1.0
+CHAIN_WAIT_FACTOR = 4.0
+CHAIN_RETRY_AFTER = 16
+STALE_REPLIES = 8  # unasked chain_result / chain_failed frames skipped before a step's reply
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,11 @@ class ClientConfig:
     # A row never waits more than LOCKSTEP_SHARE of its own generation's recent time per token:
     # a fast stream is not held to the pace of a slow one.
     lockstep_window_s: float = 0.05
+    # Server-to-server chaining (docs/PROTOCOL.md 5.4): a decode step travels client -> A -> B
+    # -> C -> client (4 messages instead of 6, and no client work between hops) when every
+    # remote hop offers it; each hop's output and signature still reach the client (verified
+    # work is unchanged). Prefill, replay and failover go hop by hop.
+    chain: bool = True
 
     def __post_init__(self) -> None:
         """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
@@ -219,6 +232,10 @@ class FleetResult:
     # windows_checked, mismatches, banned_peers, rolled_back_tokens, unverified_tokens, reports,
     # undecided (node/verifier.py); None when verification is off.
     verification: dict[str, Any] | None = None
+    # Steps sent as one chained step through every hop, and chained steps that had to be redone
+    # hop by hop (ClientConfig.chain).
+    chained_steps: int = 0
+    chain_failures: int = 0
 
 
 class StageFailure(Exception):
@@ -230,6 +247,10 @@ class StageFailure(Exception):
         self.hop = hop
         self.ban = ban
         self.unreachable = unreachable
+
+
+class _ChainBroken(Exception):
+    """A chained step did not come back whole (the caller redoes it hop by hop)."""
 
 
 @dataclass
@@ -245,6 +266,9 @@ class _HopSession:
     opened_at: float = field(default_factory=time.time)
     session: int | None = None  # the server's session number (session_opened): step commitments, receipt
     check: Any = None  # the verifier's HopCheck for this hop (node/verifier.py), once it stepped
+    relay: bytes | None = None  # the relay token of session_opened: this server takes chained steps
+    chain_pending: int = 0  # rows of a chained step we gave up on, that this server may have computed
+    failed: StageFailure | None = None  # a failure seen while waiting on a chain, raised at its next step
 
     @property
     def length(self) -> int:
@@ -297,6 +321,13 @@ class Pipeline:
             raise LocalProtocolError(f"invalid session request: {e}") from None
         self._local_cache = client.model.local.new_cache() if client.model.local is not None else None
         self.verifier = Verifier(self) if client.config.verify else None
+        self.steps = 0  # forward calls
+        self.chained = 0  # steps that went through a chain
+        self.chain_failures = 0
+        self._seq = 0  # the last chained step's number
+        self._fence = 0  # plain steps tell servers to drop relayed steps numbered up to this
+        self._chain_after = 0  # no chaining before this step (after a failed chained step)
+        self._chain_s = 0.0  # EWMA of a chained step's time
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -317,6 +348,18 @@ class Pipeline:
         if local is not None:
             assert self._local_cache is not None  # made with local
             x = await trio.to_thread.run_sync(local.forward, x, self._local_cache, position)
+        self.steps += 1
+        if self._chainable(x):
+            out = await self._chain(x, position)
+            if out is not None:
+                i = 0
+                while i < len(self.hops):  # a hop's server asked us to move its session
+                    if self.hops[i].draining:
+                        replaced, _ = await self._move(i, "draining")
+                        self.hops[i:i + 1] = replaced
+                        i += len(replaced) - 1
+                    i += 1
+                return out
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
@@ -349,6 +392,113 @@ class Pipeline:
                 for hop in self.hops:
                     nursery.start_soon(self._close, hop)
 
+    # -- chaining ------------------------------------------------------------------------------
+    def _chainable(self, x: np.ndarray) -> bool:
+        me = self.client.node.peer_id
+        return (self.client.config.chain and len(self.hops) >= 2 and self.steps >= self._chain_after
+                and 0 < x.shape[0] <= S.CHAIN_MAX_ROWS
+                and all(h.relay is not None and h.stream is not None and h.session is not None
+                        and h.peer_id != me and not h.draining and h.failed is None for h in self.hops))
+
+    async def _chain(self, x: np.ndarray, position: int) -> np.ndarray | None:
+        """Send ``x`` through every hop as one chained step; the last hop returns every hop's
+        output and signature. Returns the last output, or None when the chain failed (no ban:
+        a broken chain does not show who broke it; the caller redoes the step hop by hop)."""
+        hops, rows = list(self.hops), x.shape[0]
+        first, last = hops[0], hops[-1]
+        assert first.stream is not None  # _chainable
+        assert last.stream is not None
+        self._seq += 1
+        seq = self._seq
+        sent = encode_hidden(x, self.client.config.wire_dtype)
+        # _chainable: every hop has its session number and relay token.
+        chain = tuple(S.ChainHop(h.peer_id, h.session, h.relay) for h in hops[1:])  # type: ignore[arg-type]
+        full = sum(self._deadline(h, rows) for h in hops)
+        wait = min(full, max(CHAIN_MIN_WAIT_S, CHAIN_WAIT_FACTOR * self._chain_s)) if self._chain_s else full
+        started = time.monotonic()
+        try:
+            before_s, before_r = first.stream.bytes_sent, last.stream.bytes_received
+            await first.stream.send("step", S.Step(position, sent, chain, seq).to_body(), timeout=wait)
+            result = await self._chain_reply(last, seq, wait)
+            self.bytes_sent += first.stream.bytes_sent - before_s
+            self.bytes_received += last.stream.bytes_received - before_r
+            exchanges = self._check_chain(hops, result, x, sent, position)
+        except (NetworkError, RemoteProtocolError, _ChainBroken) as e:
+            self._broken(hops, seq, rows, f"{type(e).__name__}: {e}")
+            return None
+        took = time.monotonic() - started
+        self._chain_s = took if not self._chain_s else 0.8 * self._chain_s + 0.2 * took
+        self.chained += 1
+        claimed = [max(0.0, e.ms) for e in result.trail]
+        for hop, ex, entry, ms in zip(hops, exchanges, result.trail, claimed, strict=True):
+            hop.inputs.append(ex.inputs)
+            hop.tally.add(rows)
+            hop.chain_pending = 0
+            hop.draining = entry.draining
+            self.client.positions_computed[hop.peer_id] += rows
+            if rows == 1:  # the chain's time, shared out as the servers say they held it
+                share = ms / sum(claimed) if sum(claimed) > 0 else (hop.end - hop.start) / sum(
+                    h.end - h.start for h in hops)
+                self.client.record_step(hop.peer_id, took * share, hop.end - hop.start)
+            if self.verifier is not None:
+                self.verifier.record(hop, ex)
+        return exchanges[-1].out
+
+    async def _chain_reply(self, last: _HopSession, seq: int, wait: float) -> S.ChainResult:
+        """The ``chain_result`` numbered ``seq`` from the last hop's stream, skipping stale
+        unasked frames. Raises _ChainBroken, NetworkError or RemoteProtocolError."""
+        assert last.stream is not None
+        deadline = trio.current_time() + wait
+        for _ in range(STALE_REPLIES + 1):
+            left = deadline - trio.current_time()
+            if left <= 0:
+                break
+            try:
+                env = await last.stream.receive_reply(timeout=left)
+            except RemoteError as e:  # the last hop's session ended (owner stop, idle): its fault
+                last.failed = StageFailure(last, f"chained step failed: {e}", ban=e.code != S.ERR_DRAINING)
+                raise _ChainBroken(str(e)) from None
+            if env.kind == "chain_failed":
+                if env.body.get("seq") == seq:
+                    raise _ChainBroken(f"{last.peer_id[-8:]}: {str(env.body.get('message', ''))[:200]}")
+                continue
+            if env.kind != "chain_result":
+                raise RemoteProtocolError(f"expected chain_result, got {env.kind}")
+            result = S.ChainResult.from_body(env.body)
+            if result.seq == seq:
+                return result
+        raise _ChainBroken(f"no chain_result within {wait:.2f}s")
+
+    def _check_chain(self, hops: list[_HopSession], result: S.ChainResult, x: np.ndarray,
+                     sent: EncodedTensor, position: int) -> list[Exchange]:
+        """Every hop's output and commitment, checked as a plain step's reply would be; raises
+        _ChainBroken on any flaw (whoever relayed last may have tampered: no one is blamed)."""
+        if result.position != position or len(result.trail) != len(hops):
+            raise _ChainBroken(f"chain_result for position {result.position} with {len(result.trail)} "
+                               f"entries, expected {position} with {len(hops)}")
+        out: list[Exchange] = []
+        inputs, enc = x, sent
+        for hop, entry in zip(hops, result.trail, strict=True):
+            try:
+                rows = self._check_reply(S.StepResult(position, entry.hidden), position, x.shape)
+                commitment = self._commitment(hop, enc, entry.hidden, position, x.shape[0])
+                commitment.verify(entry.sig)
+            except (RemoteProtocolError, TensorError) as e:
+                raise _ChainBroken(f"entry of {hop.peer_id[-8:]}: {e}") from None
+            out.append(Exchange(position, inputs, enc, entry.hidden, rows, commitment, entry.sig))
+            inputs, enc = rows, entry.hidden
+        return out
+
+    def _broken(self, hops: list[_HopSession], seq: int, rows: int, why: str) -> None:
+        """A chained step failed: fence it off on every server (the next plain steps say so), go
+        hop by hop for a while, and remember what the servers may have computed (receipts)."""
+        log.info("chained step %d failed (%s); redoing it hop by hop", seq, why)
+        self.chain_failures += 1
+        self._fence = seq
+        self._chain_after = self.steps + CHAIN_RETRY_AFTER
+        for hop in hops:
+            hop.chain_pending = rows
+
     # -- one hop -------------------------------------------------------------------------------
     def _deadline(self, hop: _HopSession, tokens: int) -> float:
         c = self.client.config
@@ -373,6 +523,10 @@ class Pipeline:
             if type(session) is not int or not 0 <= session < 2**63:
                 raise RemoteProtocolError(f"session_opened: bad session number {session!r}")
             hop.session = session
+            relay = reply.body.get("relay")
+            if relay is not None and not (isinstance(relay, bytes) and len(relay) == S.RELAY_TOKEN_LEN):
+                raise RemoteProtocolError(f"session_opened: relay must be {S.RELAY_TOKEN_LEN} bytes")
+            hop.relay = relay
             if hidden != client.model.head.config.hidden_size:
                 raise RemoteProtocolError(f"session_opened says hidden size {hidden!r}, the model has "
                                           f"{client.model.head.config.hidden_size}")
@@ -401,21 +555,27 @@ class Pipeline:
     async def _exchange(self, hop: _HopSession, x: np.ndarray, position: int) -> Exchange:
         """Send one step to ``hop`` and check the reply, its signature included (the own-stage
         loopback hop needs none). Raises StageFailure."""
+        if hop.failed is not None:
+            failure, hop.failed = hop.failed, None
+            raise failure
         if hop.stream is None:
             raise StageFailure(hop, "no session")
         sent = encode_hidden(x, self.client.config.wire_dtype)
-        body = S.Step(position, sent).to_body()
+        body = S.Step(position, sent, fence=self._fence).to_body()
         deadline = self._deadline(hop, x.shape[0])
         try:
             before_s, before_r = hop.stream.bytes_sent, hop.stream.bytes_received
             await hop.stream.send("step", body, timeout=deadline)
-            reply = await hop.stream.receive_reply(timeout=deadline)
+            reply = await self._reply(hop.stream, deadline)
             self.bytes_sent += hop.stream.bytes_sent - before_s
             self.bytes_received += hop.stream.bytes_received - before_r
             if reply.kind != "step_result":
                 raise RemoteProtocolError(f"expected step_result, got {reply.kind}")
             result = S.StepResult.from_body(reply.body)
             out = self._check_reply(result, position, x.shape)
+            if result.ahead and hop.chain_pending:  # it had computed the chained step we gave up on
+                hop.tally.add(min(result.ahead, hop.chain_pending))
+            hop.chain_pending = 0
             commitment = None if hop.peer_id == self.client.node.peer_id else self._check_sig(
                 hop, result, sent, position, x.shape[0])
         except RemoteError as e:  # an owner's "stop" ends sessions with draining: not a fault
@@ -426,19 +586,34 @@ class Pipeline:
         hop.draining = result.draining
         return Exchange(position, x, sent, result.hidden, out, commitment, result.sig)
 
+    @staticmethod
+    async def _reply(stream: FramedStream, timeout: float) -> wire.Envelope:
+        """The next reply on ``stream``, skipping unasked chain frames of a chained step we gave
+        up on (``chain_result``, ``chain_failed``)."""
+        deadline = trio.current_time() + timeout
+        for _ in range(STALE_REPLIES):
+            reply = await stream.receive_reply(timeout=max(0.001, deadline - trio.current_time()))
+            if reply.kind not in ("chain_result", "chain_failed"):
+                return reply
+        return await stream.receive_reply(timeout=max(0.001, deadline - trio.current_time()))
+
     def _check_sig(self, hop: _HopSession, result: S.StepResult, sent: EncodedTensor, position: int,
                    tokens: int) -> StepCommitment:
         """The commitment the server must have signed for this step, rebuilt from what we sent and
         received; RemoteProtocolError if the signature is missing or does not verify."""
         if result.sig is None:
             raise RemoteProtocolError("step_result carries no commitment signature")
-        client = self.client
-        assert hop.session is not None  # set when the session opened, before any step
-        commitment = StepCommitment(hop.peer_id, client.node.peer_id, client.model.model_id, hop.start,
-                                    hop.end, hop.session, position, tokens, rows_root(row_digests(sent)),
-                                    rows_root(row_digests(result.hidden)))
+        commitment = self._commitment(hop, sent, result.hidden, position, tokens)
         commitment.verify(result.sig)
         return commitment
+
+    def _commitment(self, hop: _HopSession, sent: EncodedTensor, received: EncodedTensor, position: int,
+                    tokens: int) -> StepCommitment:
+        client = self.client
+        assert hop.session is not None  # set when the session opened, before any step
+        return StepCommitment(hop.peer_id, client.node.peer_id, client.model.model_id, hop.start,
+                              hop.end, hop.session, position, tokens, rows_root(row_digests(sent)),
+                              rows_root(row_digests(received)))
 
     def _check_reply(self, result: S.StepResult, position: int, shape: tuple[int, ...]) -> np.ndarray:
         """The reply's hidden states, or RemoteProtocolError (a bad reply from that peer): another
@@ -541,9 +716,9 @@ class Pipeline:
         with trio.move_on_after(RECEIPT_TIMEOUT_S) as scope:
             try:
                 await stream.send("receipt_proposal", body, timeout=RECEIPT_TIMEOUT_S)
-                reply = await stream.receive_reply(timeout=RECEIPT_TIMEOUT_S)
+                reply = await self._reply(stream, RECEIPT_TIMEOUT_S)
                 if reply.kind == "step_result":  # the late reply to a step we gave up on
-                    reply = await stream.receive_reply(timeout=RECEIPT_TIMEOUT_S)
+                    reply = await self._reply(stream, RECEIPT_TIMEOUT_S)
                 if reply.kind != "receipt" or set(reply.body) != {"receipt"}:
                     raise RemoteProtocolError(f"expected receipt, got {reply.kind}")
                 raw = reply.body["receipt"]
@@ -1034,4 +1209,5 @@ class FleetGeneration:
             text=client.model.tokenizer.decode(gen.new_ids, skip_special=True),
             tokens_per_s=len(gen.new_ids) / elapsed if elapsed > 0 else 0.0,
             route=pipeline.route, failovers=pipeline.failovers,
-            stop_reason=gen.stop_reason or "length", verification=verification)
+            stop_reason=gen.stop_reason or "length", verification=verification,
+            chained_steps=pipeline.chained, chain_failures=pipeline.chain_failures)

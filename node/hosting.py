@@ -22,12 +22,14 @@ from idlefleet.node.faults import FaultInjector
 from idlefleet.node.model.gguf_loader import ModelInfo, open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.stage import Stage, load_stage
+from idlefleet.node.relay import RelayLinks, serve_relay
 from idlefleet.node.server import ServerConfig, StageServer
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
 from idlefleet.protocols.placement import choose_range, coverage, should_move
 
 log = logging.getLogger(__name__)
+
 
 
 def available_memory_mb() -> int:
@@ -95,6 +97,7 @@ class BlockHosting:
         self._policy_changed = trio.Event()
         self._retired: set[StageServer] = set()  # replaced servers whose sessions still run
         self.unloads = 0
+        self.relay = RelayLinks(node.host, self._addrs_of)  # chained steps onward
 
     def _path(self) -> Path:
         return Path(self.config.model) if self.config.model else find_default_model()
@@ -116,6 +119,7 @@ class BlockHosting:
         not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
         node = self.node
         node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
+        node.host.set_stream_handler(S.RELAY_PROTOCOL, self._handle_relay)
         started = not node.owner.serving
         if started:  # touch no model file (seconds of CPU) until allowed to serve
             task_status.started()
@@ -232,13 +236,18 @@ class BlockHosting:
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
                                   gate=node.owner.not_serving_reason, key=node.key,
                                   receipts=getattr(node, "receipts", None),  # node.ledger.ReceiptDesk
-                                  fault=self.config.fault)
+                                  fault=self.config.fault, relay=self.relay.send)
         if previous is not None:
             self._retired.add(previous)
             node.nursery.start_soon(self._retire, previous)
         self._announce(blocks)
         node.event("hosting", model_id=self.info.model_id, blocks=list(blocks))
         node.discovery.blocks_changed()  # DHT provider records of the new range (paced)
+
+    def _addrs_of(self, peer: str) -> list[str]:
+        view = getattr(self.node, "view", None)
+        entry = view.get(peer) if view is not None else None
+        return list(entry.record.addrs) if entry is not None else []
 
     @property
     def servers(self) -> list[StageServer]:
@@ -267,6 +276,17 @@ class BlockHosting:
             await fs.send_error(S.ERR_BUSY, "still loading blocks")
             return
         await self.server.handle(fs)
+
+    async def _handle_relay(self, fs: FramedStream) -> None:
+        def find(sid: int) -> StageServer | None:
+            return next((s for s in self.servers if s.holds(sid)), None)
+
+        await serve_relay(fs, find, self._count_dropped)
+
+    def _count_dropped(self, why: str) -> None:
+        if self.server is not None:
+            dropped = self.server.stats.relay_dropped
+            dropped[why] = dropped.get(why, 0) + 1
 
     async def drain(self, timeout: float) -> None:
         """Take no new sessions; ask clients to move theirs (on the current stage and on any

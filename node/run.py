@@ -63,7 +63,11 @@ def node_status(node: Node) -> dict[str, Any]:
             "sessions": server.active_sessions, "steps": server.stats.steps,
             "tokens": server.stats.tokens, "batches": server.stats.batches,
             "batch_sizes": {str(k): v for k, v in sorted(server.stats.batch_sizes.items())},
-            "compute_s": round(server.stats.compute_s, 3)},
+            "compute_s": round(server.stats.compute_s, 3),
+            # Chaining: steps forwarded to the next hop, chained steps that failed here, and
+            # relayed steps dropped unanswered (by reason: unknown session, stale, malformed).
+            "relayed": server.stats.relayed, "chain_failed": server.stats.chain_failed,
+            "relay_dropped": dict(server.stats.relay_dropped)},
     }
 
 

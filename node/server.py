@@ -32,11 +32,13 @@ rows exactly as they travel), so a wrong output is evidence against it. ``fault`
 from __future__ import annotations
 
 import contextlib
+import hmac
 import itertools
 import logging
+import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +58,7 @@ from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, TensorError
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.receipts import ReceiptRefused, SessionWork, check_proposal, flops_per_token_block
-from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
 from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,33 @@ class ServerStatistics:
     batch_sizes: dict[int, int] = field(default_factory=dict)  # steps per compute call -> calls
     receipts: int = 0  # receipts countersigned and stored
     receipts_refused: dict[str, int] = field(default_factory=dict)  # proposals refused, by code
+    relayed: int = 0  # chained steps forwarded to the next hop
+    chain_failed: int = 0  # chained steps that could not be computed or forwarded
+    relay_dropped: dict[str, int] = field(default_factory=dict)  # relayed steps dropped, by reason
+
+
+@dataclass(eq=False)
+class _Session:
+    """One open session: its client's stream, blocks, KV cache and counts. Steps come from the
+    client on ``fs`` or, chained, relayed by the hop before (``relay_step``); ``lock`` keeps them
+    one at a time."""
+
+    sid: int
+    fs: FramedStream
+    req: S.OpenRequest
+    stage: Stage
+    cache: KVCache
+    opened_at: float  # wall clock, for the receipt
+    relay: bytes  # the token a relayed step must carry (given to the client in session_opened)
+    valid_at: float  # trio clock of the last valid step: the idle timeout runs from it
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    steps: int = 0
+    tokens: int = 0  # positions computed and answered: the receipt's count
+    busy: float = 0.0
+    invalid: int = 0  # invalid steps in a row
+    fence: int = 0  # relayed steps numbered this or lower are dropped (the client gave up on them)
+    last_seq: int = 0  # the highest chained step computed
+    closing: bool = False  # a receipt was proposed, or the session ended: no relayed steps
 
 
 class StageServer:
@@ -120,8 +149,12 @@ class StageServer:
                  gate: Callable[[], str | None] | None = None,
                  receipts: ReceiptDesk | None = None,
                  key: Ed25519PrivateKey | None = None,
-                 fault: FaultInjector | None = None) -> None:
+                 fault: FaultInjector | None = None,
+                 relay: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None) -> None:
         self.stage = stage
+        # Sends a relay_step body to a peer on RELAY_PROTOCOL (node.hosting); raises NetworkError.
+        # None: this server does not chain (it offers no relay token).
+        self._relay = relay if key is not None else None
         self._receipts = receipts  # key + ledger: countersign and store receipts (None: refuse)
         self._key = key
         self.peer_id = peer_id_from_public_key(key.public_key().public_bytes_raw()) if key else None
@@ -143,6 +176,7 @@ class StageServer:
                                     inline_rows=config.inline_rows, on_batch=self._on_batch)
         self._ids = _SESSION_IDS
         self._reserved: dict[int, int] = {}  # session id -> reserved KV bytes
+        self._open: dict[int, _Session] = {}  # session id -> the open session
         self._peer_of: dict[int, str] = {}  # session id -> the peer that opened it
         self._inflight: dict[str, trio.CapacityLimiter] = {}  # peer -> its steps in flight
         self._idle = trio.Event()
@@ -160,6 +194,10 @@ class StageServer:
     @property
     def active_sessions(self) -> int:
         return len(self._reserved)
+
+    def holds(self, sid: int) -> bool:
+        """Whether session ``sid`` is open here."""
+        return sid in self._open
 
     @property
     def reserved_bytes(self) -> int:
@@ -260,21 +298,20 @@ class StageServer:
 
     async def _handle(self, fs: FramedStream) -> None:
         machine = S.SessionMachine()
-        sid = steps = tokens = invalid = 0
-        busy = 0.0
-        cache: KVCache | None = None
-        stage: Stage | None = None
-        req: S.OpenRequest | None = None
-        opened_at = 0.0  # wall clock, for the receipt
+        sess: _Session | None = None
         valid_at = trio.current_time()  # the idle timeout runs from the last valid message
         try:
             while machine.state is not S.SessionState.CLOSED:
+                if sess is not None:
+                    valid_at = sess.valid_at  # relayed steps keep the session alive too
                 try:
                     left = valid_at + self.config.idle_timeout_s - trio.current_time()
                     env = await fs.receive(timeout=max(0.001, left))
                 except StreamClosed:
                     return
                 except DeadlineExceeded:
+                    if sess is not None and sess.valid_at > valid_at:
+                        continue  # chained steps arrived meanwhile (relayed, not on this stream)
                     self.stats.idle_closed += 1
                     await fs.send_error(S.ERR_IDLE, f"no message for {self.config.idle_timeout_s}s")
                     return
@@ -286,76 +323,80 @@ class StageServer:
                         machine.fail_open()
                         await fs.send_error(*refusal)
                         continue
-                    sid, opened_at = next(self._ids), time.time()
+                    sid = next(self._ids)
                     self._reserved[sid] = req.max_length * self._kv_bytes_per_pos
                     self._peer_of[sid] = fs.peer_id
-                    valid_at = trio.current_time()
                     self._idle = trio.Event() if len(self._reserved) == 1 else self._idle
                     stage = self.stage.sub_stage(req.start, req.end)  # shares the weights
-                    cache = stage.new_cache(capacity=min(64, req.max_length))
+                    sess = _Session(sid, fs, req, stage, stage.new_cache(capacity=min(64, req.max_length)),
+                                    time.time(), secrets.token_bytes(S.RELAY_TOKEN_LEN), trio.current_time())
+                    self._open[sid] = sess
                     self.stats.sessions_opened += 1
                     log.info("session %d opened by %s: blocks [%d, %d), max_length %d", sid,
                              fs.peer_id[-8:], req.start, req.end, req.max_length)
                     self._on_event("session_opened", session=sid, client=fs.peer_id,
                                    blocks=[req.start, req.end], max_length=req.max_length)
-
-                    await fs.send("session_opened", {"session": sid, "start": req.start, "end": req.end,
-                                                     "hidden": stage.config.hidden_size},
-                                  timeout=self.config.send_timeout_s)
+                    opened: dict[str, Any] = {"session": sid, "start": req.start, "end": req.end,
+                                              "hidden": stage.config.hidden_size}
+                    if self._relay is not None:  # we can forward chained steps: say so with the token
+                        opened["relay"] = sess.relay
+                    await fs.send("session_opened", opened, timeout=self.config.send_timeout_s)
                 elif env.kind == "step":
-                    # The state machine guarantees an opened session here.
-                    assert stage is not None
-                    assert cache is not None
-                    assert req is not None
-                    started = time.perf_counter()
-                    done = await self._step(fs, env.body, stage, cache, req, sid)
-                    busy += time.perf_counter() - started
-                    steps, tokens = steps + (done > 0), tokens + done
-                    if done:
-                        invalid, valid_at = 0, trio.current_time()
+                    assert sess is not None  # the state machine guarantees an opened session here
+                    if await self._step(sess, env.body):
+                        sess.invalid, sess.valid_at = 0, trio.current_time()
                     else:
-                        invalid += 1
-                        if invalid >= self.config.max_invalid_steps:
+                        sess.invalid += 1
+                        if sess.invalid >= self.config.max_invalid_steps:
                             self.stats.invalid_closed += 1
-                            log.info("session %d from %s: %d invalid steps in a row; closed", sid,
-                                     fs.peer_id[-8:], invalid)
+                            log.info("session %d from %s: %d invalid steps in a row; closed", sess.sid,
+                                     fs.peer_id[-8:], sess.invalid)
                             return
                 elif env.kind == "receipt_proposal":
-                    assert req is not None  # the state machine guarantees an opened session
+                    assert sess is not None  # the state machine guarantees an opened session
+                    sess.closing = True  # no more relayed steps
                     if state is S.SessionState.CLOSED:  # a second proposal
                         self._count_refused(S.ERR_DUPLICATE_RECEIPT)
                         await fs.send_error(S.ERR_DUPLICATE_RECEIPT, "one receipt per session: this "
                                             "session's proposal was already answered")
                         return
-                    work = SessionWork(self._receipts.peer_id if self._receipts else "", fs.peer_id,
-                                       req.model_id, req.start, req.end, sid, opened_at, tokens,
-                                       self._flops_per_token_block)
+                    async with sess.lock:  # a relayed step still computing is counted first
+                        req = sess.req
+                        work = SessionWork(self._receipts.peer_id if self._receipts else "", fs.peer_id,
+                                           req.model_id, req.start, req.end, sess.sid, sess.opened_at,
+                                           sess.tokens, self._flops_per_token_block)
                     await self._receipt(fs, env.body, work)
                 else:  # session_close
                     await fs.send("session_closed", {}, timeout=self.config.send_timeout_s)
         except RemoteProtocolError as e:
             self.stats.bad_requests += 1
-            log.info("session %d from %s: %s", sid, fs.peer_id[-8:], e)
+            log.info("session %d from %s: %s", sess.sid if sess else 0, fs.peer_id[-8:], e)
             await fs.send_error(S.ERR_BAD_REQUEST, str(e))
         except NetworkError as e:
-            log.info("session %d from %s: link lost: %s", sid, fs.peer_id[-8:], e)
+            log.info("session %d from %s: link lost: %s", sess.sid if sess else 0, fs.peer_id[-8:], e)
         finally:
-            if cache is not None:
-                self._batcher.forget(cache)
-            self._peer_of.pop(sid, None)
-            if fs.peer_id not in self._peer_of.values():
-                limiter = self._inflight.get(fs.peer_id)
-                if limiter is not None and limiter.borrowed_tokens == 0:
-                    del self._inflight[fs.peer_id]
-            self.stats.bytes_sent += fs.bytes_sent
-            self.stats.bytes_received += fs.bytes_received
-            if self._reserved.pop(sid, None) is not None:
-                log.info("session %d closed", sid)
-                self._on_event("session_closed", session=sid, client=fs.peer_id,
-                               steps=steps, tokens=tokens, busy_s=round(busy, 4),
-                               blocks=[req.start, req.end] if req is not None else None)
-            if not self._reserved:
-                self._idle.set()
+            if sess is not None:
+                self._end(sess)
+
+    def _end(self, sess: _Session) -> None:
+        """Free a session's reservation and bookkeeping (its stream is done)."""
+        fs, sid, req = sess.fs, sess.sid, sess.req
+        sess.closing = True
+        self._open.pop(sid, None)
+        self._batcher.forget(sess.cache)
+        self._peer_of.pop(sid, None)
+        if fs.peer_id not in self._peer_of.values():
+            limiter = self._inflight.get(fs.peer_id)
+            if limiter is not None and limiter.borrowed_tokens == 0:
+                del self._inflight[fs.peer_id]
+        self.stats.bytes_sent += fs.bytes_sent
+        self.stats.bytes_received += fs.bytes_received
+        if self._reserved.pop(sid, None) is not None:
+            log.info("session %d closed", sid)
+            self._on_event("session_closed", session=sid, client=fs.peer_id, steps=sess.steps,
+                           tokens=sess.tokens, busy_s=round(sess.busy, 4), blocks=[req.start, req.end])
+        if not self._reserved:
+            self._idle.set()
 
     def _count_refused(self, code: str) -> None:
         self.stats.receipts_refused[code] = self.stats.receipts_refused.get(code, 0) + 1
@@ -392,9 +433,11 @@ class StageServer:
                        verified=receipt.verified, unverified=receipt.unverified, rejected=receipt.rejected)
         await fs.send("receipt", {"receipt": raw}, timeout=self.config.send_timeout_s)
 
-    async def _step(self, fs: FramedStream, body: dict[str, Any], stage: Stage, cache: KVCache,
-                    req: S.OpenRequest, sid: int) -> int:
-        """Serve one step; returns the number of positions computed (0 if refused)."""
+    async def _step(self, sess: _Session, body: dict[str, Any]) -> int:
+        """Serve one step from the session's client; returns the number of positions computed (0
+        if refused). A chained step's failures are ``chain_failed`` (the client is not waiting on
+        this stream for them), a plain step's are ``error`` replies."""
+        fs = sess.fs
         try:
             step = S.Step.from_body(body)
             hidden = decode_hidden(step.hidden, self._limits)
@@ -403,23 +446,140 @@ class StageServer:
             await fs.send_error(S.ERR_BAD_TENSOR if isinstance(e, TensorError) else S.ERR_BAD_REQUEST,
                                 str(e))
             return 0
-        if step.position > cache.length or step.position + hidden.shape[0] > req.max_length:
+        sess.fence = max(sess.fence, step.fence)
+        if step.chain and self._relay is None:
             self.stats.bad_requests += 1
-            await fs.send_error(S.ERR_BAD_POSITION, f"position {step.position} (+{hidden.shape[0]}) "
-                                f"with {cache.length} cached, max_length {req.max_length}")
+            await self._chain_failed(sess, step.seq, step.position,
+                                     "this server does not forward chained steps")
             return 0
-        limiter = self._inflight.get(fs.peer_id)
+        problem = self._position_problem(sess, step.position, hidden.shape[0])
+        if problem is not None:
+            self.stats.bad_requests += 1
+            if step.chain:
+                await self._chain_failed(sess, step.seq, step.position, problem)
+            else:
+                await fs.send_error(S.ERR_BAD_POSITION, problem)
+            return 0
+        started = time.perf_counter()
+        async with sess.lock:
+            if step.chain:
+                sess.last_seq = max(sess.last_seq, step.seq)
+            ahead = max(0, min(sess.cache.length, step.position + hidden.shape[0]) - step.position)
+            out = await self._compute(sess, hidden, step.position, step.hidden)
+        if out is None:
+            await self._refuse_output(sess, step.seq if step.chain else None, step.position)
+            return 0
+        encoded, sig, draining = out
+        if not step.chain:
+            result = S.StepResult(step.position, encoded, draining, sig, ahead)
+            await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
+        else:
+            assert sig is not None  # a relaying server has a key (BlockHosting)
+            entry = S.TrailEntry(encoded, sig, draining, round(1e3 * (time.perf_counter() - started), 3))
+            await self._pass_on(sess, step.seq, step.position, step.chain, (entry,))
+        return int(hidden.shape[0])
+
+    async def relay_step(self, rs: S.RelayStep) -> str | None:
+        """Serve a chained step relayed by the hop before us (``RELAY_PROTOCOL``). Returns why it
+        was dropped without a word (unknown session, wrong token, a step the client gave up on),
+        else None: the session's client hears of any other failure (``chain_failed``)."""
+        sess = self._open.get(rs.session)
+        if sess is None or not hmac.compare_digest(sess.relay, rs.relay):
+            return "unknown session or relay token"
+        if rs.seq <= max(sess.fence, sess.last_seq):
+            return "stale"  # the client fell back to plain steps, or a duplicate
+        if sess.closing:
+            await self._chain_failed(sess, rs.seq, rs.position, "session closing")
+            return None
+        started = time.perf_counter()
+        try:
+            if rs.hidden.dtype != sess.req.dtype:
+                raise TensorError(f"dtype {rs.hidden.dtype}, session dtype {sess.req.dtype}")
+            hidden = decode_hidden(rs.hidden, self._limits)
+        except RemoteProtocolError as e:
+            self.stats.bad_requests += 1
+            await self._chain_failed(sess, rs.seq, rs.position, f"relayed input: {e}")
+            return None
+        async with sess.lock:
+            if sess.closing or rs.seq <= max(sess.fence, sess.last_seq):
+                return "stale"  # fenced (or closed) while it waited for the lock
+            problem = self._position_problem(sess, rs.position, hidden.shape[0])
+            if problem is None:
+                sess.last_seq = rs.seq
+                sess.valid_at = trio.current_time()
+                out = await self._compute(sess, hidden, rs.position, rs.hidden)
+        if problem is not None:
+            self.stats.bad_requests += 1
+            await self._chain_failed(sess, rs.seq, rs.position, problem)
+            return None
+        if out is None:
+            await self._refuse_output(sess, rs.seq, rs.position)
+            return None
+        encoded, sig, draining = out
+        assert sig is not None  # a relaying server has a key
+        entry = S.TrailEntry(encoded, sig, draining, round(1e3 * (time.perf_counter() - started), 3))
+        trail = (*rs.trail, entry)
+        if rs.chain:
+            await self._pass_on(sess, rs.seq, rs.position, rs.chain, trail)
+        else:  # the last hop: every hop's output to the client
+            with contextlib.suppress(NetworkError):
+                await sess.fs.send("chain_result", S.ChainResult(rs.position, rs.seq, trail).to_body(),
+                                   timeout=self.config.send_timeout_s)
+        return None
+
+    async def _pass_on(self, sess: _Session, seq: int, position: int, chain: tuple[S.ChainHop, ...],
+                       trail: tuple[S.TrailEntry, ...]) -> None:
+        nxt = chain[0]
+        assert self._relay is not None  # only chained steps get here, and only when we relay
+        body = S.RelayStep(nxt.session, nxt.relay, position, seq, chain[1:], trail).to_body()
+        try:
+            await self._relay(nxt.peer, body)
+            self.stats.relayed += 1
+        except NetworkError as e:
+            await self._chain_failed(sess, seq, position, f"cannot forward to {nxt.peer[-8:]}: {e}")
+
+    async def _chain_failed(self, sess: _Session, seq: int, position: int, why: str) -> None:
+        self.stats.chain_failed += 1
+        log.info("session %d: chained step %d at %d failed: %s", sess.sid, seq, position, why)
+        with contextlib.suppress(NetworkError):
+            await sess.fs.send("chain_failed", {"position": position, "seq": seq, "message": why[:500]},
+                               timeout=2.0)
+
+    async def _refuse_output(self, sess: _Session, seq: int | None, position: int) -> None:
+        # Finite but extreme inputs can overflow inside the blocks (inf/NaN out): the input's
+        # sender caused it, so refuse the step (the session survives) instead of dying.
+        self.stats.bad_requests += 1
+        why = "step output is not encodable; input out of range"
+        if seq is None:
+            await sess.fs.send_error(S.ERR_BAD_TENSOR, why)
+        else:
+            await self._chain_failed(sess, seq, position, why)
+
+    def _position_problem(self, sess: _Session, position: int, rows: int) -> str | None:
+        if position > sess.cache.length or position + rows > sess.req.max_length:
+            return (f"position {position} (+{rows}) with {sess.cache.length} cached, "
+                    f"max_length {sess.req.max_length}")
+        return None
+
+    async def _compute(self, sess: _Session, hidden: np.ndarray, position: int, sent: EncodedTensor
+                       ) -> tuple[EncodedTensor, bytes | None, bool] | None:
+        """Compute ``hidden`` (decoded from ``sent``, as it travelled) at ``position`` through the
+        session's blocks (call with its lock held); count it; return the encoded output, the
+        signature over the step's commitment and the draining flag, or None if the output cannot
+        be encoded."""
+        peer = sess.fs.peer_id
+        limiter = self._inflight.get(peer)
         if limiter is None:
-            limiter = self._inflight[fs.peer_id] = trio.CapacityLimiter(self.config.max_inflight_per_peer)
+            limiter = self._inflight[peer] = trio.CapacityLimiter(self.config.max_inflight_per_peer)
         started = time.perf_counter()
         await acquire(limiter)  # one peer's many sessions queue here, not ahead of everyone else
         try:
             parts, done = [], 0
             while done < hidden.shape[0]:  # chunks: other sessions' steps run in between
-                n = self._chunk_tokens(step.position + done, hidden.shape[0] - done)
+                n = self._chunk_tokens(position + done, hidden.shape[0] - done)
                 # Computed together with other sessions' steps that arrive within the batch window.
-                parts.append(await self._batcher.forward(stage, hidden[done:done + n], cache,
-                                                         step.position + done, fs.peer_id))
+                parts.append(await self._batcher.forward(sess.stage, hidden[done:done + n], sess.cache,
+                                                         position + done, peer))
                 done += n
                 self.stats.chunks += 1
         finally:
@@ -427,24 +587,24 @@ class StageServer:
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         if self.fault is not None:
             out = self.fault.apply(hidden, out)
-        self.stats.step_latency.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.stats.step_latency.observe(took)
         self.stats.steps += 1
         self.stats.tokens += hidden.shape[0]
+        sess.busy += took
         try:
-            encoded = encode_hidden(out, req.dtype)
-        except LocalProtocolError as e:
-            # Finite but extreme inputs can overflow inside the blocks (inf/NaN out): the client's
-            # values caused it, so refuse the step (the session survives) instead of dying.
-            self.stats.bad_requests += 1
-            await fs.send_error(S.ERR_BAD_TENSOR, f"step output is not encodable ({e}); input out of range")
-            return 0
+            encoded = encode_hidden(out, sess.req.dtype)
+        except LocalProtocolError:
+            return None
+        sess.steps += 1
+        sess.tokens += int(hidden.shape[0])
         draining = self.draining or self._gate() is not None
         sig = None
         if self._key is not None and self.peer_id is not None:
-            commitment = StepCommitment(self.peer_id, fs.peer_id, req.model_id, req.start, req.end, sid,
-                                        step.position, int(hidden.shape[0]),
-                                        rows_root(row_digests(step.hidden)), rows_root(row_digests(encoded)))
+            req = sess.req
+            commitment = StepCommitment(self.peer_id, peer, req.model_id, req.start, req.end, sess.sid,
+                                        position, int(hidden.shape[0]),
+                                        rows_root(row_digests(sent)),
+                                        rows_root(row_digests(encoded)))
             sig = commitment.sign(self._key)
-        result = S.StepResult(step.position, encoded, draining, sig)
-        await fs.send("step_result", result.to_body(), timeout=self.config.send_timeout_s)
-        return int(hidden.shape[0])
+        return encoded, sig, draining

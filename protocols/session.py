@@ -16,6 +16,12 @@ Transitions (anything else is a ``RemoteProtocolError`` naming the state and kin
     CLOSING        receipt_proposal  -> CLOSED    error duplicate_receipt (one receipt per session)
 
 The receipt exchange (``receipt_proposal`` / ``receipt``) is checked by ``protocols.receipts``.
+
+Chaining: a ``step`` with a ``chain`` gets no ``step_result``; the server forwards a ``relay_step``
+to the next hop on ``RELAY_PROTOCOL`` (no reply on that stream), and the last hop sends
+``chain_result`` on its own session's stream. A hop that cannot compute or forward a chained step
+sends ``chain_failed`` on its own session's stream. Both arrive unasked: a client that stopped
+waiting for them skips them (they name their ``seq``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor
 
 STAGE_PROTOCOL = "/idlefleet/stage/1.0.0"
+# Server-to-server chaining (docs/PROTOCOL.md 5.4): a stage server forwards a chained step's output
+# straight to the next hop's server on this protocol, instead of returning it to the client.
+RELAY_PROTOCOL = "/idlefleet/relay/1.0.0"
 MAX_MODEL_ID_LEN = 128
+MAX_CHAIN = 8  # hops a chained step may still travel after the first
+CHAIN_MAX_ROWS = 8  # a chained step carries at most this many positions (decode, not prefill)
+RELAY_TOKEN_LEN = 16  # the capability a session's client hands to the hop before it
+MAX_PEER_ID_LEN = 128
 MAX_LENGTH_LIMIT = 1 << 20
 
 # Error codes a stage server replies with (``error`` envelope, ``code`` field).
@@ -49,7 +62,8 @@ ERR_NO_RECEIPTS = "receipts_unsupported"  # this server keeps no ledger: it sign
 
 for _kind, _size in (("session_open", 1024), ("session_opened", 1024), ("session_close", 256),
                      ("session_closed", 256), ("step", wire.MAX_FRAME), ("step_result", wire.MAX_FRAME),
-                     ("receipt_proposal", 2048), ("receipt", 4096)):
+                     ("receipt_proposal", 2048), ("receipt", 4096), ("relay_step", wire.MAX_FRAME),
+                     ("chain_result", wire.MAX_FRAME), ("chain_failed", 1024)):
     wire.register_kind(_kind, _size)
 
 
@@ -137,29 +151,185 @@ class OpenRequest:
                    body.get("dtype", "float32"))
 
 
+def _check_int(what: str, value: object, limit: int) -> int:
+    if type(value) is not int or not 0 <= value < limit:
+        raise RemoteProtocolError(f"{what} must be an integer in [0, {limit})")
+    return value
+
+
+@dataclass(frozen=True)
+class ChainHop:
+    """A hop a chained step is forwarded to: the server ``peer``, its session number with the
+    client, and the relay token that session's ``session_opened`` gave the client."""
+
+    peer: str
+    session: int
+    relay: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.peer, str) or not 0 < len(self.peer) <= MAX_PEER_ID_LEN:
+            raise RemoteProtocolError("chain: peer must be a peer id string")
+        _check_int("chain: session", self.session, 2**63)
+        if not isinstance(self.relay, bytes) or len(self.relay) != RELAY_TOKEN_LEN:
+            raise RemoteProtocolError(f"chain: relay must be {RELAY_TOKEN_LEN} bytes")
+
+    def to_body(self) -> dict[str, Any]:
+        return {"peer": self.peer, "session": self.session, "relay": self.relay}
+
+    @classmethod
+    def from_body(cls, body: object) -> ChainHop:
+        if not isinstance(body, dict) or set(body) != {"peer", "session", "relay"}:
+            raise RemoteProtocolError("chain: each hop needs exactly peer, session and relay")
+        return cls(body["peer"], body["session"], body["relay"])
+
+
+def _parse_chain(value: object, *, allow_empty: bool) -> tuple[ChainHop, ...]:
+    if not isinstance(value, list) or len(value) > MAX_CHAIN or (not value and not allow_empty):
+        raise RemoteProtocolError(f"chain must be a list of {0 if allow_empty else 1}..{MAX_CHAIN} hops")
+    return tuple(ChainHop.from_body(h) for h in value)
+
+
 @dataclass(frozen=True)
 class Step:
-    """Hidden states for positions ``position .. position + tokens - 1``."""
+    """Hidden states for positions ``position .. position + tokens - 1``.
+
+    ``chain`` (a chained step, at most ``CHAIN_MAX_ROWS`` rows): instead of a ``step_result``, the
+    server forwards its output to ``chain[0]`` on ``RELAY_PROTOCOL`` (``RelayStep``), and the last
+    hop returns every hop's output to the client (``ChainResult``). ``seq`` numbers the client's
+    chained steps; ``fence`` (on a step that is not chained) tells the server to drop any relayed
+    step numbered ``fence`` or lower that is still on its way (the client gave up on it)."""
 
     position: int
     hidden: EncodedTensor
+    chain: tuple[ChainHop, ...] = ()
+    seq: int = 0
+    fence: int = 0
 
     def __post_init__(self) -> None:
         if type(self.position) is not int or not 0 <= self.position < MAX_LENGTH_LIMIT:
             raise RemoteProtocolError("step: position must be a non-negative integer")
+        _check_int("step: seq", self.seq, 2**63)
+        _check_int("step: fence", self.fence, 2**63)
+        if self.chain and not 0 < self.hidden.shape[0] <= CHAIN_MAX_ROWS:
+            raise RemoteProtocolError(f"step: a chained step carries 1..{CHAIN_MAX_ROWS} rows")
+        if self.chain and not self.seq:
+            raise RemoteProtocolError("step: a chained step needs a seq")
 
     def to_body(self) -> dict[str, Any]:
-        return {"position": self.position, "hidden": self.hidden.to_dict()}
+        body: dict[str, Any] = {"position": self.position, "hidden": self.hidden.to_dict()}
+        if self.chain:
+            body["chain"] = [h.to_body() for h in self.chain]
+            body["seq"] = self.seq
+        if self.fence:
+            body["fence"] = self.fence
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Step:
         """Parse a step; raises RemoteProtocolError (TensorError for the tensor part)."""
         if "position" not in body or "hidden" not in body:
             raise RemoteProtocolError("step: needs position and hidden")
-        extra = body.keys() - {"position", "hidden"}
+        extra = body.keys() - {"position", "hidden", "chain", "seq", "fence"}
         if extra:
             raise RemoteProtocolError(f"step: unknown field(s) {sorted(extra)[:8]}")
-        return cls(body["position"], EncodedTensor.from_dict(body["hidden"]))
+        chain = _parse_chain(body["chain"], allow_empty=False) if "chain" in body else ()
+        return cls(body["position"], EncodedTensor.from_dict(body["hidden"]), chain,
+                   body.get("seq", 0), body.get("fence", 0))
+
+
+@dataclass(frozen=True)
+class TrailEntry:
+    """One hop's part of a chained step: its output rows as they travel, its signature over the
+    step's commitment (``protocols.verification``), its draining flag, and how long it held the
+    step (receive to forward, milliseconds: advisory, for the client's speed estimates)."""
+
+    hidden: EncodedTensor
+    sig: bytes
+    draining: bool = False
+    ms: float = 0.0
+
+    def to_body(self) -> dict[str, Any]:
+        return {"hidden": self.hidden.to_dict(), "sig": self.sig, "draining": self.draining, "ms": self.ms}
+
+    @classmethod
+    def from_body(cls, body: object) -> TrailEntry:
+        if not isinstance(body, dict) or set(body) != {"hidden", "sig", "draining", "ms"}:
+            raise RemoteProtocolError("trail: each entry needs exactly hidden, sig, draining and ms")
+        sig, draining, ms = body["sig"], body["draining"], body["ms"]
+        if not isinstance(sig, bytes) or len(sig) != 64:
+            raise RemoteProtocolError("trail: sig must be 64 bytes")
+        if not isinstance(draining, bool) or type(ms) not in (int, float) or not 0 <= ms < 1e9:
+            raise RemoteProtocolError("trail: bad draining flag or ms")
+        return cls(EncodedTensor.from_dict(body["hidden"]), sig, draining, float(ms))
+
+
+def _parse_trail(value: object) -> tuple[TrailEntry, ...]:
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_CHAIN + 1:
+        raise RemoteProtocolError(f"trail must be a list of 1..{MAX_CHAIN + 1} entries")
+    trail = tuple(TrailEntry.from_body(e) for e in value)
+    rows = trail[0].hidden.shape[0]
+    if not 0 < rows <= CHAIN_MAX_ROWS or any(e.hidden.shape[0] != rows for e in trail):
+        raise RemoteProtocolError(f"trail: every entry carries the same 1..{CHAIN_MAX_ROWS} rows")
+    return trail
+
+
+@dataclass(frozen=True)
+class RelayStep:
+    """A chained step forwarded server to server on ``RELAY_PROTOCOL``: for the receiver's
+    ``session`` (opened by the client, who gave the sender its ``relay`` token), positions
+    ``position..``; the input is the previous hop's output, ``trail[-1].hidden``."""
+
+    session: int
+    relay: bytes
+    position: int
+    seq: int
+    chain: tuple[ChainHop, ...]  # the hops after the receiver (empty: it is the last)
+    trail: tuple[TrailEntry, ...]  # every earlier hop's entry, in route order
+
+    @property
+    def hidden(self) -> EncodedTensor:
+        return self.trail[-1].hidden
+
+    def to_body(self) -> dict[str, Any]:
+        return {"session": self.session, "relay": self.relay, "position": self.position, "seq": self.seq,
+                "chain": [h.to_body() for h in self.chain], "trail": [e.to_body() for e in self.trail]}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> RelayStep:
+        if set(body) != {"session", "relay", "position", "seq", "chain", "trail"}:
+            raise RemoteProtocolError("relay_step needs exactly session, relay, position, seq, chain, trail")
+        _check_int("relay_step: session", body["session"], 2**63)
+        relay = body["relay"]
+        if not isinstance(relay, bytes) or len(relay) != RELAY_TOKEN_LEN:
+            raise RemoteProtocolError(f"relay_step: relay must be {RELAY_TOKEN_LEN} bytes")
+        _check_int("relay_step: position", body["position"], MAX_LENGTH_LIMIT)
+        if _check_int("relay_step: seq", body["seq"], 2**63) == 0:
+            raise RemoteProtocolError("relay_step: seq must be positive")
+        chain = _parse_chain(body["chain"], allow_empty=True)
+        trail = _parse_trail(body["trail"])
+        if len(chain) + len(trail) > MAX_CHAIN + 1:
+            raise RemoteProtocolError(f"relay_step: a chain has at most {MAX_CHAIN + 1} hops")
+        return cls(body["session"], relay, body["position"], body["seq"], chain, trail)
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """The last hop's reply to the client, on its own session's stream: every hop's entry."""
+
+    position: int
+    seq: int
+    trail: tuple[TrailEntry, ...]
+
+    def to_body(self) -> dict[str, Any]:
+        return {"position": self.position, "seq": self.seq, "trail": [e.to_body() for e in self.trail]}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ChainResult:
+        if set(body) != {"position", "seq", "trail"}:
+            raise RemoteProtocolError("chain_result needs exactly position, seq and trail")
+        _check_int("chain_result: position", body["position"], MAX_LENGTH_LIMIT)
+        _check_int("chain_result: seq", body["seq"], 2**63)
+        return cls(body["position"], body["seq"], _parse_trail(body["trail"]))
 
 
 @dataclass(frozen=True)
@@ -170,11 +340,16 @@ class StepResult:
     # The server's Ed25519 signature over the step's commitment (protocols.verification,
     # docs/PROTOCOL.md 7.2); None only from a server without an identity (never on the wire today).
     sig: bytes | None = None
+    # Positions of this step the session had already computed (a chained step the client gave up
+    # on had reached this server): the server counts them twice, and so must the client's receipt.
+    ahead: int = 0
 
     def to_body(self) -> dict[str, Any]:
         body = {"position": self.position, "hidden": self.hidden.to_dict(), "draining": self.draining}
         if self.sig is not None:
             body["sig"] = self.sig
+        if self.ahead:
+            body["ahead"] = self.ahead
         return body
 
     @classmethod
@@ -186,4 +361,5 @@ class StepResult:
             raise RemoteProtocolError("step_result: bad position or draining flag")
         if sig is not None and not (isinstance(sig, bytes) and len(sig) == 64):
             raise RemoteProtocolError("step_result: sig must be 64 bytes")
-        return cls(position, EncodedTensor.from_dict(body.get("hidden")), draining, sig)
+        ahead = _check_int("step_result: ahead", body.get("ahead", 0), MAX_LENGTH_LIMIT)
+        return cls(position, EncodedTensor.from_dict(body.get("hidden")), draining, sig, ahead)

@@ -1,0 +1,132 @@
+"""Server-to-server chaining: the relay streams between stage servers (``RELAY_PROTOCOL``).
+
+A chained step (``protocols.session``, docs/PROTOCOL.md 5.4) travels client -> A -> B -> C ->
+client: each server computes its blocks and forwards a ``relay_step`` to the next hop's server.
+One stream per (upstream, downstream) pair of peers carries relayed steps for any number of
+sessions, one way only: the receiver never answers on it (a failure goes to the session's client,
+as ``chain_failed``, on that session's own stream). ``RelayLinks`` is the sending side (one stream
+per next-hop peer, opened on first use, re-opened once when it died); ``serve_relay`` the
+receiving side, which hands each relayed step to the stage server holding its session. A relayed
+step proves its right to feed a session with the session's relay token, which only the session's
+client (from ``session_opened``) and the hop it handed it to know.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from idlefleet.node.server import StageServer
+from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.protocols import session as S
+from idlefleet.protocols.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+RELAY_IDLE_S = 120.0  # an incoming relay stream with no frame this long is closed
+RELAY_SEND_S = 2.0  # connecting and opening the stream to the next hop, and sending one step
+RELAY_MAX_INFLIGHT = 32  # relayed steps of one incoming stream served at once (they batch)
+RELAY_MAX_DROPPED = 16  # relayed steps for no session here, in a row, before we hang up
+RELAY_MAX_OUT = 64  # outgoing relay streams kept open (one per next-hop peer)
+
+
+class RelayLinks:
+    """Our relay streams to next-hop peers. ``addrs_of(peer)`` gives addresses to dial a peer we
+    are not connected to (the fleet view)."""
+
+    def __init__(self, host: Any, addrs_of: Callable[[str], list[str]]) -> None:
+        self._host = host
+        self._addrs_of = addrs_of
+        self._out: dict[str, FramedStream] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def send(self, peer: str, body: dict[str, Any]) -> None:
+        """Send one ``relay_step`` body to ``peer`` within ``RELAY_SEND_S`` per attempt (two at
+        most: a cached stream may have died). Raises NetworkError."""
+        lock = self._locks.setdefault(peer, trio.Lock())
+        async with lock:
+            for attempt in (0, 1):
+                fs = self._out.get(peer)
+                try:
+                    if fs is None:
+                        fs = await self._open(peer)
+                    await fs.send("relay_step", body, timeout=RELAY_SEND_S)
+                    return
+                except NetworkError:
+                    self._out.pop(peer, None)
+                    if fs is not None:
+                        await fs.reset()
+                    if attempt:
+                        raise
+
+    async def _open(self, peer: str) -> FramedStream:
+        if peer not in self._host.connected_peers():
+            addrs = self._addrs_of(peer)
+            if not addrs:
+                raise NetworkError(f"{peer[-8:]} is not in the fleet view")
+            await self._host.connect_peer(peer, addrs, timeout=RELAY_SEND_S)
+        fs: FramedStream = await self._host.open_stream(peer, S.RELAY_PROTOCOL, timeout=RELAY_SEND_S)
+        if len(self._out) >= RELAY_MAX_OUT:  # the oldest goes (bounded: reset takes at most 1 s)
+            await self._out.pop(next(iter(self._out))).reset()
+        self._out[peer] = fs
+        return fs
+
+    async def aclose(self) -> None:
+        for fs in list(self._out.values()):
+            await fs.reset()
+        self._out.clear()
+
+
+async def serve_relay(fs: FramedStream, find: Callable[[int], StageServer | None],
+                      on_drop: Callable[[str], None]) -> None:
+    """Serve relayed steps from the hop before us, each on the server ``find(session)`` that
+    holds its session. Steps are served concurrently (so they batch with other sessions' steps),
+    at most ``RELAY_MAX_INFLIGHT`` at once; nothing is sent back on ``fs``. A step dropped without
+    a word (malformed, unknown session or token, stale) is counted by ``on_drop(reason)``;
+    ``RELAY_MAX_DROPPED`` malformed or unknown ones in a row end the stream, as does a bad frame."""
+    slots = trio.Semaphore(RELAY_MAX_INFLIGHT)  # released by the task serving the step
+    dropped = 0
+
+    async def serve(server: StageServer, rs: S.RelayStep) -> None:
+        try:
+            why = await server.relay_step(rs)
+            if why is not None:
+                on_drop(why)
+        except RemoteProtocolError as e:  # the relayed input was bad: that session's problem only
+            on_drop("bad input")
+            log.info("relayed step for session %d: %s", rs.session, e)
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        while dropped < RELAY_MAX_DROPPED:
+            try:
+                env = await fs.receive(timeout=RELAY_IDLE_S)
+                if env.kind != "relay_step":
+                    raise RemoteProtocolError(f"expected relay_step, got {env.kind}")
+            except (StreamClosed, DeadlineExceeded, NetworkError, RemoteProtocolError) as e:
+                log.debug("relay stream from %s ends: %s", fs.peer_id[-8:], e)
+                break
+            try:
+                rs = S.RelayStep.from_body(env.body)
+            except RemoteProtocolError as e:
+                dropped += 1
+                on_drop("malformed")
+                log.info("relay_step from %s: %s", fs.peer_id[-8:], e)
+                continue
+            server = find(rs.session)
+            if server is None:
+                dropped += 1
+                on_drop("unknown session or relay token")
+                continue
+            dropped = 0
+            await slots.acquire()
+            nursery.start_soon(serve, server, rs)
+        if dropped >= RELAY_MAX_DROPPED:
+            log.info("relay stream from %s: %d relayed steps in a row for no session here; closed",
+                     fs.peer_id[-8:], dropped)
+    await fs.reset()

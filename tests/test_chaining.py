@@ -1,0 +1,306 @@
+"""Server-to-server chaining (protocols.session, node.relay): a chained step travels client -> A
+-> B -> C -> client over real libp2p hosts, equals hop-by-hop computation, carries every hop's
+signed output back, and hostile or stale relayed steps are dropped without harm."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from idlefleet.node import relay as R
+from idlefleet.node.model.stage import Stage, load_stage
+from idlefleet.node.relay import RelayLinks, serve_relay
+from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.p2p.framing import FramedStream
+from idlefleet.p2p.host import Host, HostConfig, open_host
+from idlefleet.protocols import session as S
+from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
+from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
+
+MAX_LEN = 64
+RANGES = ((0, 2), (2, 4), (4, 6))
+
+
+def hidden(tokens: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((tokens, 576)).astype(np.float32)
+
+
+# -- messages ------------------------------------------------------------------------------------
+def test_chained_step_round_trips_and_bad_chains_are_refused() -> None:
+    x = encode_hidden(hidden(1))
+    hop = S.ChainHop("12D3KooWpeer", 7, b"k" * 16)
+    step = S.Step(3, x, (hop, hop), seq=5)
+    assert S.Step.from_body(step.to_body()) == step
+    assert S.Step.from_body(S.Step(3, x, fence=4).to_body()).fence == 4
+    body = step.to_body()
+    for bad in ({**body, "chain": []}, {**body, "chain": "x"}, {**body, "chain": [hop.to_body()] * 9},
+                {**body, "chain": [{**hop.to_body(), "relay": b"short"}]},
+                {**body, "chain": [{**hop.to_body(), "extra": 1}]},
+                {**body, "chain": [{**hop.to_body(), "session": -1}]},
+                {**body, "chain": [{**hop.to_body(), "peer": ""}]},
+                {k: v for k, v in body.items() if k != "seq"},  # a chained step needs a seq
+                {**body, "hidden": encode_hidden(hidden(9)).to_dict()},  # prefill is never chained
+                {**body, "fence": -1}):
+        with pytest.raises(RemoteProtocolError):
+            S.Step.from_body(bad)
+
+
+def test_relay_step_and_chain_result_parse_strictly() -> None:
+    x = encode_hidden(hidden(2))
+    entry = S.TrailEntry(x, b"s" * 64, False, 1.5)
+    hop = S.ChainHop("12D3KooWpeer", 7, b"k" * 16)
+    rs = S.RelayStep(9, b"t" * 16, 4, 3, (hop,), (entry,))
+    assert S.RelayStep.from_body(rs.to_body()) == rs
+    assert rs.hidden == x
+    result = S.ChainResult(4, 3, (entry, entry))
+    assert S.ChainResult.from_body(result.to_body()) == result
+    body = rs.to_body()
+    other_rows = S.TrailEntry(encode_hidden(hidden(1)), b"s" * 64, False, 0.0).to_body()
+    for bad in ({**body, "seq": 0}, {**body, "relay": b"x"}, {**body, "trail": []},
+                {**body, "trail": [entry.to_body(), other_rows]},  # entries disagree on rows
+                {**body, "trail": [{**entry.to_body(), "sig": b"short"}]},
+                {**body, "trail": [{**entry.to_body(), "ms": float("nan")}]},
+                {**body, "trail": [{**entry.to_body(), "draining": "no"}]},
+                {**body, "chain": [hop.to_body()] * 8, "trail": [entry.to_body()] * 2},  # > 9 hops
+                {**body, "extra": 1}, {k: v for k, v in body.items() if k != "chain"}):
+        with pytest.raises(RemoteProtocolError):
+            S.RelayStep.from_body(bad)
+    for bad_result in ({"position": 4, "seq": 3, "trail": "x"}, {"position": -1, "seq": 3, "trail": []},
+                       {"position": 4, "trail": [entry.to_body()]}):
+        with pytest.raises(RemoteProtocolError):
+            S.ChainResult.from_body(bad_result)
+    assert S.StepResult.from_body({**S.StepResult(0, x).to_body(), "ahead": 2}).ahead == 2
+    with pytest.raises(RemoteProtocolError):
+        S.StepResult.from_body({**S.StepResult(0, x).to_body(), "ahead": -1})
+
+
+# -- three stage servers on real hosts --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stages(model_file: Any) -> list[Stage]:
+    return [load_stage(model_file, a, b) for a, b in RANGES]
+
+
+@dataclass
+class Hop:
+    server: StageServer
+    host: Host
+    peer: str
+    fs: FramedStream
+    session: int
+    relay: bytes
+
+
+@asynccontextmanager
+async def chain_of_servers(stages: list[Stage], config: ServerConfig | None = None
+                           ) -> AsyncIterator[tuple[Host, list[Hop]]]:
+    """Three stage servers that relay to each other, and a client host with a session on each."""
+    config = config or ServerConfig()
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+        hosts, servers = [], []
+        for stage in stages:
+            key = Ed25519PrivateKey.generate()
+            host = await stack.enter_async_context(open_host(key, HostConfig()))
+            addrs: dict[str, list[str]] = {}
+            links = RelayLinks(host, lambda peer, addrs=addrs: addrs.get(peer, []))
+            server = StageServer(stage, config, key=key, relay=links.send)
+
+            def find(sid: int, server: StageServer = server) -> StageServer | None:
+                return server if server.holds(sid) else None
+
+            def dropped(why: str, server: StageServer = server) -> None:
+                server.stats.relay_dropped[why] = server.stats.relay_dropped.get(why, 0) + 1
+
+            async def relay_handler(fs: FramedStream, find: Any = find, dropped: Any = dropped) -> None:
+                await serve_relay(fs, find, dropped)
+
+            host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
+            host.set_stream_handler(S.RELAY_PROTOCOL, relay_handler)
+            hosts.append((host, addrs))
+            servers.append(server)
+        for _host, addrs in hosts:  # every server may dial every other
+            for other, _ in hosts:
+                addrs[other.peer_id] = other.multiaddrs()
+        hops = []
+        for (host, _), server, stage in zip(hosts, servers, stages, strict=True):
+            peer = await client.connect(host.multiaddrs()[0])
+            fs = await client.open_stream(peer, S.STAGE_PROTOCOL)
+            await fs.send("session_open", S.OpenRequest(stage.model_id, stage.start, stage.end,
+                                                        MAX_LEN).to_body(), timeout=5)
+            opened = (await fs.receive_reply(timeout=5)).body
+            assert len(opened["relay"]) == S.RELAY_TOKEN_LEN  # it offers chaining
+            hops.append(Hop(server, host, peer, fs, opened["session"], opened["relay"]))
+        yield client, hops
+
+
+async def plain_step(fs: FramedStream, x: np.ndarray, position: int, fence: int = 0) -> S.StepResult:
+    await fs.send("step", S.Step(position, encode_hidden(x), fence=fence).to_body(), timeout=5)
+    return S.StepResult.from_body((await fs.receive_reply(timeout=10)).body)
+
+
+def chain_to(hops: list[Hop]) -> tuple[S.ChainHop, ...]:
+    return tuple(S.ChainHop(h.peer, h.session, h.relay) for h in hops)
+
+
+async def chained(hops: list[Hop], x: np.ndarray, position: int, seq: int) -> S.ChainResult:
+    step = S.Step(position, encode_hidden(x), chain_to(hops[1:]), seq)
+    await hops[0].fs.send("step", step.to_body(), timeout=5)
+    env = await hops[-1].fs.receive_reply(timeout=10)
+    assert env.kind == "chain_result", env
+    return S.ChainResult.from_body(env.body)
+
+
+async def test_a_chained_step_equals_hop_by_hop_and_every_hop_signs_its_part(
+        stages: list[Stage], client_model: Any) -> None:
+    prompt = hidden(5, 1)
+    caches = [s.new_cache() for s in stages]
+    x = prompt
+    for stage, cache in zip(stages, caches, strict=True):  # what each hop must compute
+        x = stage.forward(x, cache, 0)
+    async with chain_of_servers(stages) as (client, hops):
+        y = prompt
+        for h in hops:  # the prefill goes hop by hop, as the client does it
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * np.abs(x).max())
+        for position, seq in ((5, 1), (6, 2), (7, 3)):
+            d = hidden(1, position)
+            want = [d]
+            for stage, cache in zip(stages, caches, strict=True):
+                want.append(stage.forward(want[-1], cache, position))
+            result = await chained(hops, d, position, seq)
+            assert (result.position, result.seq, len(result.trail)) == (position, seq, 3)
+            sent = encode_hidden(d)
+            for i, (h, entry) in enumerate(zip(hops, result.trail, strict=True)):
+                got = decode_hidden(entry.hidden, TensorLimits())
+                np.testing.assert_allclose(got, want[i + 1], rtol=0, atol=1e-5 * np.abs(want[i + 1]).max())
+                stage = stages[i]
+                StepCommitment(h.peer, client.peer_id, stage.model_id, stage.start, stage.end, h.session,
+                               position, 1, rows_root(row_digests(sent)),
+                               rows_root(row_digests(entry.hidden))).verify(entry.sig)
+                assert not entry.draining and entry.ms > 0
+                sent = entry.hidden  # the next hop's input, exactly as it travelled
+        assert [h.server.stats.relayed for h in hops] == [3, 3, 0]
+        assert [h.server.stats.tokens for h in hops] == [8, 8, 8]
+        # Back to hop by hop at any time: the sessions are ordinary sessions.
+        z = hidden(1, 9)
+        for h in hops:
+            z = decode_hidden((await plain_step(h.fs, z, 8)).hidden, TensorLimits())
+
+
+async def test_relayed_steps_with_a_wrong_token_or_session_are_dropped_and_the_stream_closed(
+        stages: list[Stage]) -> None:
+    async with chain_of_servers(stages) as (client, hops):
+        b = hops[1]
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as stranger:
+            await stranger.connect(b.host.multiaddrs()[0])
+            fs = await stranger.open_stream(b.peer, S.RELAY_PROTOCOL)
+            entry = S.TrailEntry(encode_hidden(hidden(1)), b"s" * 64, False, 0.0)
+            for i in range(R.RELAY_MAX_DROPPED + 4):  # a guessed token, then unknown sessions
+                session = b.session if i % 2 else b.session + 1000
+                rs = S.RelayStep(session, bytes(16), 0, i + 1, (), (entry,))
+                try:
+                    await fs.send("relay_step", rs.to_body(), timeout=2)
+                except Exception:
+                    break  # the server hung up
+            with trio.fail_after(5):
+                while sum(b.server.stats.relay_dropped.values()) < R.RELAY_MAX_DROPPED:
+                    await trio.sleep(0.02)
+            assert b.server.stats.tokens == 0  # nothing computed for the stranger
+            assert set(b.server.stats.relay_dropped) == {"unknown session or relay token"}
+            assert client.peer_id not in b.server.stats.relay_dropped
+        # The real chain is unharmed.
+        y = hidden(2, 3)
+        for h in hops:
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        result = await chained(hops, hidden(1, 4), 2, 1)
+        assert result.seq == 1
+
+
+async def test_a_relay_stream_with_garbage_ends_and_the_server_goes_on(stages: list[Stage]) -> None:
+    async with chain_of_servers(stages) as (_client, hops):
+        b = hops[1]
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as stranger:
+            await stranger.connect(b.host.multiaddrs()[0])
+            fs = await stranger.open_stream(b.peer, S.RELAY_PROTOCOL)
+            await fs.send("relay_step", {"session": "x"}, timeout=2)  # malformed: counted, skipped
+            await fs.send("step", {"position": 0}, timeout=2)  # another kind: the stream ends
+            with trio.fail_after(5):
+                while not b.server.stats.relay_dropped.get("malformed"):
+                    await trio.sleep(0.02)
+        y = hidden(1, 3)
+        for h in hops:
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+
+
+async def test_a_fence_drops_relayed_steps_the_client_gave_up_on(stages: list[Stage]) -> None:
+    async with chain_of_servers(stages) as (_client, hops):
+        _a, b, c = hops
+        y = hidden(3, 5)
+        for h in hops:
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        # The client gave up on chained step 4 and redid position 3 hop by hop, fencing 4 off.
+        d = hidden(1, 6)
+        z = d
+        for h in hops:
+            z = decode_hidden((await plain_step(h.fs, z, 3, fence=4)).hidden, TensorLimits())
+        tokens = b.server.stats.tokens
+        # Step 4 still arrives at B, late (here: sent by us, holding its token like A would).
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as late:
+            await late.connect(b.host.multiaddrs()[0])
+            fs = await late.open_stream(b.peer, S.RELAY_PROTOCOL)
+            entry = S.TrailEntry(encode_hidden(d), b"s" * 64, False, 0.0)
+            late_step = S.RelayStep(b.session, b.relay, 3, 4, chain_to([c]), (entry,))
+            await fs.send("relay_step", late_step.to_body(), timeout=2)
+            with trio.fail_after(5):
+                while not b.server.stats.relay_dropped.get("stale"):
+                    await trio.sleep(0.02)
+        assert b.server.stats.tokens == tokens  # not computed: B's cache still holds position 3
+        # Step 5 is new: chained from A as usual, position 4.
+        result = await chained(hops, hidden(1, 7), 4, 5)
+        assert result.seq == 5 and b.server.stats.tokens == tokens + 1
+
+
+async def test_a_chain_to_an_unreachable_hop_fails_back_to_the_client(stages: list[Stage]) -> None:
+    async with chain_of_servers(stages) as (_client, hops):
+        a, b, c = hops
+        y = hidden(2, 5)
+        for h in hops:
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        ghost = S.ChainHop("12D3KooWGhostGhostGhostGhostGhostGhostGhostGhost11", 1, bytes(16))
+        await a.fs.send("step", S.Step(2, encode_hidden(hidden(1)), (ghost, *chain_to([c])), 1).to_body(),
+                        timeout=5)
+        env = await a.fs.receive(timeout=10)  # A tells us on its own stream, naming the step
+        assert env.kind == "chain_failed" and env.body["seq"] == 1 and env.body["position"] == 2
+        assert a.server.stats.chain_failed == 1
+        # A computed position 2: a plain redo says so (ahead), for the receipt's count.
+        result = await plain_step(a.fs, hidden(1), 2, fence=1)
+        assert result.ahead == 1
+        # A chained step to a session that is closing gets chain_failed from that hop.
+        await c.fs.send("receipt_proposal", {"body": b"", "client_sig": b""}, timeout=5)
+        assert (await c.fs.receive(timeout=5)).kind == "error"  # no ledger: refused, but closing
+        await plain_step(b.fs, hidden(1), 2)  # B holds position 2 too; C is closing
+        await a.fs.send("step", S.Step(3, encode_hidden(hidden(1)), chain_to([b, c]), 2).to_body(), timeout=5)
+        env = await c.fs.receive(timeout=10)
+        while env.kind == "chain_failed" and env.body["seq"] != 2:
+            env = await c.fs.receive(timeout=10)
+        assert env.kind == "chain_failed" and "closing" in env.body["message"]
+
+
+async def test_relayed_steps_keep_a_session_from_idling_out(stages: list[Stage]) -> None:
+    async with chain_of_servers(stages, ServerConfig(idle_timeout_s=1.0)) as (_client, hops):
+        y = hidden(1, 5)
+        for h in hops:
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        for k in range(8):  # 2.4 s of chained steps: B and C hear nothing from the client
+            await chained(hops, hidden(1, k), 1 + k, 1 + k)
+            await trio.sleep(0.3)
+        assert [h.server.active_sessions for h in hops] == [1, 1, 1]
+        assert [h.server.stats.idle_closed for h in hops] == [0, 0, 0]
