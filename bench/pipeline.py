@@ -12,9 +12,11 @@ Same prompt, greedy, ``--tokens`` new tokens (default 64) in every measurement:
     tokens/s (goal >= 0.8), added latency per hop = (swarm - local ms/token) / hops, and bytes on the
     wire per decode token (the pipeline's framed messages both ways: msgpack envelopes, excluding
     Noise and Yamux overhead). Local and swarm runs alternate, and ratios are medians over these
-    pairs, so both sides of a ratio see the same machine load. One extra, instrumented generation
-    splits each hop's step into client-side tensor codec, ``send`` and ``receive`` (server compute
-    estimated from the paired local runs' per-block time), and a probe times one-token steps
+    pairs, so both sides of a ratio see the same machine load. The client chains decode steps
+    (client -> A -> B -> C -> client, ``ClientConfig.chain``). One extra, instrumented generation,
+    hop by hop (chaining off: the client must see each hop), splits each hop's step into
+    client-side tensor codec, ``send`` and ``receive`` (server compute estimated from the paired
+    local runs' per-block time), and a probe times one-token steps
     through a one-block session on each hop: the per-hop cost with almost no compute in it.
 (c) 6-node swarm (every block hosted twice): single-stream rate, then 4 concurrent generations as
     4 trio tasks in this process sharing one client node and one ``FleetClient``; aggregate decode
@@ -42,6 +44,7 @@ for _var in BLAS_VARS:
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
@@ -424,8 +427,15 @@ def phase_swarm3(ctx: Ctx, root: Path) -> dict[str, Any]:
                 ctx.log(f"  #{i + 1}: 3-node {1e3 * r.decode_s_per_token:.2f} ms/token decode, local "
                         f"{1e3 * lr.decode_s_per_token:.2f}; {r.bytes_per_decode_token:.0f} B/token, route "
                         f"{[h['blocks'] for h in r.route]}")
-            with prof.installed():
-                r = await swarm_run(client, args.tokens, args.gen_timeout)
+            # The per-hop split needs the client between hops: the profiled generation goes hop by
+            # hop (chaining off), which also shows what chaining saves against the runs above.
+            chained = client.config
+            client.config = dataclasses.replace(chained, chain=False)
+            try:
+                with prof.installed():
+                    r = await swarm_run(client, args.tokens, args.gen_timeout)
+            finally:
+                client.config = chained
             ctx.check("3-node swarm (profiled)", r)
             block_ms = 1e3 * med([x.blocks_decode_s or 0.0 for x in locals_]) / ctx.model.n_blocks
             out["profile"] = prof.summary(block_ms, 1e3 * r.decode_s_per_token)
@@ -583,9 +593,9 @@ def report(env: dict[str, Any], args: argparse.Namespace, local: dict[str, Any],
                    f"plus Noise/Yamux framing)")
         out.append(f"    CPU per token: client {sw['client_cpu_ms_per_token']:.2f} ms, nodes (sum) "
                    f"{sw['nodes_cpu_ms_per_token']:.2f} ms; machine busy {sw['machine_busy_pct']:.0f}%")
-        out.append(f"    profile, one generation at {p['decode_ms_per_token']:.2f} ms/token "
-                   f"(per decode step, medians, ms; server compute = {p['block_ms']:.3f} ms/block from the "
-                   f"paired local runs):")
+        out.append(f"    profile, one generation hop by hop (chaining off) at {p['decode_ms_per_token']:.2f} "
+                   f"ms/token (per decode step, medians, ms; server compute = {p['block_ms']:.3f} ms/block "
+                   f"from the paired local runs):")
         for h, one in zip(p["per_hop"], p["one_block_step_ms"], strict=False):
             out.append(f"      hop {h['blocks']}: step {h['step_ms']:.2f} = send {h['send_ms']:.2f} "
                        f"+ receive {h['receive_ms']:.2f} + codec {h['codec_ms']:.2f}; compute ~"

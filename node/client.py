@@ -575,6 +575,7 @@ class Pipeline:
             out = self._check_reply(result, position, x.shape)
             if result.ahead and hop.chain_pending:  # it had computed the chained step we gave up on
                 hop.tally.add(min(result.ahead, hop.chain_pending))
+                self.client.positions_computed[hop.peer_id] += min(result.ahead, hop.chain_pending)
             hop.chain_pending = 0
             commitment = None if hop.peer_id == self.client.node.peer_id else self._check_sig(
                 hop, result, sent, position, x.shape[0])

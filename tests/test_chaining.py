@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,16 +15,22 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from idlefleet.node import client as C
 from idlefleet.node import relay as R
+from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.stage import Stage, load_stage
+from idlefleet.node.node import Node, open_node
 from idlefleet.node.relay import RelayLinks, serve_relay
 from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
+from tests.factories import running_fleet
 
 MAX_LEN = 64
 RANGES = ((0, 2), (2, 4), (4, 6))
@@ -304,3 +311,95 @@ async def test_relayed_steps_keep_a_session_from_idling_out(stages: list[Stage])
             await trio.sleep(0.3)
         assert [h.server.active_sessions for h in hops] == [1, 1, 1]
         assert [h.server.stats.idle_closed for h in hops] == [0, 0, 0]
+
+
+# -- a client over an in-process fleet of real nodes ----------------------------------------------
+PROMPT = "The capital of France is"
+
+
+def node_config(tmp_path: Path, i: int, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
+    return NodeConfig(data_dir=tmp_path / f"n{i}", vehicle="sim:parked", bootstrap=bootstrap,
+                      consent=True, memory_budget_mb=140, rebalance_s=60.0)
+
+
+@asynccontextmanager
+async def fleet_client(tmp_path: Path, client_model: ClientModel
+                       ) -> AsyncIterator[tuple[FleetClient, dict[tuple[int, int], Node]]]:
+    """Three serving nodes (blocks [0, 10), [10, 20), [20, 30)) with ledgers, and a client node."""
+    async with running_fleet(lambda i, boot: node_config(tmp_path, i, boot), 3) as nodes:
+        cfg = NodeConfig(data_dir=tmp_path / "client", bootstrap=(nodes[0].multiaddrs[0],),
+                         vehicle="sim:parked", serve=False)
+        async with open_node(cfg) as me:
+            client = FleetClient(me, client_model, ClientConfig())
+            await client.wait_ready(timeout=30)
+            yield client, {n.blocks: n for n in nodes if n.blocks}
+
+
+async def test_generation_chains_and_a_broken_chain_loses_no_token_and_no_receipt(
+        tmp_path: Path, client_model: ClientModel, local_greedy: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    want = list(local_greedy(PROMPT, 10))
+    monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 0.3)
+    async with fleet_client(tmp_path, client_model) as (client, by_blocks):
+        result = await client.generate(PROMPT, max_new_tokens=10)
+        assert result.new_ids == want
+        assert (result.chained_steps, result.chain_failures) == (10, 0)  # the prefill fits a chain too
+        assert [by_blocks[b].hosting.server.stats.relayed  # type: ignore[union-attr]
+                for b in sorted(by_blocks)] == [10, 10, 0]
+        # A cannot reach B for one step: A says chain_failed, the client redoes the step hop by hop
+        # and goes on hop by hop for a while; same tokens, no peer banned.
+        a = by_blocks[(0, 10)].hosting
+        assert a is not None and a.server is not None
+        send, failed = a.server._relay, []
+        assert send is not None
+        fail_at = len(client.encode_prompt(PROMPT)) + 4  # the 6th step: prefill + 4 decode steps went
+
+        async def flaky(peer: str, body: dict[str, Any]) -> None:
+            if body["position"] == fail_at and not failed:
+                failed.append(peer)
+                raise NetworkError("link to B is down (test)")
+            await send(peer, body)
+
+        monkeypatch.setattr(a.server, "_relay", flaky)
+        result = await client.generate(PROMPT, max_new_tokens=10)
+        assert failed, failed
+        assert result.new_ids == want, (result.new_ids, want, fail_at)
+        assert result.chain_failures == 1 and result.chained_steps == 5  # then hop by hop (16 steps)
+        assert not client.banned()
+        assert a.server.stats.chain_failed == 1
+        # Every session's receipt matches its server's count: A computed that position twice (the
+        # chained step, then the redo), and the client learned it from the redo's "ahead".
+        with trio.fail_after(10):
+            while client.receipts_pending:
+                await trio.sleep(0.05)
+        assert client.receipts_stored == 6 and not client.receipts_refused
+
+
+async def test_a_hop_that_tampers_with_an_earlier_output_breaks_the_chain_but_frames_no_one(
+        tmp_path: Path, client_model: ClientModel, local_greedy: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    want = list(local_greedy(PROMPT, 8))
+    monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 0.3)
+    async with fleet_client(tmp_path, client_model) as (client, by_blocks):
+        hosting = by_blocks[(10, 20)].hosting
+        assert hosting is not None and hosting.server is not None
+        b = hosting.server
+        forward = b._relay
+        assert forward is not None
+
+        async def tamper(peer: str, body: dict[str, Any]) -> None:
+            first = body["trail"][0]["hidden"]  # A's output, signed by A: B flips one byte
+            data = bytearray(first["data"])
+            data[0] ^= 1
+            first["data"] = bytes(data)
+            await forward(peer, body)
+
+        monkeypatch.setattr(b, "_relay", tamper)
+        result = await client.generate(PROMPT, max_new_tokens=8)
+        assert result.new_ids == want  # every broken chained step was redone hop by hop
+        assert result.chain_failures >= 1
+        assert not client.banned()  # A's signature did not match what reached us: no proof who lied
+        with trio.fail_after(10):
+            while client.receipts_pending:
+                await trio.sleep(0.05)
+        assert client.receipts_stored == 3 and not client.receipts_refused  # counts still agree
