@@ -8,8 +8,8 @@ python -m bench.fuzz --protocols gossip,dht --seconds 120
 
 One process holds a real node (``open_node``, with a StageServer on blocks [0, 2) of the default
 model) and an attacker host with a fresh key and one real libp2p connection to it. For each
-protocol (heartbeat, status, stage, gossip RPC on /meshsub/1.1.0, Kademlia on /ipfs/kad/1.0.0,
-identify push, ping)
+protocol (heartbeat, status, stage, relay (chained steps between stage servers), gossip RPC on
+/meshsub/1.1.0, Kademlia on /ipfs/kad/1.0.0, identify push, ping)
 the attacker takes valid frames (seeds), applies 1-4 random byte mutations (bit flips, random
 bytes, inserts, deletions, duplicated or cut ranges, huge length prefixes, splices of two seeds),
 writes each result on a new stream, closes its side and reads whatever comes back within a short
@@ -37,13 +37,15 @@ from typing import Any
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-PROTOCOLS = ("heartbeat", "status", "stage", "gossip", "dht", "identify", "ping")
+PROTOCOLS = ("heartbeat", "status", "stage", "relay", "gossip", "dht", "identify", "ping")
 HEARTBEAT = "/idlefleet/heartbeat/1.0.0"
 STATUS = "/idlefleet/status/1.0.0"
 STAGE = "/idlefleet/stage/1.0.0"
+RELAY = "/idlefleet/relay/1.0.0"
 MESHSUB = "/meshsub/1.1.0"
 KAD = "/ipfs/kad/1.0.0"  # p2p.host.DHT_PROTOCOL: py-libp2p 0.8.1 ignores the DHT prefix
-PROTOCOL_IDS = {"heartbeat": HEARTBEAT, "status": STATUS, "stage": STAGE, "gossip": MESHSUB, "dht": KAD,
+PROTOCOL_IDS = {"heartbeat": HEARTBEAT, "status": STATUS, "stage": STAGE, "relay": RELAY, "gossip": MESHSUB,
+                "dht": KAD,
                 "identify": "/ipfs/id/push/1.0.0", "ping": "/ipfs/ping/1.0.0"}
 PROBE_ATTEMPTS = 3  # a node that answers none of them within PROBE_TIMEOUT_S each is hung
 PROBE_TIMEOUT_S = 5.0
@@ -126,7 +128,26 @@ def stage_seeds(model_id: str, start: int, end: int, hidden_size: int) -> list[b
         step = f("step", S.Step(0, encode_hidden(x, dtype)).to_body())
         seeds.append(opened + step + f("session_close", {}))
     seeds.append(f("session_open", S.OpenRequest(model_id, start, end, 16, "int8").to_body()))
+    # A chained step whose next hop is nobody: the server says chain_failed, the session goes on.
+    nobody = S.ChainHop("12D3KooWNobodyNobodyNobodyNobodyNobodyNobodyNobody", 1, bytes(16))
+    seeds.append(opened + f("step", S.Step(0, encode_hidden(x), (nobody,), 1).to_body()))
     return seeds
+
+
+def relay_seeds(hidden_size: int) -> list[bytes]:
+    """Relayed steps for sessions the node does not hold (a stranger cannot know a relay token)."""
+    import numpy as np
+
+    from idlefleet.protocols import session as S
+    from idlefleet.protocols import wire
+    from idlefleet.protocols.tensors import encode_hidden
+
+    x = encode_hidden(np.random.default_rng(0).standard_normal((1, hidden_size)).astype(np.float32))
+    entry = S.TrailEntry(x, bytes(64), False, 1.0)
+    hop = S.ChainHop("12D3KooWNobodyNobodyNobodyNobodyNobodyNobodyNobody", 1, bytes(16))
+    return [wire.frame(wire.encode_envelope("relay_step", S.RelayStep(sid, bytes(16), 0, seq, chain,
+                                                                       (entry,) * n).to_body()))
+            for sid, seq, chain, n in ((0, 1, (), 1), (2**40, 7, (hop,), 2))]
 
 
 def gossip_seeds(key: Ed25519PrivateKey, topic: str, record: bytes) -> list[bytes]:
@@ -330,6 +351,13 @@ async def heartbeat_ack(peer_id: str, env: Any) -> tuple[str, dict[str, Any]]:
     return "heartbeat_ack", {"nonce": env.body["nonce"]}
 
 
+async def _relay_nowhere(peer: str, body: dict[str, Any]) -> None:
+    """The fuzzed node's chained steps go nowhere: every forward fails, as to a dead next hop."""
+    from idlefleet.p2p.errors import NetworkError
+
+    raise NetworkError(f"no relay to {peer[-8:]} in a fuzz run")
+
+
 async def campaign(work: Path, protocols: Sequence[str], *, frames: int, seconds: float, seed: int,
                    stage: Any = None, probe_every: int = 200, concurrency: int = 4,
                    progress: Callable[[ProtocolResult], None] | None = None) -> list[ProtocolResult]:
@@ -340,6 +368,7 @@ async def campaign(work: Path, protocols: Sequence[str], *, frames: int, seconds
     """
     from idlefleet.node.config import NodeConfig
     from idlefleet.node.node import capacity_topic, open_node
+    from idlefleet.node.relay import serve_relay
     from idlefleet.node.server import StageServer
     from idlefleet.p2p.host import HostConfig, open_host
     from idlefleet.p2p.liveness import HEARTBEAT_PROTOCOL
@@ -352,7 +381,14 @@ async def campaign(work: Path, protocols: Sequence[str], *, frames: int, seconds
                 key_file=work / "node.key", vehicle="sim:parked:seed=1", consent=True, serve=False,
                 event_log=work / "events.jsonl")))
             if stage is not None:
-                node.host.set_stream_handler(STAGE, StageServer(stage).handle)
+                server = StageServer(stage, key=Ed25519PrivateKey.generate(), relay=_relay_nowhere)
+                node.host.set_stream_handler(STAGE, server.handle)
+
+                async def relay_handler(fs: Any, server: StageServer = server) -> None:
+                    await serve_relay(fs, lambda sid: server if server.holds(sid) else None,
+                                      lambda why: None)
+
+                node.host.set_stream_handler(RELAY, relay_handler)
             key = Ed25519PrivateKey.generate()
             attacker = await stack.enter_async_context(open_host(key, HostConfig()))
             prober = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
@@ -366,6 +402,10 @@ async def campaign(work: Path, protocols: Sequence[str], *, frames: int, seconds
                     if stage is None:
                         continue
                     seeds = stage_seeds(stage.model_id, stage.start, stage.end, stage.config.hidden_size)
+                elif protocol == "relay":
+                    if stage is None:
+                        continue
+                    seeds = relay_seeds(stage.config.hidden_size)
                 elif protocol == "gossip":
                     seeds = gossip_seeds(key, capacity_topic(node.config.region), record)
                 elif protocol == "dht":
@@ -410,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown protocols {sorted(unknown)}; choose from {','.join(PROTOCOLS)}")
 
     stage = None
-    if "stage" in protocols:
+    if "stage" in protocols or "relay" in protocols:
         from idlefleet.node.model.gguf_loader import open_model
         from idlefleet.node.model.locate import find_default_model
         from idlefleet.node.model.stage import load_stage

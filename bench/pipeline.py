@@ -410,8 +410,17 @@ def phase_swarm3(ctx: Ctx, root: Path) -> dict[str, Any]:
         pids = [node.proc.pid for node in swarm.nodes]
         runs: list[Run] = []
         locals_: list[Run] = []
+        plain: list[Run] = []  # hop by hop (chaining off), right after each chained run
         windows: list[CpuWindow] = []
         prof = HopProfiler()
+
+        async def hop_by_hop(client: FleetClient) -> Run:
+            chained = client.config
+            client.config = dataclasses.replace(chained, chain=False)
+            try:
+                return await swarm_run(client, args.tokens, args.gen_timeout)
+            finally:
+                client.config = chained
 
         async def body(client: FleetClient) -> None:
             for i in range(args.repeats):  # local and swarm alternate: both see the same machine load
@@ -424,18 +433,16 @@ def phase_swarm3(ctx: Ctx, root: Path) -> dict[str, Any]:
                 windows.append(w)
                 ctx.check(f"3-node swarm #{i + 1}", r)
                 runs.append(r)
-                ctx.log(f"  #{i + 1}: 3-node {1e3 * r.decode_s_per_token:.2f} ms/token decode, local "
-                        f"{1e3 * lr.decode_s_per_token:.2f}; {r.bytes_per_decode_token:.0f} B/token, route "
-                        f"{[h['blocks'] for h in r.route]}")
+                pr = await hop_by_hop(client)
+                ctx.check(f"3-node swarm, hop by hop #{i + 1}", pr)
+                plain.append(pr)
+                ctx.log(f"  #{i + 1}: 3-node {1e3 * r.decode_s_per_token:.2f} ms/token decode (hop by hop "
+                        f"{1e3 * pr.decode_s_per_token:.2f}), local {1e3 * lr.decode_s_per_token:.2f}; "
+                        f"{r.bytes_per_decode_token:.0f} B/token, route {[h['blocks'] for h in r.route]}")
             # The per-hop split needs the client between hops: the profiled generation goes hop by
             # hop (chaining off), which also shows what chaining saves against the runs above.
-            chained = client.config
-            client.config = dataclasses.replace(chained, chain=False)
-            try:
-                with prof.installed():
-                    r = await swarm_run(client, args.tokens, args.gen_timeout)
-            finally:
-                client.config = chained
+            with prof.installed():
+                r = await hop_by_hop(client)
             ctx.check("3-node swarm (profiled)", r)
             block_ms = 1e3 * med([x.blocks_decode_s or 0.0 for x in locals_]) / ctx.model.n_blocks
             out["profile"] = prof.summary(block_ms, 1e3 * r.decode_s_per_token)
@@ -449,6 +456,7 @@ def phase_swarm3(ctx: Ctx, root: Path) -> dict[str, Any]:
         trio.run(with_client, swarm, ctx.model, root / "swarm3", args.start_timeout, args.settle, body)
         out["swarm"] = {**summarize(runs), **cpu_summary(windows, args.tokens)}
         out["local_paired"] = summarize(locals_)
+        out["hop_by_hop"] = summarize(plain)
         hops = len(runs[0].route)
         out["paired"] = {
             "swarm_over_local_decode": round(med([lr.decode_s_per_token / r.decode_s_per_token
@@ -456,7 +464,12 @@ def phase_swarm3(ctx: Ctx, root: Path) -> dict[str, Any]:
             "swarm_over_local_e2e": round(med([r.e2e_tokens_per_s / lr.e2e_tokens_per_s
                                                for lr, r in zip(locals_, runs, strict=True)]), 3),
             "added_ms_per_hop": round(med([1e3 * (r.decode_s_per_token - lr.decode_s_per_token) / hops
-                                           for lr, r in zip(locals_, runs, strict=True)]), 2)}
+                                           for lr, r in zip(locals_, runs, strict=True)]), 2),
+            # Chained over hop by hop, decode tokens/s, each pair run back to back.
+            "chained_over_hop_by_hop": round(med([pr.decode_s_per_token / r.decode_s_per_token
+                                                  for pr, r in zip(plain, runs, strict=True)]), 3),
+            "hop_by_hop_over_local": round(med([lr.decode_s_per_token / pr.decode_s_per_token
+                                                for lr, pr in zip(locals_, plain, strict=True)]), 3)}
     except (RuntimeError, trio.TooSlowError, client_mod.GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         ctx.log(f"  3-node swarm failed: {out['error']}")
@@ -588,6 +601,10 @@ def report(env: dict[str, Any], args: argparse.Namespace, local: dict[str, Any],
                    f"{_met(g['ratio_met'])}; vs standalone local "
                    f"{g['swarm_over_standalone_local_decode']:.2f}x); "
                    f"end-to-end {g['swarm_over_local_e2e']:.2f}x")
+        pr = s3["paired"]
+        out.append(f"    chained over hop by hop {pr['chained_over_hop_by_hop']:.2f}x decode (hop by hop: "
+                   f"{s3['hop_by_hop']['decode_ms_per_token']:.2f} ms/token, swarm/local "
+                   f"{pr['hop_by_hop_over_local']:.2f}x)")
         out.append(f"    added latency per hop {g['added_ms_per_hop']:.2f} ms; wire "
                    f"{sw['bytes_per_decode_token']} B per decode token (framed msgpack, both ways, all hops; "
                    f"plus Noise/Yamux framing)")

@@ -38,7 +38,8 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.f
 values = st.recursive(scalars, lambda kids: st.one_of(
     st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=10), kids, max_size=5)), max_leaves=20)
 bodies = st.dictionaries(st.sampled_from(["model_id", "start", "end", "max_length", "dtype", "position",
-                                          "hidden", "x"]), values, max_size=6)
+                                          "hidden", "x", "chain", "seq", "fence", "session", "relay",
+                                          "trail", "ahead"]), values, max_size=8)
 tensors = st.fixed_dictionaries({}, optional={
     "dtype": st.one_of(st.sampled_from(["float32", "float16", "int8"]), values),
     "shape": st.one_of(st.lists(st.integers(-2, 40), max_size=3), values),
@@ -81,6 +82,8 @@ def test_session_messages_from_any_body_raise_only_remote_errors(body: dict[str,
     only_remote_errors(S.OpenRequest.from_body, body)
     only_remote_errors(S.Step.from_body, body)
     only_remote_errors(S.StepResult.from_body, body)
+    only_remote_errors(S.RelayStep.from_body, body)
+    only_remote_errors(S.ChainResult.from_body, body)
 
 
 @FUZZ
