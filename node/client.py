@@ -249,6 +249,19 @@ class StageFailure(Exception):
         self.unreachable = unreachable
 
 
+def _time_shares(hops: list[_HopSession], ms: list[float]) -> list[float]:
+    """How a chained step's time is shared out among its hops, for their measured speeds: as the
+    servers say they held it (``ms``, not signed: a hop could lie about itself or, relaying,
+    about the others), but each hop's share kept within half and twice its share of the blocks."""
+    blocks = [h.end - h.start for h in hops]
+    fair = [b / sum(blocks) for b in blocks]
+    ms = [min(1e9, max(0.0, m)) if math.isfinite(m) else 1e9 for m in ms]
+    total = sum(ms)
+    claimed = [m / total for m in ms] if total > 0 else fair
+    bounded = [min(2 * f, max(0.5 * f, c)) for f, c in zip(fair, claimed, strict=True)]
+    return [b / sum(bounded) for b in bounded]
+
+
 class _ChainBroken(Exception):
     """A chained step did not come back whole (the caller redoes it hop by hop)."""
 
@@ -326,7 +339,7 @@ class Pipeline:
         self.chain_failures = 0
         self._seq = 0  # the last chained step's number
         self._fence = 0  # plain steps tell servers to drop relayed steps numbered up to this
-        self._chain_after = 0  # no chaining before this step (after a failed chained step)
+        self._chain_after = 0  # no chaining before step number this (counted from 1, as ``steps``)
         self._chain_s = 0.0  # EWMA of a chained step's time
 
     @property
@@ -429,17 +442,19 @@ class Pipeline:
         took = time.monotonic() - started
         self._chain_s = took if not self._chain_s else 0.8 * self._chain_s + 0.2 * took
         self.chained += 1
-        claimed = [max(0.0, e.ms) for e in result.trail]
-        for hop, ex, entry, ms in zip(hops, exchanges, result.trail, claimed, strict=True):
+        shares = _time_shares(hops, [e.ms for e in result.trail]) if rows == 1 else []
+        for i, (hop, ex, entry) in enumerate(zip(hops, exchanges, result.trail, strict=True)):
             hop.inputs.append(ex.inputs)
             hop.tally.add(rows)
             hop.chain_pending = 0
-            hop.draining = entry.draining
+            if entry.draining:
+                if hop is last:  # its own entry, on its own stream: authentic
+                    hop.draining = True
+                else:  # another hop's flag could be forged on the way: ask that hop itself, with
+                    self._chain_after = self.steps + 2  # the next step going hop by hop
             self.client.positions_computed[hop.peer_id] += rows
-            if rows == 1:  # the chain's time, shared out as the servers say they held it
-                share = ms / sum(claimed) if sum(claimed) > 0 else (hop.end - hop.start) / sum(
-                    h.end - h.start for h in hops)
-                self.client.record_step(hop.peer_id, took * share, hop.end - hop.start)
+            if shares:  # decode steps only, as in _step
+                self.client.record_step(hop.peer_id, took * shares[i], hop.end - hop.start)
             if self.verifier is not None:
                 self.verifier.record(hop, ex)
         return exchanges[-1].out

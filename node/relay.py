@@ -32,6 +32,7 @@ RELAY_SEND_S = 2.0  # connecting and opening the stream to the next hop, and sen
 RELAY_MAX_INFLIGHT = 32  # relayed steps of one incoming stream served at once (they batch)
 RELAY_MAX_DROPPED = 16  # relayed steps for no session here, in a row, before we hang up
 RELAY_MAX_OUT = 64  # outgoing relay streams kept open (one per next-hop peer)
+RELAY_REUSE_S = RELAY_IDLE_S / 2  # an outgoing stream silent this long is replaced, not reused
 
 
 class RelayLinks:
@@ -42,13 +43,25 @@ class RelayLinks:
         self._host = host
         self._addrs_of = addrs_of
         self._out: dict[str, FramedStream] = {}
+        self._used: dict[str, float] = {}  # peer -> when its stream last carried a step (trio clock)
         self._locks: dict[str, trio.Lock] = {}
 
     async def send(self, peer: str, body: dict[str, Any]) -> None:
         """Send one ``relay_step`` body to ``peer`` within ``RELAY_SEND_S`` per attempt (two at
         most: a cached stream may have died). Raises NetworkError."""
+        if len(self._locks) > 4 * RELAY_MAX_OUT:  # a client naming many peers grows nothing for long
+            for p in [p for p, lk in self._locks.items() if p not in self._out and not lk.locked()]:
+                del self._locks[p]
         lock = self._locks.setdefault(peer, trio.Lock())
         async with lock:
+            now = trio.current_time()
+            stale = self._out.get(peer)
+            if stale is not None and now - self._used.get(peer, now) >= RELAY_REUSE_S:
+                # The receiver hangs up after RELAY_IDLE_S of silence; a step written into a
+                # stream it is closing would be lost (the client would wait for it): start afresh.
+                del self._out[peer]
+                await stale.reset()
+            self._used[peer] = now
             for attempt in (0, 1):
                 fs = self._out.get(peer)
                 try:
@@ -71,7 +84,9 @@ class RelayLinks:
             await self._host.connect_peer(peer, addrs, timeout=RELAY_SEND_S)
         fs: FramedStream = await self._host.open_stream(peer, S.RELAY_PROTOCOL, timeout=RELAY_SEND_S)
         if len(self._out) >= RELAY_MAX_OUT:  # the oldest goes (bounded: reset takes at most 1 s)
-            await self._out.pop(next(iter(self._out))).reset()
+            oldest = next(iter(self._out))
+            self._used.pop(oldest, None)
+            await self._out.pop(oldest).reset()
         self._out[peer] = fs
         return fs
 

@@ -403,3 +403,62 @@ async def test_a_hop_that_tampers_with_an_earlier_output_breaks_the_chain_but_fr
             while client.receipts_pending:
                 await trio.sleep(0.05)
         assert client.receipts_stored == 3 and not client.receipts_refused  # counts still agree
+
+
+async def test_relay_streams_are_reopened_after_the_receiver_hung_up(
+        stages: list[Stage], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(R, "RELAY_IDLE_S", 0.5)  # receivers hang up on a silent relay stream fast
+    async with chain_of_servers(stages) as (_client, hops):
+        y = hidden(1, 5)
+        for h in hops:
+            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await chained(hops, hidden(1, 1), 1, 1)
+        await trio.sleep(1.0)  # B and C closed the relay streams from A and B
+        result = await chained(hops, hidden(1, 2), 2, 2)  # A and B open new ones
+        assert result.seq == 2
+        monkeypatch.setattr(R, "RELAY_REUSE_S", 0.0)  # a sender replaces any stream it has not just used
+        await trio.sleep(0.01)
+        assert (await chained(hops, hidden(1, 3), 3, 3)).seq == 3
+        assert [h.server.stats.chain_failed for h in hops] == [0, 0, 0]
+
+
+async def test_relaying_to_many_unknown_peers_keeps_nothing(stages: list[Stage]) -> None:
+    async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as host:
+        links = RelayLinks(host, lambda peer: [])
+        for i in range(5 * R.RELAY_MAX_OUT):  # a client naming a new next hop in every step
+            with pytest.raises(NetworkError):
+                await links.send(f"12D3KooWNobody{i:08d}", {})
+        assert len(links._locks) <= 4 * R.RELAY_MAX_OUT + 1 and not links._out
+
+
+def test_a_chained_steps_time_is_shared_within_bounds_whatever_the_servers_claim() -> None:
+    hops = [C._HopSession("a", 0, 10), C._HopSession("b", 10, 20), C._HopSession("c", 20, 30)]
+    assert C._time_shares(hops, [10.0, 10.0, 10.0]) == pytest.approx([1 / 3] * 3)
+    assert C._time_shares(hops, [0.0, 0.0, 0.0]) == pytest.approx([1 / 3] * 3)  # no claims: by blocks
+    # c says it was instant and the others slow: at most twice and half the fair shares.
+    assert C._time_shares(hops, [1000.0, 1000.0, 0.0]) == pytest.approx([3 / 7, 3 / 7, 1 / 7])
+    assert C._time_shares(hops, [float("inf"), 1.0, 1.0]) == pytest.approx(
+        C._time_shares(hops, [1e12, 1.0, 1.0]))  # no NaN from a huge claim
+
+
+async def test_a_draining_flag_relayed_for_another_hop_is_checked_with_that_hop(
+        tmp_path: Path, client_model: ClientModel, local_greedy: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    want = list(local_greedy(PROMPT, 8))
+    async with fleet_client(tmp_path, client_model) as (client, by_blocks):
+        hosting = by_blocks[(10, 20)].hosting
+        assert hosting is not None and hosting.server is not None
+        b = hosting.server
+        forward = b._relay
+        assert forward is not None
+
+        async def forge(peer: str, body: dict[str, Any]) -> None:
+            body["trail"][0]["draining"] = True  # B says A is draining (A is not)
+            await forward(peer, body)
+
+        monkeypatch.setattr(b, "_relay", forge)
+        result = await client.generate(PROMPT, max_new_tokens=8)
+        assert result.new_ids == want
+        a_peer = by_blocks[(0, 10)].peer_id
+        assert a_peer in {h["peer_id"] for h in result.route}  # A was asked, said no: not moved
+        assert 0 < result.chained_steps < 8 and result.chain_failures == 0  # every other step plain
