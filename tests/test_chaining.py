@@ -4,7 +4,7 @@ signed output back, and hostile or stale relayed steps are dropped without harm.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +153,13 @@ async def plain_step(fs: FramedStream, x: np.ndarray, position: int, fence: int 
     return S.StepResult.from_body((await fs.receive_reply(timeout=10)).body)
 
 
+async def through(hops: list[Hop], x: np.ndarray, position: int, fence: int = 0) -> np.ndarray:
+    """``x`` through every hop as plain steps (the client between hops), the last output."""
+    for h in hops:
+        x = decode_hidden((await plain_step(h.fs, x, position, fence)).hidden, TensorLimits())
+    return x
+
+
 def chain_to(hops: list[Hop]) -> tuple[S.ChainHop, ...]:
     return tuple(S.ChainHop(h.peer, h.session, h.relay) for h in hops)
 
@@ -173,9 +180,7 @@ async def test_a_chained_step_equals_hop_by_hop_and_every_hop_signs_its_part(
     for stage, cache in zip(stages, caches, strict=True):  # what each hop must compute
         x = stage.forward(x, cache, 0)
     async with chain_of_servers(stages) as (client, hops):
-        y = prompt
-        for h in hops:  # the prefill goes hop by hop, as the client does it
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        y = await through(hops, prompt, 0)  # the prefill goes hop by hop, as the client does it
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * np.abs(x).max())
         for position, seq in ((5, 1), (6, 2), (7, 3)):
             d = hidden(1, position)
@@ -197,9 +202,7 @@ async def test_a_chained_step_equals_hop_by_hop_and_every_hop_signs_its_part(
         assert [h.server.stats.relayed for h in hops] == [3, 3, 0]
         assert [h.server.stats.tokens for h in hops] == [8, 8, 8]
         # Back to hop by hop at any time: the sessions are ordinary sessions.
-        z = hidden(1, 9)
-        for h in hops:
-            z = decode_hidden((await plain_step(h.fs, z, 8)).hidden, TensorLimits())
+        await through(hops, hidden(1, 9), 8)
 
 
 async def test_relayed_steps_with_a_wrong_token_or_session_are_dropped_and_the_stream_closed(
@@ -224,9 +227,7 @@ async def test_relayed_steps_with_a_wrong_token_or_session_are_dropped_and_the_s
             assert set(b.server.stats.relay_dropped) == {"unknown session or relay token"}
             assert client.peer_id not in b.server.stats.relay_dropped
         # The real chain is unharmed.
-        y = hidden(2, 3)
-        for h in hops:
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await through(hops, hidden(2, 3), 0)
         result = await chained(hops, hidden(1, 4), 2, 1)
         assert result.seq == 1
 
@@ -242,22 +243,16 @@ async def test_a_relay_stream_with_garbage_ends_and_the_server_goes_on(stages: l
             with trio.fail_after(5):
                 while not b.server.stats.relay_dropped.get("malformed"):
                     await trio.sleep(0.02)
-        y = hidden(1, 3)
-        for h in hops:
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await through(hops, hidden(1, 3), 0)
 
 
 async def test_a_fence_drops_relayed_steps_the_client_gave_up_on(stages: list[Stage]) -> None:
     async with chain_of_servers(stages) as (_client, hops):
         _a, b, c = hops
-        y = hidden(3, 5)
-        for h in hops:
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await through(hops, hidden(3, 5), 0)
         # The client gave up on chained step 4 and redid position 3 hop by hop, fencing 4 off.
         d = hidden(1, 6)
-        z = d
-        for h in hops:
-            z = decode_hidden((await plain_step(h.fs, z, 3, fence=4)).hidden, TensorLimits())
+        await through(hops, d, 3, fence=4)
         tokens = b.server.stats.tokens
         # Step 4 still arrives at B, late (here: sent by us, holding its token like A would).
         async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as late:
@@ -278,9 +273,7 @@ async def test_a_fence_drops_relayed_steps_the_client_gave_up_on(stages: list[St
 async def test_a_chain_to_an_unreachable_hop_fails_back_to_the_client(stages: list[Stage]) -> None:
     async with chain_of_servers(stages) as (_client, hops):
         a, b, c = hops
-        y = hidden(2, 5)
-        for h in hops:
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await through(hops, hidden(2, 5), 0)
         ghost = S.ChainHop("12D3KooWGhostGhostGhostGhostGhostGhostGhostGhost11", 1, bytes(16))
         await a.fs.send("step", S.Step(2, encode_hidden(hidden(1)), (ghost, *chain_to([c])), 1).to_body(),
                         timeout=5)
@@ -303,9 +296,7 @@ async def test_a_chain_to_an_unreachable_hop_fails_back_to_the_client(stages: li
 
 async def test_relayed_steps_keep_a_session_from_idling_out(stages: list[Stage]) -> None:
     async with chain_of_servers(stages, ServerConfig(idle_timeout_s=1.0)) as (_client, hops):
-        y = hidden(1, 5)
-        for h in hops:
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await through(hops, hidden(1, 5), 0)
         for k in range(8):  # 2.4 s of chained steps: B and C hear nothing from the client
             await chained(hops, hidden(1, k), 1 + k, 1 + k)
             await trio.sleep(0.3)
@@ -333,6 +324,22 @@ async def fleet_client(tmp_path: Path, client_model: ClientModel
             client = FleetClient(me, client_model, ClientConfig())
             await client.wait_ready(timeout=30)
             yield client, {n.blocks: n for n in nodes if n.blocks}
+
+
+def edit_forwarded(monkeypatch: pytest.MonkeyPatch, node: Node,
+                   edit: Callable[[dict[str, Any]], None]) -> None:
+    """``node``'s stage server passes every relay_step body it forwards through ``edit`` first."""
+    hosting = node.hosting
+    assert hosting is not None and hosting.server is not None
+    server = hosting.server
+    forward = server._relay
+    assert forward is not None
+
+    async def edited(peer: str, body: dict[str, Any]) -> None:
+        edit(body)
+        await forward(peer, body)
+
+    monkeypatch.setattr(server, "_relay", edited)
 
 
 async def test_generation_chains_and_a_broken_chain_loses_no_token_and_no_receipt(
@@ -381,20 +388,14 @@ async def test_a_hop_that_tampers_with_an_earlier_output_breaks_the_chain_but_fr
     want = list(local_greedy(PROMPT, 8))
     monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 0.3)
     async with fleet_client(tmp_path, client_model) as (client, by_blocks):
-        hosting = by_blocks[(10, 20)].hosting
-        assert hosting is not None and hosting.server is not None
-        b = hosting.server
-        forward = b._relay
-        assert forward is not None
 
-        async def tamper(peer: str, body: dict[str, Any]) -> None:
+        def tamper(body: dict[str, Any]) -> None:
             first = body["trail"][0]["hidden"]  # A's output, signed by A: B flips one byte
             data = bytearray(first["data"])
             data[0] ^= 1
             first["data"] = bytes(data)
-            await forward(peer, body)
 
-        monkeypatch.setattr(b, "_relay", tamper)
+        edit_forwarded(monkeypatch, by_blocks[(10, 20)], tamper)
         result = await client.generate(PROMPT, max_new_tokens=8)
         assert result.new_ids == want  # every broken chained step was redone hop by hop
         assert result.chain_failures >= 1
@@ -409,9 +410,7 @@ async def test_relay_streams_are_reopened_after_the_receiver_hung_up(
         stages: list[Stage], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(R, "RELAY_IDLE_S", 0.5)  # receivers hang up on a silent relay stream fast
     async with chain_of_servers(stages) as (_client, hops):
-        y = hidden(1, 5)
-        for h in hops:
-            y = decode_hidden((await plain_step(h.fs, y, 0)).hidden, TensorLimits())
+        await through(hops, hidden(1, 5), 0)
         await chained(hops, hidden(1, 1), 1, 1)
         await trio.sleep(1.0)  # B and C closed the relay streams from A and B
         result = await chained(hops, hidden(1, 2), 2, 2)  # A and B open new ones
@@ -446,17 +445,11 @@ async def test_a_draining_flag_relayed_for_another_hop_is_checked_with_that_hop(
         monkeypatch: pytest.MonkeyPatch) -> None:
     want = list(local_greedy(PROMPT, 8))
     async with fleet_client(tmp_path, client_model) as (client, by_blocks):
-        hosting = by_blocks[(10, 20)].hosting
-        assert hosting is not None and hosting.server is not None
-        b = hosting.server
-        forward = b._relay
-        assert forward is not None
 
-        async def forge(peer: str, body: dict[str, Any]) -> None:
+        def forge(body: dict[str, Any]) -> None:
             body["trail"][0]["draining"] = True  # B says A is draining (A is not)
-            await forward(peer, body)
 
-        monkeypatch.setattr(b, "_relay", forge)
+        edit_forwarded(monkeypatch, by_blocks[(10, 20)], forge)
         result = await client.generate(PROMPT, max_new_tokens=8)
         assert result.new_ids == want
         a_peer = by_blocks[(0, 10)].peer_id
