@@ -257,8 +257,8 @@ class _HolePunch(DCUtRProtocol):
             network = self.host.get_network()
             for peer_id, conns in list(network.connections.items()):
                 if (not _relayed_only(list(conns)) or peer_id in self._in_progress
-                        or peer_id in self._direct_connections):
-                    continue
+                        or peer_id in self._direct_connections or peer_id in self._closing):
+                    continue  # (_closing: just upgraded, its relayed connection is being closed)
                 if not any(not _is_initiator(c) for c in conns):
                     continue  # we dialled through the relay: the other side initiates
                 if self._hole_punch_attempts.get(peer_id, 0) >= 3:
