@@ -8,9 +8,9 @@ compute shares this machine's cores: verification's re-computation competes with
 for CPU here, where on a real fleet it runs on another car. In one run:
 
 (a) Decode tokens/s of the same greedy generation (``--tokens``, default 48) without verification,
-    with verification of *new* peers (a fresh client: every window is re-computed), and with
-    *trusted* peers (a client whose trust book has a long run of valid windows for every peer:
-    windows are sampled at the minimum rate). The three modes run interleaved, ``--repeats``
+    with verification of *new* peers (a fresh client: every hop session, every window of it, is
+    re-computed), and with *trusted* peers (a client whose trust book has a long run of valid
+    windows for every peer: hop sessions are sampled at the minimum rate, each one whole). The three modes run interleaved, ``--repeats``
     times; the ratios are medians over those rounds, so each ratio's sides saw the same machine
     load. Decode rate = (tokens - 1) / (last token time - first token time) as the stream yields
     them (non-strict: verification lags behind and does not hold tokens).
@@ -177,6 +177,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             trusted_client = trusted(make_client(on_cfg), peers)
             rates: dict[str, list[float]] = {"off": [], "new": [], "trusted": []}
             windows: dict[str, list[int]] = {"new": [], "trusted": []}
+            sessions = {"new": [0, 0], "trusted": [0, 0]}  # hop sessions checked, not sampled
             wrong = accusations = 0
             modes = ["off", "new", "trusted"]
             for round_ in range(args.repeats):
@@ -188,6 +189,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     rates[mode].append(rate)
                     if v is not None:
                         windows[mode].append(v["windows_checked"])
+                        sessions[mode][0] += v["sessions_shadowed"]
+                        sessions[mode][1] += v["sessions_skipped"]
                         accusations += v["mismatches"] + len(v["banned_peers"]) + v["reports"]
             ratio_new = statistics.median(n / o for n, o in zip(rates["new"], rates["off"], strict=True))
             ratio_trusted = statistics.median(
@@ -198,6 +201,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             out["overhead_new_pct"] = round((1 - ratio_new) * 100, 1)
             out["overhead_trusted_pct"] = round((1 - ratio_trusted) * 100, 1)
             out["windows_checked_per_generation"] = {k: statistics.median(v) for k, v in windows.items() if v}
+            out["hop_sessions_checked_skipped"] = sessions
             out["verify_window"] = window
             out["wrong_generations"] = wrong
             out["accusations_in_clean_runs"] = accusations  # honest peers only: must be 0

@@ -34,7 +34,7 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--verify-window", type=int, default=16, metavar="N",
                    help="positions per verification window (default 16)")
     p.add_argument("--verify-min-rate", type=float, default=0.1, metavar="R",
-                   help="lowest fraction of a trusted peer's windows still checked (default 0.1)")
+                   help="lowest fraction of a trusted peer's hop sessions still checked (default 0.1)")
     p.add_argument("--strict", action="store_true",
                    help="output only verified tokens: hold each token until its window is verified, "
                         "and verify the last partial window before finishing")

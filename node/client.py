@@ -141,10 +141,11 @@ class ClientConfig:
     local_blocks: int = 0
     max_hidden_abs: float = MAX_HIDDEN_ABS
     # Verified work (node/verifier.py): re-compute remote hops' windows of ``verify_window``
-    # positions on an independent host; a trusted peer's windows are checked with a falling
-    # probability, never below ``verify_min_rate``. ``verify_strict``: a generation's tokens
-    # (its result and its stream) are only verified work; else the stream is not held back and
-    # the tail after the last sampled window may stay unverified.
+    # positions on an independent host; a new peer's hop sessions are all checked, a trusted
+    # peer's are sampled (each whole session or none of it) with a falling probability, never
+    # below ``verify_min_rate``. ``verify_strict``: a generation's tokens (its result and its
+    # stream) are only verified work (every session checked); else the stream is not held back
+    # and the tokens of sessions that were not sampled stay unverified.
     verify: bool = True
     verify_window: int = 16
     verify_min_rate: float = 0.1
@@ -229,7 +230,7 @@ class FleetResult:
     route: list[dict[str, Any]]
     failovers: int
     stop_reason: str
-    # windows_checked, mismatches, banned_peers, rolled_back_tokens, unverified_tokens, reports,
+    # windows_checked, sessions_shadowed, sessions_skipped, mismatches, banned_peers, rolled_back_tokens, unverified_tokens, reports,
     # undecided (node/verifier.py); None when verification is off.
     verification: dict[str, Any] | None = None
     # Steps sent as one chained step through every hop, and chained steps that had to be redone

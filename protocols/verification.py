@@ -18,8 +18,9 @@ the largest absolute difference relative to the row's largest magnitude, against
 fits the wire dtype (:data:`TOLERANCE`; measured numbers in docs/PROTOCOL.md).
 
 How often to check is BOINC's adaptive replication (:class:`TrustBook`): a peer new to this client
-is checked on every window; each consecutive valid window lowers the rate, never below
-``min_rate``; one mismatch resets the peer to "new".
+is always checked; each consecutive valid window lowers the rate, never below ``min_rate``; one
+mismatch resets the peer to "new". The client (``node/verifier.py``) draws once per hop session,
+the unit of work: a sampled session has every window checked.
 """
 
 from __future__ import annotations
@@ -248,10 +249,10 @@ class _Trust:
 
 @dataclass
 class TrustBook:
-    """Per-peer verification rate. A peer is checked on every window until it has ``new_windows``
-    consecutive valid ones; then with probability ``max(min_rate, sqrt(new_windows / streak))`` —
-    falling as its run of valid results grows, never to zero. One mismatch resets it to new.
-    Deterministic for a given ``seed``."""
+    """Per-peer verification rate. A peer is always checked until it has ``new_windows``
+    consecutive valid windows; then with probability ``max(min_rate, sqrt(new_windows / streak))``
+    per draw (the client draws once per hop session) — falling as its run of valid results grows,
+    never to zero. One mismatch resets it to new. Deterministic for a given ``seed``."""
 
     new_windows: int = 4
     min_rate: float = 0.1
@@ -267,7 +268,7 @@ class TrustBook:
         self._rng = random.Random(self.seed)
 
     def rate(self, peer: str) -> float:
-        """Probability that the next window of ``peer`` is checked."""
+        """Probability that the next draw for ``peer`` says "check" (its next hop session)."""
         streak = self._peers.get(peer, _Trust()).streak
         if streak < self.new_windows:
             return 1.0

@@ -1,7 +1,9 @@
-"""What verified work costs (issue 11): the check of a sampled window that ends just before the
-generation's last position waits for the last (partial) window, so both go as one step instead of
-a second step of a few rows; the sampling decisions, and so the positions re-computed and compared,
-stay those of the windows themselves."""
+"""What verified work costs (issue 11).
+
+- A hop session is drawn once (at its first window): a sampled one has every window checked, the
+  others none, so a trusted peer costs the sampling rate in re-computed positions.
+- The check of a window that ends just before the generation's last position waits for the last
+  (partial) window, so both go as one step instead of a second step of a few rows."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class NoTasks:
 
 
 class Always(TrustBook):
-    """Every window sampled, or none."""
+    """Every session sampled, or none."""
 
     def __init__(self, sample: bool) -> None:
         super().__init__()
@@ -77,14 +79,55 @@ async def test_the_window_before_a_short_last_one_is_checked_with_it(strict: boo
     assert (check.due, check.deferred) == (37, 0)
 
 
-async def test_a_deferred_window_is_checked_even_if_the_last_one_is_not_sampled() -> None:
+async def test_a_shadowed_session_checks_every_window_whatever_the_trust_book_says_later() -> None:
     v = verifier(6 + 32)
     hop = _HopSession(PEER, 10, 20)
     check = generate(v, hop, 6, 37)
-    assert (check.due, check.deferred) == (16, 32)
-    v.client.trust.sample = False  # type: ignore[attr-defined]  # the last window is not sampled
+    assert (check.due, check.deferred, check.shadowed) == (16, 32, True)
+    v.client.trust.sample = False  # type: ignore[attr-defined]  # drawn once, at the first window
     await v.flush(everything=False, timeout=0.01)
-    assert check.due == 32  # what was sampled is still asked for, and no more
+    assert check.due == 37
+    assert (v.stats.sessions_shadowed, v.stats.sessions_skipped) == (1, 0)
+
+
+async def test_a_session_not_sampled_asks_for_nothing_from_start_to_retirement() -> None:
+    """The cost of a trusted peer is the sampling rate: a session that was not drawn re-computes
+    nothing, not its windows, not its last one, not when it leaves the route."""
+    v = verifier(6 + 64, sample=False)
+    hop = _HopSession(PEER, 10, 20)
+    check = generate(v, hop, 6, 50)
+    assert (check.due, check.deferred, check.shadowed) == (0, 0, False)
+    v.client.trust.sample = True  # type: ignore[attr-defined]  # later draws do not change it
+    v.retire(hop)
+    await v.flush(everything=False, timeout=0.01)
+    assert check.due == 0 and not check.finished
+    assert (v.stats.sessions_shadowed, v.stats.sessions_skipped) == (0, 1)
+    assert v.verified_upto() == 0  # its tokens count as unverified
+
+
+async def test_each_session_is_drawn_once_and_a_short_one_at_its_end() -> None:
+    v = verifier(6 + 32)
+    a, b, short = _HopSession(PEER, 0, 10), _HopSession(PEER, 10, 20), _HopSession(PEER, 20, 30)
+    draws = []
+    trust = v.client.trust
+    trust.should_check = lambda peer: draws.append(peer) or len(draws) != 2  # type: ignore[method-assign]
+    generate(v, a, 6, 37)
+    generate(v, b, 6, 37)
+    v.record(short, step(0, 6))  # shorter than a window: drawn when the generation ends
+    assert len(draws) == 2 and short.check is not None and short.check.shadowed is None
+    await v.flush(everything=False, timeout=0.01)
+    assert len(draws) == 3
+    assert [h.check.shadowed for h in (a, b, short)] == [True, False, True]  # type: ignore[union-attr]
+    assert [h.check.due for h in (a, b, short)] == [37, 0, 6]  # type: ignore[union-attr]
+
+
+async def test_a_strict_generation_checks_every_session_without_a_draw() -> None:
+    v = verifier(6 + 32, sample=False, strict=True)
+    hop = _HopSession(PEER, 10, 20)
+    check = generate(v, hop, 6, 37)
+    assert check.shadowed is True
+    await v.flush(everything=True, timeout=0.01)
+    assert check.due == 37
 
 
 async def test_a_generation_that_stops_early_checks_its_deferred_window_at_the_end() -> None:
