@@ -230,8 +230,9 @@ class FleetResult:
     route: list[dict[str, Any]]
     failovers: int
     stop_reason: str
-    # windows_checked, sessions_shadowed, sessions_skipped, mismatches, banned_peers, rolled_back_tokens, unverified_tokens, reports,
-    # undecided (node/verifier.py); None when verification is off.
+    # windows_checked, sessions_shadowed, sessions_skipped, mismatches, banned_peers,
+    # rolled_back_tokens, unverified_tokens, reports, undecided (node/verifier.py); None when
+    # verification is off.
     verification: dict[str, Any] | None = None
     # Steps sent as one chained step through every hop, and chained steps that had to be redone
     # hop by hop (ClientConfig.chain).
