@@ -12,8 +12,9 @@ for CPU here, where on a real fleet it runs on another car. In one run:
     re-computed), and with *trusted* peers (a client whose trust book has a long run of valid
     windows for every peer: hop sessions are sampled at the minimum rate, each one whole). The
     three modes run interleaved, ``--repeats`` times; the ratios are medians over those rounds, so
-    each ratio's sides saw the same machine load. Decode rate = (tokens - 1) / (last token time - first token time) as the stream yields
-    them (non-strict: verification lags behind and does not hold tokens).
+    each ratio's sides saw the same machine load. Decode rate = (tokens - 1) / (last token time
+    - first token time) as the stream yields them (non-strict: verification lags behind and does
+    not hold tokens).
 (b) The cost of signed work per decode step, measured directly: the server's row digests and
     Ed25519 signature, the client's row digests and signature check (us per step), against the
     decode step time measured in (a).
