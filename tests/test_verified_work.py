@@ -32,7 +32,7 @@ from idlefleet.protocols.messages import Heartbeat, HeartbeatAck
 from idlefleet.protocols.receipts import verify_report
 from idlefleet.protocols.routing import Candidate
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
-from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
+from idlefleet.protocols.verification import StepCommitment, TrustBook, row_digests, rows_root
 from idlefleet.protocols.wire import Envelope
 from tests.test_client_checks import DirectClient, fleet
 
@@ -190,6 +190,22 @@ async def test_a_faulty_peer_is_caught_banned_reported_and_rolled_back(
             accused += v["mismatches"] + len(v["banned_peers"]) + v["reports"]
             checked += v["windows_checked"]
         assert accused == 0 and checked >= 6, (accused, checked)
+
+        # A client that trusts every peer (a long run of valid windows, drawn at the minimum rate)
+        # samples hop sessions, not windows: both of its sessions were drawn out here (seed 5),
+        # so no verifier session re-computes anything; the tokens are the same, left unverified.
+        client = FixedFleetClient(me, client_model, cfg, hosts)
+        client.trust = TrustBook(min_rate=0.1, seed=5)  # draws 0.62 and 0.74: above the rate
+        for peer in hosts:
+            for _ in range(400):
+                client.trust.valid(peer)
+        streamed, generation = await run(client)
+        v = generation.result.verification
+        assert streamed == want == generation.result.new_ids
+        assert (v["sessions_shadowed"], v["sessions_skipped"], v["windows_checked"]) == (0, 2, 0), v
+        assert v["unverified_tokens"] > 0 and v["mismatches"] == 0, v
+        assert all(c.verifier is None for c in generation.pipeline.verifier.checks)
+        assert all(h.tally.verified == 0 for h in generation.pipeline.hops)
         assert len(reports) == 5
 
 
