@@ -127,6 +127,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     sessions: dict[int, list[float]] = {1: [], STREAMS: []}  # sessions the client opened per generation
     histogram: dict[int, list[dict[int, int]]] = {1: [], STREAMS: []}  # steps per batch -> batches
     routes: dict[int, list[int]] = {1: [], STREAMS: []}  # distinct routes the streams took
+    gather: dict[int, list[float]] = {1: [], STREAMS: []}  # batch leaders' wait per step served, ms
 
     def batch_sizes_now() -> dict[int, int]:
         """Steps per compute call -> calls, summed over the nodes (status files)."""
@@ -136,13 +137,14 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                 total[int(k)] = total.get(int(k), 0) + int(v)
         return total
 
-    def serving() -> list[tuple[int, int, int]]:
-        """(steps, batches, positions) served so far by each node, from its status file
-        (rewritten ~1/s)."""
+    def serving() -> list[tuple[int, int, int, float]]:
+        """(steps, batches, positions, seconds waited for batch-mates) served so far by each
+        node, from its status file (rewritten ~1/s)."""
         out = []
         for node in swarm.nodes:
             st = (node.status() or {}).get("serving") or {}
-            out.append((int(st.get("steps", 0)), int(st.get("batches", 0)), int(st.get("tokens", 0))))
+            out.append((int(st.get("steps", 0)), int(st.get("batches", 0)), int(st.get("tokens", 0)),
+                        float(st.get("gather_s", 0.0))))
         return out
 
     def check(what: str, prompt: str, r: Run) -> None:
@@ -168,7 +170,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
         histogram[n].append({k: v for k, v in hist.items() if v})
         cpu[n].append(window)
         batch_sizes[n].append([round((s1 - s0) / (b1 - b0), 2) if b1 > b0 else 0.0
-                               for (s0, b0, _), (s1, b1, _) in zip(before, after, strict=True)])
+                               for (s0, b0, *_), (s1, b1, *_) in zip(before, after, strict=True)])
         done = [x for x in runs if x is not None]
         tokens[n].append(sum(x.n for x in done))
         index = {(node.status() or {}).get("peer_id"): i for i, node in enumerate(swarm.nodes)}
@@ -179,9 +181,12 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                     per_node[index[hop["peer_id"]]] += 1
         streams_per_node[n].append(per_node)
         routes[n].append(len({tuple(hop["peer_id"] for hop in x.route or []) for x in done}))
-        calls = sum(b1 - b0 for (_, b0, _), (_, b1, _) in zip(before, after, strict=True))
+        calls = sum(b1 - b0 for (_, b0, *_), (_, b1, *_) in zip(before, after, strict=True))
         passes[n].append(calls / max(1, tokens[n][-1]))
-        computed = sum(p1 - p0 for (_, _, p0), (_, _, p1) in zip(before, after, strict=True))
+        computed = sum(p1 - p0 for (_, _, p0, _), (_, _, p1, _) in zip(before, after, strict=True))
+        steps = sum(s1 - s0 for (s0, *_), (s1, *_) in zip(before, after, strict=True))
+        waited = sum(w1 - w0 for (*_, w0), (*_, w1) in zip(before, after, strict=True))
+        gather[n].append(1e3 * waited / max(1, steps))
         rows[n].append(computed / max(1, tokens[n][-1]))
         sessions[n].append((sum(client.sessions_opened.values()) - opened) / n)
         for k, x in enumerate(done):
@@ -212,7 +217,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                     f"streams per node {streams_per_node[n][-1]}; "
                     f"weight passes per token {passes[n][-1]:.2f}; positions computed per token "
                     f"{rows[n][-1]:.2f}; sessions per generation {sessions[n][-1]:.1f}; "
-                    f"distinct routes {routes[n][-1]}; batches by size {histogram[n][-1]}")
+                    f"distinct routes {routes[n][-1]}; batches by size {histogram[n][-1]}; "
+                    f"batch wait per step {gather[n][-1]:.2f} ms")
 
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
@@ -235,6 +241,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
                     "streams_per_node": {n: streams_per_node[n] for n in (1, STREAMS)},
                     "distinct_routes": {n: routes[n] for n in (1, STREAMS)},
                     "batches_by_size": {n: histogram[n] for n in (1, STREAMS)},
+                    # Time batch leaders waited for other sessions' steps, per step served (ms).
+                    "batch_wait_ms_per_step": {n: round(med(gather[n]), 2) for n in (1, STREAMS)},
                     # Stage compute calls summed over the nodes per generated token: each reads
                     # its stage's weights once (what batching and verification change).
                     "weight_passes_per_token": {n: round(med(passes[n]), 3) for n in (1, STREAMS)},

@@ -72,6 +72,7 @@ class BatcherStatistics:
     max_batch: int = 0  # most steps computed together
     compute_s: float = 0.0
     inline: int = 0  # batches computed on the event loop (at most inline_rows rows)
+    gather_s: float = 0.0  # time batch leaders waited for other sessions' steps (``_gather``)
 
 
 @dataclass
@@ -211,15 +212,18 @@ class StepBatcher:
         if not due:  # nothing to wait for: no timer to set up
             return
         start = trio.current_time()
-        while due:
-            queued = {j.group for j in self._queue} - {None}
-            wait = self.lockstep_s if queued & groups else self._window_s()
-            if trio.current_time() >= start + wait:
-                return
-            with trio.move_on_at(start + wait):
-                self._arrival = trio.Event()
-                await self._arrival.wait()
-            due, groups = self._due()
+        try:
+            while due:
+                queued = {j.group for j in self._queue} - {None}
+                wait = self.lockstep_s if queued & groups else self._window_s()
+                if trio.current_time() >= start + wait:
+                    return
+                with trio.move_on_at(start + wait):
+                    self._arrival = trio.Event()
+                    await self._arrival.wait()
+                due, groups = self._due()
+        finally:
+            self.stats.gather_s += trio.current_time() - start
 
     def _window_s(self) -> float:
         """How long the batch being gathered may wait (its leader is ``self._queue[0]``)."""

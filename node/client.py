@@ -930,8 +930,8 @@ class FleetClient:
         self.receipts_stored = 0  # countersigned receipts received
         self.receipts_refused: Counter[str] = Counter()  # exchanges that failed, by reason
         self.receipts_pending = 0  # exchanges of abandoned hops still running in the background
-        # How often each peer's windows are checked (BOINC-style adaptive replication), learned
-        # across this client's generations.
+        # How often each peer's hop sessions are checked (BOINC-style adaptive replication),
+        # learned across this client's generations.
         self.trust = TrustBook(min_rate=config.verify_min_rate)
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:

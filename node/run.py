@@ -64,6 +64,7 @@ def node_status(node: Node) -> dict[str, Any]:
             "tokens": server.stats.tokens, "batches": server.stats.batches,
             "batch_sizes": {str(k): v for k, v in sorted(server.stats.batch_sizes.items())},
             "compute_s": round(server.stats.compute_s, 3),
+            "gather_s": round(server.batch_gather_s, 3),  # batch leaders' waits for batch-mates
             # Chaining: steps forwarded to the next hop, chained steps that failed here, and
             # relayed steps dropped unanswered (by reason: unknown session, stale, malformed).
             "relayed": server.stats.relayed, "chain_failed": server.stats.chain_failed,

@@ -195,6 +195,11 @@ class StageServer:
     def active_sessions(self) -> int:
         return len(self._reserved)
 
+    @property
+    def batch_gather_s(self) -> float:
+        """Seconds batch leaders waited so far for other sessions' steps (node/batcher.py)."""
+        return self._batcher.stats.gather_s
+
     def holds(self, sid: int) -> bool:
         """Whether session ``sid`` is open here."""
         return sid in self._open
