@@ -26,10 +26,13 @@ Embedding API::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -116,6 +119,10 @@ CHAIN_MIN_WAIT_S = 1.0
 CHAIN_WAIT_FACTOR = 4.0
 CHAIN_RETRY_AFTER = 16
 STALE_REPLIES = 8  # unasked chain_result / chain_failed frames skipped before a step's reply
+# The trust book in the data directory (FleetClient.save_trust): saved at most this often while
+# generations run, and read only up to this size (4096 peers take ~330 KB).
+TRUST_SAVE_S = 10.0
+MAX_TRUST_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -931,8 +938,54 @@ class FleetClient:
         self.receipts_refused: Counter[str] = Counter()  # exchanges that failed, by reason
         self.receipts_pending = 0  # exchanges of abandoned hops still running in the background
         # How often each peer's hop sessions are checked (BOINC-style adaptive replication),
-        # learned across this client's generations.
+        # learned across this client's generations, and across runs in the node's data directory.
         self.trust = TrustBook(min_rate=config.verify_min_rate)
+        data_dir = getattr(node, "data_dir", None)
+        self.trust_file: Path | None = data_dir.trust if data_dir is not None and config.verify else None
+        self._trust_saved_at = -math.inf
+        self._trust_save_failed = False
+        if self.trust_file is not None:
+            self._load_trust(self.trust_file)
+
+    def _load_trust(self, path: Path) -> None:
+        """What earlier runs learned about peers; a missing file is a fresh start, a damaged one
+        is logged and ignored (every peer is new again: more checks, never fewer)."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_TRUST_FILE_BYTES + 1)
+            if len(raw) > MAX_TRUST_FILE_BYTES:
+                raise ValueError(f"larger than {MAX_TRUST_FILE_BYTES} bytes")
+            n = self.trust.load(json.loads(raw))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:  # (json's errors are ValueErrors)
+            log.warning("trust book %s ignored (%s): every peer starts as new", path, e)
+            return
+        log.info("trust book: %d peer(s) from %s", n, path)
+
+    def save_trust(self, *, every_s: float = TRUST_SAVE_S) -> None:
+        """Write the trust book to the data directory if it changed: at once when no generation
+        is running, else at most every ``every_s``. Atomic (a crash leaves the old file or the
+        new one); a failure is logged once and never stops a generation."""
+        now = time.monotonic()
+        if (self.trust_file is None or not self.trust.changed
+                or (self.pipelines and now - self._trust_saved_at < every_s)):
+            return
+        tmp = self.trust_file.with_name(f".{self.trust_file.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.trust.to_json(), f, separators=(",", ":"))
+            os.replace(tmp, self.trust_file)
+        except OSError as e:
+            if not self._trust_save_failed:
+                log.warning("cannot save the trust book to %s: %s", self.trust_file, e)
+            self._trust_save_failed = True
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
+        self.trust.changed = False
+        self._trust_saved_at = now
 
     def record_step(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step on ``peer_id`` took ``seconds`` for ``blocks`` blocks (round trip included):
@@ -1216,6 +1269,7 @@ class FleetGeneration:
             if decoding:
                 client.decoding -= 1
             await pipeline.aclose()
+            client.save_trust()  # what its checks taught us about peers, for the next run
         elapsed = time.perf_counter() - t0
         verification = None
         if verifier is not None:

@@ -132,6 +132,11 @@ class DataDir:
     def ledger(self) -> Path:
         return self.path / LEDGER_FILE
 
+    @property
+    def trust(self) -> Path:
+        """The client's trust book (how often each peer's work is checked), kept across runs."""
+        return self.path / "trust.json"
+
 
 # --------------------------------------------------------------------------------------------------
 # Consent log

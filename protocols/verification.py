@@ -46,6 +46,7 @@ from idlefleet.protocols.tensors import INT8, WIRE_DTYPES, EncodedTensor
 __all__ = [
     "COMMITMENT_DOMAIN",
     "TOLERANCE",
+    "TRUST_FILE_VERSION",
     "RowProof",
     "StepCommitment",
     "TrustBook",
@@ -240,6 +241,14 @@ class RowProof:
 
 # --- how often to check: BOINC-style adaptive replication -------------------------------------------
 
+#: The trust book's file format (:meth:`TrustBook.to_json`), how many peers it remembers, and bounds
+#: on what a loaded one may hold.
+TRUST_FILE_VERSION = 1
+MAX_TRUSTED_PEERS = 4096
+MAX_PEER_ID_CHARS = 128
+MAX_COUNT = 1 << 53
+
+
 @dataclass
 class _Trust:
     streak: int = 0  # consecutive valid windows since the last mismatch (or since we met)
@@ -252,12 +261,18 @@ class TrustBook:
     """Per-peer verification rate. A peer is always checked until it has ``new_windows``
     consecutive valid windows; then with probability ``max(min_rate, sqrt(new_windows / streak))``
     per draw (the client draws once per hop session) — falling as its run of valid results grows,
-    never to zero. One mismatch resets it to new. Deterministic for a given ``seed``."""
+    never to zero. One mismatch resets it to new. Deterministic for a given ``seed``.
+
+    It remembers at most ``max_peers`` peers (the least recently updated one is forgotten first:
+    it is new again). :meth:`to_json` / :meth:`load` carry it across runs (``changed`` says whether
+    there is anything new to save)."""
 
     new_windows: int = 4
     min_rate: float = 0.1
     seed: int | None = None
-    _peers: dict[str, _Trust] = field(default_factory=dict)
+    max_peers: int = MAX_TRUSTED_PEERS
+    changed: bool = False
+    _peers: dict[str, _Trust] = field(default_factory=dict)  # least recently updated first
     _rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -265,7 +280,20 @@ class TrustBook:
             raise ValueError("new_windows must be a positive int")
         if not 0 < self.min_rate <= 1:
             raise ValueError("min_rate must be in (0, 1]")
+        if type(self.max_peers) is not int or self.max_peers < 1:
+            raise ValueError("max_peers must be a positive int")
         self._rng = random.Random(self.seed)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def _update(self, peer: str) -> _Trust:
+        t = self._peers.pop(peer, None) or _Trust()
+        self._peers[peer] = t  # now the most recently updated
+        while len(self._peers) > self.max_peers:
+            del self._peers[next(iter(self._peers))]
+        self.changed = True
+        return t
 
     def rate(self, peer: str) -> float:
         """Probability that the next draw for ``peer`` says "check" (its next hop session)."""
@@ -278,15 +306,43 @@ class TrustBook:
         return self._rng.random() < self.rate(peer)
 
     def valid(self, peer: str) -> None:
-        t = self._peers.setdefault(peer, _Trust())
+        t = self._update(peer)
         t.streak += 1
         t.valid += 1
 
     def invalid(self, peer: str) -> None:
-        t = self._peers.setdefault(peer, _Trust())
+        t = self._update(peer)
         t.streak = 0
         t.invalid += 1
 
     def statistics(self, peer: str) -> dict[str, int]:
         t = self._peers.get(peer, _Trust())
         return {"streak": t.streak, "valid": t.valid, "invalid": t.invalid}
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"version": 1, "peers": [[peer, streak, valid, invalid], ...]}``, least recently
+        updated first (JSON-ready)."""
+        return {"version": TRUST_FILE_VERSION,
+                "peers": [[p, t.streak, t.valid, t.invalid] for p, t in self._peers.items()]}
+
+    def load(self, data: Any) -> int:
+        """Replace what this book knows with ``data`` (a :meth:`to_json` value; the most recently
+        updated ``max_peers`` entries are kept). Returns how many peers it now knows. Raises
+        ValueError, and changes nothing, if anything in ``data`` is malformed."""
+        if not isinstance(data, dict) or data.get("version") != TRUST_FILE_VERSION:
+            raise ValueError(f"not a version {TRUST_FILE_VERSION} trust book")
+        if set(data) != {"version", "peers"} or not isinstance(data["peers"], list):
+            raise ValueError("expected exactly the keys version and peers (a list)")
+        peers: dict[str, _Trust] = {}
+        for i, entry in enumerate(data["peers"]):
+            if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+                    and 0 < len(entry[0]) <= MAX_PEER_ID_CHARS
+                    and all(type(n) is int and 0 <= n <= MAX_COUNT for n in entry[1:])
+                    and entry[1] <= entry[2]):
+                raise ValueError(f"peers[{i}]: expected [peer id, streak, valid, invalid] with "
+                                 f"0 <= streak <= valid <= {MAX_COUNT} and invalid <= {MAX_COUNT}")
+            peers.pop(entry[0], None)  # a repeated peer: its later entry counts
+            peers[entry[0]] = _Trust(entry[1], entry[2], entry[3])
+        self._peers = dict(list(peers.items())[-self.max_peers:])
+        self.changed = False
+        return len(self._peers)

@@ -155,6 +155,44 @@ def test_trust_sampling_follows_the_rate_deterministically() -> None:
     assert 0.2 < sum(first) / len(first) < 0.3
 
 
+def test_trust_book_round_trips_and_forgets_the_least_recently_updated_peer() -> None:
+    book = TrustBook(max_peers=3)
+    for peer, windows in (("a", 9), ("b", 2), ("c", 5)):
+        for _ in range(windows):
+            book.valid(peer)
+    book.invalid("b")  # b: new again (streak 0), and updated after c
+    assert book.changed
+    book.valid("a")  # a: the most recently updated, so d pushes c out, the least recent one
+    book.valid("d")
+    assert book.to_json() == {"version": 1, "peers": [["b", 0, 2, 1], ["a", 10, 10, 0], ["d", 1, 1, 0]]}
+    again = TrustBook()
+    assert again.load(book.to_json()) == 3 and not again.changed
+    assert again.statistics("a") == {"streak": 10, "valid": 10, "invalid": 0}
+    assert again.rate("a") == book.rate("a") and again.rate("b") == 1.0
+    small = TrustBook(max_peers=2)
+    small.load(book.to_json())  # the most recently updated ones are kept
+    assert [p for p, *_ in small.to_json()["peers"]] == ["a", "d"]
+
+
+@pytest.mark.parametrize("data", [
+    None, [], {"version": 2, "peers": []}, {"version": 1}, {"version": 1, "peers": {}},
+    {"version": 1, "peers": [], "extra": 1}, {"version": 1, "peers": [["p", 1, 1]]},
+    {"version": 1, "peers": [["p", 2, 1, 0]]},  # a streak longer than the valid windows
+    {"version": 1, "peers": [["p", -1, 1, 0]]}, {"version": 1, "peers": [["p", 1.0, 1, 0]]},
+    {"version": 1, "peers": [["p", True, 1, 0]]}, {"version": 1, "peers": [["", 1, 1, 0]]},
+    {"version": 1, "peers": [["p" * 129, 1, 1, 0]]}, {"version": 1, "peers": [[7, 1, 1, 0]]},
+    {"version": 1, "peers": [["p", 1, 1 << 60, 0]]},
+])
+def test_a_malformed_trust_book_is_refused_and_changes_nothing(data: Any) -> None:
+    book = TrustBook()
+    for _ in range(10):
+        book.valid("known")
+    before = book.to_json()
+    with pytest.raises(ValueError, match=r"trust book|keys|peers"):
+        book.load(data)
+    assert book.to_json() == before
+
+
 # --- receipts and credits ---------------------------------------------------------------------------
 
 def receipt(**changes: Any) -> Receipt:

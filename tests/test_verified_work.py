@@ -302,3 +302,35 @@ async def test_with_every_block_hosted_only_twice_the_client_is_the_referee(
         assert len(reports) == 1
         _, accused = verify_report(reports[0])  # three signed rows: the accused, the verifier, us
         assert accused == bad_id
+
+
+async def test_the_trust_book_is_kept_in_the_data_directory(
+        tmp_path: Path, whole_model: Stage, client_model: ClientModel, local_greedy: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What one run's checks taught the client about its peers is there for the next run (a
+    one-shot ``idlefleet generate`` would otherwise treat every peer as new, and re-compute all of
+    its work): saved atomically, owner-only, after each generation; a damaged file is ignored
+    with a warning (every peer new again: more checks, never fewer)."""
+    want = list(local_greedy(PROMPT, NEW))
+    data = tmp_path / "data"
+    async with stage_hosts(whole_model) as (hosts, _servers), open_node(NodeConfig(
+            data_dir=data, vehicle="sim:parked", serve=False)) as me:
+        path = data / "trust.json"
+        first = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts)
+        assert first.trust_file == path and len(first.trust) == 0
+        _, generation = await run(first)
+        assert generation.result.new_ids == want
+        checked = {p: first.trust.statistics(p) for p in hosts if first.trust.statistics(p)["valid"]}
+        assert len(checked) >= 2, checked  # the route's hops, checked on other hosts
+        assert path.stat().st_mode & 0o777 == 0o600 and not first.trust.changed
+
+        second = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts)
+        assert {p: second.trust.statistics(p) for p in checked} == checked
+
+        path.write_text('{"version": 1, "peers": [["x", 5, 1, 0]]}')  # a streak over its windows
+        with caplog.at_level(logging.WARNING, logger="idlefleet.node.client"):
+            third = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts)
+        assert len(third.trust) == 0
+        assert any("trust book" in r.message and "ignored" in r.message for r in caplog.records)
+        without = FixedFleetClient(me, client_model, ClientConfig(verify=False), hosts)
+        assert without.trust_file is None  # nothing is checked, nothing is learned
