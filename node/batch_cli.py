@@ -226,7 +226,7 @@ async def run_fleet(args: argparse.Namespace) -> int:
     """``--concurrency`` generations at a time across the fleet (their LM head rows batched)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from idlefleet.node.client import FleetClient
+    from idlefleet.node.client import ClientConfig, FleetClient
     from idlefleet.node.config import NodeConfig
     from idlefleet.node.node import open_node
 
@@ -234,7 +234,7 @@ async def run_fleet(args: argparse.Namespace) -> int:
         config = NodeConfig(key_file=Path(tmp) / "client.key", bootstrap=(args.bootstrap,),
                             consent=False, serve=False, vehicle="sysfs")
         async with open_node(config, key=Ed25519PrivateKey.generate()) as node:
-            client = await FleetClient.create(node, args.model)
+            client = await FleetClient.create(node, args.model, ClientConfig(trust_file=args.trust_file))
             await client.wait_ready()
             return await fleet_job(client, args)
 

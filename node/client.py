@@ -158,6 +158,9 @@ class ClientConfig:
     verify_min_rate: float = 0.1
     verify_strict: bool = False
     verify_flush_s: float = 30.0  # how long the end of a generation waits for its checks
+    # Where the trust book is kept across runs (FleetClient.save_trust); default: trust.json in
+    # the node's data directory, if it has one (else it is not kept).
+    trust_file: Path | None = None
     # No third host to referee a mismatch: recompute the disputed row here, from the model file
     # (loads that hop's blocks for the moment; off on a client too small to hold them).
     verify_local_referee: bool = True
@@ -196,6 +199,8 @@ class ClientConfig:
         value = self.verify_flush_s
         if type(value) not in (int, float) or not 0 < value < math.inf:
             raise ConfigError(f"verify_flush_s must be a positive number, got {value!r}")
+        if self.trust_file is not None and not isinstance(self.trust_file, Path):
+            raise ConfigError(f"trust_file must be a pathlib.Path, got {self.trust_file!r}")
         value = self.lockstep_window_s
         if type(value) not in (int, float) or not 0 <= value <= 1:
             raise ConfigError(f"lockstep_window_s must be a number of seconds in [0, 1], got {value!r}")
@@ -941,7 +946,9 @@ class FleetClient:
         # learned across this client's generations, and across runs in the node's data directory.
         self.trust = TrustBook(min_rate=config.verify_min_rate)
         data_dir = getattr(node, "data_dir", None)
-        self.trust_file: Path | None = data_dir.trust if data_dir is not None and config.verify else None
+        self.trust_file: Path | None = None if not config.verify else (
+            config.trust_file.expanduser() if config.trust_file is not None
+            else data_dir.trust if data_dir is not None else None)
         self._trust_saved_at = -math.inf
         self._trust_save_failed = False
         if self.trust_file is not None:

@@ -44,7 +44,7 @@ async def fleet_generate(args: argparse.Namespace) -> int:
                 wire_dtype=args.wire_dtype, local_blocks=args.local_blocks,
                 allow_regions=parse_regions(args.allow_regions), verify=args.verify,
                 verify_window=args.verify_window, verify_min_rate=args.verify_min_rate,
-                verify_strict=args.strict))
+                verify_strict=args.strict, trust_file=args.trust_file))
 
             def on_token(_token: int, piece: str) -> None:
                 if not args.json:

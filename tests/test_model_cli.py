@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,6 +65,14 @@ def test_local_runner_refuses_bootstrap(capsys: pytest.CaptureFixture[str]) -> N
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "fleet generation not available yet" in captured.err
+
+
+def test_fleet_commands_take_a_trust_file() -> None:
+    parse = build_parser().parse_args
+    assert parse(["generate", "--bootstrap", "/ip4/127.0.0.1/tcp/1", "hi"]).trust_file is None
+    for argv in (["generate", "--bootstrap", "/ip4/127.0.0.1/tcp/1", "hi"],
+                 ["batch", "--bootstrap", "/ip4/127.0.0.1/tcp/1", "in.jsonl", "--out", "out.jsonl"]):
+        assert parse([*argv, "--trust-file", "~/t.json"]).trust_file == Path("~/t.json")
 
 
 def test_bad_arguments_and_bad_model(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:

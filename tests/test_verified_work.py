@@ -334,3 +334,5 @@ async def test_the_trust_book_is_kept_in_the_data_directory(
         assert any("trust book" in r.message and "ignored" in r.message for r in caplog.records)
         without = FixedFleetClient(me, client_model, ClientConfig(verify=False), hosts)
         assert without.trust_file is None  # nothing is checked, nothing is learned
+        elsewhere = FixedFleetClient(me, client_model, ClientConfig(trust_file=tmp_path / "t.json"), hosts)
+        assert elsewhere.trust_file == tmp_path / "t.json" and len(elsewhere.trust) == 0
