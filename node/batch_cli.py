@@ -6,13 +6,18 @@ and ``seed``. Output: one JSON line per prompt, ``{"id", "prompt_ids", "new_ids"
 Ctrl-C loses no finished result; rerunning with the same ``--out`` skips every id that already has
 a result without ``error`` (failed ids are retried). When a run completes, the output is rewritten
 (atomically) in input order with one line per id. A bad input line is reported on stderr with its
-line number and counted as failed; the job goes on.
+line number and counted as failed; the job goes on. A generation the fleet fails (its route lost
+and no failover left, the only host of a block banned for a while) is tried up to
+``BATCH_ATTEMPTS`` times, each retry after waiting for a route; ``retried`` in the summary counts
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +31,11 @@ from typing import Any, TextIO
 from idlefleet.node.model.sampling import SamplingParams
 
 MAX_LINE_TOKENS = 8192  # a per-line max_new_tokens above this is a bad line
+# A generation the fleet failed (its route lost, no route for a while) is tried this many times
+# in all before its line records the error; each retry first waits for a route.
+BATCH_ATTEMPTS = 3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class Progress:
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     todo: int = 0  # prompts this run has to generate
+    retried: int = 0  # generations tried again after the fleet failed them
 
     @property
     def elapsed_s(self) -> float:
@@ -55,7 +66,7 @@ class Progress:
         elapsed = self.elapsed_s
         return {"prompts": self.prompts, "ok": self.ok, "failed": self.failed, "tokens": self.tokens,
                 "tokens_per_s": round(self.tokens / elapsed, 3) if elapsed > 0 else 0.0,
-                "elapsed_s": round(elapsed, 3)}
+                "elapsed_s": round(elapsed, 3), "retried": self.retried}
 
 
 def parse_line(line_no: int, text: str, max_new_tokens: int) -> Prompt:
@@ -261,13 +272,31 @@ async def run_with_client(client: Any, args: argparse.Namespace, todo: list[Prom
                     ids = _encode(client.model.tokenizer, p.prompt, args.chat)
                     if len(ids) + p.params.max_new_tokens > ctx:
                         raise ValueError(f"prompt + max_new_tokens exceed the context of {ctx}")
-                    r = await client.generate(p.prompt, max_new_tokens=p.params.max_new_tokens,
-                                              temperature=p.params.temperature, seed=p.params.seed,
-                                              chat=args.chat)
-                except (GenerationFailed, ValueError) as e:
+                except ValueError as e:
                     writer.write(_result(p, [], [], "", error=str(e)))
                     continue
-                writer.write(_result(p, r.prompt_ids, r.new_ids, r.text, route=r.route))
+                for attempt in range(1, BATCH_ATTEMPTS + 1):
+                    try:
+                        r = await client.generate(p.prompt, max_new_tokens=p.params.max_new_tokens,
+                                                  temperature=p.params.temperature, seed=p.params.seed,
+                                                  chat=args.chat)
+                    except ValueError as e:  # this prompt cannot be run (not the fleet's fault)
+                        writer.write(_result(p, [], [], "", error=str(e)))
+                        break
+                    except GenerationFailed as e:
+                        if attempt == BATCH_ATTEMPTS:
+                            writer.write(_result(p, [], [], "", error=str(e)))
+                            break
+                        # The fleet lost the route (a peer died or was banned, the only host of
+                        # a block left): wait until some route covers the model again, bounded
+                        # by how long a ban lasts; then the next attempt starts from scratch.
+                        log.info("prompt %r, attempt %d: %s; trying again", p.id, attempt, e)
+                        writer.progress.retried += 1
+                        with contextlib.suppress(GenerationFailed):
+                            await client.wait_ready(timeout=client.config.ban_s + client.config.route_wait_s)
+                        continue
+                    writer.write(_result(p, r.prompt_ids, r.new_ids, r.text, route=r.route))
+                    break
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)

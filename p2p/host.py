@@ -76,6 +76,12 @@ class HostConfig:
     gossip_degree_high: int = 12
     gossip_max_msgs_per_topic_s: float = 1000.0  # library default 10/s silently drops messages
     connect_timeout_s: float = 5.0
+    # py-libp2p refuses every dial to a peer whose addresses all failed once, for 60 s ("recently
+    # failed all addresses (negative cache)"), whatever asks. That outlasts idlefleet's own
+    # avoidance (a client's ban, the liveness checks) and locked a client out of the only host of
+    # a block after one transient failure. It is shortened to this: fast failure for a burst of
+    # dials, and our own policies decide when to try a peer again.
+    negative_dial_cache_s: float = 3.0
     request_timeout_s: float = 5.0
     dht_timeout_s: float = 10.0
     reused_stream_idle_s: float = 60.0  # a server keeps a reused request stream this long
@@ -803,6 +809,9 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
     network = lhost.get_network()
     if hasattr(network, "auto_connector"):
         network.auto_connector.maybe_connect = _no_auto_connect
+    negative = getattr(network, "_negative_peer_cache", None)
+    if negative is not None and hasattr(negative, "_ttl"):
+        negative._ttl = config.negative_dial_cache_s
     pubsub = Pubsub(lhost, router, strict_signing=True)
     # Speaks DHT_PROTOCOL (/ipfs/kad/1.0.0) whatever the prefix. Only namespaces we register (with
     # validators that bound size and check signatures) are stored: no default pk/ipns namespaces.
@@ -818,24 +827,39 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
     pubsub.push_msg = boundary.wrap_push_msg(pubsub.push_msg)  # type: ignore[method-assign,assignment]
     listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")
 
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
 
-        async def _run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            async with (
-                lhost.run([listen]),
-                background_trio_service(pubsub),
-                background_trio_service(router),
-                background_trio_service(dht),
-            ):
-                await pubsub.wait_until_ready()
-                task_status.started()
-                await trio.sleep_forever()
+            async def _run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                async with (
+                    lhost.run([listen]),
+                    background_trio_service(pubsub),
+                    background_trio_service(router),
+                    background_trio_service(dht),
+                ):
+                    await pubsub.wait_until_ready()
+                    task_status.started()
+                    await trio.sleep_forever()
 
-        started = time.monotonic()
-        await nursery.start(_run)
-        await nursery.start(boundary.misbehaviour.run, config.rejection_log_interval_s)
-        log.debug("host up in %.3fs", time.monotonic() - started)
-        try:
-            yield Host(lhost, pubsub, dht, config, nursery, boundary)
-        finally:
-            nursery.cancel_scope.cancel()
+            started = time.monotonic()
+            await nursery.start(_run)
+            await nursery.start(boundary.misbehaviour.run, config.rejection_log_interval_s)
+            log.debug("host up in %.3fs", time.monotonic() - started)
+            try:
+                yield Host(lhost, pubsub, dht, config, nursery, boundary)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await _close_listeners(network)
+
+
+async def _close_listeners(network: Any) -> None:
+    """Close the host's TCP listeners. py-libp2p serves them from a trio *system* task, which
+    cancelling the host's scope does not reach: a closed host went on accepting connections (and
+    handshaking them) until its process ended. Shielded and bounded, at exit."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+        for listener in list(getattr(network, "listeners", {}).values()):
+            try:
+                await listener.close()
+            except Exception as e:  # already closed, or closing failed: nothing left to do
+                log.debug("closing a listener: %r", e)

@@ -7,13 +7,22 @@ import argparse
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 
-from idlefleet.node.batch_cli import Prompt, compact, fleet_job, parse_line, read_input, read_results
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.batch_cli import (
+    BATCH_ATTEMPTS,
+    Prompt,
+    compact,
+    fleet_job,
+    parse_line,
+    read_input,
+    read_results,
+)
+from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.node import open_node
@@ -64,6 +73,54 @@ def test_compact_orders_by_input_and_keeps_one_line_per_id(tmp_path: Path) -> No
     compact(out, prompts)
     assert read_results(out) == [{"id": 1, "new_ids": [2]}, {"id": 2, "new_ids": [1]},
                                  {"id": 3, "error": "y"}]
+
+
+class FlakyFleet:
+    """A stand-in client whose fleet fails the first ``fail[id]`` generations of a prompt (its
+    route lost), and whose route comes back ``outage_s`` after each failure."""
+
+    def __init__(self, client_model: ClientModel, fail: dict[str, int], outage_s: float) -> None:
+        self.model, self.fail, self.outage_s = client_model, dict(fail), outage_s
+        self.config = ClientConfig(ban_s=5.0, route_wait_s=1.0)
+        self.calls: list[str] = []
+        self.down_until = -1.0
+
+    async def generate(self, prompt: str, **_: Any) -> Any:
+        self.calls.append(prompt)
+        if self.fail.get(prompt, 0) > 0:
+            self.fail[prompt] -= 1
+            self.down_until = trio.current_time() + self.outage_s
+            raise GenerationFailed("no route for blocks [0, 10): block 0 is hosted only by excluded peers")
+        ids = self.model.tokenizer.encode(prompt)
+        return SimpleNamespace(prompt_ids=ids, new_ids=[1, 2], text="ab", route=[])
+
+    async def wait_ready(self, timeout: float) -> None:
+        if trio.current_time() + timeout < self.down_until:
+            await trio.sleep(timeout)
+            raise GenerationFailed("the fleet does not cover the model")
+        await trio.sleep_until(self.down_until)
+
+
+async def test_a_prompt_the_fleet_fails_is_tried_again_once_a_route_is_back(
+        tmp_path: Path, client_model: ClientModel, autojump_clock: trio.abc.Clock) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate("abc")))
+    args = argparse.Namespace(input=src, out=out, concurrency=2, max_new_tokens=2, chat=False,
+                              json=True, local=False, bootstrap=None, model=None)
+    # "a" fails once (back after 3 s), "b" fails on every attempt; "c" never fails.
+    client = FlakyFleet(client_model, {"a": 1, "b": BATCH_ATTEMPTS}, outage_s=3.0)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    start = trio.current_time()
+    assert await fleet_job(client, args, stdout, stderr) == 1
+    summary = json.loads(stdout.getvalue())
+    assert {k: summary[k] for k in ("prompts", "ok", "failed", "retried")} == \
+        {"prompts": 3, "ok": 2, "failed": 1, "retried": 1 + (BATCH_ATTEMPTS - 1)}
+    assert sorted(client.calls) == sorted(["a", "a", "c"] + ["b"] * BATCH_ATTEMPTS)
+    results = read_results(out)
+    assert [("error" in r) for r in results] == [False, True, False]
+    assert "hosted only by excluded peers" in results[1]["error"]
+    # Each retry waited for the route (3 s), never longer than a ban plus the route wait.
+    assert 3.0 * (BATCH_ATTEMPTS - 1) <= trio.current_time() - start <= 6.0 * BATCH_ATTEMPTS
 
 
 async def test_batch_job_on_a_fleet_is_interrupted_resumed_and_equals_greedy(
