@@ -1148,6 +1148,9 @@ class FleetClient:
         entry = self.node.view.get(peer_id)
         if entry is None:
             raise NetworkError(f"{peer_id[-8:]} is not in the fleet view")
+        # Routing chose it (not banned, or its ban is over): really dial, whatever py-libp2p
+        # remembers of an earlier failure (p2p.host HostConfig.negative_dial_cache_s).
+        self.node.host.forget_dial_failure(peer_id)
         await self.node.host.connect_peer(peer_id, list(entry.record.addrs),
                                           timeout=self.config.open_timeout_s)
 

@@ -76,12 +76,13 @@ class HostConfig:
     gossip_degree_high: int = 12
     gossip_max_msgs_per_topic_s: float = 1000.0  # library default 10/s silently drops messages
     connect_timeout_s: float = 5.0
-    # py-libp2p refuses every dial to a peer whose addresses all failed once, for 60 s ("recently
-    # failed all addresses (negative cache)"), whatever asks. That outlasts idlefleet's own
-    # avoidance (a client's ban, the liveness checks) and locked a client out of the only host of
-    # a block after one transient failure. It is shortened to this: fast failure for a burst of
-    # dials, and our own policies decide when to try a peer again.
-    negative_dial_cache_s: float = 3.0
+    # py-libp2p refuses every dial to a peer whose addresses all failed once, for this long
+    # ("recently failed all addresses (negative cache)"), whatever asks: it spares the liveness
+    # checks and the library's own dials slow dials to dead and frozen peers (3 s instead of 60
+    # made a 6-node SIGSTOP test 30% slower). A client that decides to use a peer again (its
+    # ban over) clears it for that peer (``forget_dial_failure``): one transient failure locked a
+    # client out of the only host of a block for a minute.
+    negative_dial_cache_s: float = 60.0
     request_timeout_s: float = 5.0
     dht_timeout_s: float = 10.0
     reused_stream_idle_s: float = 60.0  # a server keeps a reused request stream this long
@@ -336,6 +337,13 @@ class Host:
             cb(peer_id)
 
     # -- connections -------------------------------------------------------------------------
+    def forget_dial_failure(self, peer_id: str) -> None:
+        """Let the next dial to ``peer_id`` really try, even if its addresses all failed within
+        ``negative_dial_cache_s`` (the caller decided, by its own policy, to try it again)."""
+        cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
+        if cache is not None and hasattr(cache, "evict"):
+            cache.evict(peer_id)
+
     async def connect(self, addr: str, *, timeout: float | None = None) -> str:
         """Connect to a full multiaddr (with /p2p/). Returns the peer id. Raises PeerUnreachable."""
         try:
