@@ -36,7 +36,7 @@ generations, computed together off the event loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +52,7 @@ STEPPING_S = 1.0  # a session that sent a step this recently is expected to send
 @dataclass(eq=False)
 class _Job:
     hidden: np.ndarray  # [T, H]
-    group: str | None = None  # the client (peer) whose session this step is of
+    group: Hashable = None  # the client (peer) whose session this step is of; a head row's wave
     stage: Stage | None = None  # None for LM head jobs (HeadBatcher)
     cache: KVCache | None = None
     position: int = 0
@@ -133,7 +133,7 @@ class StepBatcher:
         """A session ended: its cache will send no more steps."""
         self._stepped.pop(id(cache), None)
 
-    def _due(self) -> tuple[int, set[str | None]]:
+    def _due(self) -> tuple[int, set[Hashable]]:
         """How many sessions without a queued step are due (see the module docstring), and
         their clients (None for sessions that have not stepped yet)."""
         now = trio.current_time()
@@ -176,14 +176,8 @@ class StepBatcher:
         """Gather, compute and deliver one batch (this task's own step is the queue's first)."""
         with trio.CancelScope(shield=True):
             await self._gather()
-            batch: list[_Job] = []
-            rows = 0
-            while self._queue and (not batch or rows + self._queue[0].hidden.shape[0]
-                                   <= self.max_batch_tokens):
-                job = self._queue.pop(0)
-                job.taken = True
-                batch.append(job)
-                rows += job.hidden.shape[0]
+            batch = self._take()
+            rows = sum(job.hidden.shape[0] for job in batch)
             started = time.perf_counter()
             if rows <= self.inline_rows:  # small: hand-offs to a thread would cost more
                 await acquire(self._limiter)
@@ -204,6 +198,19 @@ class StepBatcher:
             job.finished = True
             job.wake.set()
         self._pass_lead()
+
+    def _take(self) -> list[_Job]:
+        """Take the next batch off the queue: queued steps in order, up to ``max_batch_tokens``
+        rows (at least one step)."""
+        batch: list[_Job] = []
+        rows = 0
+        while self._queue and (not batch or rows + self._queue[0].hidden.shape[0]
+                               <= self.max_batch_tokens):
+            job = self._queue.pop(0)
+            job.taken = True
+            batch.append(job)
+            rows += job.hidden.shape[0]
+        return batch
 
     async def _gather(self) -> None:
         """Wait up to ``window_s`` for the due sessions' steps, up to ``lockstep_s`` for those of
@@ -239,27 +246,47 @@ class HeadBatcher(StepBatcher):
     (or within ``window_s``) go through the head together, in one matrix product, in a worker
     thread; a lone row (``inline_rows``) on the event loop, sparing the two thread hand-offs.
 
-    ``active()`` says how many generations are decoding. The first row of a round waits up to
-    ``window_s`` until every one of them has its row queued, then all rows go through the head
-    at once: the generations leave the head together, so their next steps reach each stage
-    server together and are batched there too (without this, concurrent streams drift apart
-    and every server computes them one at a time). With one generation nothing ever waits."""
+    *Waves.* ``decoding()`` says how many generations are decoding, per wave: the generations
+    that follow one route (``logits(wave=)``, any hashable key). The first row of a wave's round
+    waits up to ``window_s`` until every generation of that wave has its row queued, then those
+    rows go through the head at once: they leave the head together, so their next steps reach
+    each stage server of the route together and are batched there too (without this, concurrent
+    streams drift apart and every server computes them one at a time). A batch holds one wave
+    only: generations on different routes do not wait for each other, so while one wave is at
+    the head (here) another is on its stage servers, and the client and the servers compute at
+    the same time instead of taking turns. With one generation nothing ever waits."""
 
     def __init__(self, head: Head, limiter: trio.CapacityLimiter | None = None, *,
-                 window_s: float = 0.0, active: Callable[[], int] = lambda: 0,
+                 window_s: float = 0.0,
+                 decoding: Callable[[], Mapping[Hashable, int]] = lambda: {},
                  inline_rows: int = 1) -> None:
-        super().__init__(limiter or trio.CapacityLimiter(1), active, window_s=window_s,
+        super().__init__(limiter or trio.CapacityLimiter(1), lambda: 0, window_s=window_s,
                          inline_rows=inline_rows)
         self.head = head
+        self._decoding = decoding
 
-    async def logits(self, hidden: np.ndarray, max_wait: float | None = None) -> np.ndarray:
+    async def logits(self, hidden: np.ndarray, max_wait: float | None = None,
+                     wave: Hashable = None) -> np.ndarray:
         """Logits ``[V]`` of the last row of ``hidden [T, H]``. ``max_wait`` caps how long this
-        row waits for the others if it leads a batch (default: ``window_s``)."""
-        return await self._submit(_Job(hidden[-1:], max_wait=max_wait))
+        row waits for the others of its ``wave`` if it leads a batch (default: ``window_s``)."""
+        return await self._submit(_Job(hidden[-1:], group=wave, max_wait=max_wait))
 
-    def _due(self) -> tuple[int, set[str | None]]:
-        """The decoding generations whose row is not queued yet."""
-        return max(0, self._active() - len(self._queue)), set()
+    def _due(self) -> tuple[int, set[Hashable]]:
+        """The decoding generations of the leader's wave whose row is not queued yet."""
+        if not self._queue:
+            return 0, set()
+        wave = self._queue[0].group
+        queued = sum(1 for job in self._queue if job.group == wave)
+        return max(0, self._decoding().get(wave, 0) - queued), set()
+
+    def _take(self) -> list[_Job]:
+        """The leader's wave: every row of it that is queued."""
+        wave = self._queue[0].group
+        batch = [job for job in self._queue if job.group == wave]
+        self._queue = [job for job in self._queue if job.group != wave]
+        for job in batch:
+            job.taken = True
+        return batch
 
     def _window_s(self) -> float:
         leader = self._queue[0] if self._queue else None

@@ -36,7 +36,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +175,10 @@ class ClientConfig:
     # remote hop offers it; each hop's output and signature still reach the client (verified
     # work is unchanged). Prefill, replay and failover go hop by hop.
     chain: bool = True
+    # The head's lockstep is per route ("waves", node/batcher.py HeadBatcher): concurrent
+    # generations on different routes do not wait for each other, so the client computes one
+    # wave's LM head while the stage servers compute another's steps. False: one lockstep for all.
+    waves: bool = True
 
     def __post_init__(self) -> None:
         """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
@@ -355,6 +359,11 @@ class Pipeline:
         self._fence = 0  # plain steps tell servers to drop relayed steps numbered up to this
         self._chain_after = 0  # no chaining before step number this (counted from 1, as ``steps``)
         self._chain_s = 0.0  # EWMA of a chained step's time
+
+    @property
+    def wave(self) -> tuple[str, ...]:
+        """The head's lockstep group of this generation (``HeadBatcher``): its route's peers."""
+        return tuple(h.peer_id for h in self.hops)
 
     @property
     def route(self) -> list[dict[str, Any]]:
@@ -927,9 +936,10 @@ class FleetClient:
         # The LM head (~7 ms a row): one matrix product for the rows of all concurrent generations,
         # in a worker thread (a lone row on the event loop); decoding generations wait for each
         # other there (lockstep).
-        self.decoding = 0  # generations of this client past their prefill and not done
+        # Generations of this client past their prefill and not done, per wave (their route).
+        self.decoding: Counter[Hashable] = Counter()
         self.head_batcher = HeadBatcher(model.head, window_s=config.lockstep_window_s,
-                                        active=lambda: self.decoding)
+                                        decoding=lambda: self.decoding)
         # What this client observed, per peer: sessions opened, positions computed (the owner
         # report of each peer must agree).
         self.sessions_opened: Counter[str] = Counter()
@@ -969,6 +979,12 @@ class FleetClient:
             log.warning("trust book %s ignored (%s): every peer starts as new", path, e)
             return
         log.info("trust book: %d peer(s) from %s", n, path)
+
+    def leave_wave(self, wave: Hashable) -> None:
+        """A generation stops decoding in ``wave`` (it finished, or its route changed)."""
+        self.decoding[wave] -= 1
+        if self.decoding[wave] <= 0:
+            del self.decoding[wave]
 
     def save_trust(self, *, every_s: float = TRUST_SAVE_S) -> None:
         """Write the trust book to ``trust_file`` if it changed: at once when no generation is
@@ -1221,7 +1237,7 @@ class FleetGeneration:
         if verifier is not None:
             verifier.strict = strict
         released = rollbacks = 0
-        decoding = False  # counted in client.decoding (the head's lockstep)
+        wave: Hashable = None  # counted in client.decoding[wave] (the head's lockstep) if not None
         token_s: float | None = None  # this generation's time per token (EWMA)
         last_token: float | None = None
         await client.wait_ready()
@@ -1229,9 +1245,9 @@ class FleetGeneration:
         try:
             await pipeline.open()
             while True:
-                if decoding and gen.done:
-                    client.decoding -= 1
-                    decoding = False
+                if wave is not None and gen.done:
+                    client.leave_wave(wave)
+                    wave = None
                 if verifier is not None and verifier.rollback_to is not None:
                     rollbacks += 1
                     if rollbacks > client.config.max_failovers:
@@ -1242,16 +1258,20 @@ class FleetGeneration:
                 if not gen.done:
                     step = gen.next_input()
                     hidden = await pipeline.forward(step.hidden, step.position)
-                    if not decoding and gen.new_ids:  # past the prompt: in step with the others
-                        client.decoding += 1
-                        decoding = True
+                    if gen.new_ids:  # past the prompt: in step with the others on its route
+                        now_wave = pipeline.wave if client.config.waves else ()
+                        if now_wave != wave:
+                            if wave is not None:
+                                client.leave_wave(wave)
+                            client.decoding[now_wave] += 1
+                            wave = now_wave
                     now = trio.current_time()
                     if last_token is not None:
                         took = now - last_token
                         token_s = took if token_s is None else 0.7 * token_s + 0.3 * took
                     last_token = now
                     max_wait = LOCKSTEP_SHARE * token_s if token_s is not None else 0.0
-                    gen.feed_logits(await client.head_batcher.logits(hidden, max_wait))
+                    gen.feed_logits(await client.head_batcher.logits(hidden, max_wait, wave))
                 elif verifier is None:
                     finished = True
                 else:
@@ -1276,8 +1296,8 @@ class FleetGeneration:
             if tail:
                 yield -1, tail
         finally:
-            if decoding:
-                client.decoding -= 1
+            if wave is not None:
+                client.leave_wave(wave)
             await pipeline.aclose()
             client.save_trust()  # what its checks taught us about peers, for the next run
         elapsed = time.perf_counter() - t0

@@ -323,7 +323,7 @@ async def test_client_head_waits_for_every_decoding_generation_within_the_window
     head: Head, autojump_clock: trio.abc.Clock
 ) -> None:
     decoding = 3
-    batcher = HeadBatcher(head, window_s=0.05, active=lambda: decoding)
+    batcher = HeadBatcher(head, window_s=0.05, decoding=lambda: {None: decoding})
     row = np.random.default_rng(4).standard_normal((1, 576)).astype(np.float32)
     arrived: dict[int, float] = {}
 
@@ -363,6 +363,39 @@ async def test_client_head_waits_for_every_decoding_generation_within_the_window
     await batcher.logits(row)
     assert trio.current_time() - t0 < 0.001
     assert batcher.stats.inline == inline + 1  # a lone row: on the event loop, no thread
+
+
+async def test_client_head_lockstep_is_per_wave(head: Head, autojump_clock: trio.abc.Clock) -> None:
+    # Two generations on route "a", two on route "b": a wave waits for its own generations only,
+    # and a batch holds one wave (so the waves go through the servers in turn, not together).
+    waves = {"a": 2, "b": 2}
+    # (computed on the event loop: a worker thread would let the virtual clock jump meanwhile)
+    batcher = HeadBatcher(head, window_s=0.05, decoding=lambda: waves, inline_rows=4)
+    rows = np.random.default_rng(5).standard_normal((4, 1, 576)).astype(np.float32)
+    alone = [head.logits(r)[0] for r in rows]
+    arrived: dict[int, float] = {}
+    got: dict[int, np.ndarray] = {}
+
+    async def one(i: int, wave: str, delay: float) -> None:
+        await trio.sleep(delay)
+        got[i] = await batcher.logits(rows[i], wave=wave)
+        arrived[i] = trio.current_time()
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i, (wave, delay) in enumerate((("a", 0.0), ("b", 0.001), ("a", 0.01), ("b", 0.04))):
+            nursery.start_soon(one, i, wave, delay)
+    assert abs(arrived[0] - t0 - 0.01) < 0.005 and arrived[0] == arrived[2]  # "a" did not wait for "b"
+    assert abs(arrived[1] - t0 - 0.04) < 0.005 and arrived[1] == arrived[3]
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (2, 2)
+    for i in range(4):  # batched rows: the same logits as alone, up to float32 summation order
+        np.testing.assert_allclose(got[i], alone[i], rtol=1e-4, atol=1e-4)
+    # A wave's queued rows are never taken into another wave's batch, even when both are queued.
+    waves = {"a": 1, "b": 1}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, 0, "a", 0.0)
+        nursery.start_soon(one, 1, "b", 0.0)
+    assert batcher.stats.batches == 4 and batcher.stats.steps == 6
 
 
 class _ThreadRecordingStage:

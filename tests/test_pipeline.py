@@ -67,7 +67,7 @@ async def test_three_nodes_cover_the_model_and_generate_like_local(
             batches = client.head_batcher.stats.batches - before[0]
             assert client.head_batcher.stats.steps - before[1] == 36
             assert client.head_batcher.stats.max_batch == 3 and batches <= 16, batches
-            assert client.decoding == 0  # every generation left the lockstep
+            assert not client.decoding  # every generation left the lockstep
             # fp16 on the wire keeps the greedy tokens.
             client16 = FleetClient(me, client_model, ClientConfig(wire_dtype="float16"))
             assert (await client16.generate(PROMPT, max_new_tokens=12)).new_ids == local_ids
