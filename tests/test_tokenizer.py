@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -71,3 +72,26 @@ def test_text_stream_holds_back_partial_utf8(tokenizer: Tokenizer) -> None:
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) + stream.flush() == text
     assert "" in pieces  # the emoji spans several byte tokens
+
+
+def test_text_stream_is_incremental_and_equals_one_decode(tokenizer: Tokenizer) -> None:
+    # Pieces of a long mixed text (spaces, multi-byte characters, special tokens skipped) add
+    # up to one decode of all ids, and a push does not decode every id again.
+    text = "The car 🚗 parks; Ünïcödé ✓ 日本語, then   spaces.\n" * 40
+    ids = tokenizer.encode(text)
+    stream = TextStream(tokenizer)
+    decoded: list[int] = []
+    real = tokenizer.decode
+
+    def counting(ids_: Iterable[int], *, skip_special: bool = False) -> str:
+        ids_ = list(ids_)
+        decoded.append(len(ids_))
+        return real(ids_, skip_special=skip_special)
+
+    tokenizer.decode = counting  # type: ignore[method-assign]
+    try:
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    finally:
+        del tokenizer.decode
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special=True) == text
+    assert len(ids) > 400 and max(decoded) < 20  # a few ids per decode, never all of them

@@ -146,24 +146,35 @@ def render_chatml(
 
 
 class TextStream:
-    """Turns generated ids into text pieces as they arrive, holding back partial UTF-8."""
+    """Turns generated ids into text pieces as they arrive, holding back partial UTF-8.
+
+    Incremental: each push decodes only the ids since the last emitted piece plus the few before
+    it (``_prefix``..``_read``, the context a decoder may need for spacing), and emits the
+    difference between that text with and without the new ids: a push costs the same at the
+    2000th token as at the first (decoding all ids each time cost ~0.5 ms a token at 2000).
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
         self._ids: list[int] = []
-        self._text = ""
+        self._prefix = 0  # first id of the context decoded with the new ids
+        self._read = 0  # ids before this one have been emitted as text
 
     def push(self, token_id: int) -> str:
         """Add one id; return the newly complete text (maybe empty)."""
         self._ids.append(token_id)
-        text = self._tok.decode(self._ids, skip_special=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-            return ""
-        piece, self._text = text[len(self._text) :], text
-        return piece
+        return self._piece(final=False)
 
     def flush(self) -> str:
         """Whatever is still held back (a dangling partial character decodes as U+FFFD)."""
-        text = self._tok.decode(self._ids, skip_special=True)
-        piece, self._text = text[len(self._text) :], text
-        return piece
+        return self._piece(final=True)
+
+    def _piece(self, *, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        context = self._tok.decode(self._ids[self._prefix:self._read], skip_special=True)
+        text = self._tok.decode(self._ids[self._prefix:], skip_special=True)
+        if not final and (text.endswith("\ufffd") or len(text) <= len(context)):
+            return ""  # an incomplete UTF-8 sequence (or nothing visible yet): wait for more ids
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context):]
