@@ -63,6 +63,7 @@ class _Job:
     result: np.ndarray | None = None
     error: Exception | None = None
     max_wait: float | None = None  # HeadBatcher: how long this row may wait for others (leading)
+    gathering_since: float | None = None  # when it first led a batch's gathering
 
 
 @dataclass
@@ -149,17 +150,22 @@ class StepBatcher:
         self._arrival.set()
         if not self._leading:
             self._leading = job.lead = True
-        try:
-            while not (job.finished or job.lead):
-                await job.wake.wait()
-                job.wake = trio.Event()
-        except BaseException:  # cancelled while waiting: leave the queue, pass on a lead
-            if not job.taken:
-                self._queue.remove(job)
-                if job.lead:
-                    self._pass_lead()
-            raise
-        if not job.finished:
+        while True:
+            try:
+                while not (job.finished or job.lead):
+                    await job.wake.wait()
+                    job.wake = trio.Event()
+            except BaseException:  # cancelled while waiting: leave the queue, pass on a lead
+                if not job.taken:
+                    self._queue.remove(job)
+                    if job.lead:
+                        self._pass_lead()
+                raise
+            if job.finished:
+                break
+            # Lead a batch. It holds this job, except in a HeadBatcher whose batch was another
+            # (complete) wave: the lead then comes back to this job, still first in the queue.
+            job.lead = False
             await self._lead()
         if job.error is not None:
             raise job.error
@@ -218,7 +224,10 @@ class StepBatcher:
         due, groups = self._due()
         if not due:  # nothing to wait for: no timer to set up
             return
-        start = trio.current_time()
+        leader, entered = self._queue[0], trio.current_time()
+        if leader.gathering_since is None:
+            leader.gathering_since = entered
+        start = leader.gathering_since  # (a lead that came back does not wait its window again)
         try:
             while due:
                 queued = {j.group for j in self._queue} - {None}
@@ -230,7 +239,7 @@ class StepBatcher:
                     await self._arrival.wait()
                 due, groups = self._due()
         finally:
-            self.stats.gather_s += trio.current_time() - start
+            self.stats.gather_s += trio.current_time() - entered
 
     def _window_s(self) -> float:
         """How long the batch being gathered may wait (its leader is ``self._queue[0]``)."""
@@ -254,7 +263,8 @@ class HeadBatcher(StepBatcher):
     streams drift apart and every server computes them one at a time). A batch holds one wave
     only: generations on different routes do not wait for each other, so while one wave is at
     the head (here) another is on its stage servers, and the client and the servers compute at
-    the same time instead of taking turns. With one generation nothing ever waits."""
+    the same time instead of taking turns. A wave whose rows are all queued goes first, even
+    while the leader's wave still waits for a straggler. With one generation nothing waits."""
 
     def __init__(self, head: Head, limiter: trio.CapacityLimiter | None = None, *,
                  window_s: float = 0.0,
@@ -272,16 +282,28 @@ class HeadBatcher(StepBatcher):
         return await self._submit(_Job(hidden[-1:], group=wave, max_wait=max_wait))
 
     def _due(self) -> tuple[int, set[Hashable]]:
-        """The decoding generations of the leader's wave whose row is not queued yet."""
-        if not self._queue:
+        """The decoding generations of the leader's wave whose row is not queued yet; none once
+        some wave has every row queued (it goes first: :meth:`_take`)."""
+        if not self._queue or self._complete_wave():
             return 0, set()
         wave = self._queue[0].group
         queued = sum(1 for job in self._queue if job.group == wave)
         return max(0, self._decoding().get(wave, 0) - queued), set()
 
+    def _complete_wave(self) -> list[Hashable]:
+        """``[wave]``: the first wave (in queue order) with a row queued for each of its
+        decoding generations; ``[]`` if none is."""
+        decoding = self._decoding()
+        queued: dict[Hashable, int] = {}
+        for job in self._queue:
+            queued[job.group] = queued.get(job.group, 0) + 1
+        return [wave for wave, n in queued.items() if n >= decoding.get(wave, 0)][:1]
+
     def _take(self) -> list[_Job]:
-        """The leader's wave: every row of it that is queued."""
-        wave = self._queue[0].group
+        """Every queued row of one wave: the first complete one, else (the wait is over) the
+        leader's."""
+        complete = self._complete_wave()
+        wave = complete[0] if complete else self._queue[0].group
         batch = [job for job in self._queue if job.group == wave]
         self._queue = [job for job in self._queue if job.group != wave]
         for job in batch:

@@ -1258,20 +1258,21 @@ class FleetGeneration:
                 if not gen.done:
                     step = gen.next_input()
                     hidden = await pipeline.forward(step.hidden, step.position)
-                    if gen.new_ids:  # past the prompt: in step with the others on its route
-                        now_wave = pipeline.wave if client.config.waves else ()
-                        if now_wave != wave:
-                            if wave is not None:
-                                client.leave_wave(wave)
-                            client.decoding[now_wave] += 1
-                            wave = now_wave
+                    # Its wave: the generations on its route (all of them without waves). Its
+                    # prompt's row joins that wave's batch; past the prompt it is waited for.
+                    now_wave = pipeline.wave if client.config.waves else ()
+                    if gen.new_ids and now_wave != wave:
+                        if wave is not None:
+                            client.leave_wave(wave)
+                        client.decoding[now_wave] += 1
+                        wave = now_wave
                     now = trio.current_time()
                     if last_token is not None:
                         took = now - last_token
                         token_s = took if token_s is None else 0.7 * token_s + 0.3 * took
                     last_token = now
                     max_wait = LOCKSTEP_SHARE * token_s if token_s is not None else 0.0
-                    gen.feed_logits(await client.head_batcher.logits(hidden, max_wait, wave))
+                    gen.feed_logits(await client.head_batcher.logits(hidden, max_wait, now_wave))
                 elif verifier is None:
                     finished = True
                 else:

@@ -390,12 +390,21 @@ async def test_client_head_lockstep_is_per_wave(head: Head, autojump_clock: trio
     assert (batcher.stats.batches, batcher.stats.max_batch) == (2, 2)
     for i in range(4):  # batched rows: the same logits as alone, up to float32 summation order
         np.testing.assert_allclose(got[i], alone[i], rtol=1e-4, atol=1e-4)
+    # A complete wave does not wait behind a leader whose wave waits for a straggler: "a" leads
+    # at 0 and waits for its second row (at 40 ms); "b", complete at 5 ms, goes at 5 ms.
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for i, (wave, delay) in enumerate((("a", 0.0), ("b", 0.002), ("a", 0.04), ("b", 0.005))):
+            nursery.start_soon(one, i, wave, delay)
+    assert abs(arrived[1] - t0 - 0.005) < 0.002 and arrived[1] == arrived[3]
+    assert abs(arrived[0] - t0 - 0.04) < 0.005 and arrived[0] == arrived[2]
+    assert (batcher.stats.batches, batcher.stats.max_batch) == (4, 2)
     # A wave's queued rows are never taken into another wave's batch, even when both are queued.
     waves = {"a": 1, "b": 1}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one, 0, "a", 0.0)
         nursery.start_soon(one, 1, "b", 0.0)
-    assert batcher.stats.batches == 4 and batcher.stats.steps == 6
+    assert batcher.stats.batches == 6 and batcher.stats.steps == 10
 
 
 class _ThreadRecordingStage:

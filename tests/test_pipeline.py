@@ -66,7 +66,11 @@ async def test_three_nodes_cover_the_model_and_generate_like_local(
             assert results == [local_ids] * 3
             batches = client.head_batcher.stats.batches - before[0]
             assert client.head_batcher.stats.steps - before[1] == 36
-            assert client.head_batcher.stats.max_batch == 3 and batches <= 16, batches
+            # 12 rounds of 3 rows, plus the 3 prompt rows that come alone (nobody decodes yet):
+            # 15 batches, one per row would be 36. A round may split while no time per token is
+            # measured yet (a row waits for the others at most a share of it), or on a loaded
+            # machine: at most 3 such splits (17 seen 1 run in 8).
+            assert client.head_batcher.stats.max_batch == 3 and batches <= 18, batches
             assert not client.decoding  # every generation left the lockstep
             # fp16 on the wire keeps the greedy tokens.
             client16 = FleetClient(me, client_model, ClientConfig(wire_dtype="float16"))
