@@ -19,7 +19,8 @@
     positions computed per generated token, and the stage sessions the client opened per
     generation: with verification on, the last two show what re-computation adds (``--no-verify``
     for the baseline). The client chains decode steps (server to server, ``--no-chain``: hop by
-    hop, for comparison).
+    hop, for comparison), and its concurrent generations decode in step per route (waves,
+    ``--no-waves``: one lockstep for all).
 
 The machine may be shared: only ratios measured in the same run mean anything. Medians over
 ``--repeats``; one final JSON line. Every wait is bounded, only 127.0.0.1 is used, and the swarm
@@ -223,7 +224,8 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
     try:
         out["start_s"] = round(start_swarm(swarm, model.n_blocks, 2, args.start_timeout, log), 1)
         trio.run(with_client, swarm, model, root / "swarm6", args.start_timeout, args.settle, body,
-                 ClientConfig(verify=not args.no_verify, chain=not args.no_chain))
+                 ClientConfig(verify=not args.no_verify, chain=not args.no_chain,
+                              waves=not args.no_waves))
         out.update({"local_single_decode_tokens_per_s": round(med(local_single), 2),
                     "single_over_local": round(med(over_local), 3),
                     "single_decode_tokens_per_s": round(med(single), 2),
@@ -285,6 +287,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated phases to skip: local, swarm")
     p.add_argument("--no-chain", action="store_true",
                    help="decode hop by hop (the client between every hop) instead of chained steps")
+    p.add_argument("--no-waves", action="store_true",
+                   help="one head lockstep for all concurrent generations, not one per route")
     p.add_argument("--no-verify", action="store_true",
                    help="swarm client without verified work (no re-computation of hops' windows)")
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep node keys and logs under DIR")
@@ -351,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({"bench": "throughput", "interrupted": interrupted,
                       "config": {"tokens": args.tokens, "repeats": args.repeats, "sizes": SIZES,
                                  "streams": STREAMS, "verify": not args.no_verify,
-                                 "chain": not args.no_chain},
+                                 "chain": not args.no_chain, "waves": not args.no_waves},
                       "local": local, "swarm6": swarm, "goal": goal,
                       "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                       "elapsed_s": round(elapsed, 1)}))
