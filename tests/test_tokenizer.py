@@ -75,8 +75,8 @@ def test_text_stream_holds_back_partial_utf8(tokenizer: Tokenizer) -> None:
 
 
 def test_text_stream_is_incremental_and_equals_one_decode(tokenizer: Tokenizer) -> None:
-    # Pieces of a long mixed text (spaces, multi-byte characters, special tokens skipped) add
-    # up to one decode of all ids, and a push does not decode every id again.
+    # Pieces of a long mixed text (runs of spaces, multi-byte characters) add up to one decode
+    # of all ids, and a push does not decode every id again.
     text = "The car 🚗 parks; Ünïcödé ✓ 日本語, then   spaces.\n" * 40
     ids = tokenizer.encode(text)
     stream = TextStream(tokenizer)
