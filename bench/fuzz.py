@@ -41,7 +41,7 @@ PROTOCOLS = ("heartbeat", "status", "stage", "relay", "gossip", "dht", "identify
 HEARTBEAT = "/idlefleet/heartbeat/1.0.0"
 STATUS = "/idlefleet/status/1.0.0"
 STAGE = "/idlefleet/stage/1.0.0"
-RELAY = "/idlefleet/relay/1.0.0"
+RELAY = "/idlefleet/relay/1.1.0"
 MESHSUB = "/meshsub/1.1.0"
 KAD = "/ipfs/kad/1.0.0"  # p2p.host.DHT_PROTOCOL: py-libp2p 0.8.1 ignores the DHT prefix
 PROTOCOL_IDS = {"heartbeat": HEARTBEAT, "status": STATUS, "stage": STAGE, "relay": RELAY, "gossip": MESHSUB,
@@ -145,9 +145,10 @@ def relay_seeds(hidden_size: int) -> list[bytes]:
     x = encode_hidden(np.random.default_rng(0).standard_normal((1, hidden_size)).astype(np.float32))
     entry = S.TrailEntry(x, bytes(64), False, 1.0)
     hop = S.ChainHop("12D3KooWNobodyNobodyNobodyNobodyNobodyNobodyNobody", 1, bytes(16))
-    return [wire.frame(wire.encode_envelope("relay_step", S.RelayStep(sid, bytes(16), 0, seq, chain,
-                                                                       (entry,) * n).to_body()))
-            for sid, seq, chain, n in ((0, 1, (), 1), (2**40, 7, (hop,), 2))]
+    bodies = [S.RelayStep(sid, bytes(16), 0, seq, chain, (entry,) * n).to_body()
+              for sid, seq, chain, n in ((0, 1, (), 1), (2**40, 7, (hop,), 2))]
+    return ([wire.frame(wire.encode_envelope("relay_step", body)) for body in bodies]
+            + [wire.frame(wire.encode_envelope("relay_steps", {"steps": bodies}))])
 
 
 def gossip_seeds(key: Ed25519PrivateKey, topic: str, record: bytes) -> list[bytes]:

@@ -119,7 +119,8 @@ class BlockHosting:
         not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
         node = self.node
         node.host.set_stream_handler(S.STAGE_PROTOCOL, self._handle)
-        node.host.set_stream_handler(S.RELAY_PROTOCOL, self._handle_relay)
+        for relay_protocol in (S.RELAY_PROTOCOL, S.RELAY_PROTOCOL_1_0):  # 1.0.0: older senders
+            node.host.set_stream_handler(relay_protocol, self._handle_relay)
         started = not node.owner.serving
         if started:  # touch no model file (seconds of CPU) until allowed to serve
             task_status.started()

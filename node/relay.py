@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from idlefleet.node.server import StageServer
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
@@ -33,11 +34,28 @@ RELAY_MAX_INFLIGHT = 32  # relayed steps of one incoming stream served at once (
 RELAY_MAX_DROPPED = 16  # relayed steps for no session here, in a row, before we hang up
 RELAY_MAX_OUT = 64  # outgoing relay streams kept open (one per next-hop peer)
 RELAY_REUSE_S = RELAY_IDLE_S / 2  # an outgoing stream silent this long is replaced, not reused
+RELAY_GATHER_TICKS = 2  # scheduler passes a sender waits for more steps to the same peer
+
+
+class _Outgoing:
+    """One relayed step waiting to go: its body, and once sent (or not) whether it failed."""
+
+    __slots__ = ("body", "done", "error")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.done = False
+        self.error: str | None = None
 
 
 class RelayLinks:
     """Our relay streams to next-hop peers. ``addrs_of(peer)`` gives addresses to dial a peer we
-    are not connected to (the fleet view)."""
+    are not connected to (the fleet view).
+
+    Steps computed in one batch go on together: a step for a peer whose stream is busy, or that
+    arrives within the same few scheduler ticks as others for that peer, joins them in one
+    ``relay_steps`` frame (protocol 1.1.0; one ``relay_step`` frame each to a 1.0.0 peer). A lone
+    step waits for nobody: at most ``RELAY_GATHER_TICKS`` checkpoints, no timer."""
 
     def __init__(self, host: Any, addrs_of: Callable[[str], list[str]]) -> None:
         self._host = host
@@ -45,36 +63,83 @@ class RelayLinks:
         self._out: dict[str, FramedStream] = {}
         self._used: dict[str, float] = {}  # peer -> when its stream last carried a step (trio clock)
         self._locks: dict[str, trio.Lock] = {}
+        self._queues: dict[str, list[_Outgoing]] = {}  # peer -> steps waiting for its stream
+        self.frames = 0  # frames sent (a relay_steps frame counts once)
+        self.steps = 0  # relayed steps sent
 
     async def send(self, peer: str, body: dict[str, Any]) -> None:
         """Send one ``relay_step`` body to ``peer`` within ``RELAY_SEND_S`` per attempt (two at
-        most: a cached stream may have died). Raises NetworkError."""
+        most: a cached stream may have died), together with any others for ``peer`` queued
+        meanwhile. Raises NetworkError."""
         if len(self._locks) > 4 * RELAY_MAX_OUT:  # a client naming many peers grows nothing for long
-            for p in [p for p, lk in self._locks.items() if p not in self._out and not lk.locked()]:
+            for p in [p for p, lk in self._locks.items()
+                      if p not in self._out and not lk.locked() and not self._queues.get(p)]:
                 del self._locks[p]
+                self._queues.pop(p, None)
+        item = _Outgoing(body)
+        queue = self._queues.setdefault(peer, [])
+        queue.append(item)
         lock = self._locks.setdefault(peer, trio.Lock())
-        async with lock:
-            now = trio.current_time()
-            stale = self._out.get(peer)
-            if stale is not None and now - self._used.get(peer, now) >= RELAY_REUSE_S:
-                # The receiver hangs up after RELAY_IDLE_S of silence; a step written into a
-                # stream it is closing would be lost (the client would wait for it): start afresh.
-                del self._out[peer]
-                await stale.reset()
-            self._used[peer] = now
-            for attempt in (0, 1):
-                fs = self._out.get(peer)
-                try:
-                    if fs is None:
-                        fs = await self._open(peer)
-                    await fs.send("relay_step", body, timeout=RELAY_SEND_S)
-                    return
-                except NetworkError:
-                    self._out.pop(peer, None)
-                    if fs is not None:
-                        await fs.reset()
-                    if attempt:
-                        raise
+        try:
+            async with lock:
+                if not item.done:  # nobody took it along: we send, and take along whoever queued
+                    await self._flush(peer, queue)
+        finally:
+            if not item.done and item in queue:  # cancelled before it went: it does not go
+                queue.remove(item)
+        if item.error is not None:
+            raise NetworkError(item.error)
+
+    async def _flush(self, peer: str, queue: list[_Outgoing]) -> None:
+        for _ in range(RELAY_GATHER_TICKS):  # the rest of a batch just computed is on its way here
+            waiting = len(queue)
+            await trio.lowlevel.checkpoint()
+            if len(queue) == waiting:
+                break
+        batch = queue[:S.RELAY_BATCH_MAX]
+        del queue[:S.RELAY_BATCH_MAX]
+        error: str | None = "cancelled"
+        try:
+            await self._write(peer, [it.body for it in batch])
+            error = None
+        except NetworkError as e:
+            error = str(e)
+        finally:
+            for it in batch:
+                it.done, it.error = True, error
+
+    async def _write(self, peer: str, bodies: list[dict[str, Any]]) -> None:
+        now = trio.current_time()
+        stale = self._out.get(peer)
+        if stale is not None and now - self._used.get(peer, now) >= RELAY_REUSE_S:
+            # The receiver hangs up after RELAY_IDLE_S of silence; a step written into a
+            # stream it is closing would be lost (the client would wait for it): start afresh.
+            del self._out[peer]
+            await stale.reset()
+        self._used[peer] = now
+        for attempt in (0, 1):
+            fs = self._out.get(peer)
+            try:
+                if fs is None:
+                    fs = await self._open(peer)
+                if len(bodies) == 1:
+                    await fs.send("relay_step", bodies[0], timeout=RELAY_SEND_S)
+                    self.frames += 1
+                elif fs.protocol == S.RELAY_PROTOCOL:
+                    await fs.send("relay_steps", {"steps": bodies}, timeout=RELAY_SEND_S)
+                    self.frames += 1
+                else:  # a 1.0.0 peer: one frame each
+                    for body in bodies:
+                        await fs.send("relay_step", body, timeout=RELAY_SEND_S)
+                        self.frames += 1
+                self.steps += len(bodies)
+                return
+            except NetworkError:
+                self._out.pop(peer, None)
+                if fs is not None:
+                    await fs.reset()
+                if attempt:
+                    raise
 
     async def _open(self, peer: str) -> FramedStream:
         if peer not in self._host.connected_peers():
@@ -82,7 +147,8 @@ class RelayLinks:
             if not addrs:
                 raise NetworkError(f"{peer[-8:]} is not in the fleet view")
             await self._host.connect_peer(peer, addrs, timeout=RELAY_SEND_S)
-        fs: FramedStream = await self._host.open_stream(peer, S.RELAY_PROTOCOL, timeout=RELAY_SEND_S)
+        fs: FramedStream = await self._host.open_stream(peer, (S.RELAY_PROTOCOL, S.RELAY_PROTOCOL_1_0),
+                                                        timeout=RELAY_SEND_S)
         if len(self._out) >= RELAY_MAX_OUT:  # the oldest goes (bounded: reset takes at most 1 s)
             oldest = next(iter(self._out))
             self._used.pop(oldest, None)
@@ -102,8 +168,10 @@ async def serve_relay(fs: FramedStream, find: Callable[[int], StageServer | None
     holds its session. Steps are served concurrently (so they batch with other sessions' steps),
     at most ``RELAY_MAX_INFLIGHT`` at once; nothing is sent back on ``fs``. A step dropped without
     a word (malformed, unknown session or token, stale) is counted by ``on_drop(reason)``;
-    ``RELAY_MAX_DROPPED`` malformed or unknown ones in a row end the stream, as does a bad frame."""
+    ``RELAY_MAX_DROPPED`` malformed or unknown ones in a row end the stream, as does a bad frame.
+    On protocol 1.1.0 a ``relay_steps`` frame carries several steps, each counted as above."""
     slots = trio.Semaphore(RELAY_MAX_INFLIGHT)  # released by the task serving the step
+    kinds = ("relay_step",) if fs.protocol == S.RELAY_PROTOCOL_1_0 else ("relay_step", "relay_steps")
     dropped = 0
 
     async def serve(server: StageServer, rs: S.RelayStep) -> None:
@@ -121,26 +189,28 @@ async def serve_relay(fs: FramedStream, find: Callable[[int], StageServer | None
         while dropped < RELAY_MAX_DROPPED:
             try:
                 env = await fs.receive(timeout=RELAY_IDLE_S)
-                if env.kind != "relay_step":
-                    raise RemoteProtocolError(f"expected relay_step, got {env.kind}")
+                if env.kind not in kinds:
+                    raise RemoteProtocolError(f"expected {' or '.join(kinds)}, got {env.kind}")
+                bodies = [env.body] if env.kind == "relay_step" else S.relay_batch(env.body)
             except (StreamClosed, DeadlineExceeded, NetworkError, RemoteProtocolError) as e:
                 log.debug("relay stream from %s ends: %s", fs.peer_id[-8:], e)
                 break
-            try:
-                rs = S.RelayStep.from_body(env.body)
-            except RemoteProtocolError as e:
-                dropped += 1
-                on_drop("malformed")
-                log.info("relay_step from %s: %s", fs.peer_id[-8:], e)
-                continue
-            server = find(rs.session)
-            if server is None:
-                dropped += 1
-                on_drop("unknown session or relay token")
-                continue
-            dropped = 0
-            await slots.acquire()
-            nursery.start_soon(serve, server, rs)
+            for body in bodies:
+                try:
+                    rs = S.RelayStep.from_body(body)
+                except RemoteProtocolError as e:
+                    dropped += 1
+                    on_drop("malformed")
+                    log.info("relay_step from %s: %s", fs.peer_id[-8:], e)
+                    continue
+                server = find(rs.session)
+                if server is None:
+                    dropped += 1
+                    on_drop("unknown session or relay token")
+                    continue
+                dropped = 0
+                await slots.acquire()
+                nursery.start_soon(serve, server, rs)
         if dropped >= RELAY_MAX_DROPPED:
             log.info("relay stream from %s: %d relayed steps in a row for no session here; closed",
                      fs.peer_id[-8:], dropped)

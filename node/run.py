@@ -65,9 +65,11 @@ def node_status(node: Node) -> dict[str, Any]:
             "batch_sizes": {str(k): v for k, v in sorted(server.stats.batch_sizes.items())},
             "compute_s": round(server.stats.compute_s, 3),
             "gather_s": round(server.batch_gather_s, 3),  # batch leaders' waits for batch-mates
-            # Chaining: steps forwarded to the next hop, chained steps that failed here, and
-            # relayed steps dropped unanswered (by reason: unknown session, stale, malformed).
+            # Chaining: steps forwarded to the next hop (in relay_frames frames: several steps
+            # ready together share one), chained steps that failed here, and relayed steps
+            # dropped unanswered (by reason: unknown session, stale, malformed).
             "relayed": server.stats.relayed, "chain_failed": server.stats.chain_failed,
+            "relay_frames": node.hosting.relay.frames if node.hosting is not None else 0,
             "relay_dropped": dict(server.stats.relay_dropped)},
     }
 

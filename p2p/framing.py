@@ -71,6 +71,7 @@ class FramedStream:
         self._decoder = FrameDecoder(max_frame=max_frame)
         self._send_lock = trio.Lock()
         self.peer_id: str = stream.muxed_conn.peer_id.to_base58()
+        self.protocol: str | None = stream.get_protocol()  # as negotiated (multistream-select)
         self.bytes_sent = 0
         self.bytes_received = 0
 

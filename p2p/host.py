@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -489,19 +489,23 @@ class Host:
 
         self.set_stream_handler(protocol, _serve, max_frame=KINDS[kind])
 
-    async def open_stream(self, peer_id: str, protocol: str, *, timeout: float | None = None) -> FramedStream:
-        """Open a framed stream. Raises PeerUnreachable or DeadlineExceeded."""
+    async def open_stream(self, peer_id: str, protocol: str | Sequence[str], *,
+                          timeout: float | None = None) -> FramedStream:
+        """Open a framed stream on ``protocol``, or on the first of several (in order of
+        preference) that the peer speaks: ``FramedStream.protocol`` says which. Raises
+        PeerUnreachable or DeadlineExceeded."""
         timeout = timeout or self._config.connect_timeout_s
+        wanted = [TProtocol(protocol)] if isinstance(protocol, str) else [TProtocol(p) for p in protocol]
         try:
             pid = ID.from_base58(peer_id)
             self._prune_closed(pid)
             with trio.fail_after(timeout):
                 try:
-                    stream = await self._host.new_stream(pid, [TProtocol(protocol)])
+                    stream = await self._host.new_stream(pid, wanted)
                 except Exception as e:
                     if not await self._drop_stale(pid, e):
                         raise
-                    stream = await self._host.new_stream(pid, [TProtocol(protocol)])  # dials anew
+                    stream = await self._host.new_stream(pid, wanted)  # dials anew
         except trio.TooSlowError:
             raise DeadlineExceeded(f"opening {protocol} to {peer_id[-8:]} took over {timeout}s") from None
         except Exception as e:

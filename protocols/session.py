@@ -35,9 +35,13 @@ from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor
 
 STAGE_PROTOCOL = "/idlefleet/stage/1.0.0"
-# Server-to-server chaining (docs/PROTOCOL.md 5.4): a stage server forwards a chained step's output
-# straight to the next hop's server on this protocol, instead of returning it to the client.
-RELAY_PROTOCOL = "/idlefleet/relay/1.0.0"
+# Server-to-server chaining (docs/PROTOCOL.md 6.5): a stage server forwards a chained step's output
+# straight to the next hop's server on this protocol, instead of returning it to the client. 1.1.0
+# adds ``relay_steps``, several relayed steps in one frame (a batch computed together goes on
+# together); a sender falls back to 1.0.0, one ``relay_step`` per frame, for a peer without it.
+RELAY_PROTOCOL = "/idlefleet/relay/1.1.0"
+RELAY_PROTOCOL_1_0 = "/idlefleet/relay/1.0.0"
+RELAY_BATCH_MAX = 32  # relayed steps in one relay_steps frame
 MAX_MODEL_ID_LEN = 128
 MAX_CHAIN = 8  # hops a chained step may still travel after the first
 CHAIN_MAX_ROWS = 8  # a chained step carries at most this many positions (decode, not prefill)
@@ -63,7 +67,8 @@ ERR_NO_RECEIPTS = "receipts_unsupported"  # this server keeps no ledger: it sign
 for _kind, _size in (("session_open", 1024), ("session_opened", 1024), ("session_close", 256),
                      ("session_closed", 256), ("step", wire.MAX_FRAME), ("step_result", wire.MAX_FRAME),
                      ("receipt_proposal", 2048), ("receipt", 4096), ("relay_step", wire.MAX_FRAME),
-                     ("chain_result", wire.MAX_FRAME), ("chain_failed", 1024)):
+                     ("chain_result", wire.MAX_FRAME), ("chain_failed", 1024),
+                     ("relay_steps", wire.MAX_FRAME)):
     wire.register_kind(_kind, _size)
 
 
@@ -273,6 +278,9 @@ def _parse_trail(value: object) -> tuple[TrailEntry, ...]:
     return trail
 
 
+_RELAY_FIELDS = frozenset({"session", "relay", "position", "seq", "chain", "trail"})
+
+
 @dataclass(frozen=True)
 class RelayStep:
     """A chained step forwarded server to server on ``RELAY_PROTOCOL``: for the receiver's
@@ -295,8 +303,8 @@ class RelayStep:
                 "chain": [h.to_body() for h in self.chain], "trail": [e.to_body() for e in self.trail]}
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> RelayStep:
-        if set(body) != {"session", "relay", "position", "seq", "chain", "trail"}:
+    def from_body(cls, body: object) -> RelayStep:
+        if not isinstance(body, dict) or set(body) != _RELAY_FIELDS:
             raise RemoteProtocolError("relay_step needs exactly session, relay, position, seq, chain, trail")
         _check_int("relay_step: session", body["session"], 2**63)
         relay = body["relay"]
@@ -310,6 +318,17 @@ class RelayStep:
         if len(chain) + len(trail) > MAX_CHAIN + 1:
             raise RemoteProtocolError(f"relay_step: a chain has at most {MAX_CHAIN + 1} hops")
         return cls(body["session"], relay, body["position"], body["seq"], chain, trail)
+
+
+def relay_batch(body: dict[str, Any]) -> list[object]:
+    """The entries of a ``relay_steps`` body, each a ``relay_step`` body still to be parsed with
+    ``RelayStep.from_body`` (one bad entry spoils only itself). Raises RemoteProtocolError when the
+    frame itself is malformed."""
+    steps = body.get("steps")
+    if set(body) != {"steps"} or not isinstance(steps, list) or not 0 < len(steps) <= RELAY_BATCH_MAX:
+        raise RemoteProtocolError(f"relay_steps needs exactly steps, a list of 1..{RELAY_BATCH_MAX} "
+                                  "relay_step bodies")
+    return steps
 
 
 @dataclass(frozen=True)

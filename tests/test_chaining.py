@@ -4,6 +4,7 @@ signed output back, and hostile or stale relayed steps are dropped without harm.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -80,6 +81,14 @@ def test_relay_step_and_chain_result_parse_strictly() -> None:
                 {**body, "extra": 1}, {k: v for k, v in body.items() if k != "chain"}):
         with pytest.raises(RemoteProtocolError):
             S.RelayStep.from_body(bad)
+    assert S.relay_batch({"steps": [body, "x"]}) == [body, "x"]  # entries are parsed one by one
+    for bad_frame in ({"steps": []}, {"steps": [body] * (S.RELAY_BATCH_MAX + 1)}, {"steps": body},
+                      {"steps": [body], "extra": 1}, {}):
+        with pytest.raises(RemoteProtocolError):
+            S.relay_batch(bad_frame)
+    for bad_entry in ("x", [], None, list(body)):  # not a map: a clear error, not a TypeError
+        with pytest.raises(RemoteProtocolError):
+            S.RelayStep.from_body(bad_entry)
     for bad_result in ({"position": 4, "seq": 3, "trail": "x"}, {"position": -1, "seq": 3, "trail": []},
                        {"position": 4, "trail": [entry.to_body()]}):
         with pytest.raises(RemoteProtocolError):
@@ -131,6 +140,7 @@ async def chain_of_servers(stages: list[Stage], config: ServerConfig | None = No
 
             host.set_stream_handler(S.STAGE_PROTOCOL, server.handle)
             host.set_stream_handler(S.RELAY_PROTOCOL, relay_handler)
+            host.set_stream_handler(S.RELAY_PROTOCOL_1_0, relay_handler)  # as node.hosting does
             hosts.append((host, addrs))
             servers.append(server)
         for _host, addrs in hosts:  # every server may dial every other
@@ -244,6 +254,92 @@ async def test_a_relay_stream_with_garbage_ends_and_the_server_goes_on(stages: l
                 while not b.server.stats.relay_dropped.get("malformed"):
                     await trio.sleep(0.02)
         await through(hops, hidden(1, 3), 0)
+
+
+async def hung_up(fs: FramedStream, kind: str, body: dict[str, Any]) -> bool:
+    """Whether the receiver reset ``fs`` within 5 s (we keep sending until a send fails)."""
+    with trio.move_on_after(5):
+        while True:
+            try:
+                await fs.send(kind, body, timeout=2)
+            except NetworkError:
+                return True
+            await trio.sleep(0.05)
+    return False
+
+
+async def test_a_relay_steps_frame_is_served_entry_by_entry(stages: list[Stage]) -> None:
+    async with chain_of_servers(stages) as (_client, hops):
+        _a, b, c = hops
+        await through(hops, hidden(2, 5), 0)
+        entry = S.TrailEntry(encode_hidden(hidden(1, 6)), b"s" * 64, False, 0.0)
+        good = S.RelayStep(b.session, b.relay, 2, 1, chain_to([c]), (entry,)).to_body()
+        stale = {**good, "seq": 1}  # the same seq again: a replay
+        unknown = {**good, "session": b.session + 1000}
+        async with open_host(Ed25519PrivateKey.generate(), HostConfig()) as upstream:
+            await upstream.connect(b.host.multiaddrs()[0])
+            fs = await upstream.open_stream(b.peer, [S.RELAY_PROTOCOL, S.RELAY_PROTOCOL_1_0])
+            assert fs.protocol == S.RELAY_PROTOCOL
+            await fs.send("relay_steps", {"steps": ["x", unknown, good, {"session": 1}]}, timeout=2)
+            env = await c.fs.receive_reply(timeout=10)  # the good one went on through C
+            assert env.kind == "chain_result" and S.ChainResult.from_body(env.body).seq == 1
+            await fs.send("relay_steps", {"steps": [stale]}, timeout=2)  # the stream is still served
+            with trio.fail_after(5):
+                while not b.server.stats.relay_dropped.get("stale"):
+                    await trio.sleep(0.02)
+            assert b.server.stats.relay_dropped == {"malformed": 2, "unknown session or relay token": 1,
+                                                    "stale": 1}
+            assert b.server.stats.tokens == 3  # the prefill and the good step, nothing else
+            await fs.send("relay_steps", {"steps": "x"}, timeout=2)  # a bad frame ends the stream
+            assert await hung_up(fs, "relay_steps", {"steps": [stale]})
+            # A 1.0.0 stream takes one relay_step per frame: relay_steps there is another kind.
+            old = await upstream.open_stream(b.peer, S.RELAY_PROTOCOL_1_0)
+            assert old.protocol == S.RELAY_PROTOCOL_1_0
+            await old.send("relay_steps", {"steps": [stale]}, timeout=2)
+            assert await hung_up(old, "relay_step", stale)
+            assert b.server.stats.relay_dropped["stale"] == 1  # neither stream served anything more
+        await through(hops, hidden(1, 7), 2)  # A never saw position 2 (we fed B directly)
+        assert (await chained(hops, hidden(1, 8), 3, 2)).seq == 2  # the real chain is unharmed
+
+
+async def test_steps_ready_together_go_in_one_frame_and_a_1_0_peer_gets_one_each() -> None:
+    async with AsyncExitStack() as stack:
+        sender = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+        frames: dict[str, list[tuple[str, list[int]]]] = {}
+        receivers = {}
+        for protocol in (S.RELAY_PROTOCOL, S.RELAY_PROTOCOL_1_0):
+            host = await stack.enter_async_context(open_host(Ed25519PrivateKey.generate(), HostConfig()))
+            got = frames.setdefault(host.peer_id, [])
+
+            async def receive(fs: FramedStream, got: list[tuple[str, list[int]]] = got) -> None:
+                with contextlib.suppress(NetworkError, trio.TooSlowError):
+                    while True:
+                        env = await fs.receive(timeout=5)
+                        bodies = [env.body] if env.kind == "relay_step" else S.relay_batch(env.body)
+                        got.append((env.kind, [S.RelayStep.from_body(b).seq for b in bodies]))
+
+            host.set_stream_handler(protocol, receive)  # the 1.0.0 host speaks nothing newer
+            receivers[protocol] = host
+        links = RelayLinks(sender, lambda peer: next(h.multiaddrs() for h in receivers.values()
+                                                     if h.peer_id == peer))
+        entry = S.TrailEntry(encode_hidden(hidden(1)), b"s" * 64, False, 0.0)
+        for host in receivers.values():
+            async with trio.open_nursery() as nursery:  # a batch's 4 steps, ready together
+                for seq in (1, 2, 3, 4):
+                    body = S.RelayStep(7, b"t" * 16, 0, seq, (), (entry,)).to_body()
+                    nursery.start_soon(links.send, host.peer_id, body)
+            await links.send(host.peer_id, S.RelayStep(7, b"t" * 16, 1, 5, (), (entry,)).to_body())
+            with trio.fail_after(5):
+                while sum(len(seqs) for _, seqs in frames[host.peer_id]) < 5:
+                    await trio.sleep(0.01)
+        got_new = frames[receivers[S.RELAY_PROTOCOL].peer_id]
+        got_old = frames[receivers[S.RELAY_PROTOCOL_1_0].peer_id]
+        # The 4 tasks queue in the order trio runs them; one task's steps keep their order.
+        assert [(kind, sorted(seqs)) for kind, seqs in got_new] == [("relay_steps", [1, 2, 3, 4]),
+                                                                     ("relay_step", [5])]
+        assert [kind for kind, _ in got_old] == ["relay_step"] * 5
+        assert sorted(seqs[0] for _, seqs in got_old[:4]) == [1, 2, 3, 4] and got_old[4][1] == [5]
+        assert (links.frames, links.steps) == (7, 10)
 
 
 async def test_a_fence_drops_relayed_steps_the_client_gave_up_on(stages: list[Stage]) -> None:
@@ -440,6 +536,7 @@ async def test_relaying_to_many_unknown_peers_keeps_nothing(stages: list[Stage])
             with pytest.raises(NetworkError):
                 await links.send(f"12D3KooWNobody{i:08d}", {})
         assert len(links._locks) <= 4 * R.RELAY_MAX_OUT + 1 and not links._out
+        assert len(links._queues) <= 4 * R.RELAY_MAX_OUT + 1 and not any(links._queues.values())
 
 
 def test_a_chained_steps_time_is_shared_within_bounds_whatever_the_servers_claim() -> None:
