@@ -48,7 +48,8 @@ VERSIONS = {"1.1.0": S.RELAY_PROTOCOL, "1.0.0": S.RELAY_PROTOCOL_1_0}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    got = {"n": 0}
+    got = {"n": 0, "want": 0}
+    arrived = trio.Event()  # every step of the round reached its receiver
 
     async def receive(fs: FramedStream) -> None:
         try:
@@ -57,6 +58,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for body in [env.body] if env.kind == "relay_step" else S.relay_batch(env.body):
                     S.RelayStep.from_body(body)
                     got["n"] += 1
+                if got["n"] >= got["want"]:
+                    arrived.set()
         except NetworkError:
             return
 
@@ -79,15 +82,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for rnd in range(args.rounds + 1):  # round 0 warms up (streams opened), not counted
             order = list(VERSIONS) if rnd % 2 else list(reversed(VERSIONS))
             for version in order:
-                want, frames0 = got["n"] + args.batches * args.batch, links.frames
+                got["want"], frames0 = got["n"] + args.batches * args.batch, links.frames
+                arrived = trio.Event()
                 c0 = time.process_time()
                 for _ in range(args.batches):
                     async with trio.open_nursery() as nursery:  # one batch's steps, ready together
                         for _ in range(args.batch):
                             nursery.start_soon(links.send, peers[version], body)
                 with trio.fail_after(60):
-                    while got["n"] < want:
-                        await trio.sleep(0.001)
+                    await arrived.wait()
                 if rnd:
                     per_step[version].append(1e3 * (time.process_time() - c0) / (args.batches * args.batch))
                     frames[version] += links.frames - frames0

@@ -41,6 +41,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -61,6 +62,7 @@ from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import Head, Stage, load_stage  # noqa: E402
 from idlefleet.node.run import setup_logging  # noqa: E402
+from idlefleet.protocols.verification import TRUST_FILE_VERSION  # noqa: E402
 
 PROMPTS = ["Once upon a time,", "The capital of France is", "In a city of parked cars,",
            "The best way to learn", "Electric cars have", "My favourite recipe is",
@@ -196,6 +198,13 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
         return sum(x.n - 1 for x in done) / (last - first)
 
     async def body(client: FleetClient) -> None:
+        if args.trusted:  # as after a night's work with these peers: sessions checked at the floor
+            book = client.trust
+            streak = math.ceil(book.new_windows / book.min_rate ** 2)
+            peers = [str((node.status() or {}).get("peer_id")) for node in swarm.nodes]
+            book.load({"version": TRUST_FILE_VERSION, "peers": [[p, streak, streak, 0] for p in peers]})
+            log(f"  trust book: {len(peers)} nodes at {streak} valid windows each "
+                f"(check rate {book.rate(peers[0]):.2f})")
         for i in range(args.repeats):
             # paired with the swarm's single stream: the same prompt's decode, all 30 blocks here
             local, _ = await trio.to_thread.run_sync(local_decode, stage, model.head, [prompt_ids],
@@ -291,6 +300,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="one head lockstep for all concurrent generations, not one per route")
     p.add_argument("--no-verify", action="store_true",
                    help="swarm client without verified work (no re-computation of hops' windows)")
+    p.add_argument("--trusted", action="store_true",
+                   help="the swarm client starts trusting every node as after a night's work with "
+                        "them (valid windows enough to check each session at verify_min_rate); "
+                        "default: a new client, every node's sessions checked until trusted")
     p.add_argument("--keep", type=Path, metavar="DIR", help="keep node keys and logs under DIR")
     p.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = p.parse_args(argv)
@@ -354,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"total {elapsed:.0f}s, load average at end {os.getloadavg()[0]:.1f}")
     print(json.dumps({"bench": "throughput", "interrupted": interrupted,
                       "config": {"tokens": args.tokens, "repeats": args.repeats, "sizes": SIZES,
-                                 "streams": STREAMS, "verify": not args.no_verify,
+                                 "streams": STREAMS, "verify": not args.no_verify, "trusted": args.trusted,
                                  "chain": not args.no_chain, "waves": not args.no_waves},
                       "local": local, "swarm6": swarm, "goal": goal,
                       "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
