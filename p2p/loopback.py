@@ -50,6 +50,9 @@ class _PipeEnd:
         out, self._pending = self._pending[:size], self._pending[size:]
         return out
 
+    def get_protocol(self) -> None:  # no protocol negotiated: the caller knows what it opened
+        return None
+
     async def close(self) -> None:
         await self._send.aclose()
 
