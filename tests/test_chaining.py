@@ -442,7 +442,10 @@ async def test_generation_chains_and_a_broken_chain_loses_no_token_and_no_receip
         tmp_path: Path, client_model: ClientModel, local_greedy: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     want = list(local_greedy(PROMPT, 10))
-    monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 0.3)
+    # A's chain_failed reaches the client on A's stream while it waits on C's: it redoes the step
+    # after this wait. Not much shorter: under load (the whole suite on 2 cores) a healthy chained
+    # step took over 0.3 s once, and an extra chain failure changes the counts below.
+    monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 1.0)
     async with fleet_client(tmp_path, client_model) as (client, by_blocks):
         result = await client.generate(PROMPT, max_new_tokens=10)
         assert result.new_ids == want
@@ -458,7 +461,7 @@ async def test_generation_chains_and_a_broken_chain_loses_no_token_and_no_receip
         fail_at = len(client.encode_prompt(PROMPT)) + 4  # the 6th step: prefill + 4 decode steps went
 
         async def flaky(peer: str, body: dict[str, Any]) -> None:
-            if body["position"] == fail_at and not failed:
+            if body["position"] >= fail_at and not failed:
                 failed.append(peer)
                 raise NetworkError("link to B is down (test)")
             await send(peer, body)
