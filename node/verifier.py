@@ -17,7 +17,10 @@ blocks (the *verifier host*). Verification **lags**: decode never waits for it.
   Sampling windows (as before) made a trusted peer cost about as much re-computation as a new one
   (measured: 6.3-6.7 positions computed per generated token on a 3-hop route with verification,
   3.3 without); sampling sessions makes it cost the rate. A peer that cheats on a session is
-  caught with at least the session's probability, as with one cheating window before.
+  caught with at least the session's probability, as with one cheating window before. A window
+  the hop and its verifier host agree on is a valid window of both (BOINC counts every result of
+  an agreeing quorum): peers earn trust from being checked and from checking, so a fleet whose
+  peers check each other reaches the low rates about twice as fast.
 - Windows. Positions are grouped into windows of at least ``verify_window`` positions (aligned to
   steps; the prompt's prefill is in the first window). A shadowed session asks for a check as
   each window completes, ONE step carrying every input from where the verifier session's cache
@@ -384,7 +387,11 @@ class Verifier:
             check.checked = upto
             check.hop.tally.verify(upto - lo)
             check.verifier.tally.verify(upto - lo)
+            # Both results of an agreeing pair count (BOINC's quorum: every result in it is
+            # valid): the verifier host computed the window right as well, and it could not know
+            # it was checking (its session looks like any other).
             self.client.trust.valid(check.hop.peer_id)
+            self.client.trust.valid(check.verifier.peer_id)
             return
         d = lo + int(bad[0])
         self.stats.mismatches += 1

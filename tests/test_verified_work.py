@@ -322,6 +322,10 @@ async def test_the_trust_book_is_kept_in_the_data_directory(
         assert generation.result.new_ids == want
         checked = {p: first.trust.statistics(p) for p in hosts if first.trust.statistics(p)["valid"]}
         assert len(checked) >= 2, checked  # the route's hops, checked on other hosts
+        v = generation.result.verification
+        assert v["mismatches"] == 0 and v["windows_checked"] > 0, v
+        # Each agreeing window is a valid window of the hop and of the host that re-ran it.
+        assert sum(first.trust.statistics(p)["valid"] for p in hosts) == 2 * v["windows_checked"]
         assert path.stat().st_mode & 0o777 == 0o600 and not first.trust.changed
 
         second = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts)
