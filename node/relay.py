@@ -35,6 +35,14 @@ RELAY_MAX_DROPPED = 16  # relayed steps for no session here, in a row, before we
 RELAY_MAX_OUT = 64  # outgoing relay streams kept open (one per next-hop peer)
 RELAY_REUSE_S = RELAY_IDLE_S / 2  # an outgoing stream silent this long is replaced, not reused
 RELAY_GATHER_TICKS = 2  # scheduler passes a sender waits for more steps to the same peer
+RELAY_BATCH_BYTES = 1 << 20  # a relay_steps frame carries about this much at most (more: next frame)
+
+
+def _approx_bytes(body: dict[str, Any]) -> int:
+    """About what a relay_step body takes on the wire: its tensors plus a little per entry."""
+    trail = body.get("trail") or []
+    return 256 + 128 * len(body.get("chain") or []) + sum(
+        160 + len(e["hidden"].get("data", b"")) + len(e["hidden"].get("scales") or b"") for e in trail)
 
 
 class _Outgoing:
@@ -96,8 +104,14 @@ class RelayLinks:
             await trio.lowlevel.checkpoint()
             if len(queue) == waiting:
                 break
-        batch = queue[:S.RELAY_BATCH_MAX]
-        del queue[:S.RELAY_BATCH_MAX]
+        batch: list[_Outgoing] = []
+        size = 0
+        for it in queue[:S.RELAY_BATCH_MAX]:  # a frame well within any receiver's frame limit
+            size += _approx_bytes(it.body)
+            if batch and size > RELAY_BATCH_BYTES:
+                break
+            batch.append(it)
+        del queue[:len(batch)]
         error: str | None = "cancelled"
         try:
             await self._write(peer, [it.body for it in batch])

@@ -340,6 +340,18 @@ async def test_steps_ready_together_go_in_one_frame_and_a_1_0_peer_gets_one_each
         assert [kind for kind, _ in got_old] == ["relay_step"] * 5
         assert sorted(seqs[0] for _, seqs in got_old[:4]) == [1, 2, 3, 4] and got_old[4][1] == [5]
         assert (links.frames, links.steps) == (7, 10)
+        # Big steps (wide rows, a long trail) split into frames of about RELAY_BATCH_BYTES.
+        wide = S.TrailEntry(encode_hidden(np.zeros((8, 4096), np.float32)), b"s" * 64, False, 0.0)
+        host = receivers[S.RELAY_PROTOCOL]
+        before = len(frames[host.peer_id])
+        async with trio.open_nursery() as nursery:  # 8 steps of ~0.4 MiB each: 2 per frame
+            for seq in range(6, 14):
+                body = S.RelayStep(7, b"t" * 16, 2, seq, (), (wide,) * 3).to_body()
+                nursery.start_soon(links.send, host.peer_id, body)
+        with trio.fail_after(5):
+            while sum(len(seqs) for _, seqs in frames[host.peer_id][before:]) < 8:
+                await trio.sleep(0.01)
+        assert [len(seqs) for _, seqs in frames[host.peer_id][before:]] == [2, 2, 2, 2]
 
 
 async def test_a_fence_drops_relayed_steps_the_client_gave_up_on(stages: list[Stage]) -> None:
