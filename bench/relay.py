@@ -55,7 +55,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             while True:
                 env = await fs.receive(timeout=60)
-                for body in [env.body] if env.kind == "relay_step" else S.relay_batch(env.body):
+                for body in S.relay_bodies(env.kind, env.body):
                     S.RelayStep.from_body(body)
                     got["n"] += 1
                 if got["n"] >= got["want"]:

@@ -205,7 +205,7 @@ async def serve_relay(fs: FramedStream, find: Callable[[int], StageServer | None
                 env = await fs.receive(timeout=RELAY_IDLE_S)
                 if env.kind not in kinds:
                     raise RemoteProtocolError(f"expected {' or '.join(kinds)}, got {env.kind}")
-                bodies = [env.body] if env.kind == "relay_step" else S.relay_batch(env.body)
+                bodies = S.relay_bodies(env.kind, env.body)
             except (StreamClosed, DeadlineExceeded, NetworkError, RemoteProtocolError) as e:
                 log.debug("relay stream from %s ends: %s", fs.peer_id[-8:], e)
                 break

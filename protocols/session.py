@@ -320,6 +320,16 @@ class RelayStep:
         return cls(body["session"], relay, body["position"], body["seq"], chain, trail)
 
 
+def relay_bodies(kind: str, body: dict[str, Any]) -> list[object]:
+    """The ``relay_step`` bodies a relay frame carries: itself for ``relay_step``, the entries of
+    a ``relay_steps`` (``relay_batch``). Raises RemoteProtocolError for any other kind."""
+    if kind == "relay_step":
+        return [body]
+    if kind == "relay_steps":
+        return relay_batch(body)
+    raise RemoteProtocolError(f"expected relay_step or relay_steps, got {kind}")
+
+
 def relay_batch(body: dict[str, Any]) -> list[object]:
     """The entries of a ``relay_steps`` body, each a ``relay_step`` body still to be parsed with
     ``RelayStep.from_body`` (one bad entry spoils only itself). Raises RemoteProtocolError when the

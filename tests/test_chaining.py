@@ -82,6 +82,10 @@ def test_relay_step_and_chain_result_parse_strictly() -> None:
         with pytest.raises(RemoteProtocolError):
             S.RelayStep.from_body(bad)
     assert S.relay_batch({"steps": [body, "x"]}) == [body, "x"]  # entries are parsed one by one
+    assert S.relay_bodies("relay_step", body) == [body]
+    assert S.relay_bodies("relay_steps", {"steps": [body, body]}) == [body, body]
+    with pytest.raises(RemoteProtocolError):
+        S.relay_bodies("step", body)
     for bad_frame in ({"steps": []}, {"steps": [body] * (S.RELAY_BATCH_MAX + 1)}, {"steps": body},
                       {"steps": [body], "extra": 1}, {}):
         with pytest.raises(RemoteProtocolError):
@@ -315,7 +319,7 @@ async def test_steps_ready_together_go_in_one_frame_and_a_1_0_peer_gets_one_each
                 with contextlib.suppress(NetworkError, trio.TooSlowError):
                     while True:
                         env = await fs.receive(timeout=5)
-                        bodies = [env.body] if env.kind == "relay_step" else S.relay_batch(env.body)
+                        bodies = S.relay_bodies(env.kind, env.body)
                         got.append((env.kind, [S.RelayStep.from_body(b).seq for b in bodies]))
 
             host.set_stream_handler(protocol, receive)  # the 1.0.0 host speaks nothing newer
