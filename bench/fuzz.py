@@ -368,9 +368,9 @@ async def campaign(work: Path, protocols: Sequence[str], *, frames: int, seconds
     being fuzzed and the remaining protocols are not run.
     """
     from idlefleet.node.config import NodeConfig
-    from idlefleet.node.node import capacity_topic, open_node
-    from idlefleet.node.relay import serve_relay
-    from idlefleet.node.server import StageServer
+    from idlefleet.node.runtime.node import capacity_topic, open_node
+    from idlefleet.node.serve.relay import serve_relay
+    from idlefleet.node.serve.server import StageServer
     from idlefleet.p2p.host import HostConfig, open_host
     from idlefleet.p2p.liveness import HEARTBEAT_PROTOCOL
 

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import CLK_TCK, cpu_ticks, machine_ticks, work_root
-from idlefleet.node.run import write_json_atomic
-from idlefleet.node.swarm import Swarm, tail
+from idlefleet.node.cli.swarm import Swarm, tail
+from idlefleet.node.files import write_json_atomic
 
 POLICIES = ("adaptive", "naive")
 BLAS_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -56,7 +56,7 @@ import idlefleet.p2p.framing  # noqa: E402, F401  (installs the batched rule)
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import load_stage  # noqa: E402
-from idlefleet.node.server import ServerConfig, StageServer  # noqa: E402
+from idlefleet.node.serve.server import ServerConfig, StageServer  # noqa: E402
 from idlefleet.p2p.host import HostConfig, open_host  # noqa: E402
 from idlefleet.protocols import session as S  # noqa: E402
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden  # noqa: E402

@@ -63,18 +63,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import idlefleet.node.client as client_mod  # noqa: E402
+import idlefleet.node.client.fleet as client_mod  # noqa: E402
 from bench.common import CLK_TCK, cpu_ticks, machine_ticks, work_root  # noqa: E402
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, Pipeline  # noqa: E402
+from idlefleet.node.cli.run import setup_logging  # noqa: E402
+from idlefleet.node.cli.swarm import Swarm, tail  # noqa: E402
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, Pipeline  # noqa: E402
 from idlefleet.node.config import NodeConfig  # noqa: E402
 from idlefleet.node.model.generate import generate  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.sampling import SamplingParams  # noqa: E402
 from idlefleet.node.model.stage import Stage, load_stage  # noqa: E402
-from idlefleet.node.node import open_node  # noqa: E402
-from idlefleet.node.run import setup_logging  # noqa: E402
-from idlefleet.node.swarm import Swarm, tail  # noqa: E402
+from idlefleet.node.runtime.node import open_node  # noqa: E402
 from idlefleet.protocols import session as S  # noqa: E402
 from idlefleet.protocols.placement import coverage  # noqa: E402
 from idlefleet.protocols.tensors import encode_hidden  # noqa: E402

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from idlefleet.node.relay import RelayLinks  # noqa: E402
+from idlefleet.node.serve.relay import RelayLinks  # noqa: E402
 from idlefleet.p2p.errors import NetworkError  # noqa: E402
 from idlefleet.p2p.framing import FramedStream  # noqa: E402
 from idlefleet.p2p.host import HostConfig, open_host  # noqa: E402

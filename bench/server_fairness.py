@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.stage import Stage, load_stage
-from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.node.serve.server import ServerConfig, StageServer
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S

@@ -57,11 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import work_root  # noqa: E402
 from bench.pipeline import CpuWindow, Run, make_swarm, med, start_swarm, with_client  # noqa: E402
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed  # noqa: E402
+from idlefleet.node.cli.run import setup_logging  # noqa: E402
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, GenerationFailed  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import Head, Stage, load_stage  # noqa: E402
-from idlefleet.node.run import setup_logging  # noqa: E402
 from idlefleet.protocols.verification import TRUST_FILE_VERSION  # noqa: E402
 
 PROMPTS = ["Once upon a time,", "The capital of France is", "In a city of parked cars,",

@@ -51,14 +51,14 @@ import numpy as np  # noqa: E402
 import trio  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient  # noqa: E402
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient  # noqa: E402
 from idlefleet.node.config import NodeConfig  # noqa: E402
 from idlefleet.node.faults import KINDS, FaultInjector  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import load_stage  # noqa: E402
-from idlefleet.node.node import Node, open_node  # noqa: E402
-from idlefleet.node.server import StageServer  # noqa: E402
+from idlefleet.node.runtime.node import Node, open_node  # noqa: E402
+from idlefleet.node.serve.server import StageServer  # noqa: E402
 from idlefleet.p2p.host import HostConfig, open_host  # noqa: E402
 from idlefleet.p2p.liveness import HEARTBEAT_PROTOCOL  # noqa: E402
 from idlefleet.protocols import session as S  # noqa: E402

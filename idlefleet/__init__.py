@@ -23,14 +23,14 @@ except PackageNotFoundError:  # running from a checkout that was never installed
 
 # public name -> module that defines it
 _EXPORTS = {
-    "open_node": "idlefleet.node.node",
-    "Node": "idlefleet.node.node",
+    "open_node": "idlefleet.node.runtime.node",
+    "Node": "idlefleet.node.runtime.node",
     "NodeConfig": "idlefleet.node.config",
     "load_config": "idlefleet.node.config",
-    "FleetClient": "idlefleet.node.client",
-    "ClientConfig": "idlefleet.node.client",
-    "FleetResult": "idlefleet.node.client",
-    "GenerationFailed": "idlefleet.node.client",
+    "FleetClient": "idlefleet.node.client.fleet",
+    "ClientConfig": "idlefleet.node.client.fleet",
+    "FleetResult": "idlefleet.node.client.fleet",
+    "GenerationFailed": "idlefleet.node.client.fleet",
     "IdlefleetError": "idlefleet.protocols.errors",
 }
 
@@ -48,9 +48,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from idlefleet.node.client import ClientConfig, FleetClient, FleetResult, GenerationFailed
+    from idlefleet.node.client.fleet import ClientConfig, FleetClient, FleetResult, GenerationFailed
     from idlefleet.node.config import NodeConfig, load_config
-    from idlefleet.node.node import Node, open_node
+    from idlefleet.node.runtime.node import Node, open_node
     from idlefleet.protocols.errors import IdlefleetError
 
 

@@ -19,7 +19,7 @@ fits the wire dtype (:data:`TOLERANCE`; measured numbers in docs/PROTOCOL.md).
 
 How often to check is BOINC's adaptive replication (:class:`TrustBook`): a peer new to this client
 is always checked; each consecutive valid window lowers the rate, never below ``min_rate``; one
-mismatch resets the peer to "new". The client (``node/verifier.py``) draws once per hop session,
+mismatch resets the peer to "new". The client (``node/client/verifier.py``) draws once per hop session,
 the unit of work: a sampled session has every window checked.
 """
 

@@ -37,7 +37,7 @@ def capacity_record(key: Ed25519PrivateKey, *, ttl: float = 60.0, **overrides: A
 @asynccontextmanager
 async def running_fleet(config_of: Callable[[int, tuple[str, ...]], Any], n: int) -> AsyncIterator[list[Any]]:
     """``n`` in-process nodes, ``config_of(i, bootstrap)`` each, all bootstrapped off the first."""
-    from idlefleet.node.node import open_node
+    from idlefleet.node.runtime.node import open_node
 
     async with AsyncExitStack() as stack:
         first = await stack.enter_async_context(open_node(config_of(0, ())))

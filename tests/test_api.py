@@ -20,12 +20,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from idlefleet.node import generate_cli
-from idlefleet.node.api import ApiConfig, ApiServer, FleetBackend, LocalBackend, serve_api
-from idlefleet.node.cli import main
-from idlefleet.node.client import ClientModel, FleetClient
+from idlefleet.node.api.server import ApiConfig, ApiServer, FleetBackend, LocalBackend, serve_api
+from idlefleet.node.cli.main import main
+from idlefleet.node.client.fleet import ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import open_node
+from idlefleet.node.model import local
+from idlefleet.node.runtime.node import open_node
 from tests.test_pipeline import serving_fleet
 
 QUESTION = "What is the capital of France?"
@@ -38,7 +38,7 @@ def chat_cli(tokenizer: Any, head: Any, whole_model: Any) -> dict[str, Any]:
     """What ``idlefleet generate --local QUESTION --chat --json`` prints (with the session's model)."""
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(generate_cli, "load_local", lambda model: (tokenizer, head, whole_model))
+        mp.setattr(local, "load_local", lambda model: (tokenizer, head, whole_model))
         argv = ["generate", "--local", QUESTION, "--chat", "--json", "--max-new-tokens", str(TOKENS)]
         assert main(argv) == 0
     result: dict[str, Any] = json.loads(out.getvalue())

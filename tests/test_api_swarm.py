@@ -20,7 +20,7 @@ import openai
 import pytest
 import trio
 
-from idlefleet.node.swarm import Swarm
+from idlefleet.node.cli.swarm import Swarm
 from tests.test_swarm_pipeline import wait_coverage
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from idlefleet.node.batch_cli import (
+from idlefleet.node.cli.batch import (
     BATCH_ATTEMPTS,
     Prompt,
     compact,
@@ -22,10 +22,10 @@ from idlefleet.node.batch_cli import (
     read_input,
     read_results,
 )
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, GenerationFailed
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.sampling import SamplingParams
-from idlefleet.node.node import open_node
+from idlefleet.node.runtime.node import open_node
 from tests.test_pipeline import serving_fleet
 
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from idlefleet.node.batcher import STEPPING_S, HeadBatcher, StepBatcher, acquire
 from idlefleet.node.model import blocks as B
+from idlefleet.node.model.batcher import STEPPING_S, HeadBatcher, StepBatcher, acquire
 from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.sampling import SamplingParams

@@ -16,14 +16,14 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node import client as C
-from idlefleet.node import relay as R
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client import fleet as C
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.stage import Stage, load_stage
-from idlefleet.node.node import Node, open_node
-from idlefleet.node.relay import RelayLinks, serve_relay
-from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.node.runtime.node import Node, open_node
+from idlefleet.node.serve import relay as R
+from idlefleet.node.serve.relay import RelayLinks, serve_relay
+from idlefleet.node.serve.server import ServerConfig, StageServer
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host

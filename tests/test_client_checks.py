@@ -16,12 +16,18 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed, own_sessions_load
+from idlefleet.node.client.fleet import (
+    ClientConfig,
+    ClientModel,
+    FleetClient,
+    GenerationFailed,
+    own_sessions_load,
+)
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.generate import generate, local_middle
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Stage
-from idlefleet.node.server import StageServer
+from idlefleet.node.serve.server import StageServer
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host

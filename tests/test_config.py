@@ -274,7 +274,7 @@ def test_paths_given_as_strings_in_code_are_paths() -> None:
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from idlefleet.node.cli import main
+    from idlefleet.node.cli.main import main
 
     code = main(argv)
     err = capsys.readouterr().err

@@ -29,7 +29,7 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import Node, open_node
+from idlefleet.node.runtime.node import Node, open_node
 from idlefleet.p2p.host import Host, HostConfig, open_host
 
 RECORD_DOMAIN = b"idlefleet/capacity-record/v1\x00"

@@ -16,8 +16,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.model.stage import Stage
-from idlefleet.node.node import STATUS_PROTOCOL, capacity_topic, open_node
-from idlefleet.node.server import ServerConfig
+from idlefleet.node.runtime.node import STATUS_PROTOCOL, capacity_topic, open_node
+from idlefleet.node.serve.server import ServerConfig
 from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.guard import Misbehaviour, TokenBuckets

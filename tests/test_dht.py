@@ -19,7 +19,7 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import Node
+from idlefleet.node.runtime.node import Node
 from idlefleet.p2p.host import DHT_PROTOCOL, Host, HostConfig, open_host
 from idlefleet.protocols.dhtkeys import (
     block_provider_cid,

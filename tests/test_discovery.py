@@ -9,10 +9,10 @@ from typing import Any
 
 import trio
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.discovery import load_peers_file, spread_order
-from idlefleet.node.node import open_node
+from idlefleet.node.runtime.discovery import load_peers_file, spread_order
+from idlefleet.node.runtime.node import open_node
 from tests.factories import running_fleet
 from tests.test_node import node_config, wait_converged
 from tests.test_pipeline import PROMPT, serving_config

@@ -15,7 +15,7 @@ import trio
 
 from idlefleet.node.config import NodeConfig, load_config
 from idlefleet.node.faults import ENV_GUARD, FaultInjector, parse_fault
-from idlefleet.node.node import open_node
+from idlefleet.node.runtime.node import open_node
 from idlefleet.protocols.errors import ConfigError
 from idlefleet.protocols.verification import TOLERANCE, row_mismatch
 
@@ -109,7 +109,7 @@ async def test_node_passes_its_fault_to_the_stage_server(tmp_path: Path,
 # --- idlefleet swarm --faulty ---------------------------------------------------------------------
 
 def test_swarm_faulty_spec_picks_the_last_nodes_never_the_bootstrap() -> None:
-    from idlefleet.node.swarm import parse_faulty
+    from idlefleet.node.cli.swarm import parse_faulty
 
     assert parse_faulty("2", 6) == {4: "corrupt", 5: "corrupt"}
     assert parse_faulty("1:stale:0.5", 3) == {2: "stale:0.5"}

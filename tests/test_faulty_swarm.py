@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from idlefleet.node.procs import pid_alive, tied_popen_kwargs
+from idlefleet.node.cli.procs import pid_alive, tied_popen_kwargs
 
 pytestmark = pytest.mark.slow
 

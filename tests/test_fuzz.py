@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from bench.fuzz import PROTOCOLS, campaign, framed_seeds, mutate
 from idlefleet.node.model.stage import Stage
-from idlefleet.node.node import STATUS_PROTOCOL
+from idlefleet.node.runtime.node import STATUS_PROTOCOL
 from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols import wire

@@ -1,4 +1,4 @@
-"""Block hosting (node/hosting.py) against a stand-in node: what is announced while blocks load,
+"""Block hosting (node/serve/hosting.py) against a stand-in node: what is announced while blocks load,
 and drain/stop reaching sessions on a replaced stage."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import idlefleet.node.hosting as hosting_module
-from idlefleet.node.hosting import BlockHosting, HostingConfig
+import idlefleet.node.serve.hosting as hosting_module
 from idlefleet.node.model.stage import load_stage
-from idlefleet.node.owner import OwnerControl
+from idlefleet.node.owner.control import OwnerControl
+from idlefleet.node.serve.hosting import BlockHosting, HostingConfig
 from idlefleet.protocols.policy import Consent, Preferences, VehicleReading
 
 
@@ -120,4 +120,4 @@ def test_hosting_does_not_import_the_node() -> None:
     tree = ast.parse(Path(hosting_module.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert "idlefleet.node.node" not in imported
+    assert "idlefleet.node.runtime.node" not in imported

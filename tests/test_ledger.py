@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from idlefleet.node.ledger import DuplicateReceipt, Ledger
+from idlefleet.node.owner.ledger import DuplicateReceipt, Ledger
 from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.receipts import CREDIT_FLOPS
 from tests.test_verification import KEYS, receipt
@@ -77,7 +77,7 @@ def test_sigkill_loses_no_acknowledged_receipt(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from idlefleet.node.ledger import DuplicateReceipt, Ledger
+        from idlefleet.node.owner.ledger import DuplicateReceipt, Ledger
         from tests.test_ledger import signed
         ledger = Ledger(Path({str(path)!r}))
         for i in range(10_000):

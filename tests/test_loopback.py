@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import trio
 
-from idlefleet.node.server import StageServer
+from idlefleet.node.serve.server import StageServer
 from idlefleet.p2p.errors import NetworkError, RemoteError, StreamClosed
 from idlefleet.p2p.loopback import loopback_pair
 from idlefleet.protocols import session as S

@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from idlefleet.node import generate_cli
-from idlefleet.node.cli import build_parser, main
+from idlefleet.node.cli import generate as generate_cli
+from idlefleet.node.cli.main import build_parser, main
+from idlefleet.node.model import local
 
 
 @pytest.fixture
 def local_model(monkeypatch: pytest.MonkeyPatch, tokenizer: Any, head: Any, whole_model: Any) -> None:
     """Reuse the session's model instead of loading it again for every command."""
-    monkeypatch.setattr(generate_cli, "load_local", lambda model: (tokenizer, head, whole_model))
+    monkeypatch.setattr(local, "load_local", lambda model: (tokenizer, head, whole_model))
 
 
 @pytest.mark.usefixtures("local_model")

@@ -29,8 +29,8 @@ from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message as AutoNATMessage
 from libp2p.peer.id import ID
 
+from idlefleet.node.cli.swarm import Swarm, node_data_dir
 from idlefleet.node.config import load_config
-from idlefleet.node.swarm import Swarm, node_data_dir
 from idlefleet.p2p.errors import PeerUnreachable
 from idlefleet.p2p.host import Host, open_host
 from idlefleet.p2p.mdns import advertised_addrs

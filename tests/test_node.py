@@ -13,7 +13,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import STATUS_PROTOCOL, Node, capacity_topic, fetch_status, open_node
+from idlefleet.node.runtime.node import STATUS_PROTOCOL, Node, capacity_topic, fetch_status, open_node
 from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import peer_id_of, raw_public_key

@@ -12,7 +12,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import Node
+from idlefleet.node.runtime.node import Node
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.liveness import Liveness
 from idlefleet.protocols import wire

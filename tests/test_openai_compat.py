@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from idlefleet.node.openai_compat import ApiError, StopScanner, parse_request
+from idlefleet.node.api.openai_compat import ApiError, StopScanner, parse_request
 
 
 def scan(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

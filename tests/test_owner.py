@@ -1,4 +1,4 @@
-"""The owner's side of a node (node/owner.py, node/owner_cli.py): data directory, signed consent
+"""The owner's side of a node (node/owner/control.py, node/cli/owner.py): data directory, signed consent
 log, vehicle "unknown", control socket, report, and the stage server's policy gate."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.cli import main
+from idlefleet.node.cli.main import main
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.stage import Stage
-from idlefleet.node.node import open_node
-from idlefleet.node.owner import (
+from idlefleet.node.owner.control import (
     ConsentLog,
     ConsentLogError,
     DataDir,
@@ -28,8 +27,9 @@ from idlefleet.node.owner import (
     serve_control,
     vehicle_reading,
 )
-from idlefleet.node.server import ServerConfig, StageServer
-from idlefleet.node.vehicle import JsonFileVehicle
+from idlefleet.node.runtime.node import open_node
+from idlefleet.node.serve.server import ServerConfig, StageServer
+from idlefleet.node.vehicle.providers import JsonFileVehicle
 from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S
@@ -363,7 +363,7 @@ class RoutingStandIn:
 
 
 def test_routing_skips_peers_whose_policy_says_no_and_honours_allowed_regions(client_model: Any) -> None:
-    from idlefleet.node.client import ClientConfig, FleetClient
+    from idlefleet.node.client.fleet import ClientConfig, FleetClient
     from idlefleet.protocols.routing import NoRoute
     from tests.factories import T0, capacity_record
 

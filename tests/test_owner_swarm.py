@@ -15,11 +15,11 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.cli.swarm import FILE_VEHICLE, Swarm, node_data_dir
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import open_node
-from idlefleet.node.owner import control_request
-from idlefleet.node.swarm import FILE_VEHICLE, Swarm, node_data_dir
+from idlefleet.node.owner.control import control_request
+from idlefleet.node.runtime.node import open_node
 from tests.test_swarm_pipeline import wait_coverage
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import importlib, sys
 import idlefleet
 from idlefleet import ClientConfig, FleetClient, NodeConfig, open_node, __version__
 import idlefleet.protocols.wire
-assert open_node.__module__ == "idlefleet.node.node", open_node.__module__
+assert open_node.__module__ == "idlefleet.node.runtime.node", open_node.__module__
 missing = []
 for name in ("node", "p2p", "protocols"):
     try:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import trio
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import Node, open_node
+from idlefleet.node.runtime.node import Node, open_node
 from tests.factories import running_fleet
 
 PROMPT = "The capital of France is"

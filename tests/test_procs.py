@@ -11,13 +11,13 @@ import time
 import pytest
 import trio
 
-from idlefleet.node.procs import LIFELINE_ENV, lifeline_fd, pid_alive, tied_popen_kwargs
-from idlefleet.node.run import _watch_lifeline
+from idlefleet.node.cli.procs import LIFELINE_ENV, lifeline_fd, pid_alive, tied_popen_kwargs
+from idlefleet.node.cli.run import _watch_lifeline
 
 # A launcher that starts one tied child (``sleep``), prints its pid, then waits to be killed.
 LAUNCHER = """
 import subprocess, sys, time
-from idlefleet.node.procs import tied_popen_kwargs
+from idlefleet.node.cli.procs import tied_popen_kwargs
 child = subprocess.Popen(["sleep", "120"], **tied_popen_kwargs())
 print(child.pid, flush=True)
 time.sleep(120)

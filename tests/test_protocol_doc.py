@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import idlefleet.node.node  # noqa: F401  (registers the gossip kinds)
+import idlefleet.node.runtime.node  # noqa: F401  (registers the gossip kinds)
 from idlefleet.protocols import session as S
 from idlefleet.protocols import wire
 from idlefleet.protocols.errors import RecordRejected

@@ -21,10 +21,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, Pipeline
-from idlefleet.node.ledger import Ledger, ReceiptDesk
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, Pipeline
 from idlefleet.node.model.stage import Stage
-from idlefleet.node.server import StageServer
+from idlefleet.node.owner.ledger import Ledger, ReceiptDesk
+from idlefleet.node.serve.server import StageServer
 from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient, GenerationFailed
+from idlefleet.node.cli.swarm import FILE_VEHICLE, Swarm, node_data_dir
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, GenerationFailed
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.ledger import Ledger
-from idlefleet.node.node import open_node
-from idlefleet.node.owner import control_request
-from idlefleet.node.swarm import FILE_VEHICLE, Swarm, node_data_dir
+from idlefleet.node.owner.control import control_request
+from idlefleet.node.owner.ledger import Ledger
+from idlefleet.node.runtime.node import open_node
 from idlefleet.protocols.receipts import decode_receipt
 from tests.test_swarm_pipeline import wait_coverage
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from idlefleet.node.faults import ENV_GUARD, FaultInjector
-from idlefleet.node.node import Node
+from idlefleet.node.runtime.node import Node
 from idlefleet.p2p.identity import create_key_file, peer_id_of
 from idlefleet.protocols import wire
 from idlefleet.protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from idlefleet.node.cli import main
+from idlefleet.node.cli.main import main
 from idlefleet.node.sim import Scenario, ScenarioError, load_scenario, run_simulation
 from idlefleet.node.sim.engine import FAIL_REASONS, T0
 from idlefleet.node.sim.report import to_json, to_text

@@ -12,7 +12,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.model.stage import Stage, load_stage
-from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.node.serve.server import ServerConfig, StageServer
 from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host

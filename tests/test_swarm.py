@@ -14,9 +14,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.node import STATUS_PROTOCOL
-from idlefleet.node.procs import pid_alive, tied_popen_kwargs
-from idlefleet.node.swarm import Swarm
+from idlefleet.node.cli.procs import pid_alive, tied_popen_kwargs
+from idlefleet.node.cli.swarm import Swarm
+from idlefleet.node.runtime.node import STATUS_PROTOCOL
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols.records import validate_record

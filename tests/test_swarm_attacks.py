@@ -20,9 +20,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from idlefleet.node.cli.swarm import Swarm
 from idlefleet.node.model.stage import load_stage
-from idlefleet.node.node import STATUS_PROTOCOL
-from idlefleet.node.swarm import Swarm
+from idlefleet.node.runtime.node import STATUS_PROTOCOL
 from idlefleet.p2p.errors import NetworkError, RemoteError
 from idlefleet.p2p.host import GOSSIP_PROTOCOLS, HostConfig, open_host
 from idlefleet.p2p.liveness import HEARTBEAT_PROTOCOL

@@ -19,10 +19,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.cli.swarm import Swarm
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import open_node
-from idlefleet.node.swarm import Swarm
+from idlefleet.node.runtime.node import open_node
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.liveness import Liveness

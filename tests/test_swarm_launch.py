@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 
-from idlefleet.node.swarm import _free_port, _listening
+from idlefleet.node.cli.swarm import _free_port, _listening
 
 
 def test_a_listening_socket_is_seen_without_connecting() -> None:

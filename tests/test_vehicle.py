@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from idlefleet.node.vehicle import (
+from idlefleet.node.vehicle.providers import (
     PROFILES,
     JsonFileVehicle,
     SimulatedVehicle,

@@ -15,11 +15,11 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.cli.swarm import Swarm, node_data_dir
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.ledger import Ledger
-from idlefleet.node.node import open_node
-from idlefleet.node.swarm import Swarm, node_data_dir
+from idlefleet.node.owner.ledger import Ledger
+from idlefleet.node.runtime.node import open_node
 from idlefleet.protocols.receipts import decode_receipt
 from tests.test_swarm_pipeline import wait_coverage
 

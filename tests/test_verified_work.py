@@ -15,14 +15,14 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.faults import FaultInjector
 from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Stage
-from idlefleet.node.node import Node, open_node
-from idlefleet.node.server import StageServer
+from idlefleet.node.runtime.node import Node, open_node
+from idlefleet.node.serve.server import StageServer
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import HostConfig, open_host
@@ -248,7 +248,7 @@ async def test_a_lying_signature_is_a_protocol_fault_of_that_peer(
     from idlefleet.protocols.peerid import peer_id_from_public_key
 
     peer_id = peer_id_from_public_key(key.public_key().public_bytes_raw())
-    with caplog.at_level(logging.WARNING, logger="idlefleet.node.client"):
+    with caplog.at_level(logging.WARNING, logger="idlefleet.node.client.fleet"):
         async with fleet(whole_model, lying_handler(whole_model, key, peer_id, lie), hostile_key=key) as (
                 me, peers, _events):
             client = DirectClient(me, client_model, ClientConfig(), peers)
@@ -332,7 +332,7 @@ async def test_the_trust_book_is_kept_in_the_data_directory(
         assert {p: second.trust.statistics(p) for p in checked} == checked
 
         path.write_text('{"version": 1, "peers": [["x", 5, 1, 0]]}')  # a streak over its windows
-        with caplog.at_level(logging.WARNING, logger="idlefleet.node.client"):
+        with caplog.at_level(logging.WARNING, logger="idlefleet.node.client.fleet"):
             third = FixedFleetClient(me, client_model, ClientConfig(verify_window=WINDOW), hosts)
         assert len(third.trust) == 0
         assert any("trust book" in r.message and "ignored" in r.message for r in caplog.records)

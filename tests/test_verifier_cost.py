@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from idlefleet.node import verifier as V
-from idlefleet.node.client import ClientConfig, _HopSession
+from idlefleet.node.client import verifier as V
+from idlefleet.node.client.fleet import ClientConfig, _HopSession
 from idlefleet.protocols.verification import TrustBook
 
 PEER = "12D3KooWprimary"

@@ -2,7 +2,7 @@
 
 Each step of ``step_s`` seconds:
 
-1. **Physics** (vectorised): battery (driving, charging with the taper of ``node/vehicle.py``,
+1. **Physics** (vectorised): battery (driving, charging with the taper of ``node/vehicle/providers.py``,
    standby, compute) and temperature relax towards a target (ambient, sun, charging, driving,
    serving heat). A car serving on battery stops drawing compute at its hard floor, as the node
    would within a second.

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from idlefleet.node.owner import (
+from idlefleet.node.owner.control import (
     ConsentLog,
     DataDir,
     control_request,
@@ -132,7 +132,7 @@ def export_receipts(ledger: Path, *, since: float | None = None, role: str | Non
     double-signed receipt (PROTOCOL.md 7.3) in base64, ``body`` the signed bytes in base64,
     ``server_sig`` / ``client_sig`` hex, then the decoded fields and credits. Each is re-verified
     here; a row that does not verify (a tampered file) raises ConfigError."""
-    from idlefleet.node.ledger import Ledger
+    from idlefleet.node.owner.ledger import Ledger
 
     out: dict[str, Any] = {"ledger": str(ledger), "receipts": [], "refused": []}
     if not ledger.exists():

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from idlefleet.node.model import local
 from idlefleet.node.model.sampling import SamplingParams
 
 MAX_LINE_TOKENS = 8192  # a per-line max_new_tokens above this is a bad line
@@ -214,10 +215,9 @@ def _result(p: Prompt, prompt_ids: list[int], new_ids: list[int], text: str,
 # -- the two engines ---------------------------------------------------------------------------
 def run_local(args: argparse.Namespace, todo: list[Prompt], writer: ResultWriter) -> None:
     """Continuous batching in this process (``generate_many``), ``--concurrency`` at a time."""
-    from idlefleet.node.generate_cli import load_local
     from idlefleet.node.model.generate import BatchItem, generate_many
 
-    tokenizer, head, stage = load_local(args.model)
+    tokenizer, head, stage = local.load_local(args.model)
     ctx = stage.config.context_length
     items, ids_of = [], {}
     for p in todo:
@@ -237,9 +237,9 @@ async def run_fleet(args: argparse.Namespace) -> int:
     """``--concurrency`` generations at a time across the fleet (their LM head rows batched)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from idlefleet.node.client import ClientConfig, FleetClient
+    from idlefleet.node.client.fleet import ClientConfig, FleetClient
     from idlefleet.node.config import NodeConfig
-    from idlefleet.node.node import open_node
+    from idlefleet.node.runtime.node import open_node
 
     with tempfile.TemporaryDirectory(prefix="idlefleet-batch-") as tmp:
         config = NodeConfig(key_file=Path(tmp) / "client.key", bootstrap=(args.bootstrap,),
@@ -255,7 +255,7 @@ async def run_with_client(client: Any, args: argparse.Namespace, todo: list[Prom
     """Run ``todo`` on ``client`` (a :class:`FleetClient`), ``args.concurrency`` at a time."""
     import trio
 
-    from idlefleet.node.client import GenerationFailed
+    from idlefleet.node.client.fleet import GenerationFailed
 
     send, receive = trio.open_memory_channel[Prompt](0)  # workers pull one prompt at a time
 
@@ -354,7 +354,7 @@ async def fleet_job(client: Any, args: argparse.Namespace, out: TextIO = sys.std
 def run_batch(args: argparse.Namespace) -> int:
     """Entry point of the subcommand: 0 if every prompt has a result without error, 1 if some
     failed (bad lines included), 2 for bad usage."""
-    from idlefleet.node.run import setup_logging
+    from idlefleet.node.cli.run import setup_logging
 
     if args.concurrency < 1 or args.max_new_tokens < 0:
         print("error: --concurrency must be >= 1 and --max-new-tokens >= 0", file=sys.stderr)

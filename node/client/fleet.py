@@ -45,16 +45,16 @@ from typing import Any
 import numpy as np
 import trio
 
-from idlefleet.node.batcher import HeadBatcher
-from idlefleet.node.ledger import ReceiptDesk
+from idlefleet.node.client.verifier import Verifier
+from idlefleet.node.model.batcher import HeadBatcher
 from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
 from idlefleet.node.model.tokenizer import TextStream, Tokenizer
-from idlefleet.node.node import Node
-from idlefleet.node.verifier import Verifier
+from idlefleet.node.owner.ledger import ReceiptDesk
+from idlefleet.node.runtime.node import Node
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, RemoteError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.loopback import loopback_pair
@@ -147,7 +147,7 @@ class ClientConfig:
     # that many blocks instead of token embeddings (README "Privacy"); routing covers the rest.
     local_blocks: int = 0
     max_hidden_abs: float = MAX_HIDDEN_ABS
-    # Verified work (node/verifier.py): re-compute remote hops' windows of ``verify_window``
+    # Verified work (node/client/verifier.py): re-compute remote hops' windows of ``verify_window``
     # positions on an independent host; a new peer's hop sessions are all checked, a trusted
     # peer's are sampled (each whole session or none of it) with a falling probability, never
     # below ``verify_min_rate``. ``verify_strict``: a generation's tokens (its result and its
@@ -164,7 +164,7 @@ class ClientConfig:
     # No third host to referee a mismatch: recompute the disputed row here, from the model file
     # (loads that hop's blocks for the moment; off on a client too small to hold them).
     verify_local_referee: bool = True
-    # Concurrent generations of one client decode in step (node/batcher.py HeadBatcher): a
+    # Concurrent generations of one client decode in step (node/model/batcher.py HeadBatcher): a
     # token's LM head row waits up to this long for the other decoding generations' rows, so
     # that all of them are computed together here and on every stage server. 0: no waiting.
     # A row never waits more than LOCKSTEP_SHARE of its own generation's recent time per token:
@@ -175,7 +175,7 @@ class ClientConfig:
     # remote hop offers it; each hop's output and signature still reach the client (verified
     # work is unchanged). Prefill, replay and failover go hop by hop.
     chain: bool = True
-    # The head's lockstep is per route ("waves", node/batcher.py HeadBatcher): concurrent
+    # The head's lockstep is per route ("waves", node/model/batcher.py HeadBatcher): concurrent
     # generations on different routes do not wait for each other, so the client computes one
     # wave's LM head while the stage servers compute another's steps. False: one lockstep for all.
     waves: bool = True
@@ -247,7 +247,7 @@ class FleetResult:
     failovers: int
     stop_reason: str
     # windows_checked, sessions_shadowed, sessions_skipped, mismatches, banned_peers,
-    # rolled_back_tokens, unverified_tokens, reports, undecided (node/verifier.py); None when
+    # rolled_back_tokens, unverified_tokens, reports, undecided (node/client/verifier.py); None when
     # verification is off.
     verification: dict[str, Any] | None = None
     # Steps sent as one chained step through every hop, and chained steps that had to be redone
@@ -296,7 +296,7 @@ class _HopSession:
     tally: WorkTally = field(default_factory=WorkTally)  # this session's work, for its receipt
     opened_at: float = field(default_factory=time.time)
     session: int | None = None  # the server's session number (session_opened): step commitments, receipt
-    check: Any = None  # the verifier's HopCheck for this hop (node/verifier.py), once it stepped
+    check: Any = None  # the verifier's HopCheck for this hop (node/client/verifier.py), once it stepped
     relay: bytes | None = None  # the relay token of session_opened: this server takes chained steps
     chain_pending: int = 0  # rows of a chained step we gave up on, that this server may have computed
     failed: StageFailure | None = None  # a failure seen while waiting on a chain, raised at its next step
@@ -1223,7 +1223,7 @@ class FleetGeneration:
         """Yield ``(token_id, text_piece)`` per new token (a final ``(-1, tail)`` may flush text
         held back mid-character). Close it (``aclosing``) to end early; sessions are closed.
 
-        Verification (node/verifier.py) runs behind the tokens. When it catches a wrong output the
+        Verification (node/client/verifier.py) runs behind the tokens. When it catches a wrong output the
         generation rolls back to that position and continues on good peers, so ``result`` is the
         same tokens as an undisturbed run. A strict generation yields a token only once the work
         it depends on is verified (and verifies the last partial window before it ends); a

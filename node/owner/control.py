@@ -43,7 +43,7 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.ledger import LEDGER_FILE, Ledger
+from idlefleet.node.owner.ledger import LEDGER_FILE, Ledger
 from idlefleet.protocols.errors import ConfigError, IdlefleetError
 from idlefleet.protocols.policy import (
     SCOPE_INFERENCE,

@@ -157,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm(sub)
     _add_status(sub)
     _add_generate(sub)
-    from idlefleet.node.api_cli import add_api_parser
+    from idlefleet.node.cli.api import add_api_parser
 
     add_api_parser(sub)
     _add_batch(sub)
-    from idlefleet.node.owner_cli import add_owner_parser
+    from idlefleet.node.cli.owner import add_owner_parser
 
     add_owner_parser(sub)
     from idlefleet.node.sim.command import add_parser as _add_simulate
@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_node(args: argparse.Namespace) -> int:
     import trio
 
+    from idlefleet.node.cli.run import run_node, setup_logging
     from idlefleet.node.config import load_config
-    from idlefleet.node.run import run_node, setup_logging
 
     setup_logging(args.log_level)
     overrides = {k: getattr(args, k) for k in (
@@ -183,7 +183,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "serve", "model", "memory_budget_mb", "rebalance_s", "peers_file", "data_dir", "power_w",
         "unload_grace_s", "chaos_fault", "mdns")}
     if overrides["data_dir"] is None:
-        from idlefleet.node.owner import default_data_dir
+        from idlefleet.node.owner.control import default_data_dir
 
         overrides["data_dir"] = default_data_dir()
     if args.owner_prefs:
@@ -229,7 +229,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_swarm(args: argparse.Namespace) -> int:
-    from idlefleet.node.swarm import run_swarm
+    from idlefleet.node.cli.swarm import run_swarm
 
     if args.nodes < 1:
         print("idlefleet: --nodes must be at least 1", file=sys.stderr)
@@ -244,8 +244,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     import trio
 
-    from idlefleet.node.node import fetch_status
-    from idlefleet.node.run import setup_logging
+    from idlefleet.node.cli.run import setup_logging
+    from idlefleet.node.runtime.node import fetch_status
 
     setup_logging("WARNING")
     peers = trio.run(lambda: fetch_status(args.bootstrap, timeout=args.timeout))
@@ -276,22 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
         if args.bootstrap:
-            from idlefleet.node.fleet_cli import run_fleet_generate
+            from idlefleet.node.cli.fleet import run_fleet_generate
 
             return run_fleet_generate(args)
-        from idlefleet.node.generate_cli import run_generate
+        from idlefleet.node.cli.generate import run_generate
 
         return run_generate(args)
     if args.command == "api":
-        from idlefleet.node.api_cli import run_api_command
+        from idlefleet.node.cli.api import run_api_command
 
         return run_api_command(args)
     if args.command == "batch":
-        from idlefleet.node.batch_cli import run_batch
+        from idlefleet.node.cli.batch import run_batch
 
         return run_batch(args)
     if args.command == "owner":
-        from idlefleet.node.owner_cli import run_owner
+        from idlefleet.node.cli.owner import run_owner
 
         return run_owner(args)
     if args.command == "simulate":

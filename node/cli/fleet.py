@@ -16,10 +16,10 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import ClientConfig, FleetClient, GenerationFailed
+from idlefleet.node.cli.run import setup_logging
+from idlefleet.node.client.fleet import ClientConfig, FleetClient, GenerationFailed
 from idlefleet.node.config import GEOHASH_ALPHABET, NodeConfig
-from idlefleet.node.node import open_node
-from idlefleet.node.run import setup_logging
+from idlefleet.node.runtime.node import open_node
 
 
 def parse_regions(spec: str | None) -> tuple[str, ...]:

@@ -31,8 +31,8 @@ def add_api_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def run_api_command(args: argparse.Namespace) -> int:
     """``idlefleet api``: serve until SIGINT/SIGTERM."""
-    from idlefleet.node.api import ApiConfig
-    from idlefleet.node.run import setup_logging
+    from idlefleet.node.api.server import ApiConfig
+    from idlefleet.node.cli.run import setup_logging
 
     setup_logging(args.log_level)
     if not 0 <= args.port <= 65535 or args.max_tokens < 1:
@@ -46,9 +46,9 @@ def run_api_command(args: argparse.Namespace) -> int:
 async def _run_api(args: argparse.Namespace, config: Any) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from idlefleet.node.api import ApiServer, LocalBackend, serve_api, serve_node_api
+    from idlefleet.node.api.server import ApiServer, LocalBackend, serve_api, serve_node_api
     from idlefleet.node.config import NodeConfig
-    from idlefleet.node.node import open_node
+    from idlefleet.node.runtime.node import open_node
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -6,22 +6,11 @@ import argparse
 import json
 import sys
 
+from idlefleet.node.model import local
 from idlefleet.node.model.generate import generate, local_middle
-from idlefleet.node.model.gguf_loader import open_model
-from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.sampling import SamplingParams
-from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
-from idlefleet.node.model.tokenizer import TextStream, Tokenizer
+from idlefleet.node.model.tokenizer import TextStream
 from idlefleet.protocols.errors import ModelError, TensorError
-
-
-def load_local(model: str | None) -> tuple[Tokenizer, Head, Stage]:
-    """Tokenizer, client head and a stage of every block from ``model`` (default: SmolLM2)."""
-    with open_model(model or find_default_model()) as mf:
-        tokenizer = Tokenizer.from_model(mf)
-        head = load_head(mf)  # the client's part
-        stage = load_stage(mf, 0, mf.config.n_blocks)  # every block, in this process
-    return tokenizer, head, stage
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -44,7 +33,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        tokenizer, head, stage = load_local(args.model)
+        tokenizer, head, stage = local.load_local(args.model)
         text = args.prompt
         if args.chat:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from idlefleet.node.cli.procs import tied_popen_kwargs
 from idlefleet.node.faults import DEFAULT_KIND, ENV_GUARD, parse_fault
-from idlefleet.node.procs import tied_popen_kwargs
-from idlefleet.node.run import write_json_atomic
+from idlefleet.node.files import write_json_atomic
 from idlefleet.p2p.identity import load_or_create_key, peer_id_of
 from idlefleet.protocols.errors import ConfigError
 

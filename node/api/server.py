@@ -37,13 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from idlefleet.node.client import ClientModel, FleetClient, FleetGeneration, GenerationFailed
-from idlefleet.node.model.generate import Generation
-from idlefleet.node.model.sampling import SamplingParams
-from idlefleet.node.model.stage import Stage
-from idlefleet.node.model.tokenizer import TextStream
-from idlefleet.node.node import Node
-from idlefleet.node.openai_compat import (
+from idlefleet.node.api.openai_compat import (
     ApiError,
     CompletionRequest,
     StopScanner,
@@ -55,7 +49,14 @@ from idlefleet.node.openai_compat import (
     parse_request,
     usage_chunk,
 )
-from idlefleet.node.server import ServerConfig
+from idlefleet.node.client.fleet import ClientModel, FleetClient, FleetGeneration, GenerationFailed
+from idlefleet.node.model import local
+from idlefleet.node.model.generate import Generation
+from idlefleet.node.model.sampling import SamplingParams
+from idlefleet.node.model.stage import Stage
+from idlefleet.node.model.tokenizer import TextStream
+from idlefleet.node.runtime.node import Node
+from idlefleet.node.serve.server import ServerConfig
 from idlefleet.protocols.errors import ModelError
 from idlefleet.protocols.routing import NoRoute
 
@@ -119,9 +120,7 @@ class LocalBackend(Backend):
 
     @classmethod
     def load(cls, model: str | None) -> LocalBackend:
-        from idlefleet.node import generate_cli
-
-        tokenizer, head, stage = generate_cli.load_local(model)
+        tokenizer, head, stage = local.load_local(model)
         return cls(ClientModel(stage.model_id, stage.end, tokenizer, head), stage)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, on_token: OnToken,
@@ -173,7 +172,7 @@ class FleetBackend(Backend):
                        job: Job) -> str:
         assert self.client is not None  # check_ready passed
         # Strict: an HTTP client (streaming or not) only ever gets verified tokens; a stream holds
-        # each token until the remote work it depends on is verified (node/verifier.py).
+        # each token until the remote work it depends on is verified (node/client/verifier.py).
         generation = FleetGeneration(self.client, prompt_ids, params, strict=True)
         tokens = generation.run()
         try:
@@ -247,7 +246,7 @@ class ApiServer:
     :func:`serve_api`."""
 
     def __init__(self, backend: Backend, config: ApiConfig = ApiConfig()) -> None:
-        from idlefleet.node.metrics import build_registry
+        from idlefleet.node.api.metrics import build_registry
 
         self.backend = backend
         self.config = config
@@ -285,7 +284,7 @@ class ApiServer:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def fleet(self, request: Request) -> Response:
-        from idlefleet.node.metrics import fleet_snapshot
+        from idlefleet.node.api.metrics import fleet_snapshot
 
         return JSONResponse(fleet_snapshot(self))
 
@@ -298,7 +297,7 @@ class ApiServer:
 
     async def static(self, request: Request) -> Response:
         name, media_type = DASHBOARD_FILES[request.url.path]
-        data = (resources.files("idlefleet.node") / "dashboard" / name).read_bytes()
+        data = (resources.files("idlefleet.node.api") / "dashboard" / name).read_bytes()
         return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
@@ -528,7 +527,7 @@ class SnapshotStream(Response):
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from idlefleet.node.metrics import fleet_snapshot
+        from idlefleet.node.api.metrics import fleet_snapshot
 
         server = self.server
         server._event_streams += 1

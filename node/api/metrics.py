@@ -7,10 +7,8 @@ API's own statistics) each time they are asked.
 
 from __future__ import annotations
 
-import bisect
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -22,36 +20,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from idlefleet.node.serve.latency import LatencyHistogram
+
 if TYPE_CHECKING:
-    from idlefleet.node.api import ApiServer
-    from idlefleet.node.server import ServerStatistics
+    from idlefleet.node.api.server import ApiServer
+    from idlefleet.node.serve.server import ServerStatistics
 
 STATES = ("joining", "online", "draining", "offline")
-STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass
-class LatencyHistogram:
-    """Fixed-bucket histogram (no dependency, O(1) memory) of step latencies in seconds."""
-
-    bounds: Sequence[float] = STEP_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS_S) + 1))
-    total_s: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.total_s += seconds
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
-            running += n
-            out.append((bound, running))
-        return out
 
 
 class ServerTotals:
@@ -199,8 +174,8 @@ def build_registry(api: ApiServer) -> CollectorRegistry:
 # -- the dashboard's data ---------------------------------------------------------------------
 def fleet_snapshot(api: ApiServer) -> dict[str, Any]:
     """Everything the dashboard shows, JSON-friendly: peers, block coverage, live generations."""
-    from idlefleet.node.api import tokens_per_s
-    from idlefleet.node.openai_compat import ApiError
+    from idlefleet.node.api.openai_compat import ApiError
+    from idlefleet.node.api.server import tokens_per_s
 
     now, mono = time.time(), time.monotonic()
     backend = api.backend

@@ -29,11 +29,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.discovery import Discovery, DiscoveryConfig
 from idlefleet.node.faults import FaultInjector
-from idlefleet.node.hosting import BlockHosting, HostingConfig, available_memory_mb
-from idlefleet.node.ledger import Ledger, ReceiptDesk
-from idlefleet.node.owner import (
+from idlefleet.node.owner.control import (
     ConsentLog,
     DataDir,
     OwnerControl,
@@ -43,7 +40,10 @@ from idlefleet.node.owner import (
     serve_control,
     vehicle_reading,
 )
-from idlefleet.node.vehicle import VehicleProvider, VehicleState, make_provider
+from idlefleet.node.owner.ledger import Ledger, ReceiptDesk
+from idlefleet.node.runtime.discovery import Discovery, DiscoveryConfig
+from idlefleet.node.serve.hosting import BlockHosting, HostingConfig, available_memory_mb
+from idlefleet.node.vehicle.providers import VehicleProvider, VehicleState, make_provider
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.guard import TokenBuckets
 from idlefleet.p2p.host import Host, HostConfig, open_host
@@ -821,7 +821,7 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             # start and without a data dir (no control socket: consent cannot arrive later) there
             # is nothing to host: an embedded client node stays out of it.
             if config.serve and (config.consent or data_dir is not None):
-                from idlefleet.node.server import ServerConfig
+                from idlefleet.node.serve.server import ServerConfig
 
                 node.hosting = BlockHosting(node, HostingConfig(
                     model=config.model, memory_budget_mb=config.memory_budget_mb,

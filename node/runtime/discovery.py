@@ -33,13 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from idlefleet.node.files import write_json_atomic
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.protocols.dhtkeys import block_provider_cid, record_key, region_rendezvous_cid
 from idlefleet.protocols.errors import RecordRejected
 from idlefleet.protocols.records import CapacityRecord, validate_record
 
 if TYPE_CHECKING:
-    from idlefleet.node.node import Node
+    from idlefleet.node.runtime.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ def load_peers_file(path: Path) -> list[str]:
 
 def save_peers_file(path: Path, records: Iterable[CapacityRecord]) -> int:
     """Write the peers of ``records`` to ``path`` (atomically). Returns how many were saved."""
-    from idlefleet.node.run import write_json_atomic  # run imports node, which imports us
 
     peers = [{"peer_id": r.peer_id, "addrs": list(r.addrs)} for r in records if r.addrs]
     peers = peers[:MAX_SAVED_PEERS]

@@ -22,8 +22,8 @@ from idlefleet.node.faults import FaultInjector
 from idlefleet.node.model.gguf_loader import ModelInfo, open_model
 from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.stage import Stage, load_stage
-from idlefleet.node.relay import RelayLinks, serve_relay
-from idlefleet.node.server import ServerConfig, StageServer
+from idlefleet.node.serve.relay import RelayLinks, serve_relay
+from idlefleet.node.serve.server import ServerConfig, StageServer
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
 from idlefleet.protocols.placement import choose_range, coverage, should_move

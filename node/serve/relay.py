@@ -20,7 +20,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from idlefleet.node.server import StageServer
+from idlefleet.node.serve.server import StageServer
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S

@@ -72,7 +72,7 @@ from idlefleet.protocols.verification import (
 )
 
 if TYPE_CHECKING:
-    from idlefleet.node.client import Exchange, Pipeline, _HopSession
+    from idlefleet.node.client.fleet import Exchange, Pipeline, _HopSession
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class Verifier:
         return best
 
     async def _open(self, peer_id: str, check: HopCheck) -> _HopSession:
-        from idlefleet.node.client import _HopSession
+        from idlefleet.node.client.fleet import _HopSession
 
         session = _HopSession(peer_id, check.hop.start, check.hop.end)
         await self.pipeline._open_hop(session)
@@ -344,7 +344,7 @@ class Verifier:
 
     async def _check(self, check: HopCheck, upto: int) -> None:
         """Verify positions ``[check.checked, upto)`` of ``check`` (holding its lock)."""
-        from idlefleet.node.client import StageFailure
+        from idlefleet.node.client.fleet import StageFailure
 
         upto = min(upto, check.end)
         tried: set[str] = set()
@@ -403,7 +403,7 @@ class Verifier:
         await self._referee(check, witness, d)
 
     async def _referee(self, check: HopCheck, witness: Exchange, d: int) -> None:
-        from idlefleet.node.client import StageFailure
+        from idlefleet.node.client.fleet import StageFailure
 
         assert check.verifier is not None
         primary, verifier = check.hop, check.verifier
@@ -470,7 +470,7 @@ class Verifier:
         ``d`` like a server would (its commitment names it as server and client), so the report
         it gossips carries three signed rows. The stage is dropped afterwards. None if the model
         file is not at hand."""
-        from idlefleet.node.client import Exchange
+        from idlefleet.node.client.fleet import Exchange
 
         client, hop = self.client, check.hop
         path = client.model.path

@@ -46,12 +46,12 @@ import numpy as np
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.batcher import StepBatcher, acquire
 from idlefleet.node.faults import FaultInjector
-from idlefleet.node.ledger import DuplicateReceipt, ReceiptDesk
-from idlefleet.node.metrics import LatencyHistogram
+from idlefleet.node.model.batcher import StepBatcher, acquire
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Stage
+from idlefleet.node.owner.ledger import DuplicateReceipt, ReceiptDesk
+from idlefleet.node.serve.latency import LatencyHistogram
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
@@ -86,7 +86,7 @@ class ServerConfig:
     # 6-node swarm (bench.throughput: 2 ms 2.28x, 6 ms 2.61x, 10 ms 2.37x one stream).
     batch_window_s: float = 0.006
     # How long a step waits for due sessions of the same client as a step already queued (its
-    # generations leave its LM head together: node/batcher.py). On a loaded 2-core machine they
+    # generations leave its LM head together: node/model/batcher.py). On a loaded 2-core machine they
     # arrive up to ~25 ms apart: with 6 ms, 8 streams on 6 nodes made batches of 1-2 out of 4
     # sessions per node; with 25 ms, 4 (bench.throughput).
     lockstep_window_s: float = 0.025
@@ -197,7 +197,7 @@ class StageServer:
 
     @property
     def batch_gather_s(self) -> float:
-        """Seconds batch leaders waited so far for other sessions' steps (node/batcher.py)."""
+        """Seconds batch leaders waited so far for other sessions' steps (node/model/batcher.py)."""
         return self._batcher.stats.gather_s
 
     def holds(self, sid: int) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -13,9 +12,10 @@ from typing import Any
 
 import trio
 
+from idlefleet.node.cli.procs import lifeline_fd
 from idlefleet.node.config import NodeConfig
-from idlefleet.node.node import Node, open_node
-from idlefleet.node.procs import lifeline_fd
+from idlefleet.node.files import write_json_atomic
+from idlefleet.node.runtime.node import Node, open_node
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,6 @@ log = logging.getLogger(__name__)
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def node_status(node: Node) -> dict[str, Any]:
@@ -103,7 +97,7 @@ async def run_node(config: NodeConfig, *, status_file: Path | None = None,
                 log.info("node %s listening on %s", node.peer_id, " ".join(node.multiaddrs))
                 extra = {}
                 if api_port is not None:
-                    from idlefleet.node.api import ApiConfig, serve_node_api
+                    from idlefleet.node.api.server import ApiConfig, serve_node_api
 
                     extra["api_url"] = await nursery.start(serve_node_api, node, ApiConfig(port=api_port),
                                                            config.model)
