@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import idlefleet.node.serve.hosting as hosting_module
 from idlefleet.node.model.stage import load_stage
 from idlefleet.node.owner.control import OwnerControl
+from idlefleet.node.runtime.node import hosting_readiness
 from idlefleet.node.serve.hosting import BlockHosting, HostingConfig
 from idlefleet.protocols.policy import Consent, Preferences, VehicleReading
 from idlefleet.protocols.serving import Serving, serving_decision
@@ -62,8 +63,7 @@ class StandInNode:
         return []
 
     def serving(self) -> Serving:
-        hosting = "none" if self.hosting is None else self.hosting.readiness
-        return serving_decision(self.lifecycle, self.owner.decision, hosting)
+        return serving_decision(self.lifecycle, self.owner.decision, hosting_readiness(self.hosting))
 
 
 @pytest.fixture

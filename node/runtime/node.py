@@ -181,8 +181,7 @@ class Node:
     def serving(self) -> Serving:
         """What this node announces and whether its stage servers admit work now (their gate):
         ``protocols.serving.serving_decision`` of the lifecycle, the owner's decision and hosting."""
-        hosting = "none" if self.hosting is None else self.hosting.readiness
-        return serving_decision(self.lifecycle, self.owner.decision, hosting)
+        return serving_decision(self.lifecycle, self.owner.decision, hosting_readiness(self.hosting))
 
     def advance_lifecycle(self, now: float) -> None:
         """``starting`` -> ``running`` once the blocks (if any) are served and someone will hear
@@ -301,6 +300,14 @@ class Node:
         if self.ledger is not None:
             self.ledger.close()
         self._events.close()
+
+
+def hosting_readiness(hosting: BlockHosting | None) -> str:
+    """``protocols.serving.HOSTING`` of ``hosting``: ``ready`` while a stage server serves the
+    announced range (blocks claimed but still loading, or unloaded: ``loading``)."""
+    if hosting is None:
+        return "none"
+    return "loading" if hosting.server is None else "ready"
 
 
 def _hosting_config(config: NodeConfig, fault: FaultInjector | None) -> HostingConfig:

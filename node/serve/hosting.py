@@ -115,12 +115,6 @@ class BlockHosting:
                   and peer_usable(r, "coverage", model_id=self.info.model_id) is None]
         return coverage(self.info.n_blocks, ranges)
 
-    @property
-    def readiness(self) -> str:
-        """``ready`` while a stage server serves the announced range, else ``loading``
-        (``protocols.serving.HOSTING``)."""
-        return "loading" if self.server is None else "ready"
-
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Load and serve while the owner policy allows it; unload after ``unload_grace_s`` of
         not serving; reload (claiming a range afresh) when allowed again; rebalance meanwhile."""
