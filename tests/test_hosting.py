@@ -14,8 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import idlefleet.node.serve.hosting as hosting_module
 from idlefleet.node.model.stage import load_stage
 from idlefleet.node.owner.control import OwnerControl
+from idlefleet.node.runtime.node import hosting_readiness
 from idlefleet.node.serve.hosting import BlockHosting, HostingConfig
 from idlefleet.protocols.policy import Consent, Preferences, VehicleReading
+from idlefleet.protocols.serving import Serving, serving_decision
 
 
 class StandInHost:
@@ -44,6 +46,8 @@ class StandInNode:
         self.host = StandInHost()
         self.discovery = StandInDiscovery()
         self.events: list[str] = []
+        self.lifecycle = "running"
+        self.hosting: BlockHosting | None = None
         self.owner = OwnerControl(Preferences(), None, event=lambda e, **f: None)
         self.owner.grant(time.time(), None, by="test")
         self.owner.evaluate(time.time(), VehicleReading(0.8, True, 40.0, True, None, time.time()))
@@ -57,6 +61,9 @@ class StandInNode:
 
     def fleet(self) -> list[Any]:
         return []
+
+    def serving(self) -> Serving:
+        return serving_decision(self.lifecycle, self.owner.decision, hosting_readiness(self.hosting))
 
 
 @pytest.fixture
@@ -92,7 +99,7 @@ async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(
         model_path: Path, shared_model_file: Any) -> None:
     async with trio.open_nursery() as nursery:
         node = StandInNode(nursery)
-        hosting = BlockHosting(node, HostingConfig(model=str(model_path)))
+        hosting = node.hosting = BlockHosting(node, HostingConfig(model=str(model_path)))
         hosting.info = shared_model_file.info()
         await hosting._switch_to((0, 1))
         old = hosting.server
@@ -101,6 +108,8 @@ async def test_drain_and_stop_reach_sessions_on_a_replaced_stage(
         old._idle = trio.Event()
         await hosting._switch_to((1, 2))
         assert hosting.servers == [hosting.server, old]
+        assert not old.draining and not hosting.server.draining
+        node.lifecycle = "draining"  # what Node.drain does before it waits on hosting.drain
         with trio.move_on_after(0.2):
             await hosting.drain(10.0)
         assert old.draining and hosting.server is not None and hosting.server.draining

@@ -17,6 +17,7 @@ from idlefleet.node.runtime.node import STATUS_PROTOCOL, Node, capacity_topic, f
 from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import peer_id_of, raw_public_key
+from idlefleet.protocols import session as S
 from idlefleet.protocols import wire
 from idlefleet.protocols.records import DOMAIN, CapacityRecord, encode_body, encode_signed, validate_record
 from tests.factories import running_fleet
@@ -259,3 +260,25 @@ async def test_gossip_replays_only_current_records(tmp_path: Path) -> None:
         # Only the current record is replayed (later ones may follow if the node publishes again).
         assert got and got[0] == seqs[-1], f"replayed {got}, published {seqs}"
         assert got == sorted(set(got)), f"stale records replayed: {got}"
+
+
+async def test_the_lifecycle_drives_the_record_and_the_gate(tmp_path: Path) -> None:
+    """``Node.serving`` (protocols/serving.py) is what the record says: a gossip-only node goes
+    online, serves no blocks (its gate would refuse), drains on ``drain`` and says goodbye offline."""
+    async with open_node(node_config(tmp_path, 0)) as node:
+        def mine() -> CapacityRecord:
+            entry = node.view.get(node.peer_id)
+            assert entry is not None
+            return entry.record
+
+        online = lambda f: node.peer_id in {r.peer_id for r in f if r.state == "online"}  # noqa: E731
+        await node.wait_for(online, timeout=10)
+        assert (node.lifecycle, node.state) == ("running", "online")
+        assert node.serving().refusal == (S.ERR_BUSY, "this node serves no blocks")
+        await node.drain(timeout=1.0)
+        assert node.state == "draining" == mine().state and node.serving().move_on
+        await node.drain(timeout=1.0)  # once is enough: no second record
+        seq = mine().seq
+        assert node.statistics()["seq"] == seq
+        await node._goodbye()
+        assert mine().state == "offline" and mine().seq > seq

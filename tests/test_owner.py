@@ -34,8 +34,9 @@ from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import ConfigError
-from idlefleet.protocols.policy import Consent, Preferences, decide
+from idlefleet.protocols.policy import Consent, Decision, Preferences, decide
 from idlefleet.protocols.reports import Accusations
+from idlefleet.protocols.serving import Serving, serving_decision
 from idlefleet.protocols.tensors import encode_hidden
 from tests.test_stage_server import MAX_LEN, hidden, open_session, step, two_blocks  # noqa: F401
 
@@ -298,9 +299,15 @@ async def test_node_with_an_unknown_vehicle_does_not_serve(tmp_path: Path) -> No
 
 # -- the stage server's gate -----------------------------------------------------------------------
 
+def policy_gate(why: str | None) -> Serving:
+    """A running node's gate whose owner policy serves (``why`` None) or stops for ``why``."""
+    decision = Decision("serve", "ok", 0.0) if why is None else Decision("stop", why, 0.0)
+    return serving_decision("running", decision, "ready")
+
+
 async def test_server_gate_refuses_flags_and_stops_sessions(two_blocks: Stage) -> None:  # noqa: F811
     why: list[str | None] = [None]
-    server = StageServer(two_blocks, ServerConfig(), gate=lambda: why[0])
+    server = StageServer(two_blocks, ServerConfig(), gate=lambda: policy_gate(why[0]))
     async with (
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as host,
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
@@ -326,7 +333,7 @@ async def test_server_gate_refuses_flags_and_stops_sessions(two_blocks: Stage) -
 
 
 async def test_refusal_names_the_policy_reason(two_blocks: Stage) -> None:  # noqa: F811
-    server = StageServer(two_blocks, ServerConfig(), gate=lambda: "battery_floor")
+    server = StageServer(two_blocks, ServerConfig(), gate=lambda: policy_gate("battery_floor"))
     async with (
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as host,
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,

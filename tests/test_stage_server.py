@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +18,8 @@ from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.protocols import session as S
 from idlefleet.protocols import wire
+from idlefleet.protocols.policy import Decision
+from idlefleet.protocols.serving import Serving, serving_decision
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden, encode_hidden
 
 MAX_LEN = 64
@@ -29,8 +31,9 @@ def two_blocks(model_file: Any) -> Stage:
 
 
 @asynccontextmanager
-async def served(stage: Stage, config: ServerConfig) -> AsyncIterator[tuple[StageServer, Host, str]]:
-    server = StageServer(stage, config)
+async def served(stage: Stage, config: ServerConfig,
+                 gate: Callable[[], Serving] | None = None) -> AsyncIterator[tuple[StageServer, Host, str]]:
+    server = StageServer(stage, config, gate=gate)
     async with (
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as host,
         open_host(Ed25519PrivateKey.generate(), HostConfig()) as client,
@@ -196,12 +199,19 @@ async def test_idle_sessions_are_closed_and_freed(two_blocks: Stage) -> None:
 
 
 async def test_draining_server_refuses_new_sessions_and_flags_steps(two_blocks: Stage) -> None:
-    async with served(two_blocks, ServerConfig()) as (server, client, peer):
+    lifecycle = ["running"]
+    serve = Decision("serve", "ok", 0.0)
+    def gate() -> Serving:
+        return serving_decision(lifecycle[0], serve, "ready")
+
+    async with served(two_blocks, ServerConfig(), gate=gate) as (server, client, peer):
         fs = await open_session(client, peer, two_blocks)
-        server.draining = True
+        assert not server.draining
+        lifecycle[0] = "draining"  # the node drains: its gate says so, the server only asks
+        assert server.draining
         with pytest.raises(RemoteError) as err:
             await open_session(client, peer, two_blocks)
-        assert err.value.code == S.ERR_DRAINING
+        assert err.value.code == S.ERR_DRAINING and "draining" in str(err.value)
         await fs.send("step", S.Step(0, encode_hidden(hidden(1))).to_body(), timeout=5)
         reply = await fs.receive_reply(timeout=5)
         assert S.StepResult.from_body(reply.body).draining is True

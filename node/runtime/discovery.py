@@ -16,7 +16,9 @@ One ``Discovery`` per node (``node.discovery``), started with ``await nursery.st
   a node that just joined) finds providers by CID, fetches each provider's record by peer id and
   validates it before it enters the fleet view;
 - with ``peers_file`` set, the peers seen are saved there (JSON, atomically) and tried as entry
-  points on the next start (``entry_points``).
+  points on the next start (``entry_points``);
+- the ``idlefleet`` DHT namespace accepts only valid records stored under their signer's key and
+  keeps the newest (``dht_validate``, ``dht_select``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from idlefleet.p2p.errors import NetworkError
 from idlefleet.protocols.dhtkeys import block_provider_cid, record_key, region_rendezvous_cid
 from idlefleet.protocols.errors import RecordRejected
 from idlefleet.protocols.records import CapacityRecord, validate_record
+from idlefleet.protocols.serving import peer_usable
 
 if TYPE_CHECKING:
     from idlefleet.node.runtime.node import Node
@@ -102,6 +105,32 @@ def save_peers_file(path: Path, records: Iterable[CapacityRecord]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"version": PEERS_FILE_VERSION, "saved_at": time.time(), "peers": peers})
     return len(peers)
+
+
+def dht_record_key(peer_id: str) -> str:
+    """DHT key under which a node stores its latest signed record (namespace ``idlefleet``)."""
+    return record_key(peer_id)
+
+
+def dht_validate(key: str, value: bytes) -> None:
+    """The namespace's validator: raises RecordRejected unless ``value`` is a valid record stored
+    under its own signer's key."""
+    record = validate_record(value, time.time())
+    if key != dht_record_key(record.peer_id):
+        raise RecordRejected("signer_mismatch", f"record of {record.peer_id} stored under {key}")
+
+
+def dht_select(key: str, values: list[bytes]) -> int:
+    """The namespace's selector: the index of the valid record with the highest sequence number."""
+    best, best_seq = 0, -1
+    for i, v in enumerate(values):
+        try:
+            seq = validate_record(v, time.time()).seq
+        except RecordRejected:
+            continue
+        if seq > best_seq:
+            best, best_seq = i, seq
+    return best
 
 
 def spread_order(start: int, end: int, stride: int) -> list[int]:
@@ -191,7 +220,7 @@ class Discovery:
                     if record is None:
                         known = self.node.view.get(pid)
                         record = known.record if known else None
-                    if record is not None and record.model_id == model_id and record.blocks:
+                    if record is not None and peer_usable(record, "hosts", model_id=model_id) is None:
                         found[pid] = record
         log.info("DHT lookup of %s block(s): %d host(s) found", len(set(blocks)), len(found))
         return list(found.values())
@@ -341,7 +370,7 @@ class Discovery:
             return
         now = time.time()
         others = [e.record for e in self.node.view.alive(now)
-                  if e.record.peer_id != self.node.peer_id and e.record.state != "offline"]
+                  if e.record.peer_id != self.node.peer_id and peer_usable(e.record, "dial") is None]
         others.sort(key=lambda r: r.issued_at, reverse=True)
         if not others:
             return

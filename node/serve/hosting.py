@@ -27,9 +27,9 @@ from idlefleet.node.serve.server import ServerConfig, StageServer
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
 from idlefleet.protocols.placement import choose_range, coverage, should_move
+from idlefleet.protocols.serving import Serving, peer_usable
 
 log = logging.getLogger(__name__)
-
 
 
 def available_memory_mb() -> int:
@@ -62,6 +62,8 @@ class HostingNode(Protocol):
     def request_publish(self) -> None: ...
 
     def fleet(self) -> list[Any]: ...
+
+    def serving(self) -> Serving: ...  # protocols.serving: the stage server's gate
 
 
 @dataclass(frozen=True)
@@ -109,9 +111,8 @@ class BlockHosting:
 
     def coverage_without_me(self) -> list[int]:
         assert self.info is not None
-        ranges = [r.blocks for r in self.node.fleet()
-                  if r.peer_id != self.node.peer_id and r.model_id == self.info.model_id
-                  and r.blocks is not None and r.state in ("joining", "online")]
+        ranges = [r.blocks for r in self.node.fleet() if r.peer_id != self.node.peer_id
+                  and peer_usable(r, "coverage", model_id=self.info.model_id) is None]
         return coverage(self.info.n_blocks, ranges)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -205,9 +206,9 @@ class BlockHosting:
         for _ in range(6):
             self._announce(chosen)
             await trio.sleep(self._rng.uniform(0.3, 0.8))  # let concurrent claims arrive
-            rivals = [r for r in self.node.fleet()
-                      if r.peer_id < self.node.peer_id and r.model_id == info.model_id
-                      and r.blocks is not None and r.blocks[0] < chosen[1] and chosen[0] < r.blocks[1]]
+            rivals = [r for r in self.node.fleet() if r.peer_id < self.node.peer_id
+                      and peer_usable(r, "hosts", model_id=info.model_id) is None
+                      and r.blocks[0] < chosen[1] and chosen[0] < r.blocks[1]]
             better = should_move(info.n_blocks, info.block_bytes, budget, self.coverage_without_me(),
                                  chosen)
             if not rivals or better is None:
@@ -235,7 +236,7 @@ class BlockHosting:
                  time.perf_counter() - started)
         previous = self.server
         self.server = StageServer(stage, self.config.server, self._limiter, on_event=node.event,
-                                  gate=node.owner.not_serving_reason, key=node.key,
+                                  gate=node.serving, key=node.key,
                                   receipts=getattr(node, "receipts", None),  # node.ledger.ReceiptDesk
                                   fault=self.config.fault, relay=self.relay.send)
         if previous is not None:
@@ -274,7 +275,7 @@ class BlockHosting:
 
     async def _handle(self, fs: FramedStream) -> None:
         if self.server is None:
-            await fs.send_error(S.ERR_BUSY, "still loading blocks")
+            await fs.send_error(*(self.node.serving().refusal or (S.ERR_BUSY, "still loading blocks")))
             return
         await self.server.handle(fs)
 
@@ -290,13 +291,11 @@ class BlockHosting:
             dropped[why] = dropped.get(why, 0) + 1
 
     async def drain(self, timeout: float) -> None:
-        """Take no new sessions; ask clients to move theirs (on the current stage and on any
-        replaced one); wait (bounded) until none is left."""
-        servers = self.servers
-        for server in servers:
-            server.draining = True
+        """Wait (bounded by ``timeout``) until no session is left on the current stage or on any
+        replaced one. The node's gate (``node.serving``, lifecycle ``draining``) already refuses
+        new sessions and asks clients to move theirs."""
         with trio.move_on_after(timeout):
-            for server in servers:
+            for server in self.servers:
                 await server.wait_idle()
 
 

@@ -58,6 +58,7 @@ from idlefleet.protocols import session as S
 from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, TensorError
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.receipts import ReceiptRefused, SessionWork, check_proposal, flops_per_token_block
+from idlefleet.protocols.serving import ADMITTING, Serving
 from idlefleet.protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
 from idlefleet.protocols.verification import StepCommitment, row_digests, rows_root
 
@@ -146,7 +147,7 @@ class StageServer:
     def __init__(self, stage: Stage, config: ServerConfig = ServerConfig(),
                  limiter: trio.CapacityLimiter | None = None,
                  on_event: Callable[..., None] | None = None,
-                 gate: Callable[[], str | None] | None = None,
+                 gate: Callable[[], Serving] | None = None,
                  receipts: ReceiptDesk | None = None,
                  key: Ed25519PrivateKey | None = None,
                  fault: FaultInjector | None = None,
@@ -161,12 +162,12 @@ class StageServer:
         # Test tooling (--chaos-fault): every step's output goes through fault.apply(x, y) before
         # it is committed and sent, so a faulty server signs its wrong output as a cheat would.
         self.fault = fault
-        # The owner policy: None while this node may serve, else why not (no new sessions then).
-        self._gate = gate or (lambda: None)
+        # Whether this node admits sessions and whether running ones should move
+        # (``protocols.serving``): the node decides, the server only asks.
+        self._gate = gate or (lambda: ADMITTING)
         self._sessions: set[trio.CancelScope] = set()
         self._on_event = on_event or (lambda event, **fields: None)  # the owner's audit log
         self.config = config
-        self.draining = False
         self.stats = ServerStatistics()
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._batcher = StepBatcher(self._limiter, lambda: self.active_sessions,
@@ -190,6 +191,12 @@ class StageServer:
         self._kv_bytes_per_pos = len(stage.blocks) * 2 * cfg.n_kv_heads * cfg.head_dim * 4
         self._flops_per_token_block = flops_per_token_block(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads,
                                                             cfg.head_dim, cfg.ffn_size)
+
+    @property
+    def draining(self) -> bool:
+        """Whether running sessions are asked to move (step results say ``draining``): read from
+        the gate, never set here."""
+        return self._gate().move_on
 
     @property
     def active_sessions(self) -> int:
@@ -239,11 +246,10 @@ class StageServer:
     def _admit(self, req: S.OpenRequest, peer: str) -> tuple[str, str] | None:
         """Return (code, message) if the session cannot be opened for ``peer``, else None."""
         st = self.stage
-        if self.draining:
-            return self._refuse(S.ERR_DRAINING), "this node is draining; use another peer"
-        why = self._gate()
-        if why is not None:
-            return self._refuse(S.ERR_DRAINING), f"not serving (owner policy: {why}); use another peer"
+        refusal = self._gate().refusal  # draining, closing or the owner's policy says no
+        if refusal is not None:
+            code, message = refusal
+            return self._refuse(code), message
         if req.model_id != st.model_id:
             return self._refuse(S.ERR_WRONG_MODEL), f"this node serves {st.model_id}"
         if not (st.start <= req.start < req.end <= st.end):
@@ -603,7 +609,7 @@ class StageServer:
             return None
         sess.steps += 1
         sess.tokens += int(hidden.shape[0])
-        draining = self.draining or self._gate() is not None
+        draining = self._gate().move_on
         sig = None
         if self._key is not None and self.peer_id is not None:
             req = sess.req
