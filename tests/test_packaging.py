@@ -72,7 +72,7 @@ def test_plain_wheel_installs_one_namespace(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("idlefleet-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         tops = {name.split("/")[0] for name in zf.namelist()}
-        dashboard = {name for name in zf.namelist() if name.startswith("idlefleet/node/dashboard/")}
+        dashboard = {name for name in zf.namelist() if name.startswith("idlefleet/node/api/dashboard/")}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"idlefleet"}
     assert {Path(n).name for n in dashboard} == {"index.html", "dashboard.js", "dashboard.css"}
 

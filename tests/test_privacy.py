@@ -1,7 +1,7 @@
 """What the first hop can learn (issue 8, finding 8): a nearest-row lookup in the public embedding
 table inverts what it receives. With ``local_blocks = 0`` that is the token embeddings and the
 lookup recovers the prompt; with K blocks run by the client it receives hidden states after K
-blocks. The numbers are printed (``pytest -s``) and quoted in README ("Privacy")."""
+blocks. The numbers are printed (``pytest -s``) and quoted in docs/ARCHITECTURE.md ("What each hop sees")."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="hidden states on the wire (fleet only; float32 is exact)")
     p.add_argument("--local-blocks", type=int, default=0, metavar="K",
                    help="run the first K blocks here, so the first hop sees hidden states after K "
-                        "blocks instead of token embeddings (fleet only; see README, Privacy)")
+                        "blocks instead of token embeddings (fleet only; see docs/ARCHITECTURE.md, What each hop sees)")
     p.add_argument("--allow-regions", metavar="PREFIX[,PREFIX]",
                    help="fleet only: every hop must be in one of these geohash prefixes (privacy)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
@@ -102,7 +102,7 @@ def _add_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--data-dir", type=Path,
                    help="key, consent log, event log, control socket (default ~/.idlefleet)")
     p.add_argument("--owner", dest="owner_prefs", action="append", metavar="KEY=VALUE", default=[],
-                   help="an owner preference, e.g. require_plugged_in=false (repeatable; see README)")
+                   help="an owner preference, e.g. require_plugged_in=false (repeatable; see docs/OWNER.md)")
     p.add_argument("--power-w", type=float, help="compute power draw for the owner report (default 100)")
     p.add_argument("--unload-grace", dest="unload_grace_s", type=float,
                    help="unload block weights after not serving this many seconds (default 60)")
