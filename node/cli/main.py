@@ -25,7 +25,8 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="hidden states on the wire (fleet only; float32 is exact)")
     p.add_argument("--local-blocks", type=int, default=0, metavar="K",
                    help="run the first K blocks here, so the first hop sees hidden states after K "
-                        "blocks instead of token embeddings (fleet only; see docs/ARCHITECTURE.md, What each hop sees)")
+                        "blocks instead of token embeddings (fleet only; see docs/ARCHITECTURE.md, "
+                        "What each hop sees)")
     p.add_argument("--allow-regions", metavar="PREFIX[,PREFIX]",
                    help="fleet only: every hop must be in one of these geohash prefixes (privacy)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
