@@ -86,7 +86,8 @@ class EncodedTensor:
             raise LocalTensorError(f"data must be bytes, got {type(self.data).__name__}")
         expected = math.prod(self.shape) * WIRE_DTYPES[self.dtype].itemsize
         if len(self.data) != expected:
-            raise LocalTensorError(f"{self.dtype}{list(self.shape)} needs {expected} bytes, got {len(self.data)}")
+            raise LocalTensorError(
+                f"{self.dtype}{list(self.shape)} needs {expected} bytes, got {len(self.data)}")
         if self.dtype == INT8:
             if not isinstance(self.scales, bytes):
                 raise LocalTensorError("int8 tensor needs per-row scales (bytes)")
