@@ -21,7 +21,7 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, peer_input
 from idlefleet.protocols.peerid import public_key_from_peer_id
 
 NOTICE_DOMAIN = b"idlefleet/peer-down/v1\x00"
@@ -37,6 +37,9 @@ def notice_reason(text: str) -> str:
 
 @dataclass(frozen=True)
 class PeerDownNotice:
+    """One notice (unsigned form). Construction checks the fields (LocalProtocolError);
+    :func:`decode_notice`, reading a peer's, raises RemoteProtocolError."""
+
     reporter: str
     subject: str
     subject_seq: int
@@ -45,15 +48,15 @@ class PeerDownNotice:
 
     def __post_init__(self) -> None:
         if self.reporter == self.subject:
-            raise RemoteProtocolError("peer-down notice: a peer cannot report itself")
+            raise LocalProtocolError("peer-down notice: a peer cannot report itself")
         if type(self.subject_seq) is not int or not 0 <= self.subject_seq < 2**63:
-            raise RemoteProtocolError("peer-down notice: subject_seq out of range")
+            raise LocalProtocolError("peer-down notice: subject_seq out of range")
         if not isinstance(self.observed_at, float) or not math.isfinite(self.observed_at):
-            raise RemoteProtocolError("peer-down notice: observed_at must be a finite float")
+            raise LocalProtocolError("peer-down notice: observed_at must be a finite float")
         if not isinstance(self.reason, str) or len(self.reason) > MAX_REASON_LEN:
-            raise RemoteProtocolError("peer-down notice: reason too long")
+            raise LocalProtocolError("peer-down notice: reason too long")
         if not all(" " <= c <= "~" for c in self.reason):
-            raise RemoteProtocolError("peer-down notice: reason must be printable ASCII")
+            raise LocalProtocolError("peer-down notice: reason must be printable ASCII")
 
 
 def encode_notice(notice: PeerDownNotice, key: Ed25519PrivateKey) -> bytes:
@@ -103,11 +106,9 @@ def decode_notice(data: bytes, now: float, *, max_age: float = 60.0,
     if not isinstance(subject, str):
         raise RemoteProtocolError("peer-down notice: subject missing")
     public_key_from_peer_id(subject)  # must be a well-formed peer id
-    try:
+    with peer_input():
         notice = PeerDownNotice(reporter, subject, fields.get("subject_seq"),  # type: ignore[arg-type]
                                 fields.get("observed_at"), fields.get("reason", ""))  # type: ignore[arg-type]
-    except TypeError as e:
-        raise RemoteProtocolError(f"peer-down notice: bad fields: {e}") from None
     if notice.observed_at > now + max_skew:
         raise RemoteProtocolError("peer-down notice: observed in the future")
     if notice.observed_at < now - max_age:

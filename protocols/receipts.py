@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from idlefleet.protocols import session as S
 from idlefleet.protocols import wire
-from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, peer_input
 from idlefleet.protocols.peerid import public_key_from_peer_id
 from idlefleet.protocols.tensors import TensorLimits, decode_hidden
 from idlefleet.protocols.verification import TOLERANCE, RowProof, StepCommitment, row_mismatch
@@ -85,7 +85,8 @@ def _verify_sig(peer_id: str, domain: bytes, body: bytes, sig: object, what: str
 @dataclass(frozen=True)
 class Receipt:
     """One session's work (fields in wire order). Token counts: ``verified + unverified + rejected
-    == tokens``; ``block_steps = tokens * (end - start)``."""
+    == tokens``; ``block_steps = tokens * (end - start)``. Construction checks every field
+    (LocalProtocolError); :meth:`from_body`, reading a peer's, raises RemoteProtocolError."""
 
     server: str
     client: str
@@ -106,29 +107,32 @@ class Receipt:
         for name in ("server", "client"):
             value = getattr(self, name)
             if not isinstance(value, str):
-                raise RemoteProtocolError(f"receipt: {name} must be a peer id")
-            public_key_from_peer_id(value)
+                raise LocalProtocolError(f"receipt: {name} must be a peer id")
+            try:
+                public_key_from_peer_id(value)
+            except RemoteProtocolError as e:  # the check is peerid's; the receipt is ours
+                raise LocalProtocolError(str(e)) from e
         if self.server == self.client:
-            raise RemoteProtocolError("receipt: server and client must differ")
+            raise LocalProtocolError("receipt: server and client must differ")
         if not isinstance(self.model_id, str) or not 0 < len(self.model_id) <= 128:
-            raise RemoteProtocolError("receipt: model_id must be 1..128 chars")
+            raise LocalProtocolError("receipt: model_id must be 1..128 chars")
         for name in ("start", "end", "session", "tokens", "block_steps", "verified", "unverified",
                      "rejected"):
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value < 2**63:
-                raise RemoteProtocolError(f"receipt: {name} must be an int in 0..2^63-1")
+                raise LocalProtocolError(f"receipt: {name} must be an int in 0..2^63-1")
         for name in ("opened_at", "closed_at", "flops"):
             value = getattr(self, name)
             if not isinstance(value, float) or not math.isfinite(value) or value < 0:
-                raise RemoteProtocolError(f"receipt: {name} must be a finite non-negative float")
+                raise LocalProtocolError(f"receipt: {name} must be a finite non-negative float")
         if not self.start < self.end:
-            raise RemoteProtocolError("receipt: needs start < end")
+            raise LocalProtocolError("receipt: needs start < end")
         if self.closed_at < self.opened_at:
-            raise RemoteProtocolError("receipt: closed before it opened")
+            raise LocalProtocolError("receipt: closed before it opened")
         if self.verified + self.unverified + self.rejected != self.tokens:
-            raise RemoteProtocolError("receipt: verified + unverified + rejected != tokens")
+            raise LocalProtocolError("receipt: verified + unverified + rejected != tokens")
         if self.block_steps != self.tokens * (self.end - self.start):
-            raise RemoteProtocolError("receipt: block_steps != tokens * blocks")
+            raise LocalProtocolError("receipt: block_steps != tokens * blocks")
 
     def body(self) -> bytes:
         return wire.pack({"v": RECEIPT_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}})
@@ -152,11 +156,13 @@ class Receipt:
 
     @classmethod
     def from_body(cls, body: bytes) -> Receipt:
+        """Parse a peer's receipt body (signatures unchecked); raises RemoteProtocolError."""
         obj = wire.unpack(body, what="receipt body")
         names = [f.name for f in fields(cls)]
         if not isinstance(obj, dict) or obj.get("v") != RECEIPT_VERSION or set(obj) != {"v", *names}:
             raise RemoteProtocolError("receipt: unknown version or wrong fields")
-        receipt = cls(**{name: obj[name] for name in names})
+        with peer_input():
+            receipt = cls(**{name: obj[name] for name in names})
         if receipt.body() != body:
             raise RemoteProtocolError("receipt: body not in canonical form")
         return receipt
@@ -205,8 +211,9 @@ def flops_per_token_block(hidden_size: int, n_heads: int, n_kv_heads: int, head_
 
 
 class ReceiptRefused(RemoteProtocolError):
-    """A stage server refuses a receipt proposal; ``code`` is the ``error`` code it replies with
-    (``bad_receipt`` or ``receipt_mismatch``, ``protocols.session``)."""
+    """Remote only: a stage server refuses a client's receipt proposal (``check_proposal``);
+    ``code`` is the ``error`` code it replies with (``bad_receipt`` or ``receipt_mismatch``,
+    ``protocols.session``)."""
 
     def __init__(self, code: str, detail: str) -> None:
         self.code = code

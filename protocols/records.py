@@ -3,7 +3,8 @@
 A record is a frozen ``CapacityRecord`` that validates every field on construction. On the wire it
 is ``msgpack {"body": bin(msgpack map of the fields), "sig": bin(64)}`` where ``sig`` is Ed25519
 over ``DOMAIN + body``. ``validate_record(data, now)`` is the one pure function that decides whether
-received bytes may enter a node's view; it raises ``RecordRejected`` with one of ``REJECT_REASONS``.
+received bytes may enter a node's view; it raises ``RecordRejected`` with one of ``REJECT_REASONS``
+(building a record of our own with a bad field raises ``RecordInvalid``, a local error).
 Byte layouts, the field table and the validation order: ``docs/PROTOCOL.md`` section 3.
 """
 
@@ -17,7 +18,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from idlefleet.protocols import wire
-from idlefleet.protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
+from idlefleet.protocols.errors import (
+    LocalProtocolError,
+    RecordInvalid,
+    RecordRejected,
+    RemoteProtocolError,
+    peer_input,
+)
 from idlefleet.protocols.peerid import MAX_PEER_ID_LEN, peer_id_from_public_key
 
 __all__ = [
@@ -86,6 +93,10 @@ def _reject(reason: str, detail: str) -> NoReturn:
     raise RecordRejected(reason, detail)
 
 
+def _invalid(reason: str, detail: str) -> NoReturn:
+    raise RecordInvalid(reason, detail)
+
+
 def _printable_ascii(text: str) -> bool:
     # Strings from peers end up in terminal tables and logs: no control or escape characters.
     return all(" " < c <= "~" for c in text)
@@ -95,10 +106,12 @@ def _printable_ascii(text: str) -> bool:
 class CapacityRecord:
     """One node's signed statement of its capacity and health (unsigned form).
 
-    Construction checks every field and raises ``RecordRejected`` with reason ``malformed`` (wrong
-    type), ``out_of_range`` (right type, bad value) or ``signer_mismatch`` (``peer_id`` is not the
-    one derived from ``public_key``); the detail names the field. Float fields accept ints and store
-    floats. Use ``dataclasses.replace`` to derive the next record (it re-validates).
+    Construction checks every field and raises ``RecordInvalid`` (a LocalProtocolError: the record
+    is ours) with reason ``malformed`` (wrong type), ``out_of_range`` (right type, bad value) or
+    ``signer_mismatch`` (``peer_id`` is not the one derived from ``public_key``); the detail names
+    the field; ``validate_record`` turns it into ``RecordRejected`` with the same reason. Float
+    fields accept ints and store floats. Use ``dataclasses.replace`` to derive the next record (it
+    re-validates).
     """
 
     peer_id: str
@@ -133,29 +146,29 @@ class CapacityRecord:
         # Identity first: public_key, then the peer id that must derive from it.
         key = self.public_key
         if not isinstance(key, bytes | bytearray) or len(key) != PUBLIC_KEY_LEN:
-            _reject("malformed", f"public_key: expected {PUBLIC_KEY_LEN} bytes")
+            _invalid("malformed", f"public_key: expected {PUBLIC_KEY_LEN} bytes")
         object.__setattr__(self, "public_key", bytes(key))
         peer_id = self._str("peer_id", MAX_PEER_ID_LEN)
         if peer_id != peer_id_from_public_key(self.public_key):
-            _reject("signer_mismatch", f"peer_id {peer_id!r} is not derived from public_key")
+            _invalid("signer_mismatch", f"peer_id {peer_id!r} is not derived from public_key")
 
         addrs = self.addrs
         if not isinstance(addrs, tuple):
-            _reject("malformed", f"addrs: expected a tuple, got {type(addrs).__name__}")
+            _invalid("malformed", f"addrs: expected a tuple, got {type(addrs).__name__}")
         if len(addrs) > MAX_ADDRS:
-            _reject("out_of_range", f"addrs: {len(addrs)} addresses, at most {MAX_ADDRS}")
+            _invalid("out_of_range", f"addrs: {len(addrs)} addresses, at most {MAX_ADDRS}")
         for i, addr in enumerate(addrs):
             if not isinstance(addr, str):
-                _reject("malformed", f"addrs[{i}]: expected str, got {type(addr).__name__}")
+                _invalid("malformed", f"addrs[{i}]: expected str, got {type(addr).__name__}")
             if not (0 < len(addr) <= MAX_ADDR_LEN and addr[0] == "/" and _printable_ascii(addr)):
-                _reject(
+                _invalid(
                     "out_of_range",
                     f"addrs[{i}]: must be 1..{MAX_ADDR_LEN} printable ASCII chars starting '/'",
                 )
 
         region = self._str("region", MAX_REGION_LEN)
         if not region or any(c not in GEOHASH_ALPHABET for c in region):
-            _reject("out_of_range", f"region: must be 1..{MAX_REGION_LEN} geohash chars")
+            _invalid("out_of_range", f"region: must be 1..{MAX_REGION_LEN} geohash chars")
         self._choice("state", STATES)
         self._float("battery_soc", 0.0, 1.0)
         self._bool("plugged_in")
@@ -172,7 +185,7 @@ class CapacityRecord:
         self._float("load", 0.0, 1.0)
         model_id = self._str("model_id", MAX_MODEL_ID_LEN)
         if not _printable_ascii(model_id):
-            _reject("out_of_range", "model_id: must be printable ASCII")
+            _invalid("out_of_range", "model_id: must be printable ASCII")
         self._check_blocks(model_id)
         self._int("seq", 0, MAX_SEQ)
         self._float("issued_at", 0.0, MAX_TIMESTAMP)
@@ -180,9 +193,9 @@ class CapacityRecord:
         self._choice("policy", POLICY_ACTIONS)
         reason = self._str("policy_reason", MAX_POLICY_REASON_LEN)
         if not reason or not _printable_ascii(reason):
-            _reject("out_of_range", "policy_reason: must be 1..32 printable ASCII chars")
+            _invalid("out_of_range", "policy_reason: must be 1..32 printable ASCII chars")
         if not self.issued_at < self.expires_at <= self.issued_at + MAX_TTL:
-            _reject(
+            _invalid(
                 "out_of_range",
                 f"expires_at: must satisfy issued_at < expires_at <= issued_at + {MAX_TTL:g}",
             )
@@ -192,44 +205,44 @@ class CapacityRecord:
         if blocks is None:
             return
         if not isinstance(blocks, tuple) or len(blocks) != 2:
-            _reject("malformed", "blocks: expected a (start, end) pair or None")
+            _invalid("malformed", "blocks: expected a (start, end) pair or None")
         for bound in blocks:
             if not isinstance(bound, int) or isinstance(bound, bool):
-                _reject("malformed", f"blocks: expected ints, got {type(bound).__name__}")
+                _invalid("malformed", f"blocks: expected ints, got {type(bound).__name__}")
         start, end = blocks
         if not 0 <= start < end <= MAX_BLOCK:
-            _reject("out_of_range", f"blocks: need 0 <= start < end <= {MAX_BLOCK}")
+            _invalid("out_of_range", f"blocks: need 0 <= start < end <= {MAX_BLOCK}")
         if not model_id:
-            _reject("out_of_range", "blocks: a block range needs a model_id")
+            _invalid("out_of_range", "blocks: a block range needs a model_id")
         object.__setattr__(self, "blocks", (int(start), int(end)))
 
     def _str(self, name: str, max_len: int) -> str:
         value = getattr(self, name)
         if not isinstance(value, str):
-            _reject("malformed", f"{name}: expected str, got {type(value).__name__}")
+            _invalid("malformed", f"{name}: expected str, got {type(value).__name__}")
         if len(value) > max_len:
-            _reject("out_of_range", f"{name}: {len(value)} chars, at most {max_len}")
+            _invalid("out_of_range", f"{name}: {len(value)} chars, at most {max_len}")
         object.__setattr__(self, name, str(value))
         return str(value)
 
     def _choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if not isinstance(value, str):
-            _reject("malformed", f"{name}: expected str, got {type(value).__name__}")
+            _invalid("malformed", f"{name}: expected str, got {type(value).__name__}")
         if value not in choices:
-            _reject("out_of_range", f"{name}: {value[:32]!r} not one of {choices}")
+            _invalid("out_of_range", f"{name}: {value[:32]!r} not one of {choices}")
 
     def _bool(self, name: str) -> None:
         value = getattr(self, name)
         if type(value) is not bool:
-            _reject("malformed", f"{name}: expected bool, got {type(value).__name__}")
+            _invalid("malformed", f"{name}: expected bool, got {type(value).__name__}")
 
     def _int(self, name: str, lo: int, hi: int) -> None:
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool):
-            _reject("malformed", f"{name}: expected int, got {type(value).__name__}")
+            _invalid("malformed", f"{name}: expected int, got {type(value).__name__}")
         if not lo <= value <= hi:
-            _reject("out_of_range", f"{name}: {value} not in {lo}..{hi}")
+            _invalid("out_of_range", f"{name}: {value} not in {lo}..{hi}")
         object.__setattr__(self, name, int(value))
 
     def _float(self, name: str, lo: float, hi: float, *, nullable: bool = False) -> None:
@@ -237,15 +250,15 @@ class CapacityRecord:
         if value is None and nullable:
             return
         if not isinstance(value, int | float) or isinstance(value, bool):
-            _reject("malformed", f"{name}: expected float, got {type(value).__name__}")
+            _invalid("malformed", f"{name}: expected float, got {type(value).__name__}")
         try:
             number = float(value)
         except OverflowError:
-            _reject("out_of_range", f"{name}: not a finite number")
+            _invalid("out_of_range", f"{name}: not a finite number")
         if not math.isfinite(number):
-            _reject("out_of_range", f"{name}: not a finite number")
+            _invalid("out_of_range", f"{name}: not a finite number")
         if not lo <= number <= hi:
-            _reject("out_of_range", f"{name}: {number:g} not in {lo:g}..{hi:g}")
+            _invalid("out_of_range", f"{name}: {number:g} not in {lo:g}..{hi:g}")
         object.__setattr__(self, name, number)
 
 
@@ -362,7 +375,8 @@ def validate_record(
             fields_in[name] = tuple(value)
         elif value is not None or name == "addrs":
             _reject("malformed", f"{name}: expected array")
-    record = CapacityRecord(**fields_in)
+    with peer_input():  # RecordInvalid -> RecordRejected, same reason and detail
+        record = CapacityRecord(**fields_in)
 
     if now >= record.expires_at:
         _reject("expired", f"expired at {record.expires_at:.3f}, now {now:.3f}")

@@ -22,6 +22,9 @@ to the next hop on ``RELAY_PROTOCOL`` (no reply on that stream), and the last ho
 ``chain_result`` on its own session's stream. A hop that cannot compute or forward a chained step
 sends ``chain_failed`` on its own session's stream. Both arrive unasked: a client that stopped
 waiting for them skips them (they name their ``seq``).
+
+Errors say whose fault (``protocols.errors``): building a message raises ``LocalProtocolError``;
+``from_body``, reading a peer's, raises ``RemoteProtocolError`` (``RemoteTensorError`` for a tensor).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from idlefleet.protocols import wire
-from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, peer_input
 from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor
 
 STAGE_PROTOCOL = "/idlefleet/stage/1.0.0"
@@ -124,17 +127,17 @@ class OpenRequest:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not 0 < len(self.model_id) <= MAX_MODEL_ID_LEN:
-            raise RemoteProtocolError("session_open: model_id must be a non-empty string ≤ 128 chars")
+            raise LocalProtocolError("session_open: model_id must be a non-empty string ≤ 128 chars")
         for name in ("start", "end", "max_length"):
             if type(getattr(self, name)) is not int:
-                raise RemoteProtocolError(f"session_open: {name} must be an integer")
+                raise LocalProtocolError(f"session_open: {name} must be an integer")
         if not 0 <= self.start < self.end:
-            raise RemoteProtocolError(f"session_open: bad block range [{self.start}, {self.end})")
+            raise LocalProtocolError(f"session_open: bad block range [{self.start}, {self.end})")
         if not 0 < self.max_length <= MAX_LENGTH_LIMIT:
-            raise RemoteProtocolError(f"session_open: max_length must be in [1, {MAX_LENGTH_LIMIT}]")
+            raise LocalProtocolError(f"session_open: max_length must be in [1, {MAX_LENGTH_LIMIT}]")
         # isinstance first: an unhashable value (a list) must not reach the dict lookup.
         if not isinstance(self.dtype, str) or self.dtype not in WIRE_DTYPES:
-            raise RemoteProtocolError(f"session_open: dtype must be one of {sorted(WIRE_DTYPES)}")
+            raise LocalProtocolError(f"session_open: dtype must be one of {sorted(WIRE_DTYPES)}")
 
     def to_body(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "start": self.start, "end": self.end,
@@ -144,7 +147,8 @@ class OpenRequest:
     def from_body(cls, body: dict[str, Any]) -> OpenRequest:
         """Parse a peer's ``session_open`` body; every field's type is checked by the constructor.
 
-        Raises RemoteProtocolError for a missing or unknown field or a value of the wrong type.
+        Raises RemoteProtocolError for a missing or unknown field or a value of the wrong type
+        (the constructor alone raises LocalProtocolError: the request would be ours).
         """
         missing = _OPEN_FIELDS - {"dtype"} - body.keys()
         if missing:
@@ -152,13 +156,16 @@ class OpenRequest:
         extra = body.keys() - _OPEN_FIELDS
         if extra:
             raise RemoteProtocolError(f"session_open: unknown field(s) {sorted(extra)[:8]}")
-        return cls(body["model_id"], body["start"], body["end"], body["max_length"],
-                   body.get("dtype", "float32"))
+        with peer_input():
+            return cls(body["model_id"], body["start"], body["end"], body["max_length"],
+                       body.get("dtype", "float32"))
 
 
-def _check_int(what: str, value: object, limit: int) -> int:
+def _check_int(what: str, value: object, limit: int,
+               error: type[ProtocolError] = LocalProtocolError) -> int:
+    """``value`` if it is an int in [0, limit); else ``error`` (local: a constructor's check)."""
     if type(value) is not int or not 0 <= value < limit:
-        raise RemoteProtocolError(f"{what} must be an integer in [0, {limit})")
+        raise error(f"{what} must be an integer in [0, {limit})")
     return value
 
 
@@ -173,10 +180,10 @@ class ChainHop:
 
     def __post_init__(self) -> None:
         if not isinstance(self.peer, str) or not 0 < len(self.peer) <= MAX_PEER_ID_LEN:
-            raise RemoteProtocolError("chain: peer must be a peer id string")
+            raise LocalProtocolError("chain: peer must be a peer id string")
         _check_int("chain: session", self.session, 2**63)
         if not isinstance(self.relay, bytes) or len(self.relay) != RELAY_TOKEN_LEN:
-            raise RemoteProtocolError(f"chain: relay must be {RELAY_TOKEN_LEN} bytes")
+            raise LocalProtocolError(f"chain: relay must be {RELAY_TOKEN_LEN} bytes")
 
     def to_body(self) -> dict[str, Any]:
         return {"peer": self.peer, "session": self.session, "relay": self.relay}
@@ -185,7 +192,8 @@ class ChainHop:
     def from_body(cls, body: object) -> ChainHop:
         if not isinstance(body, dict) or set(body) != {"peer", "session", "relay"}:
             raise RemoteProtocolError("chain: each hop needs exactly peer, session and relay")
-        return cls(body["peer"], body["session"], body["relay"])
+        with peer_input():
+            return cls(body["peer"], body["session"], body["relay"])
 
 
 def _parse_chain(value: object, *, allow_empty: bool) -> tuple[ChainHop, ...]:
@@ -212,13 +220,13 @@ class Step:
 
     def __post_init__(self) -> None:
         if type(self.position) is not int or not 0 <= self.position < MAX_LENGTH_LIMIT:
-            raise RemoteProtocolError("step: position must be a non-negative integer")
+            raise LocalProtocolError("step: position must be a non-negative integer")
         _check_int("step: seq", self.seq, 2**63)
         _check_int("step: fence", self.fence, 2**63)
         if self.chain and not 0 < self.hidden.shape[0] <= CHAIN_MAX_ROWS:
-            raise RemoteProtocolError(f"step: a chained step carries 1..{CHAIN_MAX_ROWS} rows")
+            raise LocalProtocolError(f"step: a chained step carries 1..{CHAIN_MAX_ROWS} rows")
         if self.chain and not self.seq:
-            raise RemoteProtocolError("step: a chained step needs a seq")
+            raise LocalProtocolError("step: a chained step needs a seq")
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"position": self.position, "hidden": self.hidden.to_dict()}
@@ -231,15 +239,16 @@ class Step:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Step:
-        """Parse a step; raises RemoteProtocolError (TensorError for the tensor part)."""
+        """Parse a step; raises RemoteProtocolError (RemoteTensorError for the tensor part)."""
         if "position" not in body or "hidden" not in body:
             raise RemoteProtocolError("step: needs position and hidden")
         extra = body.keys() - {"position", "hidden", "chain", "seq", "fence"}
         if extra:
             raise RemoteProtocolError(f"step: unknown field(s) {sorted(extra)[:8]}")
         chain = _parse_chain(body["chain"], allow_empty=False) if "chain" in body else ()
-        return cls(body["position"], EncodedTensor.from_dict(body["hidden"]), chain,
-                   body.get("seq", 0), body.get("fence", 0))
+        with peer_input():
+            return cls(body["position"], EncodedTensor.from_dict(body["hidden"]), chain,
+                       body.get("seq", 0), body.get("fence", 0))
 
 
 @dataclass(frozen=True)
@@ -306,12 +315,12 @@ class RelayStep:
     def from_body(cls, body: object) -> RelayStep:
         if not isinstance(body, dict) or set(body) != _RELAY_FIELDS:
             raise RemoteProtocolError("relay_step needs exactly session, relay, position, seq, chain, trail")
-        _check_int("relay_step: session", body["session"], 2**63)
+        _check_int("relay_step: session", body["session"], 2**63, RemoteProtocolError)
         relay = body["relay"]
         if not isinstance(relay, bytes) or len(relay) != RELAY_TOKEN_LEN:
             raise RemoteProtocolError(f"relay_step: relay must be {RELAY_TOKEN_LEN} bytes")
-        _check_int("relay_step: position", body["position"], MAX_LENGTH_LIMIT)
-        if _check_int("relay_step: seq", body["seq"], 2**63) == 0:
+        _check_int("relay_step: position", body["position"], MAX_LENGTH_LIMIT, RemoteProtocolError)
+        if _check_int("relay_step: seq", body["seq"], 2**63, RemoteProtocolError) == 0:
             raise RemoteProtocolError("relay_step: seq must be positive")
         chain = _parse_chain(body["chain"], allow_empty=True)
         trail = _parse_trail(body["trail"])
@@ -356,8 +365,8 @@ class ChainResult:
     def from_body(cls, body: dict[str, Any]) -> ChainResult:
         if set(body) != {"position", "seq", "trail"}:
             raise RemoteProtocolError("chain_result needs exactly position, seq and trail")
-        _check_int("chain_result: position", body["position"], MAX_LENGTH_LIMIT)
-        _check_int("chain_result: seq", body["seq"], 2**63)
+        _check_int("chain_result: position", body["position"], MAX_LENGTH_LIMIT, RemoteProtocolError)
+        _check_int("chain_result: seq", body["seq"], 2**63, RemoteProtocolError)
         return cls(body["position"], body["seq"], _parse_trail(body["trail"]))
 
 
@@ -383,12 +392,13 @@ class StepResult:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> StepResult:
-        """Raises RemoteProtocolError (TensorError for the tensor); an absent ``sig`` is None
+        """Raises RemoteProtocolError (RemoteTensorError for the tensor); an absent ``sig`` is None
         here, and the client decides whether that is a fault."""
         position, draining, sig = body.get("position"), body.get("draining", False), body.get("sig")
         if type(position) is not int or not isinstance(draining, bool):
             raise RemoteProtocolError("step_result: bad position or draining flag")
         if sig is not None and not (isinstance(sig, bytes) and len(sig) == 64):
             raise RemoteProtocolError("step_result: sig must be 64 bytes")
-        ahead = _check_int("step_result: ahead", body.get("ahead", 0), MAX_LENGTH_LIMIT)
+        ahead = _check_int("step_result: ahead", body.get("ahead", 0), MAX_LENGTH_LIMIT,
+                           RemoteProtocolError)
         return cls(position, EncodedTensor.from_dict(body.get("hidden")), draining, sig, ahead)

@@ -9,7 +9,8 @@ Pure functions and frozen dataclasses, no I/O. A hidden state is a float32 array
 
 All multi-byte values are little-endian. Everything decoded from a peer is checked against the
 allowed dtypes, rank, :class:`TensorLimits` and the exact byte length, and is refused with a
-:class:`~protocols.errors.TensorError` that says why.
+:class:`~protocols.errors.RemoteTensorError` that says why; a tensor we build ourselves that breaks
+the same rules raises :class:`~protocols.errors.LocalTensorError` (both are a ``TensorError``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from idlefleet.protocols.errors import LocalProtocolError, TensorError
+from idlefleet.protocols.errors import LocalTensorError, RemoteTensorError, peer_input
 
 FLOAT32: Final = "float32"
 FLOAT16: Final = "float16"
@@ -45,16 +46,17 @@ class TensorLimits:
     max_hidden: int = 16384
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
-        """Raise :class:`TensorError` unless ``shape`` is an acceptable ``[tokens, hidden]``."""
+        """Raise :class:`RemoteTensorError` unless ``shape`` is an acceptable ``[tokens, hidden]``
+        (the receiver's check of a peer's tensor)."""
         if len(shape) != RANK:
-            raise TensorError(f"hidden state must have rank {RANK} [tokens, hidden], got {shape}")
+            raise RemoteTensorError(f"hidden state must have rank {RANK} [tokens, hidden], got {shape}")
         tokens, hidden = shape
         if not 1 <= tokens <= self.max_tokens:
-            raise TensorError(f"token count {tokens} outside [1, {self.max_tokens}]")
+            raise RemoteTensorError(f"token count {tokens} outside [1, {self.max_tokens}]")
         if self.hidden_size is not None and hidden != self.hidden_size:
-            raise TensorError(f"hidden size {hidden} != model hidden size {self.hidden_size}")
+            raise RemoteTensorError(f"hidden size {hidden} != model hidden size {self.hidden_size}")
         if not 1 <= hidden <= self.max_hidden:
-            raise TensorError(f"hidden size {hidden} outside [1, {self.max_hidden}]")
+            raise RemoteTensorError(f"hidden size {hidden} outside [1, {self.max_hidden}]")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class EncodedTensor:
 
     Construction checks that dtype is allowed, the shape is a rank-2 tuple of non-negative ints
     and that ``data`` (and ``scales`` for int8) have exactly the right length; otherwise it
-    raises :class:`TensorError`.
+    raises :class:`LocalTensorError` (:meth:`from_dict`, reading a peer's, raises the remote one).
     """
 
     dtype: str
@@ -73,26 +75,27 @@ class EncodedTensor:
 
     def __post_init__(self) -> None:
         if self.dtype not in WIRE_DTYPES:
-            raise TensorError(f"dtype {self.dtype!r} not allowed (allowed: {sorted(WIRE_DTYPES)})")
+            raise LocalTensorError(f"dtype {self.dtype!r} not allowed (allowed: {sorted(WIRE_DTYPES)})")
         if (
             not isinstance(self.shape, tuple)
             or len(self.shape) != RANK
             or not all(type(d) is int and d >= 0 for d in self.shape)
         ):
-            raise TensorError(f"shape must be {RANK} non-negative ints, got {self.shape!r}")
+            raise LocalTensorError(f"shape must be {RANK} non-negative ints, got {self.shape!r}")
         if not isinstance(self.data, bytes):
-            raise TensorError(f"data must be bytes, got {type(self.data).__name__}")
+            raise LocalTensorError(f"data must be bytes, got {type(self.data).__name__}")
         expected = math.prod(self.shape) * WIRE_DTYPES[self.dtype].itemsize
         if len(self.data) != expected:
-            raise TensorError(f"{self.dtype}{list(self.shape)} needs {expected} bytes, got {len(self.data)}")
+            raise LocalTensorError(
+                f"{self.dtype}{list(self.shape)} needs {expected} bytes, got {len(self.data)}")
         if self.dtype == INT8:
             if not isinstance(self.scales, bytes):
-                raise TensorError("int8 tensor needs per-row scales (bytes)")
+                raise LocalTensorError("int8 tensor needs per-row scales (bytes)")
             want = self.shape[0] * _SCALE_DTYPE.itemsize
             if len(self.scales) != want:
-                raise TensorError(f"int8 scales need {want} bytes, got {len(self.scales)}")
+                raise LocalTensorError(f"int8 scales need {want} bytes, got {len(self.scales)}")
         elif self.scales is not None:
-            raise TensorError(f"{self.dtype} tensor must not carry scales")
+            raise LocalTensorError(f"{self.dtype} tensor must not carry scales")
 
     @property
     def nbytes(self) -> int:
@@ -108,53 +111,54 @@ class EncodedTensor:
 
     @classmethod
     def from_dict(cls, obj: object) -> EncodedTensor:
-        """Parse :meth:`to_dict` output received from a peer; raises :class:`TensorError`."""
+        """Parse :meth:`to_dict` output received from a peer; raises :class:`RemoteTensorError`."""
         if not isinstance(obj, dict):
-            raise TensorError(f"tensor must be a map, got {type(obj).__name__}")
+            raise RemoteTensorError(f"tensor must be a map, got {type(obj).__name__}")
         unknown = set(obj) - {"dtype", "shape", "data", "scales"}
         if unknown:
-            raise TensorError(f"unknown tensor fields {sorted(map(str, unknown))}")
+            raise RemoteTensorError(f"unknown tensor fields {sorted(map(str, unknown))}")
         dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
         if not isinstance(dtype, str):
-            raise TensorError("tensor dtype missing or not a string")
+            raise RemoteTensorError("tensor dtype missing or not a string")
         if not isinstance(shape, list | tuple):
-            raise TensorError("tensor shape missing or not a list")
+            raise RemoteTensorError("tensor shape missing or not a list")
         if not isinstance(data, bytes):
-            raise TensorError("tensor data missing or not bytes")
+            raise RemoteTensorError("tensor data missing or not bytes")
         scales = obj.get("scales")
         if scales is not None and not isinstance(scales, bytes):
-            raise TensorError("tensor scales must be bytes")
-        return cls(dtype=dtype, shape=tuple(shape), data=data, scales=scales)
+            raise RemoteTensorError("tensor scales must be bytes")
+        with peer_input():  # the constructor checks the peer's fields
+            return cls(dtype=dtype, shape=tuple(shape), data=data, scales=scales)
 
 
 def encode_hidden(x: npt.ArrayLike, dtype: str = FLOAT32) -> EncodedTensor:
     """Encode a float32 ``[tokens, hidden]`` array for the wire.
 
-    Raises :class:`LocalProtocolError` if ``x`` is not a finite rank-2 float array, if ``dtype``
+    Raises :class:`LocalTensorError` if ``x`` is not a finite rank-2 float array, if ``dtype``
     is unknown, or if a value does not fit in float16.
     """
     arr = np.asarray(x)
     if arr.ndim != RANK or arr.dtype.kind != "f":
-        raise LocalProtocolError(f"expected float [tokens, hidden], got {arr.dtype}{arr.shape}")
+        raise LocalTensorError(f"expected float [tokens, hidden], got {arr.dtype}{arr.shape}")
     if not np.isfinite(arr).all():
-        raise LocalProtocolError("refusing to encode a hidden state with NaN or inf")
+        raise LocalTensorError("refusing to encode a hidden state with NaN or inf")
     shape = (int(arr.shape[0]), int(arr.shape[1]))
     if dtype == FLOAT32:
         return EncodedTensor(FLOAT32, shape, arr.astype("<f4", copy=False).tobytes())
     if dtype == FLOAT16:
         if arr.size and float(np.abs(arr).max()) > _F16_MAX:
-            raise LocalProtocolError("hidden state exceeds the float16 range; send float32")
+            raise LocalTensorError("hidden state exceeds the float16 range; send float32")
         return EncodedTensor(FLOAT16, shape, arr.astype("<f2").tobytes())
     if dtype == INT8:
         q, scales = _quantize_rows(arr.astype(np.float32, copy=False))
         return EncodedTensor(INT8, shape, q.tobytes(), scales.astype("<f4").tobytes())
-    raise LocalProtocolError(f"dtype {dtype!r} not allowed (allowed: {sorted(WIRE_DTYPES)})")
+    raise LocalTensorError(f"dtype {dtype!r} not allowed (allowed: {sorted(WIRE_DTYPES)})")
 
 
 def decode_hidden(t: EncodedTensor, limits: TensorLimits) -> npt.NDArray[np.float32]:
     """Decode to a fresh, writable float32 ``[tokens, hidden]`` array.
 
-    Raises :class:`TensorError` if the shape breaks ``limits`` or a decoded value is not finite
+    Raises :class:`RemoteTensorError` if the shape breaks ``limits`` or a decoded value is not finite
     (including int8 values whose ``q x scale`` overflows float32).
     """
     limits.check_shape(t.shape)
@@ -162,16 +166,16 @@ def decode_hidden(t: EncodedTensor, limits: TensorLimits) -> npt.NDArray[np.floa
     out = raw.astype(np.float32)  # always a copy: the result owns its memory
     if t.dtype == INT8:
         if t.scales is None:  # unreachable: EncodedTensor checks it; keeps mypy honest
-            raise TensorError("int8 tensor needs per-row scales")
+            raise RemoteTensorError("int8 tensor needs per-row scales")
         scales = np.frombuffer(t.scales, dtype=_SCALE_DTYPE).astype(np.float32)
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise TensorError("int8 scales must be finite and non-negative")
+            raise RemoteTensorError("int8 scales must be finite and non-negative")
         with np.errstate(over="ignore"):  # q x scale may overflow float32: caught just below
             out *= scales[:, None]
     if not np.isfinite(out).all():
         # For int8 a finite scale times q can still overflow (127 x 3e38): the decoded values,
         # not just the wire fields, must be finite.
-        raise TensorError("hidden state contains NaN or inf")
+        raise RemoteTensorError("hidden state contains NaN or inf")
     return out
 
 

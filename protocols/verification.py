@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from idlefleet.protocols import wire
-from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, peer_input
 from idlefleet.protocols.peerid import public_key_from_peer_id
 from idlefleet.protocols.tensors import INT8, WIRE_DTYPES, EncodedTensor
 
@@ -103,14 +103,19 @@ def _public_key(peer_id: str) -> Ed25519PublicKey:
 
 def _check_peer(value: object, what: str) -> str:
     if not isinstance(value, str):
-        raise RemoteProtocolError(f"step commitment: {what} must be a peer id string")
-    _public_key(value)
+        raise LocalProtocolError(f"step commitment: {what} must be a peer id string")
+    try:
+        _public_key(value)
+    except RemoteProtocolError as e:  # the check is peerid's; the commitment is ours
+        raise LocalProtocolError(str(e)) from e
     return value
 
 
 @dataclass(frozen=True)
 class StepCommitment:
-    """What a server signs for one step (fields in wire order)."""
+    """What a server signs for one step (fields in wire order). Construction checks every field
+    (LocalProtocolError: a server signing its own, a client rebuilding one); :meth:`decode`, reading
+    a peer's, raises RemoteProtocolError."""
 
     server: str
     client: str
@@ -127,17 +132,17 @@ class StepCommitment:
         _check_peer(self.server, "server")
         _check_peer(self.client, "client")
         if not isinstance(self.model_id, str) or not 0 < len(self.model_id) <= 128:
-            raise RemoteProtocolError("step commitment: model_id must be 1..128 chars")
+            raise LocalProtocolError("step commitment: model_id must be 1..128 chars")
         for name in ("start", "end", "session", "position", "tokens"):
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value < 2**63:
-                raise RemoteProtocolError(f"step commitment: {name} must be an int in 0..2^63-1")
+                raise LocalProtocolError(f"step commitment: {name} must be an int in 0..2^63-1")
         if not self.start < self.end or self.tokens < 1:
-            raise RemoteProtocolError("step commitment: needs start < end and tokens >= 1")
+            raise LocalProtocolError("step commitment: needs start < end and tokens >= 1")
         for name in ("input_root", "output_root"):
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != 32:
-                raise RemoteProtocolError(f"step commitment: {name} must be 32 bytes")
+                raise LocalProtocolError(f"step commitment: {name} must be 32 bytes")
 
     def body(self) -> bytes:
         """The canonical body bytes (our strict msgpack, fields in order, shortest forms)."""
@@ -165,7 +170,8 @@ class StepCommitment:
 
     @classmethod
     def decode(cls, data: bytes) -> tuple[StepCommitment, bytes]:
-        """Parse and verify the wire form; returns the commitment and its signature."""
+        """Parse and verify a peer's wire form; returns the commitment and its signature. Raises
+        RemoteProtocolError."""
         if not isinstance(data, bytes) or len(data) > MAX_COMMITMENT_SIZE:
             raise RemoteProtocolError("step commitment: not bytes or over 1024 bytes")
         outer = wire.unpack(data, what="step commitment")
@@ -180,7 +186,8 @@ class StepCommitment:
         names = [f.name for f in cls.__dataclass_fields__.values()]
         if set(fields) != {"v", *names}:
             raise RemoteProtocolError("step commitment: wrong fields")
-        commitment = cls(**{name: fields[name] for name in names})
+        with peer_input():
+            commitment = cls(**{name: fields[name] for name in names})
         if commitment.body() != body:
             raise RemoteProtocolError("step commitment: body not in canonical form")
         commitment.verify(sig)
@@ -232,10 +239,7 @@ class RowProof:
             raise RemoteProtocolError("row proof: bad field types")
         if not all(isinstance(d, bytes) and len(d) == 32 for d in (*inputs, *outputs)):
             raise RemoteProtocolError("row proof: digests must be 32 bytes each")
-        try:
-            row = EncodedTensor.from_dict(obj["row"])
-        except ValueError as e:
-            raise RemoteProtocolError(f"row proof: {e}") from None
+        row = EncodedTensor.from_dict(obj["row"])  # RemoteTensorError
         return cls(index, tuple(inputs), tuple(outputs), row)
 
 

@@ -21,7 +21,7 @@ from idlefleet.node.model.generate import BatchItem, generate_many
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.stage import Head, Stage
-from idlefleet.protocols.errors import TensorError
+from idlefleet.protocols.errors import ModelInputError
 
 TOL = 2e-5  # of max |hidden| of the step
 
@@ -114,13 +114,13 @@ def test_a_bad_step_fails_the_batch_before_any_cache_changes(head: Head, whole_m
     good, bad = whole_model.new_cache(), whole_model.new_cache()
     whole_model.forward(head.embed([504, 3575]), good)
     x = head.embed([4649])
-    with pytest.raises(TensorError, match="skips ahead"):
+    with pytest.raises(ModelInputError, match="skips ahead"):
         whole_model.forward_batch([(x, good, None), (x, bad, 5)])
     assert (good.length, bad.length) == (2, 0)
-    with pytest.raises(TensorError, match="twice"):
+    with pytest.raises(ModelInputError, match="twice"):
         whole_model.forward_batch([(x, good, None), (x, good, None)])
     bad.max_len = 1
-    with pytest.raises(TensorError, match="exceeds the context"):
+    with pytest.raises(ModelInputError, match="exceeds the context"):
         whole_model.forward_batch([(x, good, None), (head.embed([1, 2]), bad, 0)])
     assert (good.length, bad.length) == (2, 0)
 
@@ -185,7 +185,7 @@ async def test_steps_of_all_active_sessions_are_computed_together_and_errors_sta
     async def one(i: int, position: int) -> None:
         try:
             got[i] = await batcher.forward(two_blocks, xs[i], caches[i], position)
-        except TensorError as e:
+        except ModelInputError as e:
             got[i] = e
 
     t0 = trio.current_time()
@@ -196,7 +196,7 @@ async def test_steps_of_all_active_sessions_are_computed_together_and_errors_sta
     assert (batcher.stats.batches, batcher.stats.max_batch) == (1, 4)
     for i in range(3):
         _close(got[i], two_blocks.forward(xs[i], two_blocks.new_cache()))
-    assert isinstance(got[3], TensorError)
+    assert isinstance(got[3], ModelInputError)
     assert caches[3].length == 0
 
 

@@ -14,7 +14,7 @@ from idlefleet.node.model.gguf_loader import BLOCK_TENSORS, ModelFile
 from idlefleet.node.model.sampling import Sampler, SamplingParams
 from idlefleet.node.model.stage import Head, Stage, load_stage
 from idlefleet.node.model.tokenizer import Tokenizer
-from idlefleet.protocols.errors import ModelError, TensorError
+from idlefleet.protocols.errors import ModelError, ModelInputError
 from idlefleet.protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
 
 PROMPT = "The capital of France is"
@@ -187,17 +187,17 @@ def test_retried_step_is_idempotent(head: Head, whole_model: Stage) -> None:
 def test_forward_rejects_bad_input(head: Head, whole_model: Stage) -> None:
     cache = whole_model.new_cache()
     x = head.embed([504, 3575])
-    with pytest.raises(TensorError, match="float32"):
+    with pytest.raises(ModelInputError, match="float32"):
         whole_model.forward(x.astype(np.float64), cache)
-    with pytest.raises(TensorError, match="shape"):
+    with pytest.raises(ModelInputError, match="shape"):
         whole_model.forward(x[:, :100], cache)
-    with pytest.raises(TensorError, match="skips ahead"):
+    with pytest.raises(ModelInputError, match="skips ahead"):
         whole_model.forward(x, cache, position=5)
-    with pytest.raises(TensorError, match="layers"):
+    with pytest.raises(ModelInputError, match="layers"):
         whole_model.forward(x, _split(whole_model, [(0, 2)])[0].new_cache())
     cache.max_len = 3
     whole_model.forward(x, cache)
-    with pytest.raises(TensorError, match="exceeds the context"):
+    with pytest.raises(ModelInputError, match="exceeds the context"):
         whole_model.forward(x, cache)
     assert cache.length == 2  # a refused step leaves the cache as it was
     with pytest.raises(ValueError, match="token id"):

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError
 from idlefleet.protocols.notices import (
     MAX_NOTICE_SIZE,
     MAX_REASON_LEN,
@@ -121,7 +121,7 @@ def test_signature_from_another_domain_is_rejected() -> None:
 
 
 def test_self_report_is_rejected() -> None:
-    with pytest.raises(RemoteProtocolError, match="cannot report itself"):
+    with pytest.raises(LocalProtocolError, match="cannot report itself"):
         notice(subject=REPORTER)
     assert "cannot report itself" in rejected(sign_body(good_body(subject=REPORTER)))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.protocols.errors import LocalProtocolError, RecordRejected, RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RecordInvalid, RecordRejected, RemoteProtocolError
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.records import (
     DOMAIN,
@@ -187,7 +187,7 @@ def test_record_to_dict_is_json_friendly() -> None:
 def test_replace_revalidates() -> None:
     record = make_record()
     assert dataclasses.replace(record, seq=2).seq == 2
-    with pytest.raises(RecordRejected, match="battery_soc"):
+    with pytest.raises(RecordInvalid, match="battery_soc"):
         dataclasses.replace(record, battery_soc=2.0)
 
 
@@ -228,7 +228,7 @@ def test_float_fields_accept_ints_and_store_floats() -> None:
     ],
 )
 def test_construction_rejects_wrong_types(field: str, value: Any) -> None:
-    with pytest.raises(RecordRejected) as info:
+    with pytest.raises(RecordInvalid) as info:
         make_record(**{field: value})
     assert info.value.reason == "malformed"
     assert field in info.value.detail
@@ -277,20 +277,20 @@ def test_construction_rejects_wrong_types(field: str, value: Any) -> None:
     ],
 )
 def test_construction_rejects_out_of_range(field: str, value: Any) -> None:
-    with pytest.raises(RecordRejected) as info:
+    with pytest.raises(RecordInvalid) as info:
         make_record(**{field: value})
     assert info.value.reason == "out_of_range"
     assert field in info.value.detail
 
 
 def test_blocks_need_a_model() -> None:
-    with pytest.raises(RecordRejected, match="blocks: a block range needs a model_id"):
+    with pytest.raises(RecordInvalid, match="blocks: a block range needs a model_id"):
         make_record(model_id="", blocks=(0, 1))
     assert make_record(model_id="", blocks=None).blocks is None
 
 
 def test_construction_rejects_foreign_peer_id() -> None:
-    with pytest.raises(RecordRejected) as info:
+    with pytest.raises(RecordInvalid) as info:
         make_record(peer_id=peer_id_from_public_key(pub(OTHER_KEY)))
     assert info.value.reason == "signer_mismatch"
 

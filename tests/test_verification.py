@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.protocols.errors import RemoteProtocolError
+from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.receipts import (
     CREDIT_FLOPS,
@@ -87,7 +87,7 @@ def test_commitment_round_trip_and_tampering() -> None:
 )
 def test_commitment_rejects_bad_fields(changes: dict[str, Any]) -> None:
     c, _, _, _ = commitment(1, hidden(1), hidden(1))
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(LocalProtocolError):  # building our own: a local error
         dataclasses.replace(c, **changes)
 
 
@@ -220,7 +220,7 @@ def test_receipt_signed_by_both_round_trips() -> None:
      {"tokens": -1}, {"end": 10}],
 )
 def test_receipt_rejects_inconsistent_counts(changes: dict[str, Any]) -> None:
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(LocalProtocolError):  # building our own: a local error
         receipt(**changes)
 
 

@@ -10,7 +10,7 @@ from idlefleet.node.model import local
 from idlefleet.node.model.generate import generate, local_middle
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.model.tokenizer import TextStream
-from idlefleet.protocols.errors import ModelError, TensorError
+from idlefleet.protocols.errors import ModelError, ModelInputError
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         cache = stage.new_cache(capacity=len(prompt_ids) + params.max_new_tokens)
         result = generate(head, local_middle(stage, cache), prompt_ids, params, tokenizer.stop_ids, on_token)
-    except (ModelError, TensorError) as e:
+    except (ModelError, ModelInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:

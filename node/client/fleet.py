@@ -65,7 +65,6 @@ from idlefleet.protocols.errors import (
     IdlefleetError,
     LocalProtocolError,
     RemoteProtocolError,
-    TensorError,
 )
 from idlefleet.protocols.receipts import (
     Receipt,
@@ -345,11 +344,8 @@ class Pipeline:
         if max_length > context:
             raise LocalProtocolError(f"prompt plus max_new_tokens is {max_length} tokens; "
                                      f"the model's context is {context}")
-        try:
-            S.OpenRequest(client.model.model_id, self.start, client.model.n_blocks, max_length,
-                          client.config.wire_dtype)
-        except RemoteProtocolError as e:  # our own request: a local error
-            raise LocalProtocolError(f"invalid session request: {e}") from None
+        S.OpenRequest(client.model.model_id, self.start, client.model.n_blocks, max_length,
+                      client.config.wire_dtype)  # LocalProtocolError: our own request is invalid
         self._local_cache = client.model.local.new_cache() if client.model.local is not None else None
         self.verifier = Verifier(self) if client.config.verify else None
         self.steps = 0  # forward calls
@@ -521,7 +517,7 @@ class Pipeline:
                 rows = self._check_reply(S.StepResult(position, entry.hidden), position, x.shape)
                 commitment = self._commitment(hop, enc, entry.hidden, position, x.shape[0])
                 commitment.verify(entry.sig)
-            except (RemoteProtocolError, TensorError) as e:
+            except RemoteProtocolError as e:
                 raise _ChainBroken(f"entry of {hop.peer_id[-8:]}: {e}") from None
             out.append(Exchange(position, inputs, enc, entry.hidden, rows, commitment, entry.sig))
             inputs, enc = rows, entry.hidden
@@ -620,7 +616,7 @@ class Pipeline:
         except RemoteError as e:  # an owner's "stop" ends sessions with draining: not a fault
             raise StageFailure(hop, f"step at {position} failed: {e}",
                                ban=e.code != S.ERR_DRAINING) from None
-        except (NetworkError, RemoteProtocolError, TensorError) as e:
+        except (NetworkError, RemoteProtocolError) as e:
             raise StageFailure(hop, f"step at {position} failed: {e}") from None
         hop.draining = result.draining
         return Exchange(position, x, sent, result.hidden, out, commitment, result.sig)

@@ -44,7 +44,7 @@ import trio
 
 from idlefleet.node.model.kvcache import KVCache
 from idlefleet.node.model.stage import Head, Stage
-from idlefleet.protocols.errors import TensorError
+from idlefleet.protocols.errors import ModelInputError
 
 STEPPING_S = 1.0  # a session that sent a step this recently is expected to send the next soon
 
@@ -116,7 +116,7 @@ class StepBatcher:
         """``stage.forward(hidden, cache, position)``, batched with other sessions' steps.
         ``group`` names the client whose session this is (see lockstep in the module docstring).
 
-        Raises :class:`TensorError` as ``forward`` would (for this step only). At most one step
+        Raises :class:`ModelInputError` as ``forward`` would (for this step only). At most one step
         per cache may be in flight (a session's handler awaits each step)."""
         now = trio.current_time()
         if len(self._stepped) > 4096:  # sessions never forgotten (a caller without forget())
@@ -348,14 +348,14 @@ def _compute_steps(batch: list[_Job]) -> None:
             try:
                 steps = [(j.hidden, _cache(j), j.position) for j in jobs]
                 outs: list[np.ndarray | None] = [*_stage(jobs[0]).forward_batch(steps)]
-            except TensorError:
+            except ModelInputError:
                 if len(jobs) == 1:
                     raise
                 outs = []
                 for job in jobs:  # find the step that does not fit by running each alone
                     try:
                         outs.append(_stage(job).forward(job.hidden, _cache(job), job.position))
-                    except TensorError as e:
+                    except ModelInputError as e:
                         job.error = e
                         outs.append(None)
         except Exception as e:

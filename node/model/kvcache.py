@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from idlefleet.protocols.errors import TensorError
+from idlefleet.protocols.errors import ModelInputError
 
 
 class KVCache:
@@ -37,9 +37,9 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     def reserve(self, n: int) -> None:
-        """Make room for ``n`` positions in total; raises :class:`TensorError` beyond max_len."""
+        """Make room for ``n`` positions in total; raises :class:`ModelInputError` beyond max_len."""
         if n > self.max_len:
-            raise TensorError(f"sequence of {n} positions exceeds the context of {self.max_len}")
+            raise ModelInputError(f"sequence of {n} positions exceeds the context of {self.max_len}")
         if n <= self.capacity:
             return
         cap = self.capacity
@@ -55,5 +55,5 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Forget every position from ``n`` on (0 <= n <= length)."""
         if not 0 <= n <= self.length:
-            raise TensorError(f"cannot truncate a cache of {self.length} positions to {n}")
+            raise ModelInputError(f"cannot truncate a cache of {self.length} positions to {n}")
         self.length = n

@@ -14,7 +14,7 @@ import numpy as np
 from idlefleet.node.model import blocks as B
 from idlefleet.node.model.gguf_loader import BLOCK_TENSORS, ModelConfig, ModelFile, model_id
 from idlefleet.node.model.kvcache import KVCache
-from idlefleet.protocols.errors import ModelError, TensorError
+from idlefleet.protocols.errors import ModelError, ModelInputError
 
 
 class Head:
@@ -90,22 +90,22 @@ class Stage:
 
     def check(self, hidden: np.ndarray, cache: KVCache, position: int | None = None) -> int:
         """Check that ``hidden`` at ``position`` fits ``cache`` on this stage; return the start
-        position. Raises :class:`TensorError` (shape, dtype, a gap in positions, context length,
+        position. Raises :class:`ModelInputError` (shape, dtype, a gap in positions, context length,
         cache of another stage). Changes nothing."""
         c = self.config
         if not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32:
-            raise TensorError("hidden state must be a float32 numpy array")
+            raise ModelInputError("hidden state must be a float32 numpy array")
         if hidden.ndim != 2 or hidden.shape[1] != c.hidden_size or hidden.shape[0] < 1:
-            raise TensorError(f"hidden state shape {hidden.shape} != [tokens, {c.hidden_size}]")
+            raise ModelInputError(f"hidden state shape {hidden.shape} != [tokens, {c.hidden_size}]")
         if cache.n_layers != len(self.blocks):
-            raise TensorError(f"cache has {cache.n_layers} layers, stage has {len(self.blocks)}")
+            raise ModelInputError(f"cache has {cache.n_layers} layers, stage has {len(self.blocks)}")
         start = cache.length if position is None else position
         if start < 0:
-            raise TensorError(f"negative position {start}")
+            raise ModelInputError(f"negative position {start}")
         if start > cache.length:
-            raise TensorError(f"position {start} skips ahead of the cache ({cache.length})")
+            raise ModelInputError(f"position {start} skips ahead of the cache ({cache.length})")
         if start + hidden.shape[0] > cache.max_len:
-            raise TensorError(f"sequence of {start + hidden.shape[0]} positions exceeds the "
+            raise ModelInputError(f"sequence of {start + hidden.shape[0]} positions exceeds the "
                               f"context of {cache.max_len}")
         return start
 
@@ -113,7 +113,7 @@ class Stage:
         """Run ``hidden [T, H]`` (positions ``position..position+T-1``) through the blocks.
 
         ``position`` defaults to ``cache.length``; a smaller value first truncates the cache, so
-        resending a step is idempotent. Raises :class:`TensorError` if the input does not fit
+        resending a step is idempotent. Raises :class:`ModelInputError` if the input does not fit
         (see :meth:`check`).
         """
         start = self.check(hidden, cache, position)
@@ -134,13 +134,13 @@ class Stage:
         The hidden states are stacked so each weight is read once for all of them; attention
         runs per session against its own cache. Returns each step's output ``[T_i, H]``, equal to
         :meth:`forward` on that step alone up to float32 rounding (docs/MODEL.md). Every step is
-        checked before any cache changes; raises :class:`TensorError` if one does not fit or a
+        checked before any cache changes; raises :class:`ModelInputError` if one does not fit or a
         cache appears twice. One step is exactly :meth:`forward`.
         """
         if len(steps) == 1:
             return [self.forward(*steps[0])]
         if len({id(cache) for _, cache, _ in steps}) != len(steps):
-            raise TensorError("a KV cache appears twice in one batch")
+            raise ModelInputError("a KV cache appears twice in one batch")
         starts = [self.check(hidden, cache, position) for hidden, cache, position in steps]
         spans = []  # (cache, start, t, mask) per session
         for (hidden, cache, _), start in zip(steps, starts, strict=True):

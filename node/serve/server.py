@@ -55,8 +55,14 @@ from idlefleet.node.serve.latency import LatencyHistogram
 from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, StreamClosed
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.protocols import session as S
-from idlefleet.protocols.errors import LocalProtocolError, RemoteProtocolError, TensorError
-from idlefleet.protocols.peerid import peer_id_from_public_key
+from idlefleet.protocols.errors import (
+    LocalProtocolError,
+    ModelInputError,
+    RemoteProtocolError,
+    RemoteTensorError,
+    TensorError,
+)
+from idlefleet.protocols.peerid import peer_id_from_public_key, public_key_from_peer_id
 from idlefleet.protocols.receipts import ReceiptRefused, SessionWork, check_proposal, flops_per_token_block
 from idlefleet.protocols.serving import ADMITTING, Serving
 from idlefleet.protocols.tensors import EncodedTensor, TensorLimits, decode_hidden, encode_hidden
@@ -115,6 +121,14 @@ class ServerStatistics:
     relayed: int = 0  # chained steps forwarded to the next hop
     chain_failed: int = 0  # chained steps that could not be computed or forwarded
     relay_dropped: dict[str, int] = field(default_factory=dict)  # relayed steps dropped, by reason
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """Why a step that passed the checks is still refused; its input's sender is at fault."""
+
+    code: str  # the ``error`` code of a plain step's reply
+    why: str
 
 
 @dataclass(eq=False)
@@ -329,6 +343,8 @@ class StageServer:
                 state = machine.receive(env.kind)
                 if env.kind == "session_open":
                     req = S.OpenRequest.from_body(env.body)
+                    if self._key is not None:  # each step's signed commitment names the client's key
+                        public_key_from_peer_id(fs.peer_id)  # RemoteProtocolError unless Ed25519
                     refusal = self._admit(req, fs.peer_id)
                     if refusal is not None:
                         machine.fail_open()
@@ -477,8 +493,8 @@ class StageServer:
                 sess.last_seq = max(sess.last_seq, step.seq)
             ahead = max(0, min(sess.cache.length, step.position + hidden.shape[0]) - step.position)
             out = await self._compute(sess, hidden, step.position, step.hidden)
-        if out is None:
-            await self._refuse_output(sess, step.seq if step.chain else None, step.position)
+        if isinstance(out, _Refused):
+            await self._refuse_output(sess, step.seq if step.chain else None, step.position, out)
             return 0
         encoded, sig, draining = out
         if not step.chain:
@@ -505,7 +521,7 @@ class StageServer:
         started = time.perf_counter()
         try:
             if rs.hidden.dtype != sess.req.dtype:
-                raise TensorError(f"dtype {rs.hidden.dtype}, session dtype {sess.req.dtype}")
+                raise RemoteTensorError(f"dtype {rs.hidden.dtype}, session dtype {sess.req.dtype}")
             hidden = decode_hidden(rs.hidden, self._limits)
         except RemoteProtocolError as e:
             self.stats.bad_requests += 1
@@ -523,8 +539,8 @@ class StageServer:
             self.stats.bad_requests += 1
             await self._chain_failed(sess, rs.seq, rs.position, problem)
             return None
-        if out is None:
-            await self._refuse_output(sess, rs.seq, rs.position)
+        if isinstance(out, _Refused):
+            await self._refuse_output(sess, rs.seq, rs.position, out)
             return None
         encoded, sig, draining = out
         assert sig is not None  # a relaying server has a key
@@ -556,15 +572,15 @@ class StageServer:
             await sess.fs.send("chain_failed", {"position": position, "seq": seq, "message": why[:500]},
                                timeout=2.0)
 
-    async def _refuse_output(self, sess: _Session, seq: int | None, position: int) -> None:
-        # Finite but extreme inputs can overflow inside the blocks (inf/NaN out): the input's
-        # sender caused it, so refuse the step (the session survives) instead of dying.
+    async def _refuse_output(self, sess: _Session, seq: int | None, position: int,
+                             refused: _Refused) -> None:
+        # The input's sender caused it (see _compute), so refuse the step (the session survives)
+        # instead of dying.
         self.stats.bad_requests += 1
-        why = "step output is not encodable; input out of range"
         if seq is None:
-            await sess.fs.send_error(S.ERR_BAD_TENSOR, why)
+            await sess.fs.send_error(refused.code, refused.why)
         else:
-            await self._chain_failed(sess, seq, position, why)
+            await self._chain_failed(sess, seq, position, refused.why)
 
     def _position_problem(self, sess: _Session, position: int, rows: int) -> str | None:
         if position > sess.cache.length or position + rows > sess.req.max_length:
@@ -573,11 +589,11 @@ class StageServer:
         return None
 
     async def _compute(self, sess: _Session, hidden: np.ndarray, position: int, sent: EncodedTensor
-                       ) -> tuple[EncodedTensor, bytes | None, bool] | None:
+                       ) -> tuple[EncodedTensor, bytes | None, bool] | _Refused:
         """Compute ``hidden`` (decoded from ``sent``, as it travelled) at ``position`` through the
         session's blocks (call with its lock held); count it; return the encoded output, the
-        signature over the step's commitment and the draining flag, or None if the output cannot
-        be encoded."""
+        signature over the step's commitment and the draining flag, or why the step is refused
+        (the stage refuses it, or its output cannot be encoded)."""
         peer = sess.fs.peer_id
         limiter = self._inflight.get(peer)
         if limiter is None:
@@ -593,6 +609,11 @@ class StageServer:
                                                          position + done, peer))
                 done += n
                 self.stats.chunks += 1
+        except ModelInputError as e:
+            # The step passed _position_problem and the tensor limits, so this should not happen;
+            # if a check is missing, the stage refuses this peer's input: its fault, not the node's.
+            log.warning("session %d: the stage refused a checked step: %s", sess.sid, e)
+            return _Refused(S.ERR_BAD_POSITION, f"the stage refused the step: {e}")
         finally:
             limiter.release()
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -605,8 +626,8 @@ class StageServer:
         sess.busy += took
         try:
             encoded = encode_hidden(out, sess.req.dtype)
-        except LocalProtocolError:
-            return None
+        except LocalProtocolError:  # finite but extreme inputs can overflow inside the blocks
+            return _Refused(S.ERR_BAD_TENSOR, "step output is not encodable; input out of range")
         sess.steps += 1
         sess.tokens += int(hidden.shape[0])
         draining = self._gate().move_on
