@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
-from idlefleet.node.vehicle.providers import (
-    PROFILES,
-    JsonFileVehicle,
-    SimulatedVehicle,
-    SysfsVehicle,
-    VehicleState,
-    VehicleStateError,
-    make_provider,
-)
+from idlefleet.node.vehicle.simulated import PROFILES, SimulatedVehicle
+from idlefleet.node.vehicle.sources import JsonFileVehicle, SysfsVehicle
+from idlefleet.node.vehicle.spec import make_provider
+from idlefleet.node.vehicle.state import VehicleState, VehicleStateError
 from idlefleet.protocols.errors import IdlefleetError
 
 T0 = 1_718_000_000.0  # Monday 2024-06-10 06:13 UTC

@@ -43,7 +43,8 @@ from idlefleet.node.owner.control import (
 from idlefleet.node.owner.ledger import Ledger, ReceiptDesk
 from idlefleet.node.runtime.discovery import Discovery, DiscoveryConfig
 from idlefleet.node.serve.hosting import BlockHosting, HostingConfig, available_memory_mb
-from idlefleet.node.vehicle.providers import VehicleProvider, VehicleState, make_provider
+from idlefleet.node.vehicle.spec import make_provider
+from idlefleet.node.vehicle.state import VehicleProvider, VehicleState
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.guard import TokenBuckets
 from idlefleet.p2p.host import Host, HostConfig, open_host
