@@ -2,7 +2,7 @@
 
 Each step of ``step_s`` seconds:
 
-1. **Physics** (vectorised): battery (driving, charging with the taper of ``node/vehicle/providers.py``,
+1. **Physics** (vectorised): battery (driving, charging with the taper of ``node/vehicle/physics.py``,
    standby, compute) and temperature relax towards a target (ambient, sun, charging, driving,
    serving heat). A car serving on battery stops drawing compute at its hard floor, as the node
    would within a second.
@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.sim.fleet import HOUR_S, KINDS, MB, T0, build_fleet, region_name
 from idlefleet.node.sim.scenario import PROFILES, Scenario
+from idlefleet.node.vehicle import physics
 from idlefleet.protocols.errors import LocalProtocolError
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.placement import choose_range, should_move
@@ -295,26 +296,25 @@ class Simulation:
 
     def _target_temp(self, t: float, util: np.ndarray) -> np.ndarray:
         f = self.fleet
-        hour = (t % 86_400.0) / HOUR_S
         is_car = f.kind == 0
-        ambient = f.ambient_c + np.where(is_car, 6.0, 1.0) * math.sin(2 * math.pi * (hour - 9.0) / 24.0)
-        target = ambient + np.where(is_car, 2.0, 3.0)
-        driving = ~self.parked
-        target = target + np.where(driving, np.where(is_car, 25.0, 9.0), 0.0)
-        sun = 12.0 * max(0.0, math.sin(math.pi * (hour - 6.0) / 12.0))
         plug = self._plug_now()
-        target = target + np.where(is_car & self.parked & (plug <= 0), sun, 0.0)
-        charge = self._charge_kw(plug)
-        target = target + np.where(is_car, 20.0 * np.minimum(1.0, charge / 50.0), 0.0)
-        out: np.ndarray = target + f.serve_rise_c * util
+        # Cars sit outside (sun on the roof, charging heat); phones and laptops indoors.
+        out: np.ndarray = physics.target_temp_c(
+            t, ambient_c=f.ambient_c, diurnal_c=np.where(is_car, 6.0, 1.0),
+            idle_rise_c=np.where(is_car, 2.0, 3.0), driving=~self.parked,
+            drive_rise_c=np.where(is_car, 25.0, 9.0), unplugged=plug <= 0,
+            solar_c=np.where(is_car, 12.0, 0.0), charge=self._charge_kw(plug),
+            charge_rise_c=np.where(is_car, 20.0, 0.0), charge_ref_kw=50.0,
+            serve_rise_c=f.serve_rise_c, util=util)
         return out
 
     def _plug_now(self) -> np.ndarray:
-        return np.where(self.parked & ~self.power_out, self.plug_kw, 0.0)
+        out: np.ndarray = physics.plug_kw(self.parked, self.plug_kw, self.power_out)
+        return out
 
     def _charge_kw(self, plug: np.ndarray) -> np.ndarray:
-        taper = np.clip((1.0 - self.soc) / 0.2, 0.05, 1.0)
-        return np.where(self.soc >= 1.0, 0.0, plug * taper)
+        out: np.ndarray = physics.charge_kw(plug, self.soc)
+        return out
 
     def _physics(self, dt: float) -> None:
         f = self.fleet
@@ -324,9 +324,7 @@ class Simulation:
         plug = self._plug_now()
         charge = self._charge_kw(plug)
         plugged = plug > 0
-        # Plugged: the charger feeds the compute first, the battery gets the rest (up to its taper).
-        batt_in = np.where(plugged, np.minimum(charge, plug - draw), -f.standby_kw - draw)
-        batt_in = np.where(self.parked, batt_in, -f.drive_kw)
+        batt_in = physics.battery_kw(self.parked, plug, charge, f.drive_kw, f.standby_kw, draw)
         # Serving on battery stops at the hard floor (the node samples every second).
         floor = self.pref["hard_floor_pct"] / 100.0
         need = np.where(batt_in < 0, -batt_in * dt / HOUR_S, 0.0)
@@ -344,7 +342,7 @@ class Simulation:
         self.charger_kwh += float(np.sum(np.where(draw > 0, plug, 0.0))) * dt / HOUR_S
         self.battery_compute_kwh += float(np.sum(np.where(plug > 0, 0.0, used)))
         batt_in = np.where(self.parked & (frac < 1.0), batt_in + draw - draw_eff, batt_in)
-        new_soc = np.clip(self.soc + batt_in * dt / HOUR_S / f.battery_kwh, 0.0, 1.0)
+        new_soc = physics.soc_after(self.soc, batt_in, dt, f.battery_kwh)
         delivered = (new_soc - self.soc) * f.battery_kwh  # what the battery really took or gave
         self.grid_kwh += np.where(plugged, np.maximum(0.0, delivered) + draw_eff * dt / HOUR_S, 0.0)
         self.compute_kwh += draw_eff * dt / HOUR_S
@@ -353,7 +351,7 @@ class Simulation:
         self.standby_kwh += np.where(self.parked & ~plugged, f.standby_kw * dt / HOUR_S, 0.0)
         self.soc = new_soc
         target = self._target_temp(self.t + dt / 2, np.where(draw > 0, draw_eff / f.compute_kw, 0.0))
-        self.temp = target + (self.temp - target) * np.exp(-dt / f.tau_s)
+        self.temp = physics.relax_c(self.temp, target, dt, f.tau_s)
 
     # -- trips and outages -------------------------------------------------------------------------
 
@@ -417,7 +415,7 @@ class Simulation:
         floor = pref["hard_floor_pct"]
         min_b = pref["min_battery_pct"]
         pct = self.soc * 100.0
-        head = f.limit_c - self.temp
+        head = physics.headroom_c(f.limit_c, self.temp)
         now_u = T0 + now
         margin = pref["departure_margin_s"]
         ann = self.announced
@@ -451,7 +449,7 @@ class Simulation:
         now_u = T0 + now
         f = self.fleet
         before = self.action.copy()
-        head = f.limit_c - self.temp
+        head = physics.headroom_c(f.limit_c, self.temp)
         plug = self._plug_now() > 0
         for i in todo.tolist():
             prev = Decision(ACTIONS[self.action[i]], REASONS[self.reason[i]], T0 + float(self.since[i]),
@@ -874,7 +872,7 @@ class Simulation:
         state = self.action.copy()  # SERVE/DRAIN/STOP -> online/draining/offline
         blk = np.where(self.hosting, self.h_start * 10_000 + self.h_end, -1)
         load = self.util
-        head = f.limit_c - self.temp
+        head = physics.headroom_c(f.limit_c, self.temp)
         plug = self._plug_now() > 0
         consent = f.opted_in & ~(T0 + np.nan_to_num(f.revoke_at, nan=np.inf) <= now_u)
         cur: tuple[np.ndarray, ...] = (state, plug, blk, self.announced, self.parked_since, consent,
