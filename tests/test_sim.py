@@ -6,8 +6,9 @@ Small fleets (a few hundred devices, a few simulated hours) keep these fast.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,3 +174,32 @@ def test_text_report_names_the_figures() -> None:
 def test_the_simulator_imports_no_trio_and_no_libp2p() -> None:
     for path in sources("node/sim"):
         assert not imported_modules(path) & {"trio", "libp2p", "idlefleet.p2p"}, path
+
+
+def test_the_memo_key_is_the_policy_inputs_and_a_missing_field_fails_loudly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlefleet.node.sim import engine
+    from idlefleet.protocols import policy
+
+    assert tuple(f.name for f in fields(policy.DecisionInputs)) == engine.INPUT_FIELDS
+    # A field decide reads that the simulator does not compute: the first step raises, rather than
+    # the memo reusing answers that ignore it.
+    monkeypatch.setattr(engine, "INPUT_FIELDS", (*engine.INPUT_FIELDS, "new_condition"))
+    with pytest.raises(RuntimeError, match="DecisionInputs has"):
+        run_simulation(small(cars=50, hours=0.1))
+
+
+def test_exact_mode_checks_the_vectorised_inputs_against_the_policys_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlefleet.node.sim import engine
+
+    real = engine.Simulation._inputs
+
+    def wrong(self: engine.Simulation, now: float) -> dict[str, Any]:
+        cols = real(self, now)
+        cols["hot"] = ~cols["hot"]  # a field computed wrongly
+        return cols
+
+    monkeypatch.setattr(engine.Simulation, "_inputs", wrong)
+    with pytest.raises(RuntimeError, match="!= decision_inputs"):
+        run_simulation(small(cars=50, hours=0.1), exact=True)

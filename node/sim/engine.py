@@ -40,7 +40,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -57,9 +57,11 @@ from idlefleet.protocols.policy import (
     REASONS,
     Consent,
     Decision,
+    DecisionInputs,
     Preferences,
     VehicleReading,
     decide,
+    decision_inputs,
 )
 from idlefleet.protocols.publish import should_publish
 from idlefleet.protocols.records import CapacityRecord, encode_signed
@@ -71,6 +73,8 @@ ACTIONS = ("serve", "drain", "stop")
 SERVE, DRAIN, STOP = 0, 1, 2
 _REASON_CODE = {r: i for i, r in enumerate(REASONS)}
 _COOLDOWN_CODES = np.array([r in COOLDOWN_REASONS for r in REASONS])
+INPUT_FIELDS = tuple(f.name for f in fields(DecisionInputs))
+_COOL_BIT = INPUT_FIELDS.index("cooling_down")
 #: Why a request was not served.
 FAIL_REASONS = ("no_coverage", "overloaded", "failover_failed")
 #: A prompt token costs this fraction of a decode token (prefill runs in chunks).
@@ -221,7 +225,9 @@ class Simulation:
         self.reason = np.full(n, _REASON_CODE["no_consent"], dtype=np.int8)
         self.since = np.full(n, self.t)
         self.blocked_at = np.full(n, np.nan)
-        self.flags = np.full(n, -1, dtype=np.int64)
+        self.inputs_key = np.full(n, -1, dtype=np.int64)
+        self.require_plugged = np.array([p.require_plugged_in for p in self.prefs])
+        self.allow_metered = np.array([p.allow_metered for p in self.prefs])
         self.group = g = f.on_battery.astype(np.int8)
         self.pref = {name: np.array([getattr(p, name) for p in self.prefs], dtype=float)[g]
                      for name in ("hard_floor_pct", "min_battery_pct", "departure_margin_s", "revoke_drain_s",
@@ -400,52 +406,66 @@ class Simulation:
         revoked = T0 + float(rv) if not math.isnan(rv) and T0 + rv <= now_u else None
         return Consent(granted_at=granted, expires_at=expires, revoked_at=revoked)
 
-    _COOL_BIT = 11  # position of the cool-down predicate in _policy_flags
-
     def _cool(self, now: float) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             out: np.ndarray = now - self.blocked_at < self.pref["resume_cooldown_s"]
         return out
 
-    def _policy_flags(self, now: float) -> np.ndarray:
-        """Every predicate ``decide`` reads, packed into one int per car: a car whose flags did not
-        change since its last evaluation gets the same decision (checked by ``exact=True``)."""
-        f, scn = self.fleet, self.scn
-        p, g, pref = self.prefs, self.group, self.pref
-        floor = pref["hard_floor_pct"]
-        min_b = pref["min_battery_pct"]
+    def _inputs(self, now: float) -> dict[str, np.ndarray]:
+        """Every field of ``policy.DecisionInputs`` for every car, vectorised (the same comparisons
+        ``policy.decision_inputs`` makes on one car's floats; ``exact=True`` checks them)."""
+        f, scn, g, pref = self.fleet, self.scn, self.group, self.pref
+        n = f.n
+        now_u = T0 + now
         pct = self.soc * 100.0
         head = physics.headroom_c(f.limit_c, self.temp)
-        now_u = T0 + now
-        margin = pref["departure_margin_s"]
-        ann = self.announced
-        with np.errstate(invalid="ignore"):
-            dep_soon = (T0 + ann) - now_u < margin
-            rv = f.revoke_at
-            revoked = (T0 + rv) <= now_u
-            rv_over = now_u - (T0 + rv) >= pref["revoke_drain_s"]
-            cool = self._cool(now)
-        bits = [self.parked, self._plug_now() > 0, pct < floor, pct < min_b, head < 0,
-                head < pref["min_headroom_c"], ~np.isnan(ann), dep_soon,
-                f.metered, revoked, rv_over, cool, f.opted_in]
+        with np.errstate(invalid="ignore"):  # NaN: never revoked / no departure announced
+            revoked = f.opted_in & ((T0 + f.revoke_at) <= now_u)
+            rv_over = now_u - (T0 + f.revoke_at) >= pref["revoke_drain_s"]
+            dep_soon = (T0 + self.announced) - now_u < pref["departure_margin_s"]
+        expired = np.zeros(n, dtype=bool)
+        exp_over = np.zeros(n, dtype=bool)
         if scn.fleet.consent_hours > 0:
             exp = T0 + (scn.start_hour + scn.fleet.consent_hours) * HOUR_S
-            bits += [np.full(f.n, now_u >= exp),
-                     now_u - exp >= pref["revoke_drain_s"]]
-        for k, pr in enumerate(p):
-            if pr.allowed_hours:
-                within = _within(pr, now_u)
-                bits.append((g == k) & within)
-        out = np.zeros(f.n, dtype=np.int64)
-        for k, b in enumerate(bits):
-            out |= b.astype(np.int64) << k
+            expired = f.opted_in & (now_u >= exp)
+            exp_over = expired & (now_u - exp >= pref["revoke_drain_s"])
+        outside = np.array([bool(p.allowed_hours) and not _within(p, now_u) for p in self.prefs])[g]
+        return {
+            "consented": f.opted_in, "revoked": revoked, "expired": expired,
+            "drain_over": np.where(revoked, rv_over, exp_over),
+            "vehicle_known": np.ones(n, dtype=bool),  # the simulated daemon is never late
+            "parked": self.parked, "below_floor": pct < pref["hard_floor_pct"], "overheated": head < 0,
+            "departure_soon": dep_soon, "hot": head < pref["min_headroom_c"],
+            "plugged_in": self._plug_now() > 0, "require_plugged_in": self.require_plugged[g],
+            "below_min_battery": pct < pref["min_battery_pct"],
+            "metered_blocked": f.metered & ~self.allow_metered[g], "outside_hours": outside,
+            "cooling_down": self._cool(now),
+        }
+
+    def _inputs_key(self, now: float) -> np.ndarray:
+        """Each car's ``DecisionInputs`` packed into one int (bit k = field k): the memo key. A car
+        whose key did not change since its last decision gets the same action and reason
+        (``policy.rule`` reads nothing else). Raises RuntimeError if ``_inputs`` misses a field."""
+        cols = self._inputs(now)
+        if list(cols) != list(INPUT_FIELDS):
+            raise RuntimeError(f"the simulator computes {sorted(cols)}, DecisionInputs has {INPUT_FIELDS}")
+        out = np.zeros(self.fleet.n, dtype=np.int64)
+        for k, name in enumerate(INPUT_FIELDS):
+            out |= cols[name].astype(np.int64) << k
         return out
+
+    def _check_inputs(self, i: int, key: int, got: DecisionInputs) -> None:
+        """``exact=True``: car ``i``'s packed inputs must be what the policy itself computes."""
+        mine = DecisionInputs(*(bool(key >> k & 1) for k in range(len(INPUT_FIELDS))))
+        if mine != got:
+            raise RuntimeError(f"car {i}: simulated policy inputs {mine} != decision_inputs {got}")
 
     def _decide(self, now: float, changed: np.ndarray) -> np.ndarray:
         """Re-evaluate the policy where needed; returns the cars whose action changed."""
-        flags = self._policy_flags(now)
-        todo = np.flatnonzero((flags != self.flags) | changed) if not self.exact else np.arange(self.fleet.n)
-        self.flags = flags
+        key = self._inputs_key(now)
+        stale = (key != self.inputs_key) | changed
+        todo = np.arange(self.fleet.n) if self.exact else np.flatnonzero(stale)
+        self.inputs_key = key
         now_u = T0 + now
         f = self.fleet
         before = self.action.copy()
@@ -460,7 +480,10 @@ class Simulation:
                 thermal_headroom_c=float(head[i]), parked=bool(self.parked[i]),
                 expected_departure=None if math.isnan(ann) else T0 + float(ann), observed_at=now_u,
                 link_metered=bool(f.metered[i]))
-            d = decide(self.prefs[self.group[i]], self._consent(i, now_u), reading, now_u, prev)
+            prefs, consent = self.prefs[self.group[i]], self._consent(i, now_u)
+            if self.exact:
+                self._check_inputs(i, int(key[i]), decision_inputs(prefs, consent, reading, now_u, prev))
+            d = decide(prefs, consent, reading, now_u, prev)
             self.action[i] = ACTIONS.index(d.action)
             self.reason[i] = _REASON_CODE[d.reason]
             self.since[i] = d.since - T0
@@ -470,8 +493,8 @@ class Simulation:
         # vehicle_blocked_at = now (the policy's hysteresis): no call needed to know that.
         self.blocked_at = np.where(_COOLDOWN_CODES[self.reason], now, self.blocked_at)
         # the cool-down flag depends on blocked_at, which the decisions just moved
-        bit = np.int64(1) << self._COOL_BIT
-        self.flags = (self.flags & ~bit) | (self._cool(now).astype(np.int64) << self._COOL_BIT)
+        bit = np.int64(1) << _COOL_BIT
+        self.inputs_key = (self.inputs_key & ~bit) | (self._cool(now).astype(np.int64) << _COOL_BIT)
         serving = (self.action == SERVE) & self.parked
         self.floor_violations += int(np.sum(serving & (self.soc * 100.0 < self.pref["hard_floor_pct"])))
         return np.flatnonzero(self.action != before)
