@@ -38,6 +38,10 @@ after it, so a car whose battery hovers at a floor or whose heat hovers at a lim
 (BOINC waits 300 s after a heat or low-charge pause). Consent, hours and the link are the owner's
 explicit choices: they take effect at once in both directions.
 
+The conditions the table tests are one object, ``DecisionInputs`` (``decision_inputs(prefs,
+consent, vehicle, now, previous)``); ``rule(inputs)`` is the table itself and reads nothing else,
+so a simulator that keeps a decision while a car's inputs stay equal cannot miss a condition.
+
 Defaults are chosen for a car (see ``Preferences``); everything here is deterministic and cheap (a
 fleet simulator calls it for thousands of cars per simulated second).
 """
@@ -56,11 +60,14 @@ __all__ = [
     "SCOPE_INFERENCE",
     "Consent",
     "Decision",
+    "DecisionInputs",
     "Preferences",
     "VehicleReading",
     "consent_from_entries",
     "decide",
+    "decision_inputs",
     "parse_hours",
+    "rule",
 ]
 
 ACTIONS = ("serve", "drain", "stop")
@@ -262,44 +269,135 @@ class Decision:
         return self.action == "serve"
 
 
-def _raw(prefs: Preferences, consent: Consent, vehicle: VehicleReading | None,
-         now: float) -> tuple[str, str, str]:
-    """(action, reason, detail) ignoring hysteresis."""
-    if consent.granted_at is None or consent.granted_at > now or SCOPE_INFERENCE not in consent.scope:
-        return "stop", "no_consent", "the owner has not consented to inference"
+@dataclass(frozen=True)
+class DecisionInputs:
+    """Every condition ``decide`` tests, as of one moment: ``decide``'s action and reason are a
+    function of this object alone (``rule``), so two moments with equal inputs get the same action
+    and reason (a simulator may keep a decision while its inputs stay equal). Built by
+    ``decision_inputs``; a field per condition of the rule table."""
+
+    consented: bool  # a grant with the inference scope has started
+    revoked: bool  # the owner revoked it
+    expired: bool  # it ran out
+    drain_over: bool  # the revocation (or, unrevoked, the expiry) is revoke_drain_s old
+    vehicle_known: bool  # a vehicle state no older than max_state_age_s
+    parked: bool
+    below_floor: bool  # state of charge below hard_floor_pct
+    overheated: bool  # thermal headroom below 0
+    departure_soon: bool  # expected departure within departure_margin_s
+    hot: bool  # thermal headroom below min_headroom_c
+    plugged_in: bool
+    require_plugged_in: bool
+    below_min_battery: bool  # state of charge below min_battery_pct
+    metered_blocked: bool  # a metered link and allow_metered off
+    outside_hours: bool  # allowed_hours set and now outside them
+    cooling_down: bool  # the last vehicle block was less than resume_cooldown_s ago
+
+
+def decision_inputs(prefs: Preferences, consent: Consent, vehicle: VehicleReading | None, now: float,
+                    previous: Decision | None = None) -> DecisionInputs:
+    """The conditions ``decide`` tests at ``now`` (vehicle fields are False without a vehicle)."""
+    revoked = consent.revoked_at is not None
+    expired = consent.expires_at is not None and now >= consent.expires_at
     if consent.revoked_at is not None:
-        action = "drain" if now - consent.revoked_at < prefs.revoke_drain_s else "stop"
-        return action, "consent_revoked", "the owner revoked consent"
-    if consent.expires_at is not None and now >= consent.expires_at:
-        action = "drain" if now - consent.expires_at < prefs.revoke_drain_s else "stop"
-        return action, "consent_expired", "the owner's consent ran out"
+        drain_over = now - consent.revoked_at >= prefs.revoke_drain_s
+    else:
+        drain_over = consent.expires_at is not None and now - consent.expires_at >= prefs.revoke_drain_s
+    blocked_at = previous.vehicle_blocked_at if previous is not None else None
+    cooling = blocked_at is not None and now - blocked_at < prefs.resume_cooldown_s
+    hours = bool(prefs.allowed_hours) and not _within_hours(prefs, now)
+    consented = (consent.granted_at is not None and consent.granted_at <= now
+                 and SCOPE_INFERENCE in consent.scope)
     if vehicle is None:
-        return "stop", "vehicle_unknown", "no vehicle state"
-    age = now - vehicle.observed_at
-    if age > prefs.max_state_age_s:
-        return "stop", "vehicle_unknown", f"vehicle state is {age:.0f}s old"
-    if not vehicle.parked:
-        return "stop", "driving", "the vehicle is not parked"
+        return DecisionInputs(consented, revoked, expired, drain_over, False, False, False, False,
+                              False, False, False, prefs.require_plugged_in, False, False, hours, cooling)
     pct = vehicle.battery_soc * 100.0
-    if pct < prefs.hard_floor_pct:
-        return "stop", "battery_floor", f"battery {pct:.0f}% < floor {prefs.hard_floor_pct:g}%"
-    if vehicle.thermal_headroom_c < 0:
-        return "stop", "overheated", f"{-vehicle.thermal_headroom_c:.0f} C over the throttle point"
-    if (vehicle.expected_departure is not None
-            and vehicle.expected_departure - now < prefs.departure_margin_s):
-        return "drain", "departure_soon", "departure expected soon"
-    if vehicle.thermal_headroom_c < prefs.min_headroom_c:
-        return "drain", "thermal", f"headroom {vehicle.thermal_headroom_c:.0f} C < {prefs.min_headroom_c:g} C"
-    if not vehicle.plugged_in:
-        if prefs.require_plugged_in:
-            return "drain", "unplugged", "not plugged in"
-        if pct < prefs.min_battery_pct:
-            return "drain", "battery_low", f"battery {pct:.0f}% < {prefs.min_battery_pct:g}% on battery"
-    if vehicle.link_metered and not prefs.allow_metered:
-        return "drain", "metered_link", "the link is metered"
-    if prefs.allowed_hours and not _within_hours(prefs, now):
-        return "drain", "outside_hours", "outside the allowed hours"
-    return "serve", "ok", ""
+    return DecisionInputs(
+        consented=consented, revoked=revoked, expired=expired, drain_over=drain_over,
+        vehicle_known=now - vehicle.observed_at <= prefs.max_state_age_s,
+        parked=vehicle.parked,
+        below_floor=pct < prefs.hard_floor_pct,
+        overheated=vehicle.thermal_headroom_c < 0,
+        departure_soon=(vehicle.expected_departure is not None
+                        and vehicle.expected_departure - now < prefs.departure_margin_s),
+        hot=vehicle.thermal_headroom_c < prefs.min_headroom_c,
+        plugged_in=vehicle.plugged_in,
+        require_plugged_in=prefs.require_plugged_in,
+        below_min_battery=pct < prefs.min_battery_pct,
+        metered_blocked=vehicle.link_metered and not prefs.allow_metered,
+        outside_hours=hours,
+        cooling_down=cooling,
+    )
+
+
+def rule(inputs: DecisionInputs) -> tuple[str, str]:
+    """(action, reason) of the rule table for ``inputs``: the first rule that applies wins. Reads
+    nothing but ``inputs`` (``tests/test_policy.py`` checks), so equal inputs, equal answer."""
+    if not inputs.consented:
+        return "stop", "no_consent"
+    if inputs.revoked:
+        return ("stop" if inputs.drain_over else "drain"), "consent_revoked"
+    if inputs.expired:
+        return ("stop" if inputs.drain_over else "drain"), "consent_expired"
+    if not inputs.vehicle_known:
+        return "stop", "vehicle_unknown"
+    if not inputs.parked:
+        return "stop", "driving"
+    if inputs.below_floor:
+        return "stop", "battery_floor"
+    if inputs.overheated:
+        return "stop", "overheated"
+    if inputs.departure_soon:
+        return "drain", "departure_soon"
+    if inputs.hot:
+        return "drain", "thermal"
+    if not inputs.plugged_in:
+        if inputs.require_plugged_in:
+            return "drain", "unplugged"
+        if inputs.below_min_battery:
+            return "drain", "battery_low"
+    if inputs.metered_blocked:
+        return "drain", "metered_link"
+    if inputs.outside_hours:
+        return "drain", "outside_hours"
+    if inputs.cooling_down:
+        return "drain", "cooldown"
+    return "serve", "ok"
+
+
+def _detail(reason: str, prefs: Preferences, vehicle: VehicleReading | None, now: float,
+            previous: Decision | None) -> str:
+    """The human-readable detail of ``reason`` (values, not conditions: not part of the inputs)."""
+    if reason == "vehicle_unknown":
+        return ("no vehicle state" if vehicle is None
+                else f"vehicle state is {now - vehicle.observed_at:.0f}s old")
+    if vehicle is not None:
+        pct = vehicle.battery_soc * 100.0
+        head = vehicle.thermal_headroom_c
+        if reason == "battery_floor":
+            return f"battery {pct:.0f}% < floor {prefs.hard_floor_pct:g}%"
+        if reason == "overheated":
+            return f"{-head:.0f} C over the throttle point"
+        if reason == "thermal":
+            return f"headroom {head:.0f} C < {prefs.min_headroom_c:g} C"
+        if reason == "battery_low":
+            return f"battery {pct:.0f}% < {prefs.min_battery_pct:g}% on battery"
+    if reason == "cooldown" and previous is not None and previous.vehicle_blocked_at is not None:
+        wait = previous.vehicle_blocked_at + prefs.resume_cooldown_s - now
+        return f"resuming {wait:.0f}s after the last pause"
+    return _DETAILS.get(reason, "")
+
+
+_DETAILS = {
+    "no_consent": "the owner has not consented to inference",
+    "consent_revoked": "the owner revoked consent",
+    "consent_expired": "the owner's consent ran out",
+    "driving": "the vehicle is not parked",
+    "departure_soon": "departure expected soon",
+    "unplugged": "not plugged in",
+    "metered_link": "the link is metered",
+    "outside_hours": "outside the allowed hours",
+}
 
 
 def _within_hours(prefs: Preferences, now: float) -> bool:
@@ -322,15 +420,11 @@ def decide(prefs: Preferences, consent: Consent, vehicle: VehicleReading | None,
     """
     if not math.isfinite(now):
         raise ValueError(f"now must be finite, got {now!r}")
-    action, reason, detail = _raw(prefs, consent, vehicle, now)
+    action, reason = rule(decision_inputs(prefs, consent, vehicle, now, previous))
     blocked_at = previous.vehicle_blocked_at if previous is not None else None
     if reason in COOLDOWN_REASONS:
         blocked_at = now
-    elif (action == "serve" and blocked_at is not None
-          and now - blocked_at < prefs.resume_cooldown_s):
-        action, reason = "drain", "cooldown"
-        detail = f"resuming {blocked_at + prefs.resume_cooldown_s - now:.0f}s after the last pause"
     since = now
     if previous is not None and previous.action == action:
         since = previous.since
-    return Decision(action, reason, since, blocked_at, detail)
+    return Decision(action, reason, since, blocked_at, _detail(reason, prefs, vehicle, now, previous))

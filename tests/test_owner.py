@@ -29,7 +29,7 @@ from idlefleet.node.owner.control import (
 )
 from idlefleet.node.runtime.node import open_node
 from idlefleet.node.serve.server import ServerConfig, StageServer
-from idlefleet.node.vehicle.providers import JsonFileVehicle
+from idlefleet.node.vehicle.sources import JsonFileVehicle
 from idlefleet.p2p.errors import RemoteError
 from idlefleet.p2p.host import HostConfig, open_host
 from idlefleet.protocols import session as S

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from idlefleet.protocols import policy
 from idlefleet.protocols.policy import (
     ACTIONS,
     REASONS,
@@ -232,3 +233,64 @@ def test_preferences_from_mapping() -> None:
 def test_decision_serving_flag() -> None:
     assert Decision("serve", "ok", NOW).serving
     assert not Decision("drain", "cooldown", NOW).serving
+
+
+# -- DecisionInputs: what decide reads, as one object ---------------------------------------------
+
+
+def _rule_reads() -> tuple[set[str], set[str]]:
+    """(attributes ``rule`` reads of its argument, other names it loads), from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(policy.rule)))
+    func = tree.body[0]
+    assert isinstance(func, ast.FunctionDef)
+    (arg,) = [a.arg for a in func.args.args]
+    attrs, names = set(), set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == arg:
+            attrs.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id != arg:
+            names.add(node.id)
+    return attrs, names
+
+
+def test_rule_reads_exactly_the_fields_of_decision_inputs_and_nothing_else() -> None:
+    # A condition decide tests must be a field of DecisionInputs, or rule could not read it; so a
+    # memo keyed on DecisionInputs (the fleet simulator's) cannot miss it.
+    attrs, names = _rule_reads()
+    assert attrs == {f.name for f in dataclasses.fields(policy.DecisionInputs)}
+    assert names <= {"DecisionInputs", "tuple", "str"}  # no globals, no preferences, no clock
+
+
+def test_decide_takes_its_action_and_reason_from_the_inputs() -> None:
+    cases = itertools.product(
+        (C, Consent(), Consent(NOW - 10, revoked_at=NOW - 0.5), Consent(NOW - 10, expires_at=NOW - 5)),
+        (V, None, dataclasses.replace(V, battery_soc=0.1), dataclasses.replace(V, plugged_in=False),
+         dataclasses.replace(V, thermal_headroom_c=5.0), dataclasses.replace(V, parked=False),
+         dataclasses.replace(V, expected_departure=NOW + 60), dataclasses.replace(V, link_metered=True)),
+        (None, Decision("drain", "thermal", NOW - 100, NOW - 100)),
+        (P, Preferences(require_plugged_in=False), Preferences(allowed_hours=parse_hours("22:00-23:00"))),
+    )
+    for consent, vehicle, previous, prefs in cases:
+        d = decide(prefs, consent, vehicle, NOW, previous)
+        inputs = policy.decision_inputs(prefs, consent, vehicle, NOW, previous)
+        assert (d.action, d.reason) == policy.rule(inputs)
+
+
+def test_every_input_field_can_change_the_answer() -> None:
+    # No field is dead weight in the key: for each one some inputs answer differently when it flips.
+    import random
+
+    rng = random.Random(0)
+    names = [f.name for f in dataclasses.fields(policy.DecisionInputs)]
+    serving = policy.decision_inputs(P, C, V, NOW)
+    assert policy.rule(serving) == ("serve", "ok")
+    # around the serving inputs, each field flipped now and then
+    samples = [policy.DecisionInputs(*(getattr(serving, n) != (rng.random() < 0.15) for n in names))
+               for _ in range(4000)]
+    for name in names:
+        assert any(policy.rule(x) != policy.rule(dataclasses.replace(x, **{name: not getattr(x, name)}))
+                   for x in samples), name

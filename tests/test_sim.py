@@ -6,8 +6,9 @@ Small fleets (a few hundred devices, a few simulated hours) keep these fast.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,14 +89,14 @@ def test_a_policy_threshold_moves_the_node_decision_and_the_fleet_outcome() -> N
 
 
 def test_the_simulator_runs_the_node_functions_themselves() -> None:
-    from idlefleet.node.sim import engine
+    from idlefleet.node.sim import demand, gossip, hosting, owner
     from idlefleet.protocols import placement, policy, publish, records, routing
 
-    assert engine.decide is policy.decide
-    assert engine.should_publish is publish.should_publish
-    assert (engine.choose_range, engine.should_move) == (placement.choose_range, placement.should_move)
-    assert (engine.find_route, engine.hop_cost) == (routing.find_route, routing.hop_cost)
-    assert engine.encode_signed is records.encode_signed
+    assert owner.decide is policy.decide
+    assert gossip.should_publish is publish.should_publish
+    assert (hosting.choose_range, hosting.should_move) == (placement.choose_range, placement.should_move)
+    assert (demand.find_route, demand.hop_cost) == (routing.find_route, routing.hop_cost)
+    assert gossip.encode_signed is records.encode_signed
     calls = run_simulation(small(cars=200, hours=1.0)).report["node_functions_called"]
     assert all(calls[name] > 0 for name in ("decide", "should_publish", "choose_range", "find_route",
                                             "hop_cost")), calls
@@ -173,3 +174,33 @@ def test_text_report_names_the_figures() -> None:
 def test_the_simulator_imports_no_trio_and_no_libp2p() -> None:
     for path in sources("node/sim"):
         assert not imported_modules(path) & {"trio", "libp2p", "idlefleet.p2p"}, path
+
+
+def test_the_memo_key_is_the_policy_inputs_and_a_missing_field_fails_loudly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlefleet.node.sim import owner
+    from idlefleet.protocols import policy
+
+    assert tuple(f.name for f in fields(policy.DecisionInputs)) == owner.INPUT_FIELDS
+    # A field decide reads that the simulator does not compute: the first step raises, rather than
+    # the memo reusing answers that ignore it.
+    monkeypatch.setattr(owner, "INPUT_FIELDS", (*owner.INPUT_FIELDS, "new_condition"))
+    with pytest.raises(RuntimeError, match="DecisionInputs has"):
+        run_simulation(small(cars=50, hours=0.1))
+
+
+def test_exact_mode_checks_the_vectorised_inputs_against_the_policys_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlefleet.node.sim import owner
+    from idlefleet.node.sim.engine import Simulation
+
+    real = owner.inputs
+
+    def wrong(sim: Simulation, now: float) -> dict[str, Any]:
+        cols = real(sim, now)
+        cols["hot"] = ~cols["hot"]  # a field computed wrongly
+        return cols
+
+    monkeypatch.setattr(owner, "inputs", wrong)
+    with pytest.raises(RuntimeError, match="!= decision_inputs"):
+        run_simulation(small(cars=50, hours=0.1), exact=True)

@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
-from idlefleet.node.vehicle.providers import (
-    PROFILES,
-    JsonFileVehicle,
-    SimulatedVehicle,
-    SysfsVehicle,
-    VehicleState,
-    VehicleStateError,
-    make_provider,
-)
+from idlefleet.node.vehicle.simulated import PROFILES, SimulatedVehicle
+from idlefleet.node.vehicle.sources import JsonFileVehicle, SysfsVehicle
+from idlefleet.node.vehicle.spec import make_provider
+from idlefleet.node.vehicle.state import VehicleState, VehicleStateError
 from idlefleet.protocols.errors import IdlefleetError
 
 T0 = 1_718_000_000.0  # Monday 2024-06-10 06:13 UTC
@@ -502,3 +497,45 @@ def test_start_at_the_epoch_with_time_scale() -> None:
     for i in range(0, 3000, 7):
         s = v.read(float(i))
         assert s.parked_since is None or s.parked_since >= 0.0
+
+
+# -- physics: one vehicle (floats) and a fleet (arrays) run the same functions ------------------
+
+
+def test_physics_scalar_and_array_paths_agree_on_a_grid() -> None:
+    import numpy as np
+
+    from idlefleet.node.vehicle import physics
+
+    grid = list(itertools.product(
+        (0.0, 0.3, 0.8, 0.85, 0.99, 1.0),  # soc
+        (0.0, 0.018, 7.4, 50.0),  # charger kW
+        (False, True),  # parked
+        (False, True),  # power out
+        (0.0, 3 * HOUR, 7.5 * HOUR, 12 * HOUR, 17.9 * HOUR, DAY + 5),  # time of day
+        (-5.0, 20.0, 60.0),  # temperature
+    ))
+    soc, charger, parked, out, t, temp = (np.array(col) for col in zip(*grid, strict=True))
+    plug = physics.plug_kw(parked, charger, out)
+    charge = physics.charge_kw(plug, soc)
+    kw = physics.battery_kw(parked, plug, charge, 12.0, 0.03, np.where(parked, 1.0, 0.0))
+    new_soc = physics.soc_after(soc, kw, 120.0, 75.0)
+    target = physics.target_temp_c(t, ambient_c=15.0, diurnal_c=6.0, idle_rise_c=2.0, driving=~parked,
+                                   drive_rise_c=25.0, unplugged=plug <= 0, solar_c=12.0, charge=charge,
+                                   charge_rise_c=20.0, charge_ref_kw=50.0, serve_rise_c=30.0, util=0.5)
+    relaxed = physics.relax_c(temp, target, 120.0, 900.0)
+    for k, (s, c, p, o, tk, tc) in enumerate(grid):
+        pk = physics.plug_kw(p, c, o)
+        ck = physics.charge_kw(pk, s)
+        bk = physics.battery_kw(p, pk, ck, 12.0, 0.03, 1.0 if p else 0.0)
+        tg = physics.target_temp_c(tk, ambient_c=15.0, diurnal_c=6.0, idle_rise_c=2.0, driving=not p,
+                                   drive_rise_c=25.0, unplugged=pk <= 0, solar_c=12.0, charge=ck,
+                                   charge_rise_c=20.0, charge_ref_kw=50.0, serve_rise_c=30.0, util=0.5)
+        scalars = (pk, ck, bk, physics.soc_after(s, bk, 120.0, 75.0), tg)
+        assert all(type(x) is float for x in scalars), scalars  # a float in gives a float out
+        # + - * / and comparisons round alike in numpy and math: equal to the last bit
+        assert scalars == (plug[k], charge[k], kw[k], new_soc[k], target[k])
+        # exp may differ by one unit in the last place between math and numpy
+        assert physics.relax_c(tc, tg, 120.0, 900.0) == pytest.approx(relaxed[k], rel=1e-15, abs=1e-12)
+    assert ((new_soc >= 0.0) & (new_soc <= 1.0)).all()
+    assert (charge <= plug).all() and (charge[soc >= 1.0] == 0).all()

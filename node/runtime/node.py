@@ -42,7 +42,8 @@ from idlefleet.node.runtime.reports import Reports
 from idlefleet.node.runtime.status import STATUS_PROTOCOL, fetch_status, request_status, status_handler
 from idlefleet.node.serve.hosting import BlockHosting, HostingConfig
 from idlefleet.node.serve.server import ServerConfig
-from idlefleet.node.vehicle.providers import VehicleProvider, make_provider
+from idlefleet.node.vehicle.spec import make_provider
+from idlefleet.node.vehicle.state import VehicleProvider
 from idlefleet.p2p.host import Host, HostConfig, open_host
 from idlefleet.p2p.identity import load_or_create_key, peer_id_of, raw_public_key
 from idlefleet.p2p.liveness import Liveness, LivenessConfig

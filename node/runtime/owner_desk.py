@@ -26,7 +26,7 @@ from idlefleet.node.owner.control import (
     vehicle_reading,
 )
 from idlefleet.node.owner.ledger import Ledger, ReceiptDesk
-from idlefleet.node.vehicle.providers import VehicleState
+from idlefleet.node.vehicle.state import VehicleState
 from idlefleet.protocols.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ import numpy as np
 import trio
 
 from idlefleet.node.serve.hosting import available_memory_mb
-from idlefleet.node.vehicle.providers import VehicleState
+from idlefleet.node.vehicle.state import VehicleState
 from idlefleet.p2p.errors import NetworkError
 from idlefleet.protocols import wire
 from idlefleet.protocols.publish import PublishPolicy, should_publish
