@@ -441,6 +441,7 @@ CLIENT_TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
     (_C.CHAINED, "chain_result"): _C.CHAINED,
     (_C.CHAINED, "chain_failed"): _C.CHAINED,
     (_C.CHAINED, "error"): _C.FAILED,
+    (_C.CHAINED, "fail"): _C.FAILED,
     (_C.CHAINED, "chain_done"): _C.OPEN,
     (_C.CHAINED, "chain_broken"): _C.OPEN,
     (_C.DRAINING, "step"): _C.STEPPING,
@@ -487,6 +488,7 @@ class ClientSession:
         CHAINED    chain_result,     server  CHAINED      checked, then chain_done or chain_broken
                    chain_failed                           (another seq's is stale: skipped)
         CHAINED    error             server  FAILED       the session ended (owner stop, idle)
+        CHAINED    fail              client  FAILED       the caller was cancelled mid-chain
         CHAINED    chain_done        client  OPEN         every hop's entry checked out
         CHAINED    chain_broken      client  OPEN         no blame: redone hop by hop (``ahead``)
         DRAINING   step              client  STEPPING     it still answers (a verifier's session)
