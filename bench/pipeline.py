@@ -63,11 +63,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import idlefleet.node.client.fleet as client_mod  # noqa: E402
+import idlefleet.node.client.hop as client_mod  # noqa: E402 - where a hop encodes and decodes
 from bench.common import CLK_TCK, cpu_ticks, machine_ticks, work_root  # noqa: E402
 from idlefleet.node.cli.run import setup_logging  # noqa: E402
 from idlefleet.node.cli.swarm import Swarm, tail  # noqa: E402
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, Pipeline  # noqa: E402
+from idlefleet.node.client.config import ClientConfig, ClientModel, GenerationFailed  # noqa: E402
+from idlefleet.node.client.fleet import FleetClient  # noqa: E402
+from idlefleet.node.client.pipeline import Pipeline  # noqa: E402
 from idlefleet.node.config import NodeConfig  # noqa: E402
 from idlefleet.node.model.generate import generate  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
@@ -213,7 +215,7 @@ async def swarm_run(client: FleetClient, tokens: int, timeout: float) -> Run:
                 times.append(time.perf_counter())
                 p = generation.pipeline
                 assert p is not None
-                b_last = p.bytes_sent + p.bytes_received
+                b_last = p.statistics().bytes_sent + p.statistics().bytes_received
                 if len(times) == 1:
                     b_first = b_last
     result = generation.result
@@ -470,7 +472,7 @@ def phase_swarm3(ctx: Ctx, root: Path) -> dict[str, Any]:
                                                   for pr, r in zip(plain, runs, strict=True)]), 3),
             "hop_by_hop_over_local": round(med([lr.decode_s_per_token / pr.decode_s_per_token
                                                 for lr, pr in zip(locals_, plain, strict=True)]), 3)}
-    except (RuntimeError, trio.TooSlowError, client_mod.GenerationFailed) as e:
+    except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         ctx.log(f"  3-node swarm failed: {out['error']}")
     finally:
@@ -534,7 +536,7 @@ def phase_swarm6(ctx: Ctx, root: Path) -> dict[str, Any]:
             "paired_over_single_decode": round(med([c["over_single_decode"] for c in conc]), 3),
             "paired_over_single_e2e": round(med([c["over_single_e2e"] for c in conc]), 3),
             **cpu_summary(conc_w, CONCURRENCY * args.tokens)}
-    except (RuntimeError, trio.TooSlowError, client_mod.GenerationFailed) as e:
+    except (RuntimeError, trio.TooSlowError, GenerationFailed) as e:
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
         ctx.log(f"  6-node swarm failed: {out['error']}")
     finally:

@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import work_root  # noqa: E402
 from bench.pipeline import CpuWindow, Run, make_swarm, med, start_swarm, with_client  # noqa: E402
 from idlefleet.node.cli.run import setup_logging  # noqa: E402
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, GenerationFailed  # noqa: E402
+from idlefleet.node.client.config import ClientConfig, ClientModel, GenerationFailed  # noqa: E402
+from idlefleet.node.client.fleet import FleetClient  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402
 from idlefleet.node.model.locate import find_default_model  # noqa: E402
 from idlefleet.node.model.stage import Head, Stage, load_stage  # noqa: E402
@@ -161,7 +162,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
             runs[k] = await swarm_run_prompt(client, PROMPTS[k % len(PROMPTS)], args.tokens, args.gen_timeout)
 
         await trio.sleep(1.5)  # status files catch up with the previous run
-        before, opened = serving(), sum(client.sessions_opened.values())
+        before, opened = serving(), sum(client.statistics().sessions_opened.values())
         hist_before = batch_sizes_now()
         with CpuWindow([node.proc.pid for node in swarm.nodes]) as window:
             async with trio.open_nursery() as nursery:
@@ -191,7 +192,7 @@ def phase_swarm(args: argparse.Namespace, model: ClientModel, want: dict[str, li
         waited = sum(w1 - w0 for (*_, w0), (*_, w1) in zip(before, after, strict=True))
         gather[n].append(1e3 * waited / max(1, steps))
         rows[n].append(computed / max(1, tokens[n][-1]))
-        sessions[n].append((sum(client.sessions_opened.values()) - opened) / n)
+        sessions[n].append((sum(client.statistics().sessions_opened.values()) - opened) / n)
         for k, x in enumerate(done):
             check(f"stream {k} of {n}", PROMPTS[k % len(PROMPTS)], x)
         first, last = min(x.token_times[0] for x in done), max(x.token_times[-1] for x in done)

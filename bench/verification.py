@@ -51,7 +51,8 @@ import numpy as np  # noqa: E402
 import trio  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient  # noqa: E402
+from idlefleet.node.client.config import ClientConfig, ClientModel  # noqa: E402
+from idlefleet.node.client.fleet import FleetClient  # noqa: E402
 from idlefleet.node.config import NodeConfig  # noqa: E402
 from idlefleet.node.faults import KINDS, FaultInjector  # noqa: E402
 from idlefleet.node.model.gguf_loader import open_model  # noqa: E402

@@ -28,9 +28,9 @@ _EXPORTS = {
     "NodeConfig": "idlefleet.node.config",
     "load_config": "idlefleet.node.config",
     "FleetClient": "idlefleet.node.client.fleet",
-    "ClientConfig": "idlefleet.node.client.fleet",
-    "FleetResult": "idlefleet.node.client.fleet",
-    "GenerationFailed": "idlefleet.node.client.fleet",
+    "ClientConfig": "idlefleet.node.client.config",
+    "FleetResult": "idlefleet.node.client.config",
+    "GenerationFailed": "idlefleet.node.client.config",
     "IdlefleetError": "idlefleet.protocols.errors",
 }
 
@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from idlefleet.node.client.fleet import ClientConfig, FleetClient, FleetResult, GenerationFailed
+    from idlefleet.node.client.config import ClientConfig, FleetResult, GenerationFailed
+    from idlefleet.node.client.fleet import FleetClient
     from idlefleet.node.config import NodeConfig, load_config
     from idlefleet.node.runtime.node import Node, open_node
     from idlefleet.protocols.errors import IdlefleetError

@@ -402,3 +402,136 @@ class StepResult:
         ahead = _check_int("step_result: ahead", body.get("ahead", 0), MAX_LENGTH_LIMIT,
                            RemoteProtocolError)
         return cls(position, EncodedTensor.from_dict(body.get("hidden")), draining, sig, ahead)
+
+
+# --- the client's side of a session ------------------------------------------------------------------
+# Kept apart from the server's half above (h11 has a state machine for both halves of a connection).
+
+
+class ClientState(enum.Enum):
+    """The client's side of one session (the transition table is ``CLIENT_TRANSITIONS``)."""
+
+    IDLE = "idle"  # a stream, no session: session_open may go (again, after a refusal)
+    OPENING = "opening"  # session_open sent: session_opened or error awaited
+    OPEN = "open"  # steps may go
+    STEPPING = "stepping"  # a plain step sent: its step_result awaited
+    CHAINED = "chained"  # the session takes part in a chained step (6.5) not yet settled
+    DRAINING = "draining"  # the server asked us to move the session; it still answers
+    FAILED = "failed"  # no more steps: given up (deadline, bad reply, caught) or ended by the server
+    RECEIPT = "receipt"  # receipt_proposal sent: receipt or error awaited
+    SETTLED = "settled"  # the receipt exchange is over: only session_close may go
+    CLOSING = "closing"  # session_close sent: session_closed awaited
+    CLOSED = "closed"  # the stream is gone
+
+
+# What the client sends, or decides on its own (its moves: an illegal one is a LocalProtocolError).
+CLIENT_MOVES = frozenset({"session_open", "step", "chained_step", "receipt_proposal", "session_close",
+                          "fail", "chain_done", "chain_broken", "keep", "reset"})
+# What the server sends (an unexpected one is a RemoteProtocolError). ``draining`` is the flag of
+# the step_result (or of the session's own chain_result entry) just received.
+CLIENT_RECEIVES = frozenset({"session_opened", "error", "step_result", "draining", "chain_result",
+                             "chain_failed", "receipt", "session_closed"})
+
+_C = ClientState
+CLIENT_TRANSITIONS: dict[tuple[ClientState, str], ClientState] = {
+    (_C.IDLE, "session_open"): _C.OPENING,
+    (_C.OPENING, "session_opened"): _C.OPEN,
+    (_C.OPENING, "error"): _C.IDLE,
+    (_C.OPENING, "fail"): _C.FAILED,
+    (_C.OPEN, "step"): _C.STEPPING,
+    (_C.OPEN, "chained_step"): _C.CHAINED,
+    (_C.OPEN, "draining"): _C.DRAINING,
+    (_C.OPEN, "fail"): _C.FAILED,
+    (_C.STEPPING, "step_result"): _C.OPEN,
+    (_C.STEPPING, "chain_result"): _C.STEPPING,
+    (_C.STEPPING, "chain_failed"): _C.STEPPING,
+    (_C.STEPPING, "error"): _C.FAILED,
+    (_C.STEPPING, "fail"): _C.FAILED,
+    (_C.CHAINED, "chain_result"): _C.CHAINED,
+    (_C.CHAINED, "chain_failed"): _C.CHAINED,
+    (_C.CHAINED, "error"): _C.FAILED,
+    (_C.CHAINED, "fail"): _C.FAILED,
+    (_C.CHAINED, "chain_done"): _C.OPEN,
+    (_C.CHAINED, "chain_broken"): _C.OPEN,
+    (_C.DRAINING, "step"): _C.STEPPING,
+    (_C.DRAINING, "keep"): _C.OPEN,
+    (_C.DRAINING, "fail"): _C.FAILED,
+    (_C.RECEIPT, "receipt"): _C.SETTLED,
+    (_C.RECEIPT, "error"): _C.SETTLED,
+    (_C.RECEIPT, "step_result"): _C.RECEIPT,
+    (_C.RECEIPT, "chain_result"): _C.RECEIPT,
+    (_C.RECEIPT, "chain_failed"): _C.RECEIPT,
+    (_C.RECEIPT, "session_close"): _C.CLOSING,
+    (_C.SETTLED, "session_close"): _C.CLOSING,
+    **{(state, "receipt_proposal"): _C.RECEIPT for state in (_C.OPEN, _C.DRAINING, _C.FAILED)},
+    **{(state, "session_close"): _C.CLOSING for state in (_C.OPEN, _C.DRAINING, _C.FAILED)},
+    # Whatever comes after our session_close ends the session: a late reply to a request we gave
+    # up on (a step, a receipt) may come before session_closed, and the stream goes either way.
+    **{(_C.CLOSING, kind): _C.CLOSED for kind in ("session_closed", "error", "step_result", "chain_result",
+                                                    "chain_failed", "receipt")},
+    **{(state, "reset"): _C.CLOSED for state in ClientState if state is not _C.CLOSED},
+}
+del _C
+
+
+class ClientSession:
+    """The client's side of one session, sans-IO: ``send`` our moves, ``receive`` the server's kinds.
+
+    Transitions (``CLIENT_TRANSITIONS``; our move out of turn is a ``LocalProtocolError``, the
+    server's message out of turn a ``RemoteProtocolError``, each naming the state and event)::
+
+        state      event             by      -> state     why
+        IDLE       session_open      client  OPENING
+        OPENING    session_opened    server  OPEN
+        OPENING    error             server  IDLE         refused: not opened (busy, draining, ...)
+        OPENING    fail              client  FAILED       no reply in time, a bad session_opened
+        OPEN       step              client  STEPPING
+        OPEN       chained_step      client  CHAINED      this session is one hop of a chained step
+        OPEN       draining          server  DRAINING     the reply just received says so
+        OPEN       fail              client  FAILED       a bad reply (found once received), caught
+        STEPPING   step_result       server  OPEN
+        STEPPING   chain_result,     server  STEPPING     unasked: of a chained step given up (skipped)
+                   chain_failed
+        STEPPING   error             server  FAILED
+        STEPPING   fail              client  FAILED       deadline passed, or the caller was cancelled
+        CHAINED    chain_result,     server  CHAINED      checked, then chain_done or chain_broken
+                   chain_failed                           (another seq's is stale: skipped)
+        CHAINED    error             server  FAILED       the session ended (owner stop, idle)
+        CHAINED    fail              client  FAILED       the caller was cancelled mid-chain
+        CHAINED    chain_done        client  OPEN         every hop's entry checked out
+        CHAINED    chain_broken      client  OPEN         no blame: redone hop by hop (``ahead``)
+        DRAINING   step              client  STEPPING     it still answers (a verifier's session)
+        DRAINING   keep              client  OPEN         nowhere to move it: keep using it
+        DRAINING   fail              client  FAILED
+        OPEN, DRAINING, FAILED  receipt_proposal  client  RECEIPT
+        OPEN, DRAINING, FAILED  session_close     client  CLOSING   no receipt wanted
+        RECEIPT    receipt, error    server  SETTLED      countersigned, or refused ("closing")
+        RECEIPT    step_result,      server  RECEIPT      the late reply of a step given up
+                   chain_result, chain_failed
+        RECEIPT    session_close     client  CLOSING      no reply in time: closed anyway
+        SETTLED    session_close     client  CLOSING
+        CLOSING    session_closed    server  CLOSED       (or any late reply: the stream goes)
+        any but CLOSED  reset        client  CLOSED       the stream is reset or closed
+
+    Not cancellable (no I/O); the caller feeds it the kind of each envelope before acting on it.
+    """
+
+    def __init__(self) -> None:
+        self.state = ClientState.IDLE
+
+    def send(self, event: str) -> ClientState:
+        """Our move ``event`` (``CLIENT_MOVES``); raises LocalProtocolError if it is not allowed now."""
+        nxt = CLIENT_TRANSITIONS.get((self.state, event)) if event in CLIENT_MOVES else None
+        if nxt is None:
+            raise LocalProtocolError(f"client may not {event!r} in session state {self.state.value}")
+        self.state = nxt
+        return nxt
+
+    def receive(self, kind: str) -> ClientState:
+        """The server sent ``kind`` (``CLIENT_RECEIVES``); raises RemoteProtocolError if unexpected."""
+        nxt = CLIENT_TRANSITIONS.get((self.state, kind)) if kind in CLIENT_RECEIVES else None
+        if nxt is None:
+            raise RemoteProtocolError(f"unexpected {kind!r} from the server in client session state "
+                                      f"{self.state.value}")
+        self.state = nxt
+        return nxt

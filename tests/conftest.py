@@ -57,7 +57,7 @@ def hf_reference() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def client_model(model_path: Path) -> Any:
     """What a fleet client holds: tokenizer, embedding and LM head."""
-    from idlefleet.node.client.fleet import ClientModel
+    from idlefleet.node.client.config import ClientModel
 
     return ClientModel.load(model_path)
 

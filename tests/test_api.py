@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from idlefleet.node.api.server import ApiConfig, ApiServer, FleetBackend, LocalBackend, serve_api
 from idlefleet.node.cli.main import main
-from idlefleet.node.client.fleet import ClientModel, FleetClient
+from idlefleet.node.client.config import ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model import local
 from idlefleet.node.runtime.node import open_node

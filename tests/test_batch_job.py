@@ -22,7 +22,8 @@ from idlefleet.node.cli.batch import (
     read_input,
     read_results,
 )
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, GenerationFailed
+from idlefleet.node.client.config import ClientConfig, ClientModel, GenerationFailed
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.sampling import SamplingParams
 from idlefleet.node.runtime.node import open_node

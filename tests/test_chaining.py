@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client import fleet as C
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client import pipeline as P
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.stage import Stage, load_stage
 from idlefleet.node.runtime.node import Node, open_node
@@ -461,7 +463,7 @@ async def test_generation_chains_and_a_broken_chain_loses_no_token_and_no_receip
     # A's chain_failed reaches the client on A's stream while it waits on C's: it redoes the step
     # after this wait. Not much shorter: under load (the whole suite on 2 cores) a healthy chained
     # step took over 0.3 s once, and an extra chain failure changes the counts below.
-    monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 1.0)
+    monkeypatch.setattr(P, "CHAIN_MIN_WAIT_S", 1.0)
     async with fleet_client(tmp_path, client_model) as (client, by_blocks):
         result = await client.generate(PROMPT, max_new_tokens=10)
         assert result.new_ids == want
@@ -492,16 +494,17 @@ async def test_generation_chains_and_a_broken_chain_loses_no_token_and_no_receip
         # Every session's receipt matches its server's count: A computed that position twice (the
         # chained step, then the redo), and the client learned it from the redo's "ahead".
         with trio.fail_after(10):
-            while client.receipts_pending:
+            while client.statistics().receipts_pending:
                 await trio.sleep(0.05)
-        assert client.receipts_stored == 6 and not client.receipts_refused
+        stats = client.statistics()
+        assert stats.receipts_stored == 6 and not stats.receipts_refused
 
 
 async def test_a_hop_that_tampers_with_or_forges_an_earlier_entry_frames_no_one(
         tmp_path: Path, client_model: ClientModel, local_greedy: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     want = list(local_greedy(PROMPT, 8))
-    monkeypatch.setattr(C, "CHAIN_MIN_WAIT_S", 0.3)
+    monkeypatch.setattr(P, "CHAIN_MIN_WAIT_S", 0.3)
     async with fleet_client(tmp_path, client_model) as (client, by_blocks):
 
         def tamper(body: dict[str, Any]) -> None:
@@ -516,9 +519,10 @@ async def test_a_hop_that_tampers_with_or_forges_an_earlier_entry_frames_no_one(
         assert result.chain_failures >= 1
         assert not client.banned()  # A's signature did not match what reached us: no proof who lied
         with trio.fail_after(10):
-            while client.receipts_pending:
+            while client.statistics().receipts_pending:
                 await trio.sleep(0.05)
-        assert client.receipts_stored == 3 and not client.receipts_refused  # counts still agree
+        stats = client.statistics()
+        assert stats.receipts_stored == 3 and not stats.receipts_refused  # counts still agree
 
         # B forges A's draining flag (not signed): A is asked with a plain step, says no, stays.
         monkeypatch.undo()
@@ -559,10 +563,10 @@ async def test_relaying_to_many_unknown_peers_keeps_nothing(stages: list[Stage])
 
 
 def test_a_chained_steps_time_is_shared_within_bounds_whatever_the_servers_claim() -> None:
-    hops = [C._HopSession("a", 0, 10), C._HopSession("b", 10, 20), C._HopSession("c", 20, 30)]
-    assert C._time_shares(hops, [10.0, 10.0, 10.0]) == pytest.approx([1 / 3] * 3)
-    assert C._time_shares(hops, [0.0, 0.0, 0.0]) == pytest.approx([1 / 3] * 3)  # no claims: by blocks
+    hops = [SimpleNamespace(start=a, end=a + 10) for a in (0, 10, 20)]
+    assert P._time_shares(hops, [10.0, 10.0, 10.0]) == pytest.approx([1 / 3] * 3)
+    assert P._time_shares(hops, [0.0, 0.0, 0.0]) == pytest.approx([1 / 3] * 3)  # no claims: by blocks
     # c says it was instant and the others slow: at most twice and half the fair shares.
-    assert C._time_shares(hops, [1000.0, 1000.0, 0.0]) == pytest.approx([3 / 7, 3 / 7, 1 / 7])
-    assert C._time_shares(hops, [float("inf"), 1.0, 1.0]) == pytest.approx(
-        C._time_shares(hops, [1e12, 1.0, 1.0]))  # no NaN from a huge claim
+    assert P._time_shares(hops, [1000.0, 1000.0, 0.0]) == pytest.approx([3 / 7, 3 / 7, 1 / 7])
+    assert P._time_shares(hops, [float("inf"), 1.0, 1.0]) == pytest.approx(
+        P._time_shares(hops, [1e12, 1.0, 1.0]))  # no NaN from a huge claim

@@ -16,13 +16,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client.fleet import (
-    ClientConfig,
-    ClientModel,
-    FleetClient,
-    GenerationFailed,
-    own_sessions_load,
-)
+from idlefleet.node.client.config import ClientConfig, ClientModel, GenerationFailed
+from idlefleet.node.client.fleet import FleetClient, own_sessions_load
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.model.generate import generate, local_middle
 from idlefleet.node.model.sampling import SamplingParams
@@ -247,7 +242,7 @@ def test_new_generations_follow_the_routes_of_running_ones_even_while_those_open
         return [dataclasses.replace(
             candidate(p, start, best=False), end=start + 10, load=0.0,
             block_s=0.0009 if p == measured["fast"] else 0.001,
-            own_load=own_sessions_load(client.open_sessions[p]))
+            own_load=own_sessions_load(client.statistics().open_sessions[p]))
             for p, start in (("a1", 0), ("a2", 0), ("b1", 10), ("b2", 10), ("c1", 20), ("c2", 20))]
 
     class Opening:  # a generation between routing and its sessions being open
@@ -259,8 +254,8 @@ def test_new_generations_follow_the_routes_of_running_ones_even_while_those_open
         measured["fast"] = fast
         route = client.find_route()
         for hop in route:
-            client.open_sessions[hop.peer_id] += 1
-        client.pipelines.add(Opening(route))  # type: ignore[arg-type]
+            client.counters.hold(hop.peer_id)
+        client.track(Opening(route))  # type: ignore[arg-type]
     chains = Counter(tuple(h.peer_id for h in p.routing) for p in client.pipelines)  # type: ignore[attr-defined]
     assert len(chains) == 2 and sum(chains.values()) == 8, chains
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import trio
 
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.runtime.discovery import load_peers_file, spread_order
 from idlefleet.node.runtime.node import open_node

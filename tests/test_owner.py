@@ -370,7 +370,8 @@ class RoutingStandIn:
 
 
 def test_routing_skips_peers_whose_policy_says_no_and_honours_allowed_regions(client_model: Any) -> None:
-    from idlefleet.node.client.fleet import ClientConfig, FleetClient
+    from idlefleet.node.client.config import ClientConfig
+    from idlefleet.node.client.fleet import FleetClient
     from idlefleet.protocols.routing import NoRoute
     from tests.factories import T0, capacity_record
 

@@ -16,7 +16,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.cli.swarm import FILE_VEHICLE, Swarm, node_data_dir
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.owner.control import control_request
 from idlefleet.node.runtime.node import open_node
@@ -115,11 +116,12 @@ async def test_owner_policy_moves_sessions_off_a_car_mid_generation(
 
             # The owner reports reconcile with what this client observed, car by car.
             await trio.sleep(1.5)  # let the last sessions' close events reach the logs
+        stats = client.statistics()
         for node in swarm.nodes:
             peer = node.status()["peer_id"]  # type: ignore[index]
             report = (await trio.to_thread.run_sync(control, swarm, node.index, "report"))["report"]
-            assert report["sessions"] == client.sessions_opened[peer], (node.index, report)
-            assert report["tokens"] == client.positions_computed[peer], (node.index, report)
+            assert report["sessions"] == stats.sessions_opened[peer], (node.index, report)
+            assert report["tokens"] == stats.positions_computed[peer], (node.index, report)
             if peer in stopped:
                 assert [t["action"] for t in report["transitions"]][-1] == "stop"
         # The same report from the command line, on a stopped car.

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import trio
 
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.runtime.node import Node, open_node
 from tests.factories import running_fleet

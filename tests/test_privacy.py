@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from idlefleet.node.client.fleet import ClientModel
+from idlefleet.node.client.config import ClientModel
 from idlefleet.node.model.stage import load_stage
 
 PROMPTS = (

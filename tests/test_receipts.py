@@ -21,7 +21,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, Pipeline
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.pipeline import Pipeline
 from idlefleet.node.model.stage import Stage
 from idlefleet.node.owner.ledger import Ledger, ReceiptDesk
 from idlefleet.node.serve.server import StageServer
@@ -177,10 +178,10 @@ async def test_generation_leaves_the_same_double_signed_receipt_in_both_ledgers(
         prompt_len = len(split_model.tokenizer.encode(PROMPT))
         assert (r.server, r.client) == (server.host.peer_id, client.host.peer_id)
         assert (r.model_id, r.start, r.end) == (served_stage.model_id, LOCAL, 30)
-        assert r.tokens == prompt_len + 5 == fleet.positions_computed[server.host.peer_id]
+        assert r.tokens == prompt_len + 5 == fleet.statistics().positions_computed[server.host.peer_id]
         assert (r.verified, r.unverified, r.rejected) == (5, r.tokens - 5, 0)
         assert r.block_steps == 2 * r.tokens and r.flops == SMOL_FLOPS * r.block_steps
-        assert stage_server.stats.receipts == 1 and fleet.receipts_stored == 1
+        assert stage_server.stats.receipts == 1 and fleet.statistics().receipts_stored == 1
         totals = server.ledger.totals()
         assert totals["credits"]["verified"] == pytest.approx(SMOL_FLOPS * 2 * 5 / CREDIT_FLOPS)
         assert totals["token_counts"] == {"verified": 5, "unverified": r.tokens - 5, "rejected": 0}
@@ -198,9 +199,9 @@ async def test_a_hop_abandoned_after_verification_caught_it_gets_a_rejected_rece
         await pipeline.forward(x, 0)
         hop = pipeline.hops[0]
         hop.tally.reject()  # what the verifier does when the referee convicts the server
-        await pipeline._abandon(hop)  # in the background: failover does not wait for it
+        await hop.abandon()  # in the background: failover does not wait for it
         with trio.fail_after(5):
-            while fleet.receipts_pending or not server.ledger.receipts():
+            while fleet.statistics().receipts_pending or not server.ledger.receipts():
                 await trio.sleep(0.01)
         (_, raw), = server.ledger.receipts()
         r = decode_receipt(raw)
@@ -293,7 +294,7 @@ async def test_a_server_without_a_ledger_refuses_and_the_client_keeps_a_record(
         fleet = direct_client(server, client, split_model)
         await fleet.generate(PROMPT, max_new_tokens=2)
         assert stage_server.stats.receipts_refused == {"receipts_unsupported": 1}
-        assert fleet.receipts_refused == {"receipts_unsupported": 1}
+        assert fleet.statistics().receipts_refused == {"receipts_unsupported": 1}
         assert client.ledger.receipts() == []
         (refused,) = client.ledger.refused()
         assert (refused["peer"], refused["reason"]) == (server.host.peer_id, "receipts_unsupported")
@@ -390,7 +391,7 @@ async def test_a_close_cut_short_by_its_caller_still_frees_the_servers_session(
         await pipeline.forward(x, 0)
         assert stage_server.active_sessions == 1
         with trio.move_on_after(0.001):
-            await pipeline._close(pipeline.hops[0])
+            await pipeline.hops[0].close()
         with trio.fail_after(5):  # far below the 60 s idle timeout
             while stage_server.active_sessions:
                 await trio.sleep(0.05)

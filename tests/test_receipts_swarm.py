@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from idlefleet.node.cli.swarm import FILE_VEHICLE, Swarm, node_data_dir
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient, GenerationFailed
+from idlefleet.node.client.config import ClientConfig, ClientModel, GenerationFailed
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.owner.control import control_request
 from idlefleet.node.owner.ledger import Ledger
@@ -52,7 +53,8 @@ async def test_a_sigkilled_server_keeps_every_receipt_it_acknowledged(
             await client.wait_ready(timeout=60)
             for _ in range(2):
                 await client.generate(PROMPT, max_new_tokens=4)
-            assert client.receipts_stored == 6 and not client.receipts_refused  # 2 generations x 3 hops
+            stats = client.statistics()
+            assert stats.receipts_stored == 6 and not stats.receipts_refused  # 2 generations x 3 hops
             # Each node's status file counts the steps it served and the batches they took.
             with trio.fail_after(10):
                 while not all(((n.status() or {}).get("serving") or {}).get("steps", 0) >= 6
@@ -81,12 +83,13 @@ async def test_a_sigkilled_server_keeps_every_receipt_it_acknowledged(
             with pytest.raises(GenerationFailed):
                 await kill_mid_generation()
             with trio.fail_after(10):
-                while client.receipts_pending:
+                while client.statistics().receipts_pending:
                     await trio.sleep(0.05)
-            assert set(client.receipts_refused) <= {"link_lost", "no_reply"}, client.receipts_refused
-            assert sum(client.receipts_refused.values()) == 1  # the killed hop's session
+            stats = client.statistics()
+            assert set(stats.receipts_refused) <= {"link_lost", "no_reply"}, stats.receipts_refused
+            assert sum(stats.receipts_refused.values()) == 1  # the killed hop's session
             mine = me.ledger.receipts(role="client")
-            assert len(mine) == client.receipts_stored == 8  # + the two survivors' third sessions
+            assert len(mine) == stats.receipts_stored == 8  # + the two survivors' third sessions
             assert [x["peer"] for x in me.ledger.refused()] == [victim]
 
             # The dead node's ledger holds every receipt it acknowledged: the client has them.

@@ -16,7 +16,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.cli.swarm import Swarm, node_data_dir
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.owner.ledger import Ledger
 from idlefleet.node.runtime.node import open_node
@@ -79,7 +80,7 @@ async def test_a_faulty_node_in_a_six_node_swarm_is_caught_and_earns_rejected_re
                 accused += len(again.verification["banned_peers"])
             assert accused == 0
             with trio.move_on_after(10):  # abandoned hops settle their receipts in the background
-                while client.receipts_pending:
+                while client.statistics().receipts_pending:
                     await trio.sleep(0.1)
             me_id = me.peer_id
         # The nodes' own ledgers (read from their files): the faulty node's work was rejected, the

@@ -15,7 +15,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
+from idlefleet.node.client.config import ClientConfig, ClientModel
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.faults import FaultInjector
 from idlefleet.node.model.generate import Generation
@@ -248,7 +249,7 @@ async def test_a_lying_signature_is_a_protocol_fault_of_that_peer(
     from idlefleet.protocols.peerid import peer_id_from_public_key
 
     peer_id = peer_id_from_public_key(key.public_key().public_bytes_raw())
-    with caplog.at_level(logging.WARNING, logger="idlefleet.node.client.fleet"):
+    with caplog.at_level(logging.WARNING, logger="idlefleet.node.client"):
         async with fleet(whole_model, lying_handler(whole_model, key, peer_id, lie), hostile_key=key) as (
                 me, peers, _events):
             client = DirectClient(me, client_model, ClientConfig(), peers)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from idlefleet.node.client import verifier as V
-from idlefleet.node.client.fleet import ClientConfig, _HopSession
+from idlefleet.node.client.config import ClientConfig
 from idlefleet.protocols.verification import TrustBook
 
 PEER = "12D3KooWprimary"
@@ -42,21 +42,24 @@ class Always(TrustBook):
 def verifier(max_length: int, *, sample: bool = True, strict: bool = False) -> V.Verifier:
     client = SimpleNamespace(config=ClientConfig(verify_window=WINDOW), trust=Always(sample),
                              node=SimpleNamespace(nursery=NoTasks()))
-    v = V.Verifier(SimpleNamespace(client=client, max_length=max_length))  # type: ignore[arg-type]
-    v.strict = strict
-    return v
+    return V.Verifier(client, None, max_length, strict=strict)  # type: ignore[arg-type]
+
+
+def hop_session(start: int, end: int) -> Any:
+    """A primary hop session, as far as the verifier's bookkeeping looks at it."""
+    return SimpleNamespace(peer_id=PEER, start=start, end=end)
 
 
 def step(position: int, rows: int) -> Any:
     return SimpleNamespace(position=position, inputs=np.zeros((rows, 4), np.float32))
 
 
-def generate(v: V.Verifier, hop: _HopSession, prompt: int, upto: int) -> V.HopCheck:
+def generate(v: V.Verifier, hop: Any, prompt: int, upto: int) -> V.HopCheck:
     """The hop returns the prompt's step, then one-row decode steps until position ``upto``."""
     v.record(hop, step(0, prompt))
     for position in range(prompt, upto):
         v.record(hop, step(position, 1))
-    check = hop.check
+    check = v.check_of(hop)
     assert isinstance(check, V.HopCheck)
     return check
 
@@ -66,7 +69,7 @@ async def test_the_window_before_a_short_last_one_is_checked_with_it(strict: boo
     # 6 prompt positions + 32 new tokens: the hops compute positions [0, 37); windows end at 16
     # and 32, and [32, 37) is the short last one.
     v = verifier(6 + 32, strict=strict)
-    hop = _HopSession(PEER, 10, 20)
+    hop = hop_session(10, 20)
     check = generate(v, hop, 6, 16)
     assert check.due == 16  # a full window with a full one still to come: asked at once
     for position in range(16, 37):
@@ -81,9 +84,9 @@ async def test_the_window_before_a_short_last_one_is_checked_with_it(strict: boo
 
 async def test_a_shadowed_session_checks_every_window_whatever_the_trust_book_says_later() -> None:
     v = verifier(6 + 32)
-    hop = _HopSession(PEER, 10, 20)
+    hop = hop_session(10, 20)
     check = generate(v, hop, 6, 37)
-    assert (check.due, check.deferred, check.shadowed) == (16, 32, True)
+    assert (check.due, check.deferred, check.sample) == (16, 32, V.Sample.SHADOWED)
     v.client.trust.sample = False  # type: ignore[attr-defined]  # drawn once, at the first window
     await v.flush(everything=False, timeout=0.01)
     assert check.due == 37
@@ -94,9 +97,9 @@ async def test_a_session_not_sampled_asks_for_nothing_from_start_to_retirement()
     """The cost of a trusted peer is the sampling rate: a session that was not drawn re-computes
     nothing, not its windows, not its last one, not when it leaves the route."""
     v = verifier(6 + 64, sample=False)
-    hop = _HopSession(PEER, 10, 20)
+    hop = hop_session(10, 20)
     check = generate(v, hop, 6, 50)
-    assert (check.due, check.deferred, check.shadowed) == (0, 0, False)
+    assert (check.due, check.deferred, check.sample) == (0, 0, V.Sample.SKIPPED)
     v.client.trust.sample = True  # type: ignore[attr-defined]  # later draws do not change it
     v.retire(hop)
     await v.flush(everything=False, timeout=0.01)
@@ -107,32 +110,33 @@ async def test_a_session_not_sampled_asks_for_nothing_from_start_to_retirement()
 
 async def test_each_session_is_drawn_once_and_a_short_one_at_its_end() -> None:
     v = verifier(6 + 32)
-    a, b, short = _HopSession(PEER, 0, 10), _HopSession(PEER, 10, 20), _HopSession(PEER, 20, 30)
+    a, b, short = hop_session(0, 10), hop_session(10, 20), hop_session(20, 30)
     draws = []
     trust = v.client.trust
     trust.should_check = lambda peer: draws.append(peer) or len(draws) != 2  # type: ignore[method-assign]
     generate(v, a, 6, 37)
     generate(v, b, 6, 37)
     v.record(short, step(0, 6))  # shorter than a window: drawn when the generation ends
-    assert len(draws) == 2 and short.check is not None and short.check.shadowed is None
+    checks = [v.check_of(h) for h in (a, b, short)]
+    assert len(draws) == 2 and checks[2] is not None and checks[2].sample is V.Sample.UNDRAWN
     await v.flush(everything=False, timeout=0.01)
     assert len(draws) == 3
-    assert [h.check.shadowed for h in (a, b, short)] == [True, False, True]  # type: ignore[union-attr]
-    assert [h.check.due for h in (a, b, short)] == [37, 0, 6]  # type: ignore[union-attr]
+    assert [c.sample for c in checks] == [V.Sample.SHADOWED, V.Sample.SKIPPED, V.Sample.SHADOWED]  # type: ignore[union-attr]
+    assert [c.due for c in checks] == [37, 0, 6]  # type: ignore[union-attr]
 
 
 async def test_a_strict_generation_checks_every_session_without_a_draw() -> None:
     v = verifier(6 + 32, sample=False, strict=True)
-    hop = _HopSession(PEER, 10, 20)
+    hop = hop_session(10, 20)
     check = generate(v, hop, 6, 37)
-    assert check.shadowed is True
+    assert check.sample is V.Sample.SHADOWED
     await v.flush(everything=True, timeout=0.01)
     assert check.due == 37
 
 
 async def test_a_generation_that_stops_early_checks_its_deferred_window_at_the_end() -> None:
     v = verifier(6 + 32)
-    hop = _HopSession(PEER, 10, 20)
+    hop = hop_session(10, 20)
     check = generate(v, hop, 6, 33)  # a stop token after position 32
     assert (check.due, check.deferred) == (16, 32)
     await v.flush(everything=False, timeout=0.01)
@@ -141,7 +145,7 @@ async def test_a_generation_that_stops_early_checks_its_deferred_window_at_the_e
 
 async def test_a_rollback_keeps_only_the_deferred_positions_before_it() -> None:
     v = verifier(6 + 32)
-    hop = _HopSession(PEER, 10, 20)
+    hop = hop_session(10, 20)
     check = generate(v, hop, 6, 34)
     check.truncate(30)
     assert check.deferred == 30

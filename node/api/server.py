@@ -49,7 +49,9 @@ from idlefleet.node.api.openai_compat import (
     parse_request,
     usage_chunk,
 )
-from idlefleet.node.client.fleet import ClientModel, FleetClient, FleetGeneration, GenerationFailed
+from idlefleet.node.client.config import ClientModel, GenerationFailed
+from idlefleet.node.client.fleet import FleetClient
+from idlefleet.node.client.generation import FleetGeneration
 from idlefleet.node.model import local
 from idlefleet.node.model.generate import Generation
 from idlefleet.node.model.sampling import SamplingParams
@@ -184,8 +186,8 @@ class FleetBackend(Backend):
         finally:
             await tokens.aclose()  # closes the sessions, also when cancelled
             if generation.pipeline is not None:
-                job.bytes_sent = generation.pipeline.bytes_sent
-                job.bytes_received = generation.pipeline.bytes_received
+                stats = generation.pipeline.statistics()
+                job.bytes_sent, job.bytes_received = stats.bytes_sent, stats.bytes_received
         assert generation.result is not None  # set when run() completes
         return generation.result.stop_reason
 

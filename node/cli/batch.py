@@ -237,7 +237,8 @@ async def run_fleet(args: argparse.Namespace) -> int:
     """``--concurrency`` generations at a time across the fleet (their LM head rows batched)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from idlefleet.node.client.fleet import ClientConfig, FleetClient
+    from idlefleet.node.client.config import ClientConfig
+    from idlefleet.node.client.fleet import FleetClient
     from idlefleet.node.config import NodeConfig
     from idlefleet.node.runtime.node import open_node
 
@@ -255,7 +256,7 @@ async def run_with_client(client: Any, args: argparse.Namespace, todo: list[Prom
     """Run ``todo`` on ``client`` (a :class:`FleetClient`), ``args.concurrency`` at a time."""
     import trio
 
-    from idlefleet.node.client.fleet import GenerationFailed
+    from idlefleet.node.client.config import GenerationFailed
 
     send, receive = trio.open_memory_channel[Prompt](0)  # workers pull one prompt at a time
 

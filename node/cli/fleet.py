@@ -17,7 +17,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from idlefleet.node.cli.run import setup_logging
-from idlefleet.node.client.fleet import ClientConfig, FleetClient, GenerationFailed
+from idlefleet.node.client.config import ClientConfig, GenerationFailed
+from idlefleet.node.client.fleet import FleetClient
 from idlefleet.node.config import GEOHASH_ALPHABET, NodeConfig
 from idlefleet.node.runtime.node import open_node
 

@@ -2,17 +2,21 @@
 
 Token ids and text stay in this process: only hidden states travel, over Noise-encrypted libp2p
 streams (what those reveal to each hop: README "Privacy"; ``ClientConfig.local_blocks`` keeps the
-first blocks here so the first hop does not receive token embeddings). A generation opens one
-pipeline session per hop of a route (``protocols.routing``) and steps it token by token. When a
-hop dies (SIGKILL), goes silent (SIGSTOP: its step deadline expires), refuses or sends a bad reply
-(another dtype, non-finite or out-of-range values), the peer is banned for a while, only that
-hop's span is re-routed, and the span's past inputs are replayed to rebuild the KV cache on the
-replacement; the tokens are the same as an undisturbed run. A hop that says it is draining is
-moved the same way, without an error. Every hop session that computed something ends with a
-receipt exchange (``Pipeline._exchange_receipt``): closed normally, moved, or abandoned after a
-failure (then in the background, bounded); the double-signed receipt, or the server's refusal,
-goes to the node's ledger. Our own mistakes (an invalid ``ClientConfig``, a prompt
-longer than the context) are raised as local errors before any peer is contacted.
+first blocks here so the first hop does not receive token embeddings). A generation
+(``node/client/generation.py``) opens one pipeline session per hop of a route
+(``protocols.routing``, ``node/client/pipeline.py``) and steps it token by token. When a hop dies
+(SIGKILL), goes silent (SIGSTOP: its step deadline expires), refuses or sends a bad reply (another
+dtype, non-finite or out-of-range values), the peer is banned for a while, only that hop's span is
+re-routed, and the span's past inputs are replayed to rebuild the KV cache on the replacement; the
+tokens are the same as an undisturbed run. A hop that says it is draining is moved the same way,
+without an error. Every hop session that computed something ends with a receipt exchange
+(``node/client/hop.py``): closed normally, moved, or abandoned after a failure (then in the
+background, bounded); the double-signed receipt, or the server's refusal, goes to the node's
+ledger. Our own mistakes (an invalid ``ClientConfig``, a prompt longer than the context) are raised
+as local errors before any peer is contacted.
+
+:class:`FleetClient` owns what outlives one generation: the peers it avoids, its measured step
+times, the trust book, its counters (``statistics()``), and the head batcher.
 
 Embedding API::
 
@@ -33,62 +37,56 @@ import json
 import logging
 import math
 import os
-import sqlite3
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
 
-from idlefleet.node.client.verifier import Verifier
+from idlefleet.node.client.config import ClientConfig, ClientModel, FleetResult, GenerationFailed
+from idlefleet.node.client.generation import FleetGeneration
+from idlefleet.node.client.hop import HopEnv
+from idlefleet.node.client.stats import ClientCounters, ClientStatistics
 from idlefleet.node.model.batcher import HeadBatcher
-from idlefleet.node.model.generate import Generation
-from idlefleet.node.model.gguf_loader import open_model
-from idlefleet.node.model.locate import find_default_model
 from idlefleet.node.model.sampling import SamplingParams
-from idlefleet.node.model.stage import Head, Stage, load_head, load_stage
-from idlefleet.node.model.tokenizer import TextStream, Tokenizer
 from idlefleet.node.owner.ledger import ReceiptDesk
 from idlefleet.node.runtime.node import Node
-from idlefleet.p2p.errors import DeadlineExceeded, NetworkError, RemoteError
+from idlefleet.p2p.errors import NetworkError
 from idlefleet.p2p.framing import FramedStream
 from idlefleet.p2p.loopback import loopback_pair
 from idlefleet.protocols import session as S
-from idlefleet.protocols import wire
-from idlefleet.protocols.errors import (
-    ConfigError,
-    IdlefleetError,
-    LocalProtocolError,
-    RemoteProtocolError,
-)
-from idlefleet.protocols.receipts import (
-    Receipt,
-    WorkTally,
-    check_countersigned,
-    flops_per_token_block,
-    propose,
-)
+from idlefleet.protocols.errors import ConfigError, RemoteProtocolError
+from idlefleet.protocols.receipts import flops_per_token_block
 from idlefleet.protocols.routing import (
     Candidate,
     Hop,
     NoRoute,
-    RouteCosts,
     exclusion,
     find_route,
     mark_accused,
 )
-from idlefleet.protocols.tensors import WIRE_DTYPES, EncodedTensor, TensorLimits, decode_hidden, encode_hidden
-from idlefleet.protocols.verification import StepCommitment, TrustBook, row_digests, rows_root
+from idlefleet.protocols.serving import peer_usable
+from idlefleet.protocols.tensors import TensorLimits
+from idlefleet.protocols.verification import TrustBook
+
+if TYPE_CHECKING:
+    from idlefleet.node.client.pipeline import Pipeline
+
+__all__ = ["ClientConfig", "ClientModel", "FleetClient", "FleetGeneration", "FleetResult",
+           "GenerationFailed", "own_sessions_load"]
 
 log = logging.getLogger(__name__)
 
-
-LOCKSTEP_SHARE = 0.25  # of a generation's time per token, the most its head row waits for others
+REFUSAL_PAUSE_S = 5.0  # a peer that refused a session (busy, draining) is avoided this long
+# The trust book in the data directory (FleetClient.save_trust): saved at most this often while
+# generations run, and read only up to this size (4096 peers take ~330 KB).
+TRUST_SAVE_S = 10.0
+MAX_TRUST_FILE_BYTES = 1 << 20
+_DEFAULT_CONFIG = ClientConfig()  # frozen: one shared default
 
 
 def own_sessions_load(sessions: int) -> float:
@@ -99,823 +97,10 @@ def own_sessions_load(sessions: int) -> float:
     return 0.9 * sessions / (sessions + 1)
 
 
-class GenerationFailed(IdlefleetError):
-    """The fleet could not finish the generation (no route left after failovers)."""
-
-
-# A reply's hidden values beyond this are a bad reply (SmolLM2's largest activations are ~2.5e4);
-# far below where the next RMSNorm overflows float32 (~7e17) and turns every logit into NaN.
-MAX_HIDDEN_ABS = 1e6
-
-# The whole receipt exchange of one hop (proposal, countersigned reply, our ledger commit).
-RECEIPT_TIMEOUT_S = 2.0
-REFUSAL_PAUSE_S = 5.0  # a peer that refused a session (busy, draining) is avoided this long
-# Chaining (ClientConfig.chain): how long a chained step's result is waited for before the client
-# redoes the step hop by hop: CHAIN_WAIT_FACTOR x the recent chained step time, at least
-# CHAIN_MIN_WAIT_S (a hop that died mid-chain costs this, not the full step deadline), and how
-# many steps go hop by hop after a chained step failed before chaining is tried again.
-CHAIN_MIN_WAIT_S = 1.0
-CHAIN_WAIT_FACTOR = 4.0
-CHAIN_RETRY_AFTER = 16
-STALE_REPLIES = 8  # unasked chain_result / chain_failed frames skipped before a step's reply
-# The trust book in the data directory (FleetClient.save_trust): saved at most this often while
-# generations run, and read only up to this size (4096 peers take ~330 KB).
-TRUST_SAVE_S = 10.0
-MAX_TRUST_FILE_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    wire_dtype: str = "float32"  # hidden states on the wire: float32 (exact), float16, int8
-    open_timeout_s: float = 5.0
-    step_timeout_s: float = 3.0  # a step's deadline: this plus step_timeout_per_token_block_s ...
-    step_timeout_per_token_block_s: float = 0.002  # ... x tokens x blocks of the hop
-    ban_s: float = 60.0  # how long a failed peer is avoided
-    max_failovers: int = 8  # per generation
-    route_wait_s: float = 30.0  # how long to wait for the fleet to cover every block
-    dht_lookup_after_s: float = 1.0  # gossip first; then look uncovered blocks up in the DHT ...
-    dht_lookup_every_s: float = 5.0  # ... this often while they stay uncovered
-    # Privacy by routing: every hop's region must start with one of these geohash prefixes
-    # (empty: anywhere). No route ever violates it; when none exists, NoRoute says so.
-    allow_regions: tuple[str, ...] = ()
-    # Decoding one token through one SmolLM2 block in numpy takes ~1 ms, far more than its FLOPs
-    # at a node's measured matmul rate suggest (it is memory-bound): count that as overhead, so
-    # compute, not RTT noise, dominates route costs.
-    costs: RouteCosts = field(default_factory=lambda: RouteCosts(block_overhead_s=0.001))
-    # Run blocks [0, local_blocks) in this process: the first hop then sees hidden states after
-    # that many blocks instead of token embeddings (README "Privacy"); routing covers the rest.
-    local_blocks: int = 0
-    max_hidden_abs: float = MAX_HIDDEN_ABS
-    # Verified work (node/client/verifier.py): re-compute remote hops' windows of ``verify_window``
-    # positions on an independent host; a new peer's hop sessions are all checked, a trusted
-    # peer's are sampled (each whole session or none of it) with a falling probability, never
-    # below ``verify_min_rate``. ``verify_strict``: a generation's tokens (its result and its
-    # stream) are only verified work (every session checked); else the stream is not held back
-    # and the tokens of sessions that were not sampled stay unverified.
-    verify: bool = True
-    verify_window: int = 16
-    verify_min_rate: float = 0.1
-    verify_strict: bool = False
-    verify_flush_s: float = 30.0  # how long the end of a generation waits for its checks
-    # Where the trust book is kept across runs (FleetClient.save_trust); default: trust.json in
-    # the node's data directory, if it has one (else it is not kept).
-    trust_file: Path | None = None
-    # No third host to referee a mismatch: recompute the disputed row here, from the model file
-    # (loads that hop's blocks for the moment; off on a client too small to hold them).
-    verify_local_referee: bool = True
-    # Concurrent generations of one client decode in step (node/model/batcher.py HeadBatcher): a
-    # token's LM head row waits up to this long for the other decoding generations' rows, so
-    # that all of them are computed together here and on every stage server. 0: no waiting.
-    # A row never waits more than LOCKSTEP_SHARE of its own generation's recent time per token:
-    # a fast stream is not held to the pace of a slow one.
-    lockstep_window_s: float = 0.05
-    # Server-to-server chaining (docs/PROTOCOL.md 5.4): a decode step travels client -> A -> B
-    # -> C -> client (4 messages instead of 6, and no client work between hops) when every
-    # remote hop offers it; each hop's output and signature still reach the client (verified
-    # work is unchanged). Prefill, replay and failover go hop by hop.
-    chain: bool = True
-    # The head's lockstep is per route ("waves", node/model/batcher.py HeadBatcher): concurrent
-    # generations on different routes do not wait for each other, so the client computes one
-    # wave's LM head while the stage servers compute another's steps. False: one lockstep for all.
-    waves: bool = True
-
-    def __post_init__(self) -> None:
-        """Raises ConfigError for an invalid setting: a local error, never blamed on a peer."""
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ConfigError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
-        for name in ("open_timeout_s", "step_timeout_s", "ban_s", "route_wait_s", "max_hidden_abs"):
-            value = getattr(self, name)
-            if type(value) not in (int, float) or not 0 < value < math.inf:
-                raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        value = self.step_timeout_per_token_block_s
-        if type(value) not in (int, float) or not 0 <= value < math.inf:
-            raise ConfigError(f"step_timeout_per_token_block_s must be a number >= 0, got {value!r}")
-        for name in ("max_failovers", "local_blocks"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-        if type(self.verify_window) is not int or not 1 <= self.verify_window <= 4096:
-            raise ConfigError(f"verify_window must be an integer in 1..4096, got {self.verify_window!r}")
-        value = self.verify_min_rate
-        if type(value) not in (int, float) or not 0 < value <= 1:
-            raise ConfigError(f"verify_min_rate must be in (0, 1], got {value!r}")
-        value = self.verify_flush_s
-        if type(value) not in (int, float) or not 0 < value < math.inf:
-            raise ConfigError(f"verify_flush_s must be a positive number, got {value!r}")
-        if self.trust_file is not None and not isinstance(self.trust_file, Path):
-            raise ConfigError(f"trust_file must be a pathlib.Path, got {self.trust_file!r}")
-        value = self.lockstep_window_s
-        if type(value) not in (int, float) or not 0 <= value <= 1:
-            raise ConfigError(f"lockstep_window_s must be a number of seconds in [0, 1], got {value!r}")
-
-
-@dataclass(frozen=True)
-class ClientModel:
-    """What the client holds: tokenizer, embedding + LM head, and the model's identity."""
-
-    model_id: str
-    n_blocks: int
-    tokenizer: Tokenizer
-    head: Head
-    local: Stage | None = None  # blocks [0, K) run here (ClientConfig.local_blocks), or None
-    path: Path | None = None  # the model file (the verifier's last-resort referee loads blocks from it)
-
-    @property
-    def local_blocks(self) -> int:
-        return 0 if self.local is None else self.local.end
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, *, local_blocks: int = 0) -> ClientModel:
-        """Raises ConfigError if ``local_blocks`` is not in ``[0, n_blocks)``."""
-        file = Path(path or find_default_model())
-        with open_model(file) as mf:
-            n = mf.config.n_blocks
-            if not 0 <= local_blocks < n:
-                raise ConfigError(f"local_blocks must be in [0, {n}) for this model, got {local_blocks}")
-            local = load_stage(mf, 0, local_blocks) if local_blocks else None
-            return cls(mf.info().model_id, n, Tokenizer.from_model(mf), load_head(mf), local, file)
-
-
-@dataclass(frozen=True)
-class FleetResult:
-    prompt_ids: list[int]
-    new_ids: list[int]
-    text: str
-    tokens_per_s: float
-    route: list[dict[str, Any]]
-    failovers: int
-    stop_reason: str
-    # windows_checked, sessions_shadowed, sessions_skipped, mismatches, banned_peers,
-    # rolled_back_tokens, unverified_tokens, reports, undecided (node/client/verifier.py); None when
-    # verification is off.
-    verification: dict[str, Any] | None = None
-    # Steps sent as one chained step through every hop, and chained steps that had to be redone
-    # hop by hop (ClientConfig.chain).
-    chained_steps: int = 0
-    chain_failures: int = 0
-
-
-class StageFailure(Exception):
-    """One hop failed; ``ban`` says whether to avoid the peer for a while, ``unreachable`` that
-    it was a session that could not be opened for a network error (a last resort, not a fault)."""
-
-    def __init__(self, hop: _HopSession, why: str, *, ban: bool = True, unreachable: bool = False) -> None:
-        super().__init__(f"{hop.peer_id[-8:]} [{hop.start}, {hop.end}): {why}")
-        self.hop = hop
-        self.ban = ban
-        self.unreachable = unreachable
-
-
-def _time_shares(hops: list[_HopSession], ms: list[float]) -> list[float]:
-    """How a chained step's time is shared out among its hops, for their measured speeds: as the
-    servers say they held it (``ms``, not signed: a hop could lie about itself or, relaying,
-    about the others), but each hop's share kept within half and twice its share of the blocks."""
-    blocks = [h.end - h.start for h in hops]
-    fair = [b / sum(blocks) for b in blocks]
-    ms = [min(1e9, max(0.0, m)) if math.isfinite(m) else 1e9 for m in ms]
-    total = sum(ms)
-    claimed = [m / total for m in ms] if total > 0 else fair
-    bounded = [min(2 * f, max(0.5 * f, c)) for f, c in zip(fair, claimed, strict=True)]
-    return [b / sum(bounded) for b in bounded]
-
-
-class _ChainBroken(Exception):
-    """A chained step did not come back whole (the caller redoes it hop by hop)."""
-
-
-@dataclass
-class _HopSession:
-    peer_id: str
-    start: int
-    end: int
-    stream: FramedStream | None = None
-    inputs: list[np.ndarray] = field(default_factory=list)  # every input sent, in position order
-    draining: bool = False
-    counted: bool = False  # in the client's open_sessions
-    tally: WorkTally = field(default_factory=WorkTally)  # this session's work, for its receipt
-    opened_at: float = field(default_factory=time.time)
-    session: int | None = None  # the server's session number (session_opened): step commitments, receipt
-    check: Any = None  # the verifier's HopCheck for this hop (node/client/verifier.py), once it stepped
-    relay: bytes | None = None  # the relay token of session_opened: this server takes chained steps
-    chain_pending: int = 0  # rows of a chained step we gave up on, that this server may have computed
-    failed: StageFailure | None = None  # a failure seen while waiting on a chain, raised at its next step
-
-    @property
-    def length(self) -> int:
-        return sum(x.shape[0] for x in self.inputs)
-
-
-@dataclass(frozen=True)
-class Exchange:
-    """One step as it travelled: the rows sent (``inputs``, encoded as ``sent``), the reply
-    (``received``, decoded as ``out``) and the server's signed commitment (None on our own
-    stage's loopback hop)."""
-
-    position: int
-    inputs: np.ndarray
-    sent: EncodedTensor
-    received: EncodedTensor
-    out: np.ndarray
-    commitment: StepCommitment | None
-    sig: bytes | None
-
-    def head(self, n: int) -> Exchange:
-        """The first ``n`` rows (``sent``, ``received`` and the commitment stay whole: evidence)."""
-        return dataclasses.replace(self, inputs=self.inputs[:n], out=self.out[:n])
-
-
-class Pipeline:
-    """The sessions of one generation: a chain of hops covering blocks ``[0, n)``, with failover."""
-
-    def __init__(self, client: FleetClient, max_length: int) -> None:
-        """Raises LocalProtocolError if our own session request would be invalid (a prompt longer
-        than the context, a bad dtype): found before any peer is contacted, blamed on none."""
-        self.client = client
-        self.max_length = max_length
-        self.start = client.model.local_blocks
-        self.hops: list[_HopSession] = []
-        # The route being opened (sessions not all open yet): concurrent generations that route
-        # meanwhile follow it as they follow ``hops``.
-        self.routing: list[Hop] = []
-        self.failovers = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        context = client.model.head.config.context_length
-        if max_length > context:
-            raise LocalProtocolError(f"prompt plus max_new_tokens is {max_length} tokens; "
-                                     f"the model's context is {context}")
-        S.OpenRequest(client.model.model_id, self.start, client.model.n_blocks, max_length,
-                      client.config.wire_dtype)  # LocalProtocolError: our own request is invalid
-        self._local_cache = client.model.local.new_cache() if client.model.local is not None else None
-        self.verifier = Verifier(self) if client.config.verify else None
-        self.steps = 0  # forward calls
-        self.chained = 0  # steps that went through a chain
-        self.chain_failures = 0
-        self._seq = 0  # the last chained step's number
-        self._fence = 0  # plain steps tell servers to drop relayed steps numbered up to this
-        self._chain_after = 0  # no chaining before step number this (counted from 1, as ``steps``)
-        self._chain_s = 0.0  # EWMA of a chained step's time
-
-    @property
-    def wave(self) -> tuple[str, ...]:
-        """The head's lockstep group of this generation (``HeadBatcher``): its route's peers."""
-        return tuple(h.peer_id for h in self.hops)
-
-    @property
-    def route(self) -> list[dict[str, Any]]:
-        return [{"peer_id": h.peer_id, "blocks": [h.start, h.end]} for h in self.hops]
-
-    async def open(self) -> None:
-        self.client.pipelines.add(self)  # its chain is one the client's next routes follow
-        try:
-            self.hops, _ = await self._open_span(self.start, self.client.model.n_blocks, [])
-        finally:
-            self.routing = []
-
-    async def forward(self, hidden: np.ndarray, position: int) -> np.ndarray:
-        """Run ``hidden`` (positions ``position..``) through the local blocks (if any), then every
-        hop, failing over as needed."""
-        x = hidden
-        local = self.client.model.local
-        if local is not None:
-            assert self._local_cache is not None  # made with local
-            x = await trio.to_thread.run_sync(local.forward, x, self._local_cache, position)
-        self.steps += 1
-        if self._chainable(x):
-            out = await self._chain(x, position)
-            if out is not None:
-                i = 0
-                while i < len(self.hops):  # a hop's server asked us to move its session
-                    if self.hops[i].draining:
-                        replaced, _ = await self._move(i, "draining")
-                        self.hops[i:i + 1] = replaced
-                        i += len(replaced) - 1
-                    i += 1
-                return out
-        i = 0
-        while i < len(self.hops):
-            hop = self.hops[i]
-            try:
-                out = await self._step(hop, x, position)
-                hop.inputs.append(x)
-            except StageFailure as e:
-                replaced, out = await self._fail_over(i, e, pending=x)
-                self.hops[i:i + 1] = replaced
-                i += len(replaced) - 1
-            else:
-                if hop.draining:
-                    replaced, _ = await self._move(i, "draining")
-                    self.hops[i:i + 1] = replaced
-                    i += len(replaced) - 1
-            x = out
-            i += 1
-        return x
-
-    async def aclose(self) -> None:
-        self.client.pipelines.discard(self)
-        if self.verifier is not None:
-            await self.verifier.aclose()
-        for hop in self.hops:
-            self._release(hop)  # at once: the closes below may run out of time
-        # Every hop at once: a client that goes away frees its sessions on all stage servers
-        # within one round trip, not one per hop.
-        with trio.CancelScope(shield=True), trio.move_on_after(RECEIPT_TIMEOUT_S + 1.0):
-            async with trio.open_nursery() as nursery:
-                for hop in self.hops:
-                    nursery.start_soon(self._close, hop)
-
-    # -- chaining ------------------------------------------------------------------------------
-    def _chainable(self, x: np.ndarray) -> bool:
-        me = self.client.node.peer_id
-        return (self.client.config.chain and len(self.hops) >= 2 and self.steps >= self._chain_after
-                and 0 < x.shape[0] <= S.CHAIN_MAX_ROWS
-                and all(h.relay is not None and h.stream is not None and h.session is not None
-                        and h.peer_id != me and not h.draining and h.failed is None for h in self.hops))
-
-    async def _chain(self, x: np.ndarray, position: int) -> np.ndarray | None:
-        """Send ``x`` through every hop as one chained step; the last hop returns every hop's
-        output and signature. Returns the last output, or None when the chain failed (no ban:
-        a broken chain does not show who broke it; the caller redoes the step hop by hop)."""
-        hops, rows = list(self.hops), x.shape[0]
-        first, last = hops[0], hops[-1]
-        assert first.stream is not None  # _chainable
-        assert last.stream is not None
-        self._seq += 1
-        seq = self._seq
-        sent = encode_hidden(x, self.client.config.wire_dtype)
-        # _chainable: every hop has its session number and relay token.
-        chain = tuple(S.ChainHop(h.peer_id, h.session, h.relay) for h in hops[1:])  # type: ignore[arg-type]
-        full = sum(self._deadline(h, rows) for h in hops)
-        wait = min(full, max(CHAIN_MIN_WAIT_S, CHAIN_WAIT_FACTOR * self._chain_s)) if self._chain_s else full
-        started = time.monotonic()
-        try:
-            before_s, before_r = first.stream.bytes_sent, last.stream.bytes_received
-            await first.stream.send("step", S.Step(position, sent, chain, seq).to_body(), timeout=wait)
-            result = await self._chain_reply(last, seq, wait)
-            self.bytes_sent += first.stream.bytes_sent - before_s
-            self.bytes_received += last.stream.bytes_received - before_r
-            exchanges = self._check_chain(hops, result, x, sent, position)
-        except (NetworkError, RemoteProtocolError, _ChainBroken) as e:
-            self._broken(hops, seq, rows, f"{type(e).__name__}: {e}")
-            return None
-        took = time.monotonic() - started
-        self._chain_s = took if not self._chain_s else 0.8 * self._chain_s + 0.2 * took
-        self.chained += 1
-        shares = _time_shares(hops, [e.ms for e in result.trail]) if rows == 1 else []
-        for i, (hop, ex, entry) in enumerate(zip(hops, exchanges, result.trail, strict=True)):
-            hop.inputs.append(ex.inputs)
-            hop.tally.add(rows)
-            hop.chain_pending = 0
-            if entry.draining:
-                if hop is last:  # its own entry, on its own stream: authentic
-                    hop.draining = True
-                else:  # another hop's flag could be forged on the way: ask that hop itself, with
-                    self._chain_after = self.steps + 2  # the next step going hop by hop
-            self.client.positions_computed[hop.peer_id] += rows
-            if shares:  # decode steps only, as in _step
-                self.client.record_step(hop.peer_id, took * shares[i], hop.end - hop.start)
-            if self.verifier is not None:
-                self.verifier.record(hop, ex)
-        return exchanges[-1].out
-
-    async def _chain_reply(self, last: _HopSession, seq: int, wait: float) -> S.ChainResult:
-        """The ``chain_result`` numbered ``seq`` from the last hop's stream, skipping stale
-        unasked frames. Raises _ChainBroken, NetworkError or RemoteProtocolError."""
-        assert last.stream is not None
-        deadline = trio.current_time() + wait
-        for _ in range(STALE_REPLIES + 1):
-            left = deadline - trio.current_time()
-            if left <= 0:
-                break
-            try:
-                env = await last.stream.receive_reply(timeout=left)
-            except RemoteError as e:  # the last hop's session ended (owner stop, idle): its fault
-                last.failed = StageFailure(last, f"chained step failed: {e}", ban=e.code != S.ERR_DRAINING)
-                raise _ChainBroken(str(e)) from None
-            if env.kind == "chain_failed":
-                if env.body.get("seq") == seq:
-                    raise _ChainBroken(f"{last.peer_id[-8:]}: {str(env.body.get('message', ''))[:200]}")
-                continue
-            if env.kind != "chain_result":
-                raise RemoteProtocolError(f"expected chain_result, got {env.kind}")
-            result = S.ChainResult.from_body(env.body)
-            if result.seq == seq:
-                return result
-        raise _ChainBroken(f"no chain_result within {wait:.2f}s")
-
-    def _check_chain(self, hops: list[_HopSession], result: S.ChainResult, x: np.ndarray,
-                     sent: EncodedTensor, position: int) -> list[Exchange]:
-        """Every hop's output and commitment, checked as a plain step's reply would be; raises
-        _ChainBroken on any flaw (whoever relayed last may have tampered: no one is blamed)."""
-        if result.position != position or len(result.trail) != len(hops):
-            raise _ChainBroken(f"chain_result for position {result.position} with {len(result.trail)} "
-                               f"entries, expected {position} with {len(hops)}")
-        out: list[Exchange] = []
-        inputs, enc = x, sent
-        for hop, entry in zip(hops, result.trail, strict=True):
-            try:
-                rows = self._check_reply(S.StepResult(position, entry.hidden), position, x.shape)
-                commitment = self._commitment(hop, enc, entry.hidden, position, x.shape[0])
-                commitment.verify(entry.sig)
-            except RemoteProtocolError as e:
-                raise _ChainBroken(f"entry of {hop.peer_id[-8:]}: {e}") from None
-            out.append(Exchange(position, inputs, enc, entry.hidden, rows, commitment, entry.sig))
-            inputs, enc = rows, entry.hidden
-        return out
-
-    def _broken(self, hops: list[_HopSession], seq: int, rows: int, why: str) -> None:
-        """A chained step failed: fence it off on every server (the next plain steps say so), go
-        hop by hop for a while, and remember what the servers may have computed (receipts)."""
-        log.info("chained step %d failed (%s); redoing it hop by hop", seq, why)
-        self.chain_failures += 1
-        self._fence = seq
-        self._chain_after = self.steps + CHAIN_RETRY_AFTER
-        for hop in hops:
-            hop.chain_pending = rows
-
-    # -- one hop -------------------------------------------------------------------------------
-    def _deadline(self, hop: _HopSession, tokens: int) -> float:
-        c = self.client.config
-        return c.step_timeout_s + c.step_timeout_per_token_block_s * tokens * (hop.end - hop.start)
-
-    async def _open_hop(self, hop: _HopSession) -> None:
-        client = self.client
-        req = S.OpenRequest(client.model.model_id, hop.start, hop.end, self.max_length,
-                            client.config.wire_dtype)  # checked in __init__: cannot fail here
-        try:
-            if hop.peer_id == client.node.peer_id:
-                hop.stream = client.open_own_stage()
-            else:
-                await client.ensure_connected(hop.peer_id)
-                hop.stream = await client.node.host.open_stream(hop.peer_id, S.STAGE_PROTOCOL,
-                                                                timeout=client.config.open_timeout_s)
-            await hop.stream.send("session_open", req.to_body(), timeout=client.config.open_timeout_s)
-            reply = await hop.stream.receive_reply(timeout=client.config.open_timeout_s)
-            if reply.kind != "session_opened":
-                raise RemoteProtocolError(f"expected session_opened, got {reply.kind}")
-            hidden, session = reply.body.get("hidden"), reply.body.get("session")
-            if type(session) is not int or not 0 <= session < 2**63:
-                raise RemoteProtocolError(f"session_opened: bad session number {session!r}")
-            hop.session = session
-            relay = reply.body.get("relay")
-            if relay is not None and not (isinstance(relay, bytes) and len(relay) == S.RELAY_TOKEN_LEN):
-                raise RemoteProtocolError(f"session_opened: relay must be {S.RELAY_TOKEN_LEN} bytes")
-            hop.relay = relay
-            if hidden != client.model.head.config.hidden_size:
-                raise RemoteProtocolError(f"session_opened says hidden size {hidden!r}, the model has "
-                                          f"{client.model.head.config.hidden_size}")
-            client.sessions_opened[hop.peer_id] += 1
-        except RemoteError as e:
-            # A refusal (busy, draining, wrong blocks) is not a fault: avoid the peer only briefly.
-            raise StageFailure(hop, f"refused: {e}",
-                               ban=e.code not in (S.ERR_BUSY, S.ERR_DRAINING)) from None
-        except NetworkError as e:
-            raise StageFailure(hop, f"open failed: {e}", unreachable=True) from None
-        except RemoteProtocolError as e:
-            raise StageFailure(hop, f"open failed: {e}") from None
-
-    async def _step(self, hop: _HopSession, x: np.ndarray, position: int) -> np.ndarray:
-        """Send one step to ``hop``; return its output. Raises StageFailure."""
-        started = time.monotonic()
-        ex = await self._exchange(hop, x, position)
-        hop.tally.add(x.shape[0])
-        self.client.positions_computed[hop.peer_id] += x.shape[0]
-        if x.shape[0] == 1:  # decode steps only: comparable across peers and prompts
-            self.client.record_step(hop.peer_id, time.monotonic() - started, hop.end - hop.start)
-        if self.verifier is not None and ex.commitment is not None:
-            self.verifier.record(hop, ex)
-        return ex.out
-
-    async def _exchange(self, hop: _HopSession, x: np.ndarray, position: int) -> Exchange:
-        """Send one step to ``hop`` and check the reply, its signature included (the own-stage
-        loopback hop needs none). Raises StageFailure."""
-        if hop.failed is not None:
-            failure, hop.failed = hop.failed, None
-            raise failure
-        if hop.stream is None:
-            raise StageFailure(hop, "no session")
-        sent = encode_hidden(x, self.client.config.wire_dtype)
-        body = S.Step(position, sent, fence=self._fence).to_body()
-        deadline = self._deadline(hop, x.shape[0])
-        try:
-            before_s, before_r = hop.stream.bytes_sent, hop.stream.bytes_received
-            await hop.stream.send("step", body, timeout=deadline)
-            reply = await self._reply(hop.stream, deadline)
-            self.bytes_sent += hop.stream.bytes_sent - before_s
-            self.bytes_received += hop.stream.bytes_received - before_r
-            if reply.kind != "step_result":
-                raise RemoteProtocolError(f"expected step_result, got {reply.kind}")
-            result = S.StepResult.from_body(reply.body)
-            out = self._check_reply(result, position, x.shape)
-            if result.ahead and hop.chain_pending:  # it had computed the chained step we gave up on
-                hop.tally.add(min(result.ahead, hop.chain_pending))
-                self.client.positions_computed[hop.peer_id] += min(result.ahead, hop.chain_pending)
-            hop.chain_pending = 0
-            commitment = None if hop.peer_id == self.client.node.peer_id else self._check_sig(
-                hop, result, sent, position, x.shape[0])
-        except RemoteError as e:  # an owner's "stop" ends sessions with draining: not a fault
-            raise StageFailure(hop, f"step at {position} failed: {e}",
-                               ban=e.code != S.ERR_DRAINING) from None
-        except (NetworkError, RemoteProtocolError) as e:
-            raise StageFailure(hop, f"step at {position} failed: {e}") from None
-        hop.draining = result.draining
-        return Exchange(position, x, sent, result.hidden, out, commitment, result.sig)
-
-    @staticmethod
-    async def _reply(stream: FramedStream, timeout: float) -> wire.Envelope:
-        """The next reply on ``stream``, skipping unasked chain frames of a chained step we gave
-        up on (``chain_result``, ``chain_failed``)."""
-        deadline = trio.current_time() + timeout
-        for _ in range(STALE_REPLIES):
-            reply = await stream.receive_reply(timeout=max(0.001, deadline - trio.current_time()))
-            if reply.kind not in ("chain_result", "chain_failed"):
-                return reply
-        return await stream.receive_reply(timeout=max(0.001, deadline - trio.current_time()))
-
-    def _check_sig(self, hop: _HopSession, result: S.StepResult, sent: EncodedTensor, position: int,
-                   tokens: int) -> StepCommitment:
-        """The commitment the server must have signed for this step, rebuilt from what we sent and
-        received; RemoteProtocolError if the signature is missing or does not verify."""
-        if result.sig is None:
-            raise RemoteProtocolError("step_result carries no commitment signature")
-        commitment = self._commitment(hop, sent, result.hidden, position, tokens)
-        commitment.verify(result.sig)
-        return commitment
-
-    def _commitment(self, hop: _HopSession, sent: EncodedTensor, received: EncodedTensor, position: int,
-                    tokens: int) -> StepCommitment:
-        client = self.client
-        assert hop.session is not None  # set when the session opened, before any step
-        return StepCommitment(hop.peer_id, client.node.peer_id, client.model.model_id, hop.start,
-                              hop.end, hop.session, position, tokens, rows_root(row_digests(sent)),
-                              rows_root(row_digests(received)))
-
-    def _check_reply(self, result: S.StepResult, position: int, shape: tuple[int, ...]) -> np.ndarray:
-        """The reply's hidden states, or RemoteProtocolError (a bad reply from that peer): another
-        dtype than the session's, another position or shape, NaN/inf, or values beyond
-        ``max_hidden_abs`` (an int8 scale of 3e38 would otherwise turn every logit into NaN and
-        the "generated" text into token 0)."""
-        want = self.client.config.wire_dtype
-        if result.hidden.dtype != want:
-            raise RemoteProtocolError(f"step_result dtype {result.hidden.dtype}, session dtype {want}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = decode_hidden(result.hidden, self.client.limits)
-            peak = float(np.abs(out).max())
-        if result.position != position or out.shape != shape:
-            raise RemoteProtocolError(f"step_result for position {result.position} shape "
-                                      f"{out.shape}, expected {position} {shape}")
-        if not peak <= self.client.config.max_hidden_abs:  # NaN fails this too
-            raise RemoteProtocolError(f"step_result values out of range (max |x| = {peak:.3g})")
-        return out
-
-    def _release(self, hop: _HopSession) -> None:
-        if hop.counted:
-            hop.counted = False
-            self.client.open_sessions[hop.peer_id] -= 1
-
-    async def _abandon(self, hop: _HopSession) -> None:
-        """Drop a failed hop's session without waiting on a peer that may be frozen. Its receipt
-        exchange is still attempted (a server caught by verification gets a receipt that says
-        rejected), in the node's nursery within ``RECEIPT_TIMEOUT_S``, so failover does not wait."""
-        self._release(hop)
-        stream, hop.stream = hop.stream, None
-        if stream is None:
-            return
-        if self._wants_receipt(hop):
-            self.client.receipts_pending += 1  # counted now: the task starts later
-            try:
-                self.client.node.nursery.start_soon(self._settle_abandoned, hop, stream)
-                return
-            except RuntimeError:  # the node is stopping: no exchange
-                self.client.receipts_pending -= 1
-        with trio.move_on_after(0.2):
-            await stream.reset()
-
-    async def _settle_abandoned(self, hop: _HopSession, stream: FramedStream) -> None:
-        try:
-            await self._exchange_receipt(hop, stream)
-        finally:
-            self.client.receipts_pending -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(0.2):
-                await stream.reset()
-
-    async def _close(self, hop: _HopSession) -> None:
-        self._release(hop)
-        if hop.stream is None:
-            return
-        stream, hop.stream = hop.stream, None
-        closed = False
-        try:
-            await self._exchange_receipt(hop, stream)
-            await stream.send("session_close", {}, timeout=1.0)
-            await stream.receive(timeout=1.0)
-            closed = True
-        except (NetworkError, RemoteProtocolError):
-            pass
-        finally:
-            # Whatever happened (a late reply, no reply, our caller's deadline), the stream goes:
-            # a stream left open would hold the session (and its KV budget) on the server until its
-            # idle timeout, and this client's share of that server with it.
-            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                await (stream.aclose() if closed else stream.reset())
-
-    # -- receipts ------------------------------------------------------------------------------
-    def _wants_receipt(self, hop: _HopSession) -> bool:
-        """A receipt is exchanged for a peer's session that computed something (not our own
-        stage: a receipt needs two parties)."""
-        desk = self.client.receipts
-        return (desk is not None and hop.peer_id != desk.peer_id and hop.session is not None
-                and hop.tally.tokens > 0)
-
-    def _receipt_of(self, hop: _HopSession, client_id: str) -> Receipt:
-        tally, blocks = hop.tally, hop.end - hop.start
-        assert hop.session is not None  # _wants_receipt
-        opened = float(hop.opened_at)
-        return Receipt(server=hop.peer_id, client=client_id, model_id=self.client.model.model_id,
-                       start=hop.start, end=hop.end, session=hop.session, opened_at=opened,
-                       closed_at=max(opened, time.time()), tokens=tally.tokens,
-                       block_steps=tally.tokens * blocks,
-                       flops=self.client.flops_per_token_block * (tally.tokens * blocks),
-                       verified=tally.verified, unverified=tally.unverified, rejected=tally.rejected)
-
-    async def _exchange_receipt(self, hop: _HopSession, stream: FramedStream) -> None:
-        """Propose ``hop``'s receipt (signed by us), check the server's countersigned reply and
-        store it in our ledger; or record why not (the server's error code, ``no_reply``,
-        ``link_lost``, ``bad_countersignature``). Bounded by ``RECEIPT_TIMEOUT_S``; never raises."""
-        client, desk = self.client, self.client.receipts
-        if desk is None or not self._wants_receipt(hop):
-            return
-        receipt = self._receipt_of(hop, desk.peer_id)
-        body = propose(receipt, desk.key)
-        reason = detail = ""
-        with trio.move_on_after(RECEIPT_TIMEOUT_S) as scope:
-            try:
-                await stream.send("receipt_proposal", body, timeout=RECEIPT_TIMEOUT_S)
-                reply = await self._reply(stream, RECEIPT_TIMEOUT_S)
-                if reply.kind == "step_result":  # the late reply to a step we gave up on
-                    reply = await self._reply(stream, RECEIPT_TIMEOUT_S)
-                if reply.kind != "receipt" or set(reply.body) != {"receipt"}:
-                    raise RemoteProtocolError(f"expected receipt, got {reply.kind}")
-                raw = reply.body["receipt"]
-                check_countersigned(raw, receipt)
-            except RemoteError as e:
-                reason, detail = e.code, e.message
-            except DeadlineExceeded as e:
-                reason, detail = "no_reply", str(e)
-            except NetworkError as e:
-                reason, detail = "link_lost", str(e)
-            except RemoteProtocolError as e:
-                reason, detail = "bad_countersignature", str(e)
-        if scope.cancelled_caught:
-            reason, detail = "no_reply", f"no receipt within {RECEIPT_TIMEOUT_S}s"
-        try:
-            if not reason:
-                client.receipts_stored += 1
-                if desk.ledger is not None:
-                    await trio.to_thread.run_sync(desk.ledger.add, raw, "client")
-                return
-            client.receipts_refused[reason] += 1
-            # A server that lied is worth a warning; a refusal, a dead link or no ledger is routine.
-            (log.warning if reason == "bad_countersignature" else log.info)(
-                "no receipt from %s for session %d: %s %s", hop.peer_id[-8:], receipt.session, reason, detail)
-            if desk.ledger is not None:
-                await trio.to_thread.run_sync(functools.partial(
-                    desk.ledger.add_refused, hop.peer_id, receipt.session, reason, detail, wire.pack(body)))
-        except (sqlite3.Error, OSError, IdlefleetError) as e:  # our own disk: never end a generation
-            log.error("ledger: cannot record the receipt of session %d: %r", receipt.session, e)
-
-    # -- routing and failover ------------------------------------------------------------------
-    async def _open_span(self, start: int, end: int, history: list[np.ndarray],
-                         pending: np.ndarray | None = None
-                         ) -> tuple[list[_HopSession], np.ndarray | None]:
-        """Route ``[start, end)``, open sessions, and replay ``history`` (+ ``pending``) through
-        them. Returns the hops and the span's output for ``pending``."""
-        client = self.client
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                route = client.find_route(start, end)
-            except NoRoute as e:
-                raise GenerationFailed(f"no route for blocks [{start}, {end}): {e}") from None
-            hops = [_HopSession(h.peer_id, h.start, h.end, counted=True) for h in route]
-            for hop in hops:  # counted at once: a concurrent generation routing now sees them
-                client.open_sessions[hop.peer_id] += 1
-            if not self.hops:  # the whole route (not a failover's span): followed from now on
-                self.routing = route
-            try:
-                for hop in hops:
-                    await self._open_hop(hop)
-                return hops, await self._replay(hops, history, pending)
-            except StageFailure as e:
-                (log.warning if e.ban else log.info)("route %s failed%s: %s", [h.peer_id[-8:] for h in hops],
-                                                     " (peer banned)" if e.ban else "", e)
-                client.avoid(e.hop.peer_id, e.ban, unreachable=e.unreachable)
-                for hop in hops:
-                    await (self._abandon(hop) if hop is e.hop else self._close(hop))
-                self.failovers += 1
-                if attempts > client.config.max_failovers:
-                    raise GenerationFailed(f"gave up on blocks [{start}, {end}) after "
-                                           f"{attempts} attempts: {e}") from None
-
-    async def _replay(self, hops: list[_HopSession], history: list[np.ndarray],
-                      pending: np.ndarray | None) -> np.ndarray | None:
-        """Rebuild the new hops' KV caches: push every past input (and ``pending``) through them
-        in one step from position 0. Returns the output rows for ``pending``."""
-        chunks = [*history, *([pending] if pending is not None else [])]
-        if not chunks:
-            return None
-        x = np.concatenate(chunks, axis=0)
-        for hop in hops:
-            out = await self._step(hop, x, 0)
-            hop.inputs = [x[: x.shape[0] - (pending.shape[0] if pending is not None else 0)]]
-            if pending is not None:
-                hop.inputs.append(x[x.shape[0] - pending.shape[0]:])
-            x = out
-        return x[x.shape[0] - pending.shape[0]:] if pending is not None else None
-
-    async def _fail_over(self, i: int, failure: StageFailure,
-                         pending: np.ndarray) -> tuple[list[_HopSession], np.ndarray]:
-        lost = self.hops[i]
-        log.warning("hop failed, re-routing blocks [%d, %d): %s", lost.start, lost.end, failure)
-        self.client.avoid(lost.peer_id, failure.ban)
-        if self.verifier is not None:
-            self.verifier.retire(lost)
-        self.failovers += 1
-        if self.failovers > self.client.config.max_failovers:
-            raise GenerationFailed(f"too many failures; last: {failure}")
-        await self._abandon(lost)
-        hops, out = await self._open_span(lost.start, lost.end, lost.inputs, pending)
-        assert out is not None  # pending was given
-        return hops, out
-
-    async def _move(self, i: int, why: str) -> tuple[list[_HopSession], None]:
-        """Move hop ``i`` (already up to date) elsewhere, e.g. because its node is draining."""
-        old = self.hops[i]
-        log.info("moving blocks [%d, %d) off %s (%s)", old.start, old.end, old.peer_id[-8:], why)
-        self.client.avoid(old.peer_id, ban=False)
-        try:
-            hops, _ = await self._open_span(old.start, old.end, old.inputs)
-        except GenerationFailed:
-            old.draining = False  # nowhere to go: keep using it while it still serves us
-            return [old], None
-        if self.verifier is not None:
-            self.verifier.retire(old)
-        await self._close(old)
-        return hops, None
-
-    async def rollback(self, gen: Generation) -> int:
-        """Go back to the verifier's rollback position: discard the tokens computed from a wrong
-        output, rebuild hops whose peer is now banned (replay on good peers), and let the other
-        hops' next step truncate their caches. Returns how many new tokens were discarded."""
-        verifier = self.verifier
-        if verifier is None or verifier.rollback_to is None:
-            return 0
-        checks = await verifier.locked()
-        try:
-            position = verifier.rollback_to
-            verifier.rollback_to = None
-            before = len(gen.new_ids)
-            gen.rewind(position)
-            log.warning("rolling back to position %d: %d token(s) discarded", position,
-                        before - len(gen.new_ids))
-            verifier.truncate(position)
-            for hop in self.hops:
-                hop.inputs = _truncate_rows(hop.inputs, position)
-            banned = self.client.banned()
-            i = 0
-            while i < len(self.hops):
-                hop = self.hops[i]
-                if hop.peer_id in banned:
-                    if hop.check is not None and hop.check.convicted:
-                        hop.tally.reject()  # what it returned after the window it was caught in, too
-                    await self._abandon(hop)
-                    replaced, _ = await self._open_span(hop.start, hop.end, hop.inputs)
-                    self.hops[i:i + 1] = replaced
-                    i += len(replaced)
-                else:
-                    i += 1
-            return before - len(gen.new_ids)
-        finally:
-            for check in checks:
-                check.lock.release()
-
-
-def _truncate_rows(chunks: list[np.ndarray], position: int) -> list[np.ndarray]:
-    """The rows of positions ``[0, position)`` of ``chunks`` (consecutive arrays from 0)."""
-    out, at = [], 0
-    for x in chunks:
-        if at >= position:
-            break
-        out.append(x[:position - at])
-        at += x.shape[0]
-    return out
-
-
 class FleetClient:
     """Generates text across the fleet that ``node`` sees. Create with ``FleetClient.create``."""
 
-    def __init__(self, node: Node, model: ClientModel, config: ClientConfig = ClientConfig()) -> None:
+    def __init__(self, node: Node, model: ClientModel, config: ClientConfig = _DEFAULT_CONFIG) -> None:
         """Raises ConfigError if ``config.local_blocks`` differs from the blocks ``model`` holds."""
         if model.local_blocks != config.local_blocks:
             raise ConfigError(f"the client model holds {model.local_blocks} local blocks, the "
@@ -926,8 +111,10 @@ class FleetClient:
         self.limits = TensorLimits(max_tokens=1 << 16, hidden_size=model.head.config.hidden_size)
         self._avoid_until: dict[str, float] = {}
         self._unreachable: set[str] = set()  # banned only because a session open failed (network)
-        self.open_sessions: Counter[str] = Counter()  # peer -> sessions this client has open there
-        self.pipelines: set[Pipeline] = set()  # of the generations running now
+        # Sessions opened, positions computed, open sessions per peer, receipts: written by this
+        # client's hop sessions through its methods, published by statistics().
+        self.counters = ClientCounters()
+        self.pipelines: set[Pipeline] = set()  # of the generations running now (track/untrack)
         self.block_s: dict[str, float] = {}  # peer -> measured s per block per decode step (EWMA)
         # The LM head (~7 ms a row): one matrix product for the rows of all concurrent generations,
         # in a worker thread (a lone row on the event loop); decoding generations wait for each
@@ -936,18 +123,11 @@ class FleetClient:
         self.decoding: Counter[Hashable] = Counter()
         self.head_batcher = HeadBatcher(model.head, window_s=config.lockstep_window_s,
                                         decoding=lambda: self.decoding)
-        # What this client observed, per peer: sessions opened, positions computed (the owner
-        # report of each peer must agree).
-        self.sessions_opened: Counter[str] = Counter()
-        self.positions_computed: Counter[str] = Counter()
         # Receipts: the node's key and ledger (stand-in nodes in tests may have none).
         self.receipts: ReceiptDesk | None = getattr(node, "receipts", None)
         cfg = model.head.config
         self.flops_per_token_block = flops_per_token_block(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads,
                                                            cfg.head_dim, cfg.ffn_size)
-        self.receipts_stored = 0  # countersigned receipts received
-        self.receipts_refused: Counter[str] = Counter()  # exchanges that failed, by reason
-        self.receipts_pending = 0  # exchanges of abandoned hops still running in the background
         # How often each peer's hop sessions are checked (BOINC-style adaptive replication),
         # learned across this client's generations, and across runs in the node's data directory.
         self.trust = TrustBook(min_rate=config.verify_min_rate)
@@ -959,6 +139,34 @@ class FleetClient:
         self._trust_save_failed = False
         if self.trust_file is not None:
             self._load_trust(self.trust_file)
+
+    def statistics(self) -> ClientStatistics:
+        """A snapshot of this client's counters."""
+        return self.counters.snapshot()
+
+    @functools.cached_property
+    def hop_env(self) -> HopEnv:
+        """What this client's hop sessions share (built at the first session: stand-in nodes in
+        tests may lack what sessions need)."""
+        return HopEnv(me=self.node.peer_id, model_id=self.model.model_id, config=self.config,
+                      limits=self.limits, hidden_size=self.model.head.config.hidden_size,
+                      flops_per_token_block=self.flops_per_token_block, desk=self.receipts,
+                      counters=self.counters, connect=self._connect,
+                      spawn=lambda fn, *args: self.node.nursery.start_soon(fn, *args))
+
+    async def _connect(self, peer_id: str) -> FramedStream:
+        """A session stream to ``peer_id`` (our own stage server: a loopback). Raises NetworkError."""
+        if peer_id == self.node.peer_id:
+            return self.open_own_stage()
+        await self.ensure_connected(peer_id)
+        return await self.node.host.open_stream(peer_id, S.STAGE_PROTOCOL, timeout=self.config.open_timeout_s)
+
+    def track(self, pipeline: Pipeline) -> None:
+        """A generation's pipeline routes: its chain is one the client's next routes follow."""
+        self.pipelines.add(pipeline)
+
+    def untrack(self, pipeline: Pipeline) -> None:
+        self.pipelines.discard(pipeline)
 
     def _load_trust(self, path: Path) -> None:
         """What earlier runs learned about peers; a missing file is a fresh start, a damaged one
@@ -1016,7 +224,7 @@ class FleetClient:
 
     @classmethod
     async def create(cls, node: Node, model_path: str | Path | None = None,
-                     config: ClientConfig = ClientConfig()) -> FleetClient:
+                     config: ClientConfig = _DEFAULT_CONFIG) -> FleetClient:
         """Load the client's part of the model (tokenizer, embedding, head, and blocks
         ``[0, config.local_blocks)``) off the event loop."""
         model = await trio.to_thread.run_sync(
@@ -1050,9 +258,10 @@ class FleetClient:
         out = []
         for record in self.node.routable():
             own = record.peer_id == self.node.peer_id  # our own blocks: a loopback hop, no RTT
-            if record.model_id != self.model.model_id or (own and self.node.hosting is None):
+            if own and self.node.hosting is None:
                 continue
-            if record.policy != "serve":  # its owner's policy says no: never open a session there
+            # Its record says it takes sessions for our model (protocols.serving: "route").
+            if peer_usable(record, "route", model_id=self.model.model_id) is not None:
                 continue
             regions = self.config.allow_regions
             if regions and not record.region.startswith(regions):
@@ -1060,7 +269,7 @@ class FleetClient:
             cand = Candidate.from_record(record, 0.0 if own else rtt.get(record.peer_id, typical),
                                          self.block_s.get(record.peer_id))
             if cand is not None:
-                mine = self.open_sessions[cand.peer_id]
+                mine = self.counters.open_on(cand.peer_id)
                 if mine:
                     cand = dataclasses.replace(cand, own_load=own_sessions_load(mine))
                 out.append(cand)
@@ -1199,114 +408,3 @@ class FleetClient:
         assert generation.result is not None  # set when run() completes
         return generation.result
 
-
-class FleetGeneration:
-    """One generation across the fleet. ``async for token_id, piece in generation: ...``"""
-
-    def __init__(self, client: FleetClient, prompt_ids: list[int], params: SamplingParams, *,
-                 strict: bool = False) -> None:
-        self.client = client
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.strict = strict
-        self.result: FleetResult | None = None
-        self.pipeline: Pipeline | None = None
-
-    def __aiter__(self) -> AsyncIterator[tuple[int, str]]:
-        return self.run()
-
-    async def run(self) -> AsyncGenerator[tuple[int, str], None]:
-        """Yield ``(token_id, text_piece)`` per new token (a final ``(-1, tail)`` may flush text
-        held back mid-character). Close it (``aclosing``) to end early; sessions are closed.
-
-        Verification (node/client/verifier.py) runs behind the tokens. When it catches a wrong output the
-        generation rolls back to that position and continues on good peers, so ``result`` is the
-        same tokens as an undisturbed run. A strict generation yields a token only once the work
-        it depends on is verified (and verifies the last partial window before it ends); a
-        non-strict one yields tokens at once and never retracts one (``result`` is authoritative)."""
-        client = self.client
-        gen = Generation(client.model.head, self.prompt_ids, self.params, client.model.tokenizer.stop_ids)
-        text = TextStream(client.model.tokenizer)
-        pipeline = self.pipeline = Pipeline(client, len(self.prompt_ids) + max(1, self.params.max_new_tokens))
-        verifier = pipeline.verifier
-        strict = self.strict and verifier is not None
-        if verifier is not None:
-            verifier.strict = strict
-        released = rollbacks = 0
-        wave: Hashable = None  # counted in client.decoding[wave] (the head's lockstep) if not None
-        token_s: float | None = None  # this generation's time per token (EWMA)
-        last_token: float | None = None
-        await client.wait_ready()
-        t0 = time.perf_counter()
-        try:
-            await pipeline.open()
-            while True:
-                if wave is not None and gen.done:
-                    client.leave_wave(wave)
-                    wave = None
-                if verifier is not None and verifier.rollback_to is not None:
-                    rollbacks += 1
-                    if rollbacks > client.config.max_failovers:
-                        raise GenerationFailed("too many rollbacks: wrong outputs keep coming")
-                    verifier.stats.rolled_back += await pipeline.rollback(gen)
-                    released = min(released, len(gen.new_ids))
-                finished = False
-                if not gen.done:
-                    step = gen.next_input()
-                    hidden = await pipeline.forward(step.hidden, step.position)
-                    # Its wave: the generations on its route (all of them without waves). Its
-                    # prompt's row joins that wave's batch; past the prompt it is waited for.
-                    now_wave = pipeline.wave if client.config.waves else ()
-                    if gen.new_ids and now_wave != wave:
-                        if wave is not None:
-                            client.leave_wave(wave)
-                        client.decoding[now_wave] += 1
-                        wave = now_wave
-                    now = trio.current_time()
-                    if last_token is not None:
-                        took = now - last_token
-                        token_s = took if token_s is None else 0.7 * token_s + 0.3 * took
-                    last_token = now
-                    max_wait = LOCKSTEP_SHARE * token_s if token_s is not None else 0.0
-                    gen.feed_logits(await client.head_batcher.logits(hidden, max_wait, now_wave))
-                elif verifier is None:
-                    finished = True
-                else:
-                    await verifier.flush(everything=strict, timeout=client.config.verify_flush_s)
-                    if verifier.rollback_to is not None:
-                        continue
-                    finished = True
-                ready = len(gen.new_ids)
-                if strict and not finished and verifier is not None:
-                    frontier = verifier.frontier()
-                    if verifier.rollback_to is not None:
-                        ready = released
-                    elif frontier is not None:
-                        ready = max(released, min(ready, frontier + 1 - len(self.prompt_ids)))
-                while released < ready:
-                    token = gen.new_ids[released]
-                    released += 1
-                    yield token, text.push(token)
-                if finished:
-                    break
-            tail = text.flush()
-            if tail:
-                yield -1, tail
-        finally:
-            if wave is not None:
-                client.leave_wave(wave)
-            await pipeline.aclose()
-            client.save_trust()  # what its checks taught us about peers, for the next run
-        elapsed = time.perf_counter() - t0
-        verification = None
-        if verifier is not None:
-            ids = len(self.prompt_ids) + len(gen.new_ids)
-            verifier.stats.unverified = max(0, ids - max(len(self.prompt_ids), verifier.verified_upto() + 1))
-            verification = verifier.stats.to_dict()
-        self.result = FleetResult(
-            prompt_ids=self.prompt_ids, new_ids=gen.new_ids,
-            text=client.model.tokenizer.decode(gen.new_ids, skip_special=True),
-            tokens_per_s=len(gen.new_ids) / elapsed if elapsed > 0 else 0.0,
-            route=pipeline.route, failovers=pipeline.failovers,
-            stop_reason=gen.stop_reason or "length", verification=verification,
-            chained_steps=pipeline.chained, chain_failures=pipeline.chain_failures)

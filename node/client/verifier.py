@@ -45,18 +45,26 @@ blocks (the *verifier host*). Verification **lags**: decode never waits for it.
   report: there is no evidence which one lied).
 - No independent host of a hop's blocks: its positions stay unverified; the generation goes on.
 
+The verifier opens its sessions through the narrow :class:`HopLink` the pipeline gives it, and
+hands its verdicts to the generation as events (:meth:`Verifier.verdicts`: :class:`Convicted`,
+:class:`Undecided`, each with the position to roll back to) instead of setting fields others poll.
+A :class:`HopCheck`'s state is explicit: its lifecycle (:class:`CheckState`), whether its session is
+sampled (:class:`Sample`) and whether a verifier host is at hand (:class:`Witness`).
+
 Cancellation: :meth:`Verifier.aclose` cancels every check and closes the verifier sessions.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import trio
 
+from idlefleet.node.client.hop import Exchange, HopSession, StageFailure
 from idlefleet.node.model.gguf_loader import open_model
 from idlefleet.node.model.stage import load_stage
 from idlefleet.protocols.errors import IdlefleetError
@@ -72,7 +80,7 @@ from idlefleet.protocols.verification import (
 )
 
 if TYPE_CHECKING:
-    from idlefleet.node.client.fleet import Exchange, Pipeline, _HopSession
+    from idlefleet.node.client.fleet import FleetClient
 
 log = logging.getLogger(__name__)
 
@@ -92,24 +100,81 @@ def proof(ex: Exchange, position: int) -> RowProof:
     i = position - ex.position
     return RowProof(i, tuple(row_digests(ex.sent)), tuple(row_digests(ex.received)), row_of(ex.received, i))
 
+class CheckState(enum.Enum):
+    """A primary hop session's check, through its life."""
 
-@dataclass
+    ACTIVE = "active"  # the hop is on the route: its windows are checked as they complete
+    RETIRED = "retired"  # replaced in the route: check what it did, then stop
+    CONVICTED = "convicted"  # its server was caught returning a wrong output: nothing more to check
+    UNDECIDED = "undecided"  # a mismatch no referee could settle: nothing more to check
+
+
+class Sample(enum.Enum):
+    """Whether the session is checked at all: drawn once, at its first window."""
+
+    UNDRAWN = "undrawn"
+    SHADOWED = "shadowed"  # every window checked
+    SKIPPED = "skipped"  # none checked: its tokens stay unverified
+
+
+class Witness(enum.Enum):
+    """The verifier host of a check."""
+
+    NONE = "none"  # none open (none needed yet, or the last one failed: another is looked for)
+    OPEN = "open"  # ``HopCheck.verifier`` is a session on an independent host
+    UNAVAILABLE = "unavailable"  # no independent host at the last attempt (asked again later)
+
+
+@dataclass(frozen=True)
+class Convicted:
+    """A verdict: ``peer`` (the hop of blocks ``[start, end)``) returned a wrong output at
+    ``position``; it is banned and reported, and the generation rolls back to ``position``."""
+
+    peer: str
+    start: int
+    end: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Undecided:
+    """A verdict: no referee could settle ``position`` between ``peers`` (both avoided, no
+    report); the generation rolls back to ``position``."""
+
+    peers: tuple[str, str]
+    position: int
+
+
+Verdict = Convicted | Undecided
+
+
+class HopLink(Protocol):
+    """What the verifier needs of the pipeline: sessions on independent hosts."""
+
+    async def open_session(self, peer_id: str, start: int, end: int) -> HopSession:
+        """A session for blocks ``[start, end)`` on ``peer_id``; raises StageFailure."""
+        ...
+
+    async def exchange(self, session: HopSession, rows: np.ndarray, position: int) -> Exchange:
+        """One step on ``session``, its reply checked; raises StageFailure."""
+        ...
+
+
+@dataclass(eq=False)
 class HopCheck:
     """What is known about one primary hop session's work, and how far it is verified."""
 
-    hop: _HopSession
+    hop: HopSession
     records: list[Exchange] = field(default_factory=list)  # contiguous from position 0
     checked: int = 0  # positions [0, checked) verified
     due: int = 0  # verification asked for up to here
     window_start: int = 0
     deferred: int = 0  # a sampled window up to here, checked with the generation's short last one
-    verifier: _HopSession | None = None  # a session on an independent host of the same blocks
+    state: CheckState = CheckState.ACTIVE
+    sample: Sample = Sample.UNDRAWN
+    witness: Witness = Witness.NONE
+    verifier: HopSession | None = None  # the session on the verifier host (witness OPEN)
     v_length: int = 0  # positions cached in the verifier session
-    unverifiable: bool = False  # no independent host at the last attempt
-    dead: bool = False  # its server was caught (or could not be cleared): nothing more to check
-    convicted: bool = False  # its server was caught returning a wrong output
-    retired: bool = False  # replaced in the route: check what it did, then stop
-    shadowed: bool | None = None  # whether this session is checked at all (decided once)
     lock: trio.Lock = field(default_factory=trio.Lock)
     wake: trio.Event = field(default_factory=trio.Event)
     idle: trio.Event = field(default_factory=trio.Event)
@@ -120,8 +185,17 @@ class HopCheck:
         return self.records[-1].position + self.records[-1].inputs.shape[0] if self.records else 0
 
     @property
+    def dead(self) -> bool:
+        """Nothing more to check: its server was caught, or could not be cleared."""
+        return self.state in (CheckState.CONVICTED, CheckState.UNDECIDED)
+
+    @property
     def finished(self) -> bool:
-        return self.dead or (self.retired and self.checked >= self.end)
+        return self.dead or (self.state is CheckState.RETIRED and self.checked >= self.end)
+
+    def set_verifier(self, session: HopSession | None, v_length: int = 0) -> None:
+        self.verifier, self.v_length = session, v_length
+        self.witness = Witness.OPEN if session is not None else Witness.NONE
 
     def rows(self, attr: str, start: int, stop: int) -> np.ndarray:
         """``inputs`` or ``out`` rows of positions ``[start, stop)`` from the records."""
@@ -182,27 +256,36 @@ class VerificationStats:
 
 
 class Verifier:
-    """Lagging verification of one generation's remote hops (see the module docstring)."""
+    """Lagging verification of one generation's remote hops (see the module docstring).
+    ``strict``: every session is checked (the generation's tokens wait for their checks)."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.client = pipeline.client
+    def __init__(self, client: FleetClient, link: HopLink, max_length: int, *, strict: bool = False) -> None:
+        self.client = client
+        self.link = link
         self.window = self.client.config.verify_window
         self.tolerance = TOLERANCE[self.client.config.wire_dtype]
         self.checks: list[HopCheck] = []
+        self._by_hop: dict[int, HopCheck] = {}  # id(hop) -> its check (the check keeps the hop alive)
         self.stats = VerificationStats()
-        self.rollback_to: int | None = None
-        self._closed = False
-        self.strict = False  # set by the generation: its tokens wait for their checks
+        self.strict = strict
+        self._verdicts: list[Verdict] = []  # not yet taken by the generation
         self._ending = False  # the generation computes no more positions
-        self._last = pipeline.max_length - 1  # where every hop's positions end if nothing stops it
+        self._last = max_length - 1  # where every hop's positions end if nothing stops it
 
     # -- fed by the pipeline ---------------------------------------------------------------------
-    def record(self, hop: _HopSession, ex: Exchange) -> None:
+    def check_of(self, hop: object) -> HopCheck | None:
+        return self._by_hop.get(id(hop))
+
+    def convicted(self, hop: object) -> bool:
+        """Whether ``hop``'s server was caught returning a wrong output."""
+        check = self.check_of(hop)
+        return check is not None and check.state is CheckState.CONVICTED
+
+    def record(self, hop: HopSession, ex: Exchange) -> None:
         """A remote hop returned a step (already signature-checked)."""
-        check = hop.check
+        check = self.check_of(hop)
         if check is None:
-            check = hop.check = HopCheck(hop)
+            check = self._by_hop[id(hop)] = HopCheck(hop)
             self.checks.append(check)
             self.client.node.nursery.start_soon(self._run, check)
         if ex.position < check.end:  # a re-sent step (rollback, replay): forget what it replaces
@@ -214,13 +297,14 @@ class Verifier:
     def _shadowed(self, check: HopCheck) -> bool:
         """Whether ``check``'s session is checked at all: decided once, at its first window (see
         the module docstring). A strict generation checks every session."""
-        if check.shadowed is None:
-            check.shadowed = self.strict or self.client.trust.should_check(check.hop.peer_id)
-            if check.shadowed:
+        if check.sample is Sample.UNDRAWN:
+            if self.strict or self.client.trust.should_check(check.hop.peer_id):
+                check.sample = Sample.SHADOWED
                 self.stats.sessions_shadowed += 1
             else:
+                check.sample = Sample.SKIPPED
                 self.stats.sessions_skipped += 1
-        return check.shadowed
+        return check.sample is Sample.SHADOWED
 
     def _window_done(self, check: HopCheck) -> None:
         check.window_start = check.end
@@ -239,12 +323,12 @@ class Verifier:
             check.idle = trio.Event() if check.idle.is_set() else check.idle
             check.wake.set()
 
-    def retire(self, hop: _HopSession) -> None:
+    def retire(self, hop: HopSession) -> None:
         """``hop`` left the route (failover, move): check everything it returned if its session is
         shadowed, then stop."""
-        check = hop.check
+        check = self.check_of(hop)
         if check is not None and not check.dead:
-            check.retired = True
+            check.state = CheckState.RETIRED
             if self._shadowed(check):
                 self._ask(check, check.end)
             check.wake.set()
@@ -253,7 +337,7 @@ class Verifier:
         """Positions ``[0, frontier)`` are verified on every hop that can be verified (None: no
         hop constrains it)."""
         ends = [c.checked for c in self.checks
-                if not c.finished and not c.unverifiable and c.checked < c.end]
+                if not c.finished and c.witness is not Witness.UNAVAILABLE and c.checked < c.end]
         return min(ends) if ends else None
 
     def verified_upto(self) -> int:
@@ -280,9 +364,17 @@ class Verifier:
                 if not check.dead and check.due > check.checked:
                     await check.idle.wait()
 
-    # -- rollback ---------------------------------------------------------------------------------
-    def _request_rollback(self, position: int) -> None:
-        self.rollback_to = position if self.rollback_to is None else min(self.rollback_to, position)
+    def finish(self, positions: int, prompt: int) -> dict[str, Any]:
+        """The generation ended with ``positions`` ids (``prompt`` of them the prompt's): the
+        new tokens not covered by a verified window are unverified. Returns the stats' dict."""
+        self.stats.unverified = max(0, positions - max(prompt, self.verified_upto() + 1))
+        return self.stats.to_dict()
+
+    # -- verdicts and rollback ----------------------------------------------------------------------
+    def verdicts(self) -> list[Verdict]:
+        """The verdicts reached since the last call (each asks for a rollback to its position)."""
+        taken, self._verdicts = self._verdicts, []
+        return taken
 
     async def locked(self) -> list[HopCheck]:
         """Take every check's lock (waits for checks in flight); the caller releases them."""
@@ -291,8 +383,10 @@ class Verifier:
             await check.lock.acquire()
         return checks
 
-    def truncate(self, position: int) -> None:
-        """After a rollback to ``position`` (caller holds the locks)."""
+    def truncate(self, position: int, discarded: int) -> None:
+        """After a rollback to ``position`` that discarded ``discarded`` new tokens (the caller
+        holds the locks)."""
+        self.stats.rolled_back += discarded
         for check in self.checks:
             check.truncate(position)
 
@@ -311,12 +405,12 @@ class Verifier:
                             await self._check(check, check.due)
             except Exception:  # never let a verification bug end the node: this hop stays unverified
                 log.exception("verification of %s failed", check.hop.peer_id[-8:])
-                check.unverifiable = True
+                check.witness = Witness.UNAVAILABLE
             finally:
                 check.idle.set()
                 if check.verifier is not None:
                     with trio.CancelScope(shield=True):
-                        await self.pipeline._close(check.verifier)
+                        await check.verifier.close()
 
     def _pick_host(self, check: HopCheck, exclude: set[str]) -> str | None:
         hop = check.hop
@@ -329,47 +423,42 @@ class Verifier:
         best: str = min(hosts, key=lambda c: (c.rtt_s if c.rtt_s is not None else 1.0) + c.load).peer_id
         return best
 
-    async def _open(self, peer_id: str, check: HopCheck) -> _HopSession:
-        from idlefleet.node.client.fleet import _HopSession
+    async def _open(self, peer_id: str, check: HopCheck) -> HopSession:
+        return await self.link.open_session(peer_id, check.hop.start, check.hop.end)
 
-        session = _HopSession(peer_id, check.hop.start, check.hop.end)
-        await self.pipeline._open_hop(session)
-        return session
-
-    async def _send(self, session: _HopSession, check: HopCheck, start: int, stop: int) -> Exchange:
-        ex = await self.pipeline._exchange(session, check.rows("inputs", start, stop), start)
-        session.tally.add(stop - start)
-        self.client.positions_computed[session.peer_id] += stop - start  # the peer's owner report counts it
-        return ex
+    async def _send(self, session: HopSession, check: HopCheck, start: int, stop: int) -> Exchange:
+        # The session's tally and the peer's count in the client's counters (its owner report
+        # counts it) are the hop session's own.
+        return await self.link.exchange(session, check.rows("inputs", start, stop), start)
 
     async def _check(self, check: HopCheck, upto: int) -> None:
         """Verify positions ``[check.checked, upto)`` of ``check`` (holding its lock)."""
-        from idlefleet.node.client.fleet import StageFailure
-
         upto = min(upto, check.end)
         tried: set[str] = set()
         for _ in range(MAX_VERIFIER_ATTEMPTS):
             if check.verifier is None:
                 peer = self._pick_host(check, tried)
                 if peer is None:
-                    check.unverifiable = True
+                    check.witness = Witness.UNAVAILABLE
                     check.due = check.checked  # asked again when the next window completes
                     return
                 tried.add(peer)
                 try:
-                    check.verifier, check.v_length = await self._open(peer, check), 0
+                    check.set_verifier(await self._open(peer, check))
                 except StageFailure as e:
                     self.client.avoid(peer, e.ban)
                     continue
-            check.unverifiable = False
+            session = check.verifier
+            assert session is not None  # opened above, or kept from the last check
+            check.witness = Witness.OPEN
             start = min(check.v_length, check.checked)
             try:
-                witness = await self._send(check.verifier, check, start, upto)
+                witness = await self._send(session, check, start, upto)
             except StageFailure as e:
                 log.info("verifier host failed: %s", e)
-                self.client.avoid(check.verifier.peer_id, e.ban)
-                await self.pipeline._abandon(check.verifier)
-                check.verifier = None
+                self.client.avoid(session.peer_id, e.ban)
+                await session.abandon()
+                check.set_verifier(None)
                 continue
             check.v_length = upto
             await self._compare(check, witness, upto)
@@ -403,13 +492,11 @@ class Verifier:
         await self._referee(check, witness, d)
 
     async def _referee(self, check: HopCheck, witness: Exchange, d: int) -> None:
-        from idlefleet.node.client.fleet import StageFailure
-
         assert check.verifier is not None
         primary, verifier = check.hop, check.verifier
         accused_ex = check.record_at(d)
         judge: Exchange | None = None
-        referee: _HopSession | None = None
+        referee: HopSession | None = None
         tried = {verifier.peer_id}
         for _ in range(MAX_VERIFIER_ATTEMPTS):
             peer = self._pick_host(check, tried)
@@ -425,7 +512,7 @@ class Verifier:
             except StageFailure as e:
                 self.client.avoid(peer, e.ban)
                 if referee is not None:
-                    await self.pipeline._abandon(referee)
+                    await referee.abandon()
                 referee = None
         if judge is None and self.client.config.verify_local_referee:
             judge = await self._local_judge(check, d)
@@ -440,17 +527,17 @@ class Verifier:
             self.stats.detection_lags.append(check.end - d)
             await self._convict(primary.peer_id, accused_ex, witness, judge, d)
             primary.tally.reject()
-            check.dead = check.convicted = True
-            self._request_rollback(d)
+            check.state = CheckState.CONVICTED
+            self._verdicts.append(Convicted(primary.peer_id, primary.start, primary.end, d))
             if referee is not None:
-                await self.pipeline._close(referee)
+                await referee.close()
             return
         if judge is not None and p_ok and not v_ok:
             await self._convict(verifier.peer_id, witness, accused_ex, judge, d)
             verifier.tally.reject()
-            await self.pipeline._close(verifier)
+            await verifier.close()
             # The referee verifies from now on; a local one cannot: another host is looked for.
-            check.verifier, check.v_length = referee, (d + 1 if referee is not None else 0)
+            check.set_verifier(referee, d + 1 if referee is not None else 0)
             return  # the window is checked again (due > checked) against the new verifier
         # No referee, or no majority: trust neither for this output.
         log.warning("no referee could settle position %d of blocks [%d, %d); avoiding %s and %s",
@@ -458,10 +545,10 @@ class Verifier:
         self.stats.undecided += 1
         for peer in (primary.peer_id, verifier.peer_id):
             self.client.avoid(peer)
-        check.dead = True
-        self._request_rollback(d)
+        check.state = CheckState.UNDECIDED
+        self._verdicts.append(Undecided((primary.peer_id, verifier.peer_id), d))
         if referee is not None:
-            await self.pipeline._close(referee)
+            await referee.close()
 
     async def _local_judge(self, check: HopCheck, d: int) -> Exchange | None:
         """The last-resort referee when no third host serves the hop's blocks (a fleet that hosts
@@ -470,8 +557,6 @@ class Verifier:
         ``d`` like a server would (its commitment names it as server and client), so the report
         it gossips carries three signed rows. The stage is dropped afterwards. None if the model
         file is not at hand."""
-        from idlefleet.node.client.fleet import Exchange
-
         client, hop = self.client, check.hop
         path = client.model.path
         if path is None:
@@ -525,6 +610,6 @@ class Verifier:
 
     # -- end ------------------------------------------------------------------------------------------
     async def aclose(self) -> None:
-        self._closed = True
+        """Cancel every check (each closes its verifier session, shielded)."""
         for check in self.checks:
             check.scope.cancel()
