@@ -1,8 +1,14 @@
 """The tuned libp2p host: TCP + Noise + Yamux, GossipSub, Kademlia DHT, framed request/response.
 
 ``open_host(key, config)`` starts everything under one nursery and yields a ``Host`` facade: the
-rest of idlefleet talks to the network only through it and never imports libp2p. Every operation
-takes a deadline. See DESIGN.md for why the defaults below differ from py-libp2p's.
+rest of idlefleet talks to the network only through it (``interface.HostLike``: what ``node/``
+uses of it) and never imports libp2p. Every operation takes a deadline. See DESIGN.md for why
+the defaults (``config.HostConfig``) differ from py-libp2p's.
+
+The host's parts, each in its module: ``boundary`` (the crash boundary under every inbound stream
+and gossip message, the counters), ``dht`` (validators, bounded stores, DHT operations),
+``pubsub`` (GossipSub, the gossip budget, replay filtering). This module keeps connections,
+streams and requests, and ``open_host``.
 """
 
 from __future__ import annotations
@@ -10,10 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
@@ -21,26 +26,31 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL_ID
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-from libp2p.kad_dht.pb.kademlia_pb2 import Record as KadRecord
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import GossipSub
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.rcmgr import ResourceLimits, new_resource_manager
 from libp2p.rcmgr.connection_limits import ConnectionLimits
-from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from idlefleet.protocols.errors import RemoteProtocolError
-from idlefleet.protocols.wire import KINDS, MAX_FRAME, Envelope
+from idlefleet.protocols.wire import KINDS, Envelope
 
+from .boundary import PENALTY_CRASH, PENALTY_REJECTED, Boundary, HostStatistics
+from .config import HostConfig
+from .dht import DHT_PEER_TIMEOUT_S, DHT_PROTOCOL, Dht
 from .errors import DeadlineExceeded, NetworkError, PeerUnreachable, StreamClosed
 from .framing import FramedStream
-from .guard import Misbehaviour, TokenBuckets
+from .guard import Misbehaviour
+from .interface import DisconnectCallback, GossipValidator, HostLike, RequestHandler, StreamHandler
+from .pubsub import GOSSIP_PROTOCOLS, Gossip, new_pubsub
+
+__all__ = [
+    "DHT_PEER_TIMEOUT_S", "DHT_PROTOCOL", "GOSSIP_PROTOCOLS", "PENALTY_CRASH", "PENALTY_REJECTED",
+    "DisconnectCallback", "GossipValidator", "Host", "HostConfig", "HostLike", "HostStatistics",
+    "RequestHandler", "StreamHandler", "open_host",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,54 +60,6 @@ log = logging.getLogger(__name__)
 # something is critical.
 if not os.environ.get("LIBP2P_DEBUG"):
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-
-GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
-# py-libp2p 0.8.1 always speaks the standard Kademlia protocol (its ``protocol_prefix`` is read only
-# by ``validate_config``): idlefleet namespaces its DHT *keys* instead (protocols/dhtkeys.py).
-DHT_PROTOCOL = TProtocol(KAD_PROTOCOL_ID)
-assert DHT_PROTOCOL == "/ipfs/kad/1.0.0", "docs/PROTOCOL.md section 5 names this protocol id"
-DHT_PEER_TIMEOUT_S = 3.0  # one DHT request to one peer (the library's own is 10 s)
-
-RequestHandler = Callable[[str, Envelope], Awaitable[tuple[str, dict[str, Any]]]]
-StreamHandler = Callable[[FramedStream], Awaitable[None]]
-GossipValidator = Callable[[str, bytes], bool]
-DisconnectCallback = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    """Network settings. Defaults are tuned for py-libp2p 0.8.1 as measured in DESIGN.md."""
-
-    listen_host: str = "127.0.0.1"
-    port: int = 0
-    gossip_heartbeat_s: int = 1  # library default is 120 s: meshes would never form
-    gossip_degree: int = 6
-    gossip_degree_low: int = 4
-    gossip_degree_high: int = 12
-    gossip_max_msgs_per_topic_s: float = 1000.0  # library default 10/s silently drops messages
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 5.0
-    dht_timeout_s: float = 10.0
-    reused_stream_idle_s: float = 60.0  # a server keeps a reused request stream this long
-    max_frame: int = MAX_FRAME  # request/response protocols lower it to their request kind's limit
-    # Limits at the door (issue 8). Streams: py-libp2p's resource manager only enforces a global
-    # stream count (its per-peer scopes are never consulted by the 0.8.1 swarm), so the per-peer
-    # cap on concurrent inbound streams is enforced by our crash boundary (_Boundary).
-    max_inbound_streams_per_peer: int = 64
-    max_streams: int = 4096  # all streams, all peers (rcmgr; the library default is 10,000)
-    max_connections: int = 512  # rcmgr, all peers
-    # Gossip validation budget, spent before py-libp2p checks a message's signature: per
-    # connected sender (the forwarder, authenticated by Noise) and per (sender, claimed origin).
-    gossip_sender_rate: float = 200.0
-    gossip_sender_burst: float = 1000.0
-    gossip_origin_rate: float = 5.0
-    gossip_origin_burst: float = 30.0
-    # DHT store bounds: values only under registered namespaces (their validators bound the
-    # size); provider keys only in the form of our block CIDs (sha2-256 multihashes).
-    dht_max_values: int = 4096
-    dht_max_provider_keys: int = 16384
-    dht_max_key_bytes: int = 256
-    rejection_log_interval_s: float = 10.0
 
 
 class _DisconnectNotifee(INotifee):
@@ -123,125 +85,6 @@ class _DisconnectNotifee(INotifee):
         pass
 
 
-class _CallbackValidator(Validator):
-    """Adapts a pair of plain functions to the DHT's record validator interface."""
-
-    def __init__(self, validate: Callable[[str, bytes], None], select: Callable[[str, list[bytes]], int]):
-        self._validate = validate
-        self._select = select
-
-    def validate(self, key: str, value: bytes) -> None:
-        self._validate(key, value)
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        return self._select(key, values)
-
-
-@dataclass
-class HostStatistics:
-    gossip_published: int = 0
-    gossip_rejected: dict[str, int] = field(default_factory=dict)
-    gossip_checked: int = 0  # received gossip messages handed to py-libp2p's checks (signature first)
-    gossip_rate_limited: int = 0  # dropped by the per-sender budget before any check
-    requests_served: int = 0
-    requests_rejected: int = 0
-    evictions: int = 0
-    handler_crashes: int = 0  # unexpected exceptions caught by the crash boundary
-    streams_refused: int = 0  # over the per-peer inbound stream cap
-    dht_refused: int = 0  # DHT values or provider records refused by our bounds
-    relay_dials: int = 0  # connections opened through a relay (circuit v2)
-
-
-#: Penalties added to a peer's misbehaviour score (Misbehaviour.note).
-PENALTY_CRASH = 10  # its input raised something no handler expected
-PENALTY_REJECTED = 1  # invalid input, refused with a reason
-
-
-class _Boundary:
-    """The crash boundary under every inbound stream and every gossip message.
-
-    No exception raised while handling a peer's input (by our handlers or inside py-libp2p:
-    pubsub RPC parsing, Kademlia, identify, ping, the muxer) leaves here: the stream is reset,
-    the peer's misbehaviour score goes up, and the event is counted and logged in the aggregated
-    summary line. It also enforces the per-peer inbound stream cap and the gossip budget.
-    """
-
-    def __init__(self, config: HostConfig, stats: HostStatistics, misbehaviour: Misbehaviour,
-                 my_id: ID) -> None:
-        self._config = config
-        self.stats = stats
-        self.misbehaviour = misbehaviour
-        self._my_id = my_id
-        self._inbound: dict[str, int] = {}  # peer id -> inbound streams being handled
-        self._senders = TokenBuckets(config.gossip_sender_rate, config.gossip_sender_burst)
-        self._origins = TokenBuckets(config.gossip_origin_rate, config.gossip_origin_burst)
-
-    def inbound_streams(self, peer_id: str) -> int:
-        return self._inbound.get(peer_id, 0)
-
-    def crashed(self, peer_id: str, where: str, e: BaseException) -> None:
-        self.stats.handler_crashes += 1
-        self.misbehaviour.note(peer_id, f"crash:{where}", penalty=PENALTY_CRASH, detail=repr(e)[:200])
-        log.debug("crash boundary: %s from %s", where, peer_id[-8:], exc_info=e)
-
-    def wrap_streams(self, inner: Callable[[INetStream], Awaitable[None]]
-                     ) -> Callable[[INetStream], Awaitable[None]]:
-        """Wrap py-libp2p's common inbound stream handler (negotiation, then the protocol's)."""
-
-        async def guarded(stream: INetStream) -> None:
-            try:
-                peer = stream.muxed_conn.peer_id.to_base58()
-            except Exception:
-                peer = "unknown"
-            active = self._inbound.get(peer, 0)
-            if active >= self._config.max_inbound_streams_per_peer:
-                self.stats.streams_refused += 1
-                self.misbehaviour.note(peer, "stream_limit", penalty=PENALTY_REJECTED)
-                await _reset_quietly(stream)
-                return
-            self._inbound[peer] = active + 1
-            try:
-                await inner(stream)
-            except Exception as e:
-                self.crashed(peer, str(stream.get_protocol() or "negotiation"), e)
-                await _reset_quietly(stream)
-            finally:
-                left = self._inbound.get(peer, 1) - 1
-                if left > 0:
-                    self._inbound[peer] = left
-                else:
-                    self._inbound.pop(peer, None)
-
-        return guarded
-
-    def wrap_push_msg(self, inner: Callable[[ID, Any], Awaitable[None]]
-                      ) -> Callable[[ID, Any], Awaitable[None]]:
-        """Wrap ``Pubsub.push_msg``: budget first (before the signature check), never raise."""
-
-        async def guarded(forwarder: ID, msg: Any) -> None:
-            if forwarder != self._my_id:
-                sender = forwarder.to_base58()
-                if not (self._senders.take(sender) and self._origins.take((sender, bytes(msg.from_id)))):
-                    self.stats.gossip_rate_limited += 1
-                    self.misbehaviour.note(sender, "gossip_rate_limited", penalty=0)
-                    return
-                self.stats.gossip_checked += 1
-            try:
-                await inner(forwarder, msg)
-            except Exception as e:
-                self.crashed(forwarder.to_base58(), "pubsub push_msg", e)
-
-        return guarded
-
-
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await stream.reset()
-        except Exception as e:  # resetting a dead stream may raise anything
-            log.debug("reset after crash: %r", e)
-
-
 def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
     """Walk muxer -> secure session -> raw connection down to the trio socket."""
     if isinstance(obj, trio.SocketStream):
@@ -260,10 +103,10 @@ def _find_socket_stream(obj: Any, depth: int = 0) -> trio.SocketStream | None:
 class Host:
     """What idlefleet needs from libp2p, with deadlines. Created by ``open_host``."""
 
-    def __init__(self, host: Any, pubsub: Pubsub, dht: KadDHT, config: HostConfig,
-                 nursery: trio.Nursery, boundary: _Boundary) -> None:
-        self._host = host
-        self._pubsub = pubsub
+    def __init__(self, host: Any, gossip: Gossip, dht: Dht, config: HostConfig,
+                 nursery: trio.Nursery, boundary: Boundary) -> None:
+        self._host = host  # the py-libp2p host (p2p.nat and p2p.mdns work on it directly)
+        self._gossip = gossip
         self._dht = dht
         self._config = config
         self._nursery = nursery
@@ -274,8 +117,6 @@ class Host:
         #: Per-peer misbehaviour scores and the aggregated rejection log; other components add
         #: their own rejections with ``note`` and consult ``score``.
         self.misbehaviour = boundary.misbehaviour
-        self._replay_filters: dict[str, Callable[[bytes], bool]] = {}
-        _filter_replays(pubsub.router, self._replay_filters)
         self.peer_id: str = host.get_id().to_base58()
         host.get_network().register_notifee(_DisconnectNotifee(self._on_disconnected))
 
@@ -401,10 +242,7 @@ class Host:
         except Exception as e:
             raise PeerUnreachable(f"connect to {info.peer_id} failed: {e!r}") from None
         with trio.move_on_after(timeout):
-            try:
-                await self._dht.add_peer(info.peer_id)  # a connected peer is not in the table otherwise
-            except Exception as e:
-                log.debug("DHT add_peer %s: %r", info.peer_id, e)
+            await self._dht.add_peer(info.peer_id)  # a connected peer is not in the table otherwise
 
     def evict(self, peer_id: str) -> None:
         """Hard eviction of a dead or frozen peer: close its sockets now, drop it from DHT and pubsub.
@@ -419,10 +257,7 @@ class Host:
             sock = _find_socket_stream(conn)
             if sock is not None:
                 sock.socket.close()
-        try:
-            self._dht.routing_table.remove_peer(pid)
-        except Exception as e:
-            log.debug("routing table remove %s: %r", peer_id[-8:], e)
+        self._dht.remove_peer(pid)
         self._nursery.start_soon(self._disconnect_quietly, pid)
 
     async def _disconnect_quietly(self, pid: ID) -> None:
@@ -545,248 +380,71 @@ class Host:
         for key in [k for k in self._reusable if k[0] == peer_id]:
             del self._reusable[key]
 
-    # -- gossip ------------------------------------------------------------------------------
+    # -- gossip (pubsub.Gossip) ---------------------------------------------------------------
     async def subscribe(self, topic: str, validator: GossipValidator, *,
                         still_current: Callable[[bytes], bool] | None = None) -> None:
-        """Join ``topic``. Every message goes through ``validator(source_peer_id, data)`` first;
-        it must return True to accept (and forward) it. Delivery happens in the validator, so the
-        subscription queue is drained and discarded here.
-
-        GossipSub also re-sends messages it already forwarded: its message cache to a peer that just
-        subscribed or asks after an IHAVE, and the queue it kept while a new peer identified. With
-        ``still_current``, only messages for which ``still_current(data)`` holds *now* are re-sent
-        or advertised, so a receiver is not handed records that were superseded or expired meanwhile.
-        """
-        if still_current is not None:
-            self._replay_filters[topic] = still_current
-
-        def _validate(source: ID, msg: Any) -> bool:
-            try:
-                origin = ID(msg.from_id).to_base58()
-            except Exception:
-                return False
-            try:
-                return validator(origin, bytes(msg.data))
-            except Exception as e:  # a validator bug must not end the pubsub service
-                self._boundary.crashed(source.to_base58(), f"gossip validator {topic}", e)
-                return False
-
-        self._pubsub.set_topic_validator(topic, _validate, False)
-        sub = await self._pubsub.subscribe(topic)
-        self._nursery.start_soon(self._drain, sub)
-
-    async def _drain(self, sub: Any) -> None:
-        while True:
-            await sub.get()
+        """Join ``topic``; see ``Gossip.subscribe``."""
+        await self._gossip.subscribe(topic, validator, still_current=still_current)
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Publish to ``topic`` (our own validator sees it first, like everyone else's)."""
-        with trio.fail_after(self._config.request_timeout_s):
-            await self._pubsub.publish(topic, data)
-        self.stats.gossip_published += 1
+        await self._gossip.publish(topic, data)
 
     def gossip_peers(self, topic: str) -> set[str]:
-        return {p.to_base58() for p in self._pubsub.peer_topics.get(topic, set())}
+        return self._gossip.peers(topic)
 
-    # -- DHT ---------------------------------------------------------------------------------
+    # -- DHT (dht.Dht) -----------------------------------------------------------------------
     def register_dht_namespace(self, namespace: str, validate: Callable[[str, bytes], None],
                                select: Callable[[str, list[bytes]], int]) -> None:
         """Keys ``/<namespace>/...`` are checked by ``validate`` (raise to reject) and ``select``."""
-        self._dht.register_validator(namespace, _CallbackValidator(validate, select))
+        self._dht.register_namespace(namespace, validate, select)
 
     async def dht_put(self, key: str, value: bytes, *, timeout: float | None = None) -> None:
-        """Store ``value`` under ``key`` locally and at the closest peers the network knows."""
-        await self._dht_op(self._put(key, value), timeout, f"put {key}")
-
-    async def _put(self, key: str, value: bytes) -> None:
-        await self._sync_routing_table()
-        await self._dht.put_value(key, value)
-
-    async def _sync_routing_table(self) -> None:
-        """Add connected peers missing from the routing table. py-libp2p adds a peer only when we
-        dial it (``_connect_info``) or it sends us a DHT request, so a node that was dialled (a
-        bootstrap node) would otherwise store and look up values among too few peers."""
-        table = self._dht.routing_table
-        for pid, conns in list(self._host.get_network().connections.items()):
-            if conns and not table.peer_in_table(pid):
-                with trio.move_on_after(DHT_PEER_TIMEOUT_S):
-                    try:
-                        await self._dht.add_peer(pid)
-                    except Exception as e:
-                        log.debug("DHT add_peer %s: %r", pid, e)
+        """Store ``value`` under ``key`` locally and at the closest peers; see ``Dht.put``."""
+        await self._dht.put(key, value, timeout=timeout)
 
     async def dht_get(self, key: str, *, timeout: float | None = None) -> bytes | None:
-        """The best value for ``key`` (the namespace's ``select``) among our own copy and the
-        closest peers' answers, each validated. py-libp2p's ``get_value`` returns any local copy
-        without asking the network, so a copy fetched once would be served stale forever."""
-        return await self._dht_op(self._get_best(key), timeout, f"get {key}")  # type: ignore[no-any-return]
-
-    async def _get_best(self, key: str) -> bytes | None:
-        await self._sync_routing_table()
-        key_bytes = key.encode("utf-8")
-        values: list[bytes] = []
-        local = self._dht.value_store.get(key_bytes)
-        if local is not None:
-            values.append(bytes(local.value))
-        me = self._host.get_id()
-        peers = [p for p in await self._dht.peer_routing.find_closest_peers_network(key_bytes) if p != me]
-        async def ask(peer: ID) -> None:
-            with trio.move_on_after(DHT_PEER_TIMEOUT_S):
-                try:
-                    reply = await self._dht.value_store._get_from_peer(peer, key_bytes, return_record=True)
-                except Exception as e:  # a vanished or hostile peer: its answer does not count
-                    log.debug("DHT get %s from %s: %r", key, peer, e)
-                    return
-                if not isinstance(reply, KadRecord) or not reply.value:
-                    return
-                try:
-                    self._dht.validator.validate(key, reply.value)  # type: ignore[union-attr]
-                except Exception as e:
-                    log.debug("DHT get %s: invalid value from %s: %s", key, peer, e)
-                    return
-                values.append(bytes(reply.value))
-
-        async with trio.open_nursery() as nursery:
-            for peer in peers[:20]:
-                nursery.start_soon(ask, peer)
-        if not values:
-            return None
-        return values[self._dht.validator.select(key, values)]  # type: ignore[union-attr]
+        """The best validated value for ``key``, ours or the closest peers'; see ``Dht.get``."""
+        return await self._dht.get(key, timeout=timeout)
 
     async def dht_provide(self, cid: str, *, timeout: float | None = None) -> bool:
-        """Announce ourselves as a provider of ``cid`` (text CID; the wire key is its multihash)
-        to the closest peers (ADD_PROVIDER). Receivers accept at most 10 ADD_PROVIDER messages
-        per sender in 10 s (py-libp2p's limit): callers pace announcements. Returns whether at
-        least one peer was sent the announcement."""
-        async def _provide() -> bool:
-            await self._sync_routing_table()
-            return bool(await self._dht.provide(cid))
-
-        return bool(await self._dht_op(_provide(), timeout, f"provide {cid}"))
+        """Announce ourselves as a provider of ``cid``; see ``Dht.provide``."""
+        return await self._dht.provide(cid, timeout=timeout)
 
     async def dht_find_providers(self, cid: str, *, count: int = 20,
                                  timeout: float | None = None) -> list[str]:
-        """Peer ids announced as providers of ``cid``: our own store if it has any, else the
-        network's. Providers' addresses go to the peerstore."""
-        infos = await self._dht_op(self._dht.find_providers(cid, count), timeout,
-                                   f"find_providers {cid}")
-        return sorted({i.peer_id.to_base58() for i in infos})  # the library does not deduplicate
+        """Peer ids announced as providers of ``cid``; see ``Dht.find_providers``."""
+        return await self._dht.find_providers(cid, count=count, timeout=timeout)
 
     async def dht_refresh(self, *, timeout: float | None = None) -> int:
-        """Keep the routing table alive (a Kademlia refresh): look up our own id and a random one
-        through the network, adding every responsive peer met. Returns the table size."""
-
-        async def _walk() -> None:
-            await self._sync_routing_table()
-            for target in (self._host.get_id().to_bytes(), os.urandom(32)):
-                for peer in await self._dht.peer_routing.find_closest_peers_network(target):
-                    if peer != self._host.get_id():
-                        await self._dht.add_peer(peer)
-
-        await self._dht_op(_walk(), timeout, "refresh")
-        return self.dht_routing_table_size()
+        """A Kademlia refresh; returns the routing table size. See ``Dht.refresh``."""
+        return await self._dht.refresh(timeout=timeout)
 
     def dht_routing_peers(self) -> list[str]:
         """Peer ids in the DHT routing table."""
-        return [p.to_base58() for p in self._dht.routing_table.get_peer_ids()]
-
-    async def _dht_op(self, coro: Awaitable[Any], timeout: float | None, what: str) -> Any:
-        timeout = timeout or self._config.dht_timeout_s
-        try:
-            with trio.fail_after(timeout):
-                return await coro
-        except trio.TooSlowError:
-            raise DeadlineExceeded(f"DHT {what} took over {timeout}s") from None
-        except NetworkError:
-            raise
-        except Exception as e:  # py-libp2p's DHT raises assorted errors when peers vanish
-            raise NetworkError(f"DHT {what} failed: {e!r}") from None
+        return self._dht.routing_peers()
 
     def dht_routing_table_size(self) -> int:
-        return int(self._dht.get_routing_table_size())
+        return self._dht.routing_table_size()
 
     def dht_store_sizes(self) -> tuple[int, int]:
         """(values stored, provider keys stored) in this node's DHT server."""
-        return len(self._dht.value_store.store), len(self._dht.provider_store.providers)
+        return self._dht.store_sizes()
+
+
+if TYPE_CHECKING:
+    _conforms: type[HostLike] = Host  # mypy checks Host against what node/ relies on
 
 
 async def _no_auto_connect() -> None:
     return None
 
 
-def _filter_replays(router: Any, filters: dict[str, Callable[[bytes], bool]]) -> None:
-    """Make ``router`` (py-libp2p 0.8.1 GossipSub) re-send only messages its topic's filter keeps.
-
-    Two places re-send old messages: ``mcache.window(topic)`` (replayed to a newly subscribed peer,
-    and advertised in IHAVE, answered from the cache on IWANT) and ``_pending_messages`` (queued
-    for a peer whose identify or subscription had not arrived yet, flushed when it does).
-    """
-    cache = router.mcache
-    window = cache.window
-
-    def kept(topic: str, data: bytes) -> bool:
-        keep = filters.get(topic)
-        try:
-            return keep is None or keep(data)
-        except Exception:  # a filter never breaks gossip: when in doubt, do not re-send
-            return False
-
-    def filtered_window(topic: str) -> list[bytes]:
-        mids: list[bytes] = window(topic)
-        if topic not in filters:
-            return mids
-        return [mid for mid in mids if (msg := cache.get(mid)) is not None and kept(topic, bytes(msg.data))]
-
-    cache.window = filtered_window
-    flush = router.flush_pending_messages
-
-    async def filtered_flush(peer_id: Any) -> None:
-        queue = router._pending_messages.get(peer_id)
-        if queue:
-            queue[:] = [(ts, rpc) for ts, rpc in queue
-                        if all(kept(topic, bytes(m.data)) for m in rpc.publish for topic in m.topicIDs)]
-        await flush(peer_id)
-
-    router.flush_pending_messages = filtered_flush
-def _bound_dht_stores(dht: KadDHT, config: HostConfig, stats: HostStatistics,
-                      misbehaviour: Misbehaviour) -> None:
-    """Bound what remote peers can make this DHT server store.
-
-    Values: the strict validator already refuses keys outside registered namespaces and values
-    their validator rejects; here the number of stored keys is capped (updates of a stored key
-    always pass). Provider records: only sha2-256 multihash keys (the form of our block CIDs), at
-    most ``dht_max_provider_keys`` keys (py-libp2p already caps providers per key).
-    """
-    values, providers = dht.value_store, dht.provider_store
-    put_record, add_provider = values.put_record, providers.add_provider
-
-    def bounded_put_record(key: bytes, record: Any) -> None:
-        if key not in values.store and (len(key) > config.dht_max_key_bytes
-                                        or len(values.store) >= config.dht_max_values):
-            stats.dht_refused += 1
-            misbehaviour.note("dht", "dht_value_refused", penalty=0, detail=f"{len(values.store)} stored")
-            raise ValueError("DHT value store full")  # py-libp2p answers the PUT with a reset
-        put_record(key, record)
-
-    def bounded_add_provider(key: bytes, provider: PeerInfo) -> None:
-        # Block keys are CIDs: on the wire their sha2-256 multihash (protocols/dhtkeys.py).
-        if not (isinstance(key, bytes) and len(key) == 34 and key.startswith(b"\x12\x20")):
-            stats.dht_refused += 1
-            misbehaviour.note(str(provider.peer_id), "dht_provider_key", penalty=PENALTY_REJECTED,
-                              detail=repr(key[:40]))
-            return
-        if key not in providers.providers and len(providers.providers) >= config.dht_max_provider_keys:
-            stats.dht_refused += 1
-            misbehaviour.note(str(provider.peer_id), "dht_provider_full", penalty=0)
-            return
-        add_provider(key, provider)
-
-    values.put_record = bounded_put_record  # type: ignore[method-assign]
-    providers.add_provider = bounded_add_provider  # type: ignore[method-assign]
+_DEFAULT_CONFIG = HostConfig()  # frozen: one shared default is safe
 
 
 @asynccontextmanager
-async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -> AsyncIterator[Host]:
+async def open_host(key: Ed25519PrivateKey, config: HostConfig = _DEFAULT_CONFIG) -> AsyncIterator[Host]:
     """Start a host listening on ``config.listen_host:config.port``; stop everything on exit.
 
     Shutdown cancels one enclosing scope (exiting py-libp2p services one by one crashes).
@@ -805,33 +463,19 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
         connection_config=ConnectionConfig(max_connections_per_peer=1),  # 250 ms -> ~5 ms connects
         resource_manager=resource_manager,
     )
-    router = GossipSub(
-        protocols=GOSSIP_PROTOCOLS,
-        degree=config.gossip_degree,
-        degree_low=config.gossip_degree_low,
-        degree_high=config.gossip_degree_high,
-        heartbeat_interval=config.gossip_heartbeat_s,
-        max_messages_per_topic_per_second=config.gossip_max_msgs_per_topic_s,
-    )
     # py-libp2p's AutoConnector redials every peer in the peerstore to reach 150+ connections,
     # including peers we evicted as dead or frozen. idlefleet manages its connections itself
     # (bootstrap, peers from records, target_peers), so it is switched off.
     network = lhost.get_network()
     if hasattr(network, "auto_connector"):
         network.auto_connector.maybe_connect = _no_auto_connect
-    pubsub = Pubsub(lhost, router, strict_signing=True)
-    # Speaks DHT_PROTOCOL (/ipfs/kad/1.0.0) whatever the prefix. Only namespaces we register (with
-    # validators that bound size and check signatures) are stored: no default pk/ipns namespaces.
-    dht = KadDHT(lhost, DHTMode.SERVER, validator=NamespacedValidator({}, strict_validation=True),
-                 validator_changed=True, strict_validation=True)
-    stats = HostStatistics()
-    boundary = _Boundary(config, stats, Misbehaviour(), lhost.get_id())
-    _bound_dht_stores(dht, config, stats, boundary.misbehaviour)
+    boundary = Boundary(config, HostStatistics(), Misbehaviour(), lhost.get_id())
     # The crash boundary: py-libp2p routes every inbound stream (every protocol, negotiation
     # included) through the network's one common handler, and every received gossip message
-    # through Pubsub.push_msg (run as a detached task: an exception there ends the service).
+    # through Pubsub.push_msg (new_pubsub wraps that).
     network.set_stream_handler(boundary.wrap_streams(network.common_stream_handler))  # type: ignore[attr-defined]
-    pubsub.push_msg = boundary.wrap_push_msg(pubsub.push_msg)  # type: ignore[method-assign,assignment]
+    pubsub, router = new_pubsub(lhost, config, boundary)
+    dht = Dht(lhost, config, boundary.stats, boundary.misbehaviour)
     listen = multiaddr.Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")
 
     try:
@@ -842,7 +486,7 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
                     lhost.run([listen]),
                     background_trio_service(pubsub),
                     background_trio_service(router),
-                    background_trio_service(dht),
+                    background_trio_service(dht.kad),
                 ):
                     await pubsub.wait_until_ready()
                     task_status.started()
@@ -853,7 +497,7 @@ async def open_host(key: Ed25519PrivateKey, config: HostConfig = HostConfig()) -
             await nursery.start(boundary.misbehaviour.run, config.rejection_log_interval_s)
             log.debug("host up in %.3fs", time.monotonic() - started)
             try:
-                yield Host(lhost, pubsub, dht, config, nursery, boundary)
+                yield Host(lhost, Gossip(pubsub, config, boundary, nursery), dht, config, nursery, boundary)
             finally:
                 nursery.cancel_scope.cancel()
     finally:

@@ -153,7 +153,7 @@ class Scenario:
     events: EventSpec = EventSpec()
     policy: Preferences = field(default_factory=Preferences)
     publish: PublishPolicy = field(default_factory=PublishPolicy)
-    gossip_degree: int = 6  # GossipSub mesh degree D (p2p/host.py default)
+    gossip_degree: int = 6  # GossipSub mesh degree D (p2p/config.py default)
     pubsub_overhead_bytes: int = 180  # RPC framing, from, seqno, topic, signature, key per message
     record_ttl_s: float = 60.0
 
