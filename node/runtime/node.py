@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import numpy as np
 import trio
@@ -82,6 +82,9 @@ from idlefleet.protocols.reports import (
     report_digest,
     report_still_current,
 )
+
+if TYPE_CHECKING:
+    from idlefleet.p2p.memory import MemoryNetwork
 
 log = logging.getLogger(__name__)
 
@@ -774,8 +777,12 @@ def _dht_select(key: str, values: list[bytes]) -> int:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None) -> AsyncIterator[Node]:
+async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None,
+                    network: MemoryNetwork | None = None) -> AsyncIterator[Node]:
     """Start a node: load (or create) its key, start the host, join the fleet, begin gossiping.
+
+    With ``network`` the host is an in-memory one (p2p/memory.py: tests on virtual time); NAT
+    traversal and mDNS, which need libp2p, are off there.
 
     Raises ConfigError for bad configuration or key files. Returns once the node is listening and
     has tried its bootstrap peers; the node stops (publishing ``offline``) when the block exits.
@@ -792,7 +799,9 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
         if created:
             log.info("created a new identity in %s", config.key_path)
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
-    async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
+    # A MemoryHost offers Host's surface (p2p.memory.HostSurface) without being one.
+    opened = open_host(key, host_config) if network is None else cast(Any, network.open_host(key, host_config))
+    async with opened as host, trio.open_nursery() as nursery:
         node = Node(config, key, host, vehicle, nursery, data_dir)
         node.fault = fault
         try:
@@ -809,9 +818,10 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             await host.subscribe(REPORT_TOPIC, node._on_report_gossip,
                                  still_current=lambda data: report_still_current(data, time.time()))
             await node._bootstrap()
-            if config.mdns:  # peers on the LAN, no bootstrap needed (p2p/mdns.py)
+            if config.mdns and network is None:  # peers on the LAN, no bootstrap needed (p2p/mdns.py)
                 await nursery.start(partial(run_mdns, host, node._on_lan_peer))
-            await nursery.start(node.nat.run)
+            if network is None:
+                await nursery.start(node.nat.run)
             await nursery.start(node.liveness.run)
             await nursery.start(node.discovery.run)
             await nursery.start(node._publisher)
