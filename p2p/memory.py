@@ -133,8 +133,8 @@ class _Link:
 class _MemoryEnd(_PipeEnd):
     """One end of a stream over a link: the loopback pipe end, gated by the network's faults.
 
-    A write waits while the link hangs (partitioned, or either host frozen); a chunk is read no
-    sooner than the link's delay after it was written, and not while the link hangs.
+    A write waits while our host is frozen (else it fills the buffer, as a socket's); a chunk is
+    read no sooner than the link's delay after it was written, and not while the link hangs.
     """
 
     def __init__(self, network: MemoryNetwork, link: _Link, local: str, remote: str, protocol: str,
@@ -152,7 +152,8 @@ class _MemoryEnd(_PipeEnd):
         return self._protocol
 
     async def write(self, data: bytes) -> None:
-        await self._network.wait_passable(self.local, self._remote)  # a stopped process writes nothing
+        # A stopped process writes nothing; writes to a stopped or cut-off peer fill the buffer.
+        await self._network.wait_passable(self.local, self.local)
         if self.peer_end is not None:
             self.peer_end.dues.append(trio.current_time() + self._network.delay(self.local, self._remote))
         await super().write(data)
