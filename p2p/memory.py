@@ -206,6 +206,7 @@ class MemoryNetwork:
         self._killed: set[str] = set()
         self._delays: dict[frozenset[str], float] = {}
         self.link_delay_s = link_delay_s
+        self.gossip_seqno = 0
         self._changed = trio.Event()
 
     # -- faults ------------------------------------------------------------------------------
@@ -304,6 +305,7 @@ class MemoryNetwork:
             try:
                 yield host
             finally:
+                host.closing = True  # its own components are gone: not told of its disconnections
                 for link_key in [k for k in self._links if peer_id in k]:
                     self._drop(link_key, peer_id)
                 del self.hosts[peer_id]
@@ -321,6 +323,7 @@ class MemoryHost(MemoryDht):
         self._config = config
         self._nursery = nursery
         self.stats = MemoryHostStatistics()
+        self.closing = False
         self.misbehaviour = Misbehaviour()
         self._stream_handlers: dict[str, Callable[[FramedStream], Awaitable[None]]] = {}
         self._frame_limits: dict[str, int] = {}
@@ -330,7 +333,6 @@ class MemoryHost(MemoryDht):
         self._topics: dict[str, tuple[GossipValidator, Callable[[bytes], bool] | None]] = {}
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._mcache: list[_Gossip] = []
-        self._seqno = 0
         self._senders = TokenBuckets(config.gossip_sender_rate, config.gossip_sender_burst,
                                      clock=trio.current_time)
         self._origins = TokenBuckets(config.gossip_origin_rate, config.gossip_origin_burst,
@@ -361,6 +363,8 @@ class MemoryHost(MemoryDht):
     def _disconnected(self, peer_id: str) -> None:
         for key in [k for k in self._reusable if k[0] == peer_id]:
             del self._reusable[key]
+        if self.closing:
+            return
         for cb in list(self._disconnect_callbacks):
             cb(peer_id)
 
@@ -540,8 +544,10 @@ class MemoryHost(MemoryDht):
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Publish to ``topic``: our own validator first, then every connected subscriber."""
-        self._seqno += 1
-        msg = _Gossip(topic, self.peer_id, self._seqno, bytes(data), trio.current_time())
+        # Message ids are (origin, seqno): numbered network-wide, so that a restarted peer's new
+        # messages are not taken for its old ones (GossipSub seeds its seqno from the clock).
+        self.network.gossip_seqno += 1
+        msg = _Gossip(topic, self.peer_id, self.network.gossip_seqno, bytes(data), trio.current_time())
         with trio.fail_after(self._config.request_timeout_s):
             await trio.lowlevel.checkpoint()
             self._receive_gossip(msg, self.peer_id)

@@ -1,6 +1,8 @@
 """A fleet of real nodes in one process, on ``p2p.memory.MemoryNetwork`` and trio's virtual clock.
 
-Use the ``mem`` fixture (import it into the test module): ``fleet = await mem.start(3)`` starts
+A test module defines a ``mem`` fixture returning ``virtual_world(tmp_path, monkeypatch)``; its
+tests take ``autojump_clock`` and ``mem``:
+``async with mem.fleet() as fleet: await fleet.start(3)`` starts
 three full nodes (publisher, gossip intake, liveness, discovery, hosting, owner control, stage
 server) bootstrapped off the first; ``mem.kill(i)`` / ``mem.network.freeze(peer)`` inject faults.
 
@@ -157,14 +159,19 @@ class _Factory:
                 try:
                     yield fleet
                 finally:
+                    # Every car off at once: links close while every node is still whole, so
+                    # no node hears of a disconnection in the middle of its own shutdown.
+                    for node in fleet.nodes:
+                        fleet.network.kill(node.peer_id)
                     nursery.cancel_scope.cancel()
 
         return _open()
 
 
-@pytest.fixture
-def mem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: Any) -> _Factory:
-    """Virtual time (autojump), wall clocks following it, compute inline: see the module doc."""
+def virtual_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _Factory:
+    """For a test module's ``mem`` fixture: wall clocks follow trio's, compute runs inline (see
+    the module doc). pytest-trio takes the clock only from the test's own arguments: a test using
+    ``mem`` also asks for ``autojump_clock`` itself."""
     install_virtual_time(monkeypatch)
     install_inline_compute(monkeypatch)
     return _Factory(tmp_path)

@@ -7,14 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from idlefleet.node.client.fleet import ClientConfig, ClientModel, FleetClient
 from idlefleet.node.config import NodeConfig
 from idlefleet.node.runtime.discovery import load_peers_file, spread_order
 from idlefleet.node.runtime.node import open_node
-from tests.factories import running_fleet
-from tests.test_node import node_config, wait_converged
 from tests.test_pipeline import PROMPT, serving_config
 
 
@@ -47,28 +43,6 @@ async def test_a_client_finds_hosts_of_another_region_through_the_dht(
                     (x.peer_id, [0, 10]), (y.peer_id, [10, 30])]
 
 
-async def test_saved_peers_are_entry_points(tmp_path: Path) -> None:
-    peers_file = tmp_path / "peers.json"
-    async with running_fleet(lambda i, boot: node_config(tmp_path, i, boot), 3) as nodes:
-        await wait_converged(nodes)
-        # A node that knew the fleet saves it on the way out ...
-        cfg = node_config(tmp_path, 5, (nodes[1].multiaddrs[0],)).replace(peers_file=peers_file)
-        async with open_node(cfg) as once:
-            await wait_converged([*nodes, once])
-        saved = json.loads(peers_file.read_text())
-        assert {p["peer_id"] for p in saved["peers"]} == {n.peer_id for n in nodes}
-        # ... and, restarted with no bootstrap address at all and one dead saved peer, re-joins
-        # through the live ones (tried in parallel, each with a deadline).
-        saved["peers"].insert(0, {"peer_id": "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
-                                  "addrs": ["/ip4/127.0.0.1/tcp/1"]})
-        peers_file.write_text(json.dumps(saved))
-        assert len(load_peers_file(peers_file)) == 4
-        with trio.fail_after(30):
-            async with open_node(cfg.replace(bootstrap=())) as again:
-                await wait_converged([*nodes, again])
-                assert again.state == "online"
-
-
 async def test_a_damaged_peers_file_is_ignored(tmp_path: Path) -> None:
     bad = tmp_path / "peers.json"
     for content in ("{not json", json.dumps({"version": 99}), json.dumps({"version": 1, "peers": [7]}),
@@ -76,15 +50,6 @@ async def test_a_damaged_peers_file_is_ignored(tmp_path: Path) -> None:
         bad.write_text(content)
         assert load_peers_file(bad) == []
     assert load_peers_file(tmp_path / "missing.json") == []
-
-
-async def test_bootstrap_addresses_are_tried_in_parallel(tmp_path: Path) -> None:
-    async with running_fleet(lambda i, boot: node_config(tmp_path, i, boot), 2) as nodes:
-        await wait_converged(nodes)
-        dead = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
-        cfg = node_config(tmp_path, 7, (dead, nodes[1].multiaddrs[0]))
-        async with open_node(cfg) as me:
-            assert {r.peer_id for r in me.fleet()} >= {n.peer_id for n in nodes}
 
 
 def test_provider_announcements_spread_over_the_range() -> None:

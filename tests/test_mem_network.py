@@ -4,6 +4,7 @@ and the faults (partition, freeze, kill, delay)."""
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -203,7 +204,7 @@ async def test_inbound_streams_per_peer_are_capped(autojump_clock: Any) -> None:
 
 
 async def _line(net: MemoryNetwork, hs: list[MemoryHost]) -> None:
-    for left, right in zip(hs, hs[1:], strict=False):
+    for left, right in itertools.pairwise(hs):
         await left.connect(right.multiaddrs()[0])
 
 
@@ -230,7 +231,7 @@ async def test_gossip_goes_hop_by_hop_and_a_rejecting_validator_stops_it(autojum
 
 
 async def test_each_message_is_validated_once_per_host(autojump_clock: Any) -> None:
-    async with hosts(3) as (net, (a, b, c)):
+    async with hosts(3) as (_net, (a, b, c)):
         for x, y in ((a, b), (b, c), (a, c)):  # a triangle: c hears it from a and from b
             await x.connect(y.multiaddrs()[0])
         calls: list[str] = []
@@ -292,7 +293,8 @@ async def test_dht_values_are_validated_and_the_best_one_wins(autojump_clock: An
         assert hs[0].dht_store_sizes() == (1, 0)
 
 
-async def test_dht_providers_are_found_across_the_network_but_not_through_a_partition(autojump_clock: Any) -> None:
+async def test_dht_providers_are_found_across_the_network_but_not_through_a_partition(
+        autojump_clock: Any) -> None:
     async with hosts(4) as (net, hs):
         await _line(net, hs)
         assert await hs[3].dht_provide("cid-1")

@@ -799,8 +799,9 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None,
         if created:
             log.info("created a new identity in %s", config.key_path)
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
-    # A MemoryHost offers Host's surface (p2p.memory.HostSurface) without being one.
-    opened = open_host(key, host_config) if network is None else cast(Any, network.open_host(key, host_config))
+    # A MemoryHost offers Host's public surface without being one (tests/test_mem_network.py).
+    opened = (open_host(key, host_config) if network is None
+              else cast(Any, network.open_host(key, host_config)))
     async with opened as host, trio.open_nursery() as nursery:
         node = Node(config, key, host, vehicle, nursery, data_dir)
         node.fault = fault
