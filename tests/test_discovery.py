@@ -5,69 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import trio
-
-from idlefleet.node.client.config import ClientConfig, ClientModel
-from idlefleet.node.client.fleet import FleetClient
-from idlefleet.node.config import NodeConfig
 from idlefleet.node.runtime.discovery import load_peers_file, spread_order
-from idlefleet.node.runtime.node import open_node
-from tests.factories import running_fleet
-from tests.test_node import node_config, wait_converged
-from tests.test_pipeline import PROMPT, serving_config
-
-
-async def test_a_client_finds_hosts_of_another_region_through_the_dht(
-        tmp_path: Path, client_model: ClientModel, local_greedy: Any) -> None:
-    near = serving_config(tmp_path, 0)  # region u33d, budget for 10 blocks: [0, 10)
-    async with open_node(near) as x:
-        # x's own record says which blocks it hosts before y joins (under load it is published a
-        # moment after x has loaded them; y would take [0, 20) without it).
-        await x.wait_for(lambda f: any(r.peer_id == x.peer_id and r.blocks for r in f), timeout=30)
-        # Another region, 20 blocks: it saw x's record in x's status reply when it joined, so it
-        # takes the rest of the model; its records are gossiped only in u33e.
-        far = serving_config(tmp_path, 1, (x.multiaddrs[0],)).replace(region="u33e", memory_budget_mb=280)
-        async with open_node(far) as y:
-            assert x.blocks == (0, 10) and y.blocks == (10, 30)
-            client_cfg = NodeConfig(key_file=tmp_path / "client.key", bootstrap=(x.multiaddrs[0],),
-                                    vehicle="sim:parked")
-            async with open_node(client_cfg) as me:
-                client = FleetClient(me, client_model, ClientConfig(route_wait_s=60))
-                # Routable once a heartbeat round trip with x completed (records earn routability).
-                await me.wait_for(lambda f: x.peer_id in {r.peer_id for r in me.routable()}, timeout=10)
-                assert y.peer_id not in {r.peer_id for r in me.fleet()}  # gossip does not carry it
-                assert client.uncovered_blocks() == list(range(10, 30))
-                await client.wait_ready()
-                assert me.discovery.stats["lookups"] >= 1
-                assert me.view.get(y.peer_id) is not None  # its record, fetched and validated
-                result = await client.generate(PROMPT, max_new_tokens=12)
-                assert result.new_ids == list(local_greedy(PROMPT, 12))
-                assert [(h["peer_id"], h["blocks"]) for h in result.route] == [
-                    (x.peer_id, [0, 10]), (y.peer_id, [10, 30])]
-
-
-async def test_saved_peers_are_entry_points(tmp_path: Path) -> None:
-    peers_file = tmp_path / "peers.json"
-    async with running_fleet(lambda i, boot: node_config(tmp_path, i, boot), 3) as nodes:
-        await wait_converged(nodes)
-        # A node that knew the fleet saves it on the way out ...
-        cfg = node_config(tmp_path, 5, (nodes[1].multiaddrs[0],)).replace(peers_file=peers_file)
-        async with open_node(cfg) as once:
-            await wait_converged([*nodes, once])
-        saved = json.loads(peers_file.read_text())
-        assert {p["peer_id"] for p in saved["peers"]} == {n.peer_id for n in nodes}
-        # ... and, restarted with no bootstrap address at all and one dead saved peer, re-joins
-        # through the live ones (tried in parallel, each with a deadline).
-        saved["peers"].insert(0, {"peer_id": "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN",
-                                  "addrs": ["/ip4/127.0.0.1/tcp/1"]})
-        peers_file.write_text(json.dumps(saved))
-        assert len(load_peers_file(peers_file)) == 4
-        with trio.fail_after(30):
-            async with open_node(cfg.replace(bootstrap=())) as again:
-                await wait_converged([*nodes, again])
-                assert again.state == "online"
 
 
 async def test_a_damaged_peers_file_is_ignored(tmp_path: Path) -> None:
@@ -77,15 +16,6 @@ async def test_a_damaged_peers_file_is_ignored(tmp_path: Path) -> None:
         bad.write_text(content)
         assert load_peers_file(bad) == []
     assert load_peers_file(tmp_path / "missing.json") == []
-
-
-async def test_bootstrap_addresses_are_tried_in_parallel(tmp_path: Path) -> None:
-    async with running_fleet(lambda i, boot: node_config(tmp_path, i, boot), 2) as nodes:
-        await wait_converged(nodes)
-        dead = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
-        cfg = node_config(tmp_path, 7, (dead, nodes[1].multiaddrs[0]))
-        async with open_node(cfg) as me:
-            assert {r.peer_id for r in me.fleet()} >= {n.peer_id for n in nodes}
 
 
 def test_provider_announcements_spread_over_the_range() -> None:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -56,6 +56,9 @@ from idlefleet.protocols.membership import DialBudget, NoticeGate
 from idlefleet.protocols.records import CapacityRecord
 from idlefleet.protocols.reports import REPORT_TOPIC, Accusations
 from idlefleet.protocols.serving import LIFECYCLE_STATE, Serving, serving_decision
+
+if TYPE_CHECKING:
+    from idlefleet.p2p.memory import MemoryNetwork
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +323,9 @@ def _hosting_config(config: NodeConfig, fault: FaultInjector | None) -> HostingC
         unload_grace_s=config.unload_grace_s, fault=fault)
 
 
-async def _start(node: Node, nursery: trio.Nursery) -> None:
-    """Register the node's protocols and topics, join the fleet and start every component."""
+async def _start(node: Node, nursery: trio.Nursery, *, libp2p: bool = True) -> None:
+    """Register the node's protocols and topics, join the fleet and start every component
+    (NAT traversal and mDNS only over libp2p: an in-memory host has neither)."""
     config, host = node.config, node.host
     if node.fault is not None:
         log.warning("CHAOS FAULT ON: this node returns WRONG outputs (%s on %.0f%% of steps); "
@@ -335,9 +339,10 @@ async def _start(node: Node, nursery: trio.Nursery) -> None:
     await host.subscribe(node.topic, node.intake.on_gossip, still_current=node.intake.still_current)
     await host.subscribe(REPORT_TOPIC, node.reports.on_gossip, still_current=node.reports.still_current)
     await node.entry.bootstrap()
-    if config.mdns:  # peers on the LAN, no bootstrap needed (p2p/mdns.py)
+    if config.mdns and libp2p:  # peers on the LAN, no bootstrap needed (p2p/mdns.py)
         await nursery.start(partial(run_mdns, host, node.entry.on_lan_peer))
-    await nursery.start(node.nat.run)
+    if libp2p:
+        await nursery.start(node.nat.run)
     await nursery.start(node.liveness.run)
     await nursery.start(node.discovery.run)
     await nursery.start(node.publisher.run)
@@ -352,8 +357,12 @@ async def _start(node: Node, nursery: trio.Nursery) -> None:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None) -> AsyncIterator[Node]:
+async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None,
+                    network: MemoryNetwork | None = None) -> AsyncIterator[Node]:
     """Start a node: load (or create) its key, start the host, join the fleet, begin gossiping.
+
+    With ``network`` the host is an in-memory one (p2p/memory.py: tests on virtual time); NAT
+    traversal and mDNS, which need libp2p, are off there.
 
     Raises ConfigError for bad configuration or key files. Returns once the node is listening and
     has tried its bootstrap peers; the node stops (publishing ``offline``) when the block exits.
@@ -371,11 +380,14 @@ async def open_node(config: NodeConfig, *, key: Ed25519PrivateKey | None = None)
             log.info("created a new identity in %s", config.key_path)
     # The host: the node's one libp2p endpoint.
     host_config = HostConfig(listen_host=config.listen_host, port=config.port)
-    async with open_host(key, host_config) as host, trio.open_nursery() as nursery:
+    # A MemoryHost offers Host's public surface without being one (tests/test_mem_network.py).
+    opened = (open_host(key, host_config) if network is None
+              else cast(Any, network.open_host(key, host_config)))
+    async with opened as host, trio.open_nursery() as nursery:
         node = Node(config, key, host, vehicle, nursery, data_dir)
         node.fault = fault
         try:
-            await _start(node, nursery)
+            await _start(node, nursery, libp2p=network is None)
             yield node
             node.discovery.save_peers()
             await node._goodbye()
