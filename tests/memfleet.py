@@ -78,6 +78,9 @@ def install_inline_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trio.to_thread, "run_sync", _run_inline)
 
 
+FLEET_VIRTUAL_LIMIT_S = 900.0  # virtual seconds a test fleet may live (each test needs < 200)
+
+
 class MemFleet:
     """Nodes on one ``MemoryNetwork``; each runs in its own task so that it can be killed."""
 
@@ -154,16 +157,19 @@ class _Factory:
 
         @asynccontextmanager
         async def _open() -> AsyncIterator[MemFleet]:
-            async with trio.open_nursery() as nursery:
-                fleet = MemFleet(self.tmp_path, nursery, MemoryNetwork(link_delay_s=link_delay_s))
-                try:
-                    yield fleet
-                finally:
-                    # Every car off at once: links close while every node is still whole, so
-                    # no node hears of a disconnection in the middle of its own shutdown.
-                    for node in fleet.nodes:
-                        fleet.network.kill(node.peer_id)
-                    nursery.cancel_scope.cancel()
+            # A wait that nothing will ever end does not hang on virtual time: the fleet's own
+            # timers keep the clock jumping, so this deadline fires and names where it waits.
+            with trio.fail_after(FLEET_VIRTUAL_LIMIT_S):
+                async with trio.open_nursery() as nursery:
+                    fleet = MemFleet(self.tmp_path, nursery, MemoryNetwork(link_delay_s=link_delay_s))
+                    try:
+                        yield fleet
+                    finally:
+                        # Every car off at once: links close while every node is still whole, so
+                        # no node hears of a disconnection in the middle of its own shutdown.
+                        for node in fleet.nodes:
+                            fleet.network.kill(node.peer_id)
+                        nursery.cancel_scope.cancel()
 
         return _open()
 

@@ -197,9 +197,16 @@ async def test_verification_checks_every_window_of_new_peers(
         client = await client_of(fleet, client_model, verify=True, verify_window=4)
         result = await client.generate(PROMPT, max_new_tokens=12)
         assert result.new_ids == local_ids
-        assert result.verification is not None
-        assert result.verification["windows_checked"] >= 3
-        assert result.verification["mismatches"] == 0
+        v = result.verification
+        assert v is not None and v["mismatches"] == 0
+        # Which route wins is a tie on a zero-latency network (random peer ids): through the three
+        # hosts, whose windows the spare re-computes, or through the spare alone, which nobody
+        # else hosts whole, so its tokens stay unverified (never passed off as verified).
+        if [h["blocks"] for h in result.route] == [[0, 10], [10, 20], [20, 30]]:
+            assert v["windows_checked"] >= 3 and v["unverified_tokens"] == 0, v
+        else:
+            assert [h["blocks"] for h in result.route] == [[0, 30]], result.route
+            assert v["windows_checked"] == 0 and v["unverified_tokens"] == 12, v
 
 
 async def test_a_client_finds_hosts_of_another_region_through_the_dht(
