@@ -159,6 +159,7 @@ class _Factory:
         async def _open() -> AsyncIterator[MemFleet]:
             # A wait that nothing will ever end does not hang on virtual time: the fleet's own
             # timers keep the clock jumping, so this deadline fires and names where it waits.
+            # (A task that spins on checkpoints stops the clock instead: no deadline can fire.)
             with trio.fail_after(FLEET_VIRTUAL_LIMIT_S):
                 async with trio.open_nursery() as nursery:
                     fleet = MemFleet(self.tmp_path, nursery, MemoryNetwork(link_delay_s=link_delay_s))
