@@ -7,6 +7,7 @@ frame detectable (``RemoteProtocolError``), while EOF between frames is ``Stream
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -14,6 +15,7 @@ from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamClosed as Libp2pStreamClosed
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
 
+from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.wire import (
     MAX_FRAME,
     Envelope,
@@ -146,3 +148,22 @@ class FramedStream:
             except Exception as e:
                 log.debug("resetting stream to %s: %r", self.peer_id[-8:], e)
 
+
+async def serve_requests(fs: FramedStream, protocol: str, kind: str,
+                         handler: Callable[[str, Envelope], Awaitable[tuple[str, dict[str, Any]]]], *,
+                         request_timeout_s: float, idle_s: float, on_served: Callable[[], None]) -> None:
+    """Answer ``kind`` requests on ``fs`` until the peer closes it or stays silent: the first for
+    ``request_timeout_s``, later ones (a client reusing the stream) for ``idle_s``. A request of
+    another kind raises RemoteProtocolError (the caller's crash boundary answers it)."""
+    wait = request_timeout_s
+    while True:
+        try:
+            env = await fs.receive(timeout=wait)
+        except (StreamClosed, DeadlineExceeded):
+            return
+        if env.kind != kind:
+            raise RemoteProtocolError(f"{protocol} expects {kind!r}, got {env.kind!r}")
+        reply_kind, body = await handler(fs.peer_id, env)
+        on_served()
+        await fs.send(reply_kind, body, timeout=request_timeout_s)
+        wait = idle_s

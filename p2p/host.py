@@ -40,8 +40,8 @@ from idlefleet.protocols.wire import KINDS, Envelope
 from .boundary import PENALTY_CRASH, PENALTY_REJECTED, Boundary, HostStatistics
 from .config import HostConfig
 from .dht import DHT_PEER_TIMEOUT_S, DHT_PROTOCOL, Dht
-from .errors import DeadlineExceeded, NetworkError, PeerUnreachable, StreamClosed
-from .framing import FramedStream
+from .errors import DeadlineExceeded, NetworkError, PeerUnreachable
+from .framing import FramedStream, serve_requests
 from .guard import Misbehaviour
 from .interface import DisconnectCallback, GossipValidator, HostLike, RequestHandler, StreamHandler
 from .pubsub import GOSSIP_PROTOCOLS, Gossip, new_pubsub
@@ -306,21 +306,14 @@ class Host:
         announcing more is refused at once, without reading or waiting for the payload.
         """
 
+        def served() -> None:
+            self.stats.requests_served += 1
+
         async def _serve(fs: FramedStream) -> None:
-            # A client may keep the stream for further requests (``request(..., reuse=True)``):
-            # serve until it closes it or stays silent for ``reused_stream_idle_s``.
-            wait = self._config.request_timeout_s
-            while True:
-                try:
-                    env = await fs.receive(timeout=wait)
-                except (StreamClosed, DeadlineExceeded):
-                        return
-                if env.kind != kind:
-                    raise RemoteProtocolError(f"{protocol} expects {kind!r}, got {env.kind!r}")
-                reply_kind, body = await handler(fs.peer_id, env)
-                self.stats.requests_served += 1
-                await fs.send(reply_kind, body, timeout=self._config.request_timeout_s)
-                wait = self._config.reused_stream_idle_s
+            # A client may keep the stream for further requests (``request(..., reuse=True)``).
+            await serve_requests(fs, protocol, kind, handler,
+                                 request_timeout_s=self._config.request_timeout_s,
+                                 idle_s=self._config.reused_stream_idle_s, on_served=served)
 
         self.set_stream_handler(protocol, _serve, max_frame=KINDS[kind])
 

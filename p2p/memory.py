@@ -41,8 +41,8 @@ from idlefleet.protocols.errors import RemoteProtocolError
 from idlefleet.protocols.peerid import peer_id_from_public_key
 from idlefleet.protocols.wire import KINDS, MAX_FRAME, Envelope
 
-from .errors import DeadlineExceeded, NetworkError, PeerUnreachable, StreamClosed
-from .framing import FramedStream
+from .errors import DeadlineExceeded, NetworkError, PeerUnreachable
+from .framing import FramedStream, serve_requests
 from .guard import Misbehaviour, TokenBuckets
 from .loopback import BUFFER_CHUNKS, _PipeEnd
 from .memory_dht import MemoryDht
@@ -437,19 +437,14 @@ class MemoryHost(MemoryDht):
     def set_request_handler(self, protocol: str, kind: str, handler: RequestHandler) -> None:
         """One request, one reply on ``protocol`` (the stream may be reused), as ``Host``'s."""
 
+        def served() -> None:
+            self.stats.requests_served += 1
+
         async def _serve(fs: FramedStream) -> None:
-            wait = self._config.request_timeout_s
-            while True:
-                try:
-                    env = await fs.receive(timeout=wait)
-                except (StreamClosed, DeadlineExceeded):
-                    return
-                if env.kind != kind:
-                    raise RemoteProtocolError(f"{protocol} expects {kind!r}, got {env.kind!r}")
-                reply_kind, body = await handler(fs.peer_id, env)
-                self.stats.requests_served += 1
-                await fs.send(reply_kind, body, timeout=self._config.request_timeout_s)
-                wait = self._config.reused_stream_idle_s
+            # A client may keep the stream for further requests (``request(..., reuse=True)``).
+            await serve_requests(fs, protocol, kind, handler,
+                                 request_timeout_s=self._config.request_timeout_s,
+                                 idle_s=self._config.reused_stream_idle_s, on_served=served)
 
         self.set_stream_handler(protocol, _serve, max_frame=KINDS[kind])
 
